@@ -1,0 +1,119 @@
+"""Images in memory and the tf.data pipeline (augmentation lives here, never in the exported graph)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from app.contract import Preprocessing
+from training.data import Record
+from training.preprocessing import DEFAULT_PREPROCESSING, load_image
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random geometry and exposure changes applied to training batches only.
+
+    Horizontal flip is off by default: a chest film has a fixed left-right anatomy (heart, aortic
+    knob, gastric bubble) and often a lateral marker, so a flipped image is not a plausible X-ray
+    of the same child but one of dextrocardia. Rotations, shifts and zoom stay small because
+    positioning of PA/AP films varies only a little.
+    """
+
+    rotation_deg: float = 10.0
+    shear: float = 0.1
+    shift: float = 0.1
+    zoom: float = 0.1
+    horizontal_flip: bool = False
+    brightness: float = 0.1
+    contrast: float = 0.2
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def load_images(
+    records: Sequence[Record],
+    spec: Preprocessing = DEFAULT_PREPROCESSING,
+    cache_dir: Path | None = None,
+    progress_every: int = 500,
+) -> np.ndarray:
+    """Decode `records` to one uint8 array (N, H, W, C), cached on disk by content of the list."""
+    key = hashlib.sha256(
+        ("\n".join(f"{r.path}|{r.sha256}" for r in records) + spec.model_dump_json()).encode()
+    ).hexdigest()[:16]
+    cache = Path(cache_dir) / f"images-{key}.npy" if cache_dir else None
+    if cache is not None and cache.is_file():
+        return np.load(cache)
+    out = np.empty((len(records), spec.height, spec.width, spec.channels), dtype=np.uint8)
+    start = time.monotonic()
+    for i, record in enumerate(records):
+        out[i] = load_image(Path(record.path), spec)
+        if progress_every and (i + 1) % progress_every == 0:
+            print(f"[data] decoded {i + 1}/{len(records)} images ({time.monotonic() - start:.0f} s)", flush=True)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, out)
+    return out
+
+
+def augmenter(aug: Augmentation, seed: int):  # type: ignore[no-untyped-def]
+    """A Keras preprocessing stack, used inside tf.data on float batches in [0, 1]."""
+    import keras
+    from keras import layers
+
+    stack = []
+    if aug.horizontal_flip:
+        stack.append(layers.RandomFlip("horizontal", seed=seed))
+    if aug.rotation_deg:
+        stack.append(layers.RandomRotation(aug.rotation_deg / 360.0, fill_mode="constant", seed=seed + 1))
+    if aug.shear:
+        stack.append(layers.RandomShear(x_factor=aug.shear, y_factor=aug.shear, fill_mode="constant", seed=seed + 2))
+    if aug.shift:
+        stack.append(layers.RandomTranslation(aug.shift, aug.shift, fill_mode="constant", seed=seed + 3))
+    if aug.zoom:
+        stack.append(layers.RandomZoom(aug.zoom, aug.zoom, fill_mode="constant", seed=seed + 4))
+    if aug.brightness:
+        stack.append(layers.RandomBrightness(aug.brightness, value_range=(0.0, 1.0), seed=seed + 5))
+    if aug.contrast:
+        stack.append(layers.RandomContrast(aug.contrast, value_range=(0.0, 1.0), seed=seed + 6))
+    return keras.Sequential(stack, name="augmentation")
+
+
+def make_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    spec: Preprocessing,
+    batch_size: int,
+    num_classes: int = 2,
+    augmentation: Augmentation | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    sample_weights: np.ndarray | None = None,
+):  # type: ignore[no-untyped-def]
+    """uint8 images -> contract scaling -> (optional) augmentation -> one-hot labels, prefetched."""
+    import tensorflow as tf
+
+    tensors: tuple = (images, labels) if sample_weights is None else (images, labels, sample_weights)
+    ds = tf.data.Dataset.from_tensor_slices(tensors)
+    if shuffle:
+        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    scale, offset = np.float32(spec.scale), np.float32(spec.offset)
+    aug_model = augmenter(augmentation, seed) if augmentation is not None else None
+
+    def to_inputs(x, y, *w):  # type: ignore[no-untyped-def]
+        x = tf.cast(x, tf.float32)
+        if aug_model is not None:
+            # augment in [0, 1] pixel units, then apply the contract's scaling
+            x = tf.clip_by_value(aug_model(x / 255.0, training=True), 0.0, 1.0) * 255.0
+        x = x * scale + offset
+        y = tf.one_hot(tf.cast(y, tf.int32), num_classes)
+        return (x, y, *w)
+
+    return ds.map(to_inputs, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

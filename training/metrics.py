@@ -1,0 +1,180 @@
+"""Binary screening metrics with confidence intervals, threshold choice and temperature scaling.
+
+Pure NumPy, so evaluation of an ONNX model needs no TensorFlow. Confidence intervals are percentile
+bootstrap intervals that resample *patients* (several images of one patient are not independent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+POINT_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve via the Mann-Whitney statistic (ties count one half)."""
+    y_true = np.asarray(y_true).astype(bool)
+    n_pos, n_neg = int(y_true.sum()), int((~y_true).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = np.asarray(scores)[order]
+    ranks = np.empty(len(scores), dtype=np.float64)
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate, thresholds), thresholds descending."""
+    y_true = np.asarray(y_true).astype(bool)
+    thresholds = np.unique(scores)[::-1]
+    tpr = np.array([(scores[y_true] >= t).mean() for t in thresholds])
+    fpr = np.array([(scores[~y_true] >= t).mean() for t in thresholds])
+    return np.r_[0.0, fpr, 1.0], np.r_[0.0, tpr, 1.0], np.r_[np.inf, thresholds, -np.inf]
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, int]:
+    y_true = np.asarray(y_true).astype(bool)
+    y_pred = np.asarray(y_pred).astype(bool)
+    return {
+        "tn": int((~y_true & ~y_pred).sum()),
+        "fp": int((~y_true & y_pred).sum()),
+        "fn": int((y_true & ~y_pred).sum()),
+        "tp": int((y_true & y_pred).sum()),
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")
+
+
+def point_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    c = confusion(y_true, scores >= threshold)
+    precision = _ratio(c["tp"], c["tp"] + c["fp"])
+    recall = _ratio(c["tp"], c["tp"] + c["fn"])
+    return {
+        "accuracy": _ratio(c["tp"] + c["tn"], sum(c.values())),
+        "precision": precision,
+        "recall": recall,
+        "specificity": _ratio(c["tn"], c["tn"] + c["fp"]),
+        "f1": _ratio(2 * precision * recall, precision + recall) if precision + recall else 0.0,
+        "roc_auc": roc_auc(y_true, scores),
+    }
+
+
+def evaluate_scores(
+    y_true: np.ndarray,
+    scores: np.ndarray,
+    threshold: float,
+    groups: Sequence[str] | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, object]:
+    """Every screening metric at `threshold`, each with a 95% patient-level bootstrap interval."""
+    y_true = np.asarray(y_true).astype(int)
+    scores = np.asarray(scores, dtype=np.float64)
+    point = point_metrics(y_true, scores, threshold)
+    groups_arr = np.asarray(groups if groups is not None else np.arange(len(y_true)).astype(str))
+    unique, inverse = np.unique(groups_arr, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {k: [] for k in POINT_METRICS}
+    for _ in range(n_bootstrap):
+        picked = rng.integers(0, len(unique), len(unique))
+        idx = np.concatenate([members[g] for g in picked])
+        m = point_metrics(y_true[idx], scores[idx], threshold)
+        for k in POINT_METRICS:
+            samples[k].append(m[k])
+    result: dict[str, object] = {
+        k: {
+            "value": round(point[k], 4),
+            "ci95": [round(float(np.nanpercentile(samples[k], 2.5)), 4), round(float(np.nanpercentile(samples[k], 97.5)), 4)],
+        }
+        for k in POINT_METRICS
+    }
+    result["confusion_matrix"] = confusion(y_true, scores >= threshold)
+    result["threshold"] = round(float(threshold), 6)
+    result["n"] = int(len(y_true))
+    result["n_patients"] = int(len(unique))
+    result["n_positive"] = int(y_true.sum())
+    result["ece"] = round(expected_calibration_error(y_true, scores), 4)
+    result["ci_method"] = f"percentile bootstrap over patients, {n_bootstrap} resamples"
+    return result
+
+
+def select_threshold(y_true: np.ndarray, scores: np.ndarray, target_sensitivity: float) -> float:
+    """The highest threshold whose sensitivity on these data is still >= `target_sensitivity`.
+
+    Highest, so that of all operating points meeting the sensitivity target we take the most
+    specific one.
+    """
+    y_true = np.asarray(y_true).astype(bool)
+    positives = np.sort(np.asarray(scores)[y_true])[::-1]
+    if len(positives) == 0:
+        raise ValueError("no positive cases to choose a threshold on")
+    k = int(np.ceil(target_sensitivity * len(positives)))  # positives that must be called
+    k = min(max(k, 1), len(positives))
+    return float(positives[k - 1])
+
+
+def expected_calibration_error(y_true: np.ndarray, scores: np.ndarray, n_bins: int = 15) -> float:
+    """ECE of the positive-class probability with equal-width bins."""
+    y_true = np.asarray(y_true).astype(float)
+    scores = np.asarray(scores, dtype=np.float64)
+    bins = np.minimum((scores * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        mask = bins == b
+        if mask.any():
+            ece += mask.mean() * abs(y_true[mask].mean() - scores[mask].mean())
+    return float(ece)
+
+
+def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    probs = softmax(logits, temperature)
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature minimising validation NLL (golden-section search on log T in [-3, 3])."""
+    labels = np.asarray(labels).astype(int)
+    lo, hi = -3.0, 3.0
+    ratio = (np.sqrt(5.0) - 1.0) / 2.0
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa = negative_log_likelihood(logits, labels, np.exp(a))
+    fb = negative_log_likelihood(logits, labels, np.exp(b))
+    for _ in range(80):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = negative_log_likelihood(logits, labels, np.exp(a))
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = negative_log_likelihood(logits, labels, np.exp(b))
+    return float(np.exp((lo + hi) / 2.0))
+
+
+def format_summary(metrics: dict[str, object]) -> str:
+    """One line per metric, for progress output and the model card."""
+    lines = []
+    for k in POINT_METRICS:
+        m = metrics[k]
+        assert isinstance(m, dict)
+        lines.append(f"  {k:<12} {m['value']:.4f}  (95% CI {m['ci95'][0]:.4f}-{m['ci95'][1]:.4f})")
+    cm = metrics["confusion_matrix"]
+    assert isinstance(cm, dict)
+    lines.append(f"  confusion    TN={cm['tn']} FP={cm['fp']} FN={cm['fn']} TP={cm['tp']}  at threshold {metrics['threshold']:.4f}")
+    return "\n".join(lines)

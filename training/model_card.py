@@ -1,0 +1,136 @@
+"""Render `models/MODEL_CARD.md` from a model's metadata JSON (so the card never drifts from it)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from app.contract import load_metadata
+from training.metrics import POINT_METRICS
+
+_NAMES = {
+    "accuracy": "Accuracy",
+    "precision": "Precision (PPV)",
+    "recall": "Sensitivity (recall)",
+    "specificity": "Specificity",
+    "f1": "F1",
+    "roc_auc": "ROC AUC",
+}
+
+
+def _metric_table(metrics: dict) -> str:
+    splits = [s for s in ("validation", "test") if s in metrics]
+    head = "| metric | " + " | ".join(f"{s} (95% CI)" for s in splits) + " |"
+    rows = [head, "|---|" + "---|" * len(splits)]
+    for k in POINT_METRICS:
+        cells = []
+        for s in splits:
+            m = metrics[s][k]
+            cells.append(f"{m['value']:.3f} ({m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})")
+        rows.append(f"| {_NAMES[k]} | " + " | ".join(cells) + " |")
+    cms = []
+    for s in splits:
+        cm = metrics[s]["confusion_matrix"]
+        cms.append(f"TN {cm['tn']}, FP {cm['fp']}, FN {cm['fn']}, TP {cm['tp']}")
+    rows.append("| Confusion matrix | " + " | ".join(cms) + " |")
+    rows.append("| Images (patients) | " + " | ".join(f"{metrics[s]['n']} ({metrics[s]['n_patients']})" for s in splits) + " |")
+    rows.append("| Expected calibration error | " + " | ".join(f"{metrics[s]['ece']:.3f}" for s in splits) + " |")
+    return "\n".join(rows)
+
+
+def render(meta_path: Path) -> str:
+    meta = load_metadata(meta_path)
+    prov = meta.provenance
+    training = prov.get("training", {})
+    data = prov.get("data", {})
+    parity = prov.get("parity", {})
+    versions = prov.get("library_versions", {})
+    assert isinstance(training, dict) and isinstance(data, dict) and isinstance(parity, dict) and isinstance(versions, dict)
+    p = meta.preprocessing
+    test_note = (
+        "Test figures: the official Kermany test split (624 images), evaluated once with the "
+        "threshold and temperature fixed on validation."
+        if "test" in meta.metrics
+        else "**No test-set evaluation is recorded for this model.**"
+    )
+    minutes = float(training.get("training_seconds", 0)) / 60
+    return f"""# Model card: {meta.name} {meta.version}
+
+> Research use only. Not a medical device and not for diagnosis. Outputs support triage research and
+> must be reviewed by a qualified clinician.
+
+## Summary
+- Task: binary classification of a frontal chest X-ray as `NORMAL` or `PNEUMONIA`.
+- Architecture: `{prov.get('architecture')}` ({int(prov.get('parameters', 0)):,} parameters), trained from random
+  initialisation with this repository's `training` package; ends in global average pooling and one
+  dense layer, so class activation maps are exact.
+- File: `{meta.onnx_file}` (ONNX, sha256 `{meta.sha256}`), input `{meta.input.name}` {meta.input.shape}
+  float32 NHWC, output `{meta.output.name}` {meta.output.shape} (logits, classes {meta.classes}).
+- Operating point: p({meta.decision.positive_class}) >= **{meta.decision.threshold:.4f}**, chosen on the validation set for
+  sensitivity >= {meta.decision.target_sensitivity} (a missed pneumonia costs more than a false alarm).
+- Calibration: temperature scaling, T = {meta.calibration.temperature:.4f}, fitted on validation.
+
+## Intended use
+Screening research and triage support on paediatric frontal chest radiographs: ordering a worklist,
+flagging studies for earlier review. Not for ruling pneumonia in or out for an individual patient,
+not for adults without local validation, not for lateral views, CT, or other body parts.
+
+## Data
+- Kermany D., Zhang K., Goldbaum M. (2018), *Labeled Optical Coherence Tomography (OCT) and Chest
+  X-Ray Images for Classification*, Mendeley Data V2, doi:10.17632/rscbjbr9sj.2, licensed
+  **CC BY 4.0**; described in Kermany et al., Cell 172(5), 2018. Used here as 224x224 copies.
+- Paediatric patients (1-5 years) from a single centre (Guangzhou Women and Children's Medical
+  Center). Pneumonia is bacterial or viral; no other findings are labelled.
+- Training: official train split, {data.get('train')} images; validation held out from it **by patient**
+  ({data.get('validation')} images, {data.get('n_val_patients')} patients; byte-identical images kept on one side).
+  Split manifest: `{meta.name}.split.csv` (sha256 `{data.get('split_sha256')}`), data fingerprint
+  `{data.get('train_fingerprint')}`.
+
+## Preprocessing contract
+Decode, apply EXIF orientation, convert to 8-bit grey ({p.color_mode}; >8-bit images stretched
+min-max), resize to {p.width}x{p.height} with the `{p.resize_filter}` filter ignoring aspect ratio,
+value * {p.scale:.8f} + {p.offset}. Per-image standardisation happens inside the graph.
+
+## Performance
+{test_note} Intervals are 95% percentile-bootstrap intervals over patients (1000 resamples).
+
+{_metric_table(meta.metrics)}
+
+Validation is drawn from the same distribution as training and flatters the model; the test split
+was collected separately and is the honest figure. Known failure mode on this data: normal
+children over-called as pneumonia (lower specificity).
+
+## Training
+- {training.get('epochs_run')} epochs (best: {training.get('best_epoch')}), {minutes:.1f} min on {training.get('hardware')}.
+- Hyper-parameters: {training.get('hyperparameters')}.
+- Augmentation (training batches only, not in the graph): {training.get('augmentation')}.
+- Class weights: {training.get('class_weights')}. Seed {training.get('seed')}.
+- Export parity: max |Keras - ONNX Runtime| logit difference {parity.get('max_abs_diff_logits', float('nan')):.2e}
+  on {parity.get('n_images')} real validation images (tolerance {parity.get('tolerance')}).
+- Libraries: {', '.join(f'{k} {v}' for k, v in versions.items())}.
+
+## Limitations
+- Single centre, paediatric, one dataset: performance on adults, other hospitals, portable AP films
+  or other scanners is unknown and probably lower.
+- Labels are image-level NORMAL/PNEUMONIA; no localisation, no other pathology. A child with another
+  abnormality may be called either way.
+- The service receives 8-bit or stretched higher-bit images; windowing choices of the sending system
+  change the input.
+- Calibration was fitted on validation data from the training distribution; probabilities on other
+  populations are less reliable.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", type=Path, required=True, help="metadata JSON")
+    p.add_argument("--out", type=Path, default=None, help="default: MODEL_CARD.md beside the JSON")
+    args = p.parse_args(argv)
+    out = args.out or args.model.parent / "MODEL_CARD.md"
+    out.write_text(render(args.model))
+    print(f"[model card] wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

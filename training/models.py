@@ -1,0 +1,159 @@
+"""Architectures, selectable by name. Every model takes the contract's input (N, 224, 224, C) float32
+in [0, 1] and returns class logits (N, 2) in `CLASSES` order; softmax and temperature are applied
+outside the graph, from the metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+from keras import layers, ops
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+class PerImageStandardization(layers.Layer):
+    """Zero mean, unit variance per image.
+
+    Exposure and contrast vary between X-ray machines and sites far more than anatomy does; taking
+    them out in-graph makes the contract robust to it and keeps it inside the ONNX file.
+    """
+
+    def call(self, inputs):
+        mean = ops.mean(inputs, axis=(1, 2, 3), keepdims=True)
+        var = ops.mean(ops.square(inputs - mean), axis=(1, 2, 3), keepdims=True)
+        return (inputs - mean) / ops.sqrt(var + 1e-6)
+
+
+def _conv_bn(x, filters: int, kernel: int = 3, strides: int = 1, name: str = ""):
+    x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x)
+
+
+def _residual_block(x, filters: int, name: str):
+    """Two separable 3x3 convolutions with a projected shortcut, then 2x2 max pooling."""
+    shortcut = layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_proj")(x)
+    shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+    y = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_sep1")(x)
+    y = layers.BatchNormalization(name=f"{name}_bn1")(y)
+    y = layers.ReLU(name=f"{name}_relu1")(y)
+    y = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_sep2")(y)
+    y = layers.BatchNormalization(name=f"{name}_bn2")(y)
+    y = layers.Add(name=f"{name}_add")([y, shortcut])
+    y = layers.ReLU(name=f"{name}_relu2")(y)
+    return layers.MaxPooling2D(2, name=f"{name}_pool")(y)
+
+
+def cxr_net(input_shape=(224, 224, 1), num_classes: int = 2, width: int = 32, dropout: float = 0.3) -> keras.Model:
+    """The default: a compact residual separable CNN that trains on two CPU cores.
+
+    Per-image standardisation, a strided stem, four residual stages (56 -> 7 px), then global
+    average pooling straight into the classifier, so class activation maps are exact.
+    """
+    inputs = keras.Input(input_shape, name="image")
+    x = PerImageStandardization(name="standardize")(inputs)
+    x = _conv_bn(x, width, 3, strides=2, name="stem1")  # 112
+    x = layers.MaxPooling2D(2, name="stem_pool")(x)  # 56
+    x = _conv_bn(x, width, 3, name="stem2")
+    for i, mult in enumerate((2, 4, 8, 12)):
+        x = _residual_block(x, width * mult, name=f"stage{i + 1}")  # 28, 14, 7, 3
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name="cxr_net")
+
+
+def seed_cnn(input_shape=(224, 224, 1), num_classes: int = 2) -> keras.Model:
+    """The first seed: Conv32-Pool-Conv64-Pool-Flatten-Dense128-Dropout0.5-Dense2."""
+    return keras.Sequential(
+        [
+            keras.Input(input_shape, name="image"),
+            layers.Conv2D(32, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(64, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Flatten(),
+            layers.Dense(128, activation="relu"),
+            layers.Dropout(0.5),
+            layers.Dense(num_classes, name="logits"),
+        ],
+        name="seed_cnn",
+    )
+
+
+def deep_cnn(input_shape=(224, 224, 1), num_classes: int = 2) -> keras.Model:
+    """The second seed: a 64-128-256-512 convolution stack with two dense layers."""
+    model = keras.Sequential([keras.Input(input_shape, name="image")], name="deep_cnn")
+    for filters in (64, 128, 256, 512):
+        model.add(layers.Conv2D(filters, 3, padding="same", activation="relu"))
+        model.add(layers.MaxPooling2D(2))
+    model.add(layers.Flatten())
+    model.add(layers.Dense(256, activation="relu"))
+    model.add(layers.Dropout(0.5))
+    model.add(layers.Dense(64, activation="relu"))
+    model.add(layers.Dense(num_classes, name="logits"))
+    return model
+
+
+def mobilenet_v2(
+    input_shape=(224, 224, 1), num_classes: int = 2, weights: str | Path | None = None
+) -> keras.Model:
+    """The third seed: MobileNetV2 base (frozen at first) + GAP-Dense128-Dropout head.
+
+    ImageNet weights cannot be downloaded here: pass a local `weights` file (the Keras
+    `..._no_top.h5`) or train from random initialisation. The grey input is repeated to three
+    channels and mapped to [-1, 1] in-graph, as MobileNetV2 expects.
+    """
+    inputs = keras.Input(input_shape, name="image")
+    x = inputs
+    if input_shape[-1] == 1:
+        x = layers.Concatenate(name="grey_to_rgb")([x, x, x])
+    x = layers.Rescaling(2.0, offset=-1.0, name="to_unit_range")(x)
+    base = keras.applications.MobileNetV2(
+        input_shape=(*input_shape[:2], 3), include_top=False, weights=None
+    )
+    if weights:
+        base.load_weights(str(weights))
+    base.trainable = False
+    x = base(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dense(128, activation="relu", name="head_dense")(x)
+    x = layers.Dropout(0.5, name="dropout")(x)
+    outputs = layers.Dense(num_classes, name="logits")(x)
+    model = keras.Model(inputs, outputs, name="mobilenet_v2")
+    model.fine_tune_base = base  # type: ignore[attr-defined]
+    return model
+
+
+def unfreeze_top(model: keras.Model, trainable_from: int = 100) -> None:
+    """MobileNetV2 fine-tuning: make the base's layers from `trainable_from` on trainable.
+
+    BatchNormalization layers stay frozen: with small batches their statistics would drift.
+    """
+    base = getattr(model, "fine_tune_base", None)
+    if base is None:
+        raise ValueError(f"{model.name} has no base to fine-tune")
+    base.trainable = True
+    for i, layer in enumerate(base.layers):
+        layer.trainable = i >= trainable_from and not isinstance(layer, layers.BatchNormalization)
+
+
+ARCHITECTURES: dict[str, Callable[..., keras.Model]] = {
+    "cxr_net": cxr_net,
+    "seed_cnn": seed_cnn,
+    "deep_cnn": deep_cnn,
+    "mobilenet_v2": mobilenet_v2,
+}
+DEFAULT_ARCHITECTURE = "cxr_net"
+
+
+def build_model(name: str, input_shape=(224, 224, 1), weights: str | Path | None = None) -> keras.Model:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; choose from {sorted(ARCHITECTURES)}")
+    if name == "mobilenet_v2":
+        return mobilenet_v2(input_shape, weights=weights)
+    if weights:
+        raise ValueError(f"{name} takes no pretrained weights file")
+    return ARCHITECTURES[name](input_shape)

@@ -1,0 +1,84 @@
+"""The training side of the preprocessing contract (see `app.contract.Preprocessing`).
+
+The service implements the same steps independently in `app.preprocessing`; a test on real images
+proves the two agree bit for bit. Images are decoded once with Pillow into uint8 arrays, so that the
+tf.data pipeline only augments and never re-implements decoding or resizing with TF ops (whose
+resize kernels differ from Pillow's).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from app.contract import Preprocessing
+
+# One default contract for every architecture: X-rays are grey, and a single channel keeps the
+# default network small. Architectures that want three channels (ImageNet weights) repeat it in-graph.
+DEFAULT_PREPROCESSING = Preprocessing(
+    color_mode="grayscale",
+    height=224,
+    width=224,
+    resize_filter="bilinear",
+    resize_mode="stretch",
+    scale=1.0 / 255.0,
+    offset=0.0,
+    high_bit_depth="minmax",
+)
+
+_PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+def stretch_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Linearly map an array's own [min, max] onto [0, 255] (the contract's `minmax` rule)."""
+    pixels = pixels.astype(np.float64)
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if hi <= lo:
+        return np.zeros(pixels.shape, dtype=np.uint8)
+    return np.round((pixels - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def to_eight_bit_grey(image: Image.Image, color_mode: str = "grayscale") -> Image.Image:
+    """Bring any Pillow image to an 8-bit `L` (or `RGB`) image following the contract."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return Image.fromarray(stretch_to_uint8(np.asarray(image)), mode="L")
+    if image.mode == "1":
+        image = image.convert("L")
+    elif image.mode in ("RGBA", "LA", "PA", "P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):
+        image = image.convert("RGB") if image.mode != "LA" else image.convert("L")
+    return image.convert("L" if color_mode == "grayscale" else "RGB")
+
+
+def image_to_array(image: Image.Image, spec: Preprocessing = DEFAULT_PREPROCESSING) -> np.ndarray:
+    """Contract steps 2-3 on a decoded image: uint8 array of shape (height, width, channels)."""
+    image = to_eight_bit_grey(ImageOps.exif_transpose(image), spec.color_mode)
+    if image.size != (spec.width, spec.height):
+        image = image.resize((spec.width, spec.height), _PIL_FILTERS[spec.resize_filter])
+    pixels = np.asarray(image, dtype=np.uint8)
+    return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
+def load_image(path: Path, spec: Preprocessing = DEFAULT_PREPROCESSING) -> np.ndarray:
+    """Decode a JPEG/PNG file (or a DICOM file, by extension) to the contract's uint8 array."""
+    path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        from training.dicom import read_dicom_as_image
+
+        return image_to_array(read_dicom_as_image(path), spec)
+    with Image.open(path) as image:
+        image.load()
+        return image_to_array(image, spec)
+
+
+def scale(pixels: np.ndarray, spec: Preprocessing = DEFAULT_PREPROCESSING) -> np.ndarray:
+    """Contract step 4: uint8 -> float32 model input values."""
+    return pixels.astype(np.float32) * np.float32(spec.scale) + np.float32(spec.offset)
