@@ -35,8 +35,8 @@ class InputSpec(TensorSpec):
 
 
 class OutputSpec(TensorSpec):
-    # "logits": the service applies softmax(logits / temperature). Kept as logits so that calibration
-    # stays a number in this file, not a retrained graph.
+    # "logits": the service applies softmax(logits / temperature). Kept as logits so that
+    # calibration stays a number in this file, not a retrained graph.
     kind: Literal["logits", "probabilities"] = "logits"
 
 
@@ -44,9 +44,9 @@ class Preprocessing(_Strict):
     """How an upload becomes the model input. Applied identically by training and serving.
 
     1. Decode; apply EXIF orientation.
-    2. Bring to 8-bit grey: images with more than 8 bits per sample are linearly stretched from their
-       own [min, max] to [0, 255] (`high_bit_depth: "minmax"`); 8-bit colour images go through the
-       ITU-R 601-2 luma transform (Pillow's `convert("L")`); alpha is dropped.
+    2. Bring to 8-bit grey: images with more than 8 bits per sample are linearly stretched from
+       their own [min, max] to [0, 255] (`high_bit_depth: "minmax"`); 8-bit colour images go
+       through the ITU-R 601-2 luma transform (Pillow's `convert("L")`); alpha is dropped.
     3. Resize to `height` x `width` with `resize_filter`, ignoring aspect ratio (`resize_mode:
        "stretch"`), as the training images were produced.
     4. float32 value = uint8 value * `scale` + `offset`; shape (1, height, width, channels).
@@ -55,7 +55,9 @@ class Preprocessing(_Strict):
     color_mode: Literal["grayscale", "rgb"] = "grayscale"
     height: int = Field(gt=0)
     width: int = Field(gt=0)
-    resize_filter: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "bilinear"
+    resize_filter: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = (
+        "bilinear"
+    )
     resize_mode: Literal["stretch"] = "stretch"
     scale: float = 1.0 / 255.0
     offset: float = 0.0
@@ -116,7 +118,9 @@ class ModelMetadata(_Strict):
                 f"(N, {p.height}, {p.width}, {p.channels})"
             )
         if len(self.output.shape) != 2 or self.output.shape[1] != len(self.classes):
-            raise ValueError(f"output shape {self.output.shape} does not match {len(self.classes)} classes")
+            raise ValueError(
+                f"output shape {self.output.shape} does not match {len(self.classes)} classes"
+            )
         return self
 
     @property

@@ -64,7 +64,9 @@ def load_kaggle_directory(root: Path, split: str) -> list[Record]:
         for path in sorted(class_dir.iterdir()):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            patient, sha = manifest.get((class_name, path.name), (patient_from_filename(path.name), ""))
+            patient, sha = manifest.get(
+                (class_name, path.name), (patient_from_filename(path.name), "")
+            )
             records.append(Record(str(path), label, f"{class_name}/{patient}", sha))
     if not records:
         raise FileNotFoundError(f"no images under {split_dir}")
@@ -103,7 +105,9 @@ def load_rsna(labels_csv: Path, image_dir: Path) -> list[Record]:
             continue
         records.append(Record(str(path), targets[pid], f"rsna/{pid}"))
     if not records:
-        raise FileNotFoundError(f"none of the {len(targets)} patients in {labels_csv} has a DICOM in {image_dir}")
+        raise FileNotFoundError(
+            f"none of the {len(targets)} patients in {labels_csv} has a DICOM in {image_dir}"
+        )
     if missing:
         print(f"[data] RSNA: {missing} labelled patients have no DICOM file and are skipped")
     return records
@@ -139,7 +143,7 @@ def split_by_patient(
 
 
 def _majority_label(group: Sequence[Record]) -> int:
-    return int(round(float(np.mean([r.label for r in group]))))
+    return round(float(np.mean([r.label for r in group])))
 
 
 def _connected_groups(records: Iterable[Record]) -> list[list[Record]]:
@@ -155,7 +159,10 @@ def _connected_groups(records: Iterable[Record]) -> list[list[Record]]:
 
     first_seen: dict[str, int] = {}
     for i, record in enumerate(records):
-        for key in (f"patient:{record.patient_id}", f"sha:{record.sha256}" if record.sha256 else ""):
+        for key in (
+            f"patient:{record.patient_id}",
+            f"sha:{record.sha256}" if record.sha256 else "",
+        ):
             if not key:
                 continue
             if key in first_seen:

@@ -1,4 +1,4 @@
-"""Images in memory and the tf.data pipeline (augmentation lives here, never in the exported graph)."""
+"""Images in memory and the tf.data pipeline (augmentation is here, not in the graph)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,10 @@ def load_images(
     for i, record in enumerate(records):
         out[i] = load_image(Path(record.path), spec)
         if progress_every and (i + 1) % progress_every == 0:
-            print(f"[data] decoded {i + 1}/{len(records)} images ({time.monotonic() - start:.0f} s)", flush=True)
+            print(
+                f"[data] decoded {i + 1}/{len(records)} images ({time.monotonic() - start:.0f} s)",
+                flush=True,
+            )
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache, out)
@@ -71,11 +74,19 @@ def augmenter(aug: Augmentation, seed: int):  # type: ignore[no-untyped-def]
     if aug.horizontal_flip:
         stack.append(layers.RandomFlip("horizontal", seed=seed))
     if aug.rotation_deg:
-        stack.append(layers.RandomRotation(aug.rotation_deg / 360.0, fill_mode="constant", seed=seed + 1))
+        stack.append(
+            layers.RandomRotation(aug.rotation_deg / 360.0, fill_mode="constant", seed=seed + 1)
+        )
     if aug.shear:
-        stack.append(layers.RandomShear(x_factor=aug.shear, y_factor=aug.shear, fill_mode="constant", seed=seed + 2))
+        stack.append(
+            layers.RandomShear(
+                x_factor=aug.shear, y_factor=aug.shear, fill_mode="constant", seed=seed + 2
+            )
+        )
     if aug.shift:
-        stack.append(layers.RandomTranslation(aug.shift, aug.shift, fill_mode="constant", seed=seed + 3))
+        stack.append(
+            layers.RandomTranslation(aug.shift, aug.shift, fill_mode="constant", seed=seed + 3)
+        )
     if aug.zoom:
         stack.append(layers.RandomZoom(aug.zoom, aug.zoom, fill_mode="constant", seed=seed + 4))
     if aug.brightness:
@@ -99,7 +110,9 @@ def make_dataset(
     """uint8 images -> contract scaling -> (optional) augmentation -> one-hot labels, prefetched."""
     import tensorflow as tf
 
-    tensors: tuple = (images, labels) if sample_weights is None else (images, labels, sample_weights)
+    tensors: tuple = (
+        (images, labels) if sample_weights is None else (images, labels, sample_weights)
+    )
     ds = tf.data.Dataset.from_tensor_slices(tensors)
     if shuffle:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)

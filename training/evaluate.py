@@ -37,13 +37,17 @@ def records_for(data_dir: Path, split: str | None) -> list[Record]:
     for label, class_name in enumerate(CLASSES):
         for path in sorted((data_dir / class_name).glob("*")):
             if path.suffix.lower() in {".jpeg", ".jpg", ".png", ".dcm"}:
-                records.append(Record(str(path), label, f"{class_name}/{patient_from_filename(path.name)}"))
+                records.append(
+                    Record(str(path), label, f"{class_name}/{patient_from_filename(path.name)}")
+                )
     if not records:
         raise FileNotFoundError(f"no images under {data_dir}/<{'|'.join(CLASSES)}>/")
     return records
 
 
-def predict_logits(meta: ModelMetadata, onnx_path: Path, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+def predict_logits(
+    meta: ModelMetadata, onnx_path: Path, images: np.ndarray, batch_size: int = 32
+) -> np.ndarray:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -58,7 +62,11 @@ def classification_report(metrics: dict) -> str:
     cm = metrics["confusion_matrix"]
     rows = [f"{'':<12}{'precision':>10}{'recall':>10}{'f1':>8}{'support':>9}"]
     per_class = {
-        "NORMAL": (cm["tn"], cm["fn"], cm["fp"]),  # (true positives, false positives, false negatives) for NORMAL
+        "NORMAL": (
+            cm["tn"],
+            cm["fn"],
+            cm["fp"],
+        ),  # (true positives, false positives, false negatives) for NORMAL
         "PNEUMONIA": (cm["tp"], cm["fp"], cm["fn"]),
     }
     for name, (tp, fp, fn) in per_class.items():
@@ -80,7 +88,9 @@ def evaluate(meta_path: Path, data_dir: Path, split: str | None, out: Path, seed
     probs = softmax(logits, meta.calibration.temperature)
     scores = probs[:, meta.positive_index]
     labels = np.array([r.label for r in records])
-    metrics = evaluate_scores(labels, scores, meta.decision.threshold, [r.patient_id for r in records], seed=seed)
+    metrics = evaluate_scores(
+        labels, scores, meta.decision.threshold, [r.patient_id for r in records], seed=seed
+    )
     name = split or data_dir.name
     report = {
         "model": {"name": meta.name, "version": meta.version, "sha256": meta.sha256},
@@ -97,10 +107,25 @@ def evaluate(meta_path: Path, data_dir: Path, split: str | None, out: Path, seed
         for r, p, s in zip(records, probs, scores, strict=True):
             predicted = meta.decision.positive_class if s >= meta.decision.threshold else "NORMAL"
             writer.writerow([Path(r.path).name, r.class_name, *(f"{v:.6f}" for v in p), predicted])
-    plots.roc(labels, scores, meta.decision.threshold, out / "roc.png", title=f"ROC, {name} ({len(records)} images)")
-    plots.confusion_matrix(metrics["confusion_matrix"], out / "confusion_matrix.png", title=f"{name} at threshold {meta.decision.threshold:.3f}")
+    plots.roc(
+        labels,
+        scores,
+        meta.decision.threshold,
+        out / "roc.png",
+        title=f"ROC, {name} ({len(records)} images)",
+    )
+    plots.confusion_matrix(
+        metrics["confusion_matrix"],
+        out / "confusion_matrix.png",
+        title=f"{name} at threshold {meta.decision.threshold:.3f}",
+    )
     plots.sample_grid(images, labels, out / "sample_grid.png", seed=seed, scores=scores)
-    print(f"[evaluate] {meta.name} {meta.version} on {name}: {len(records)} images in {seconds:.1f} s\n{format_summary(metrics)}\n\n{classification_report(metrics)}", flush=True)
+    print(
+        f"[evaluate] {meta.name} {meta.version} on {name}: "
+        f"{len(records)} images in {seconds:.1f} s\n"
+        f"{format_summary(metrics)}\n\n{classification_report(metrics)}",
+        flush=True,
+    )
     return report
 
 
@@ -113,7 +138,9 @@ def record_in_metadata(meta_path: Path, split: str, metrics: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", type=Path, required=True, help="metadata JSON beside the ONNX file")
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--split", help="sub-directory of a Kaggle-style root, e.g. test")

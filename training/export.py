@@ -1,4 +1,4 @@
-"""Export a trained run to ONNX plus its metadata JSON, gated on a Keras-vs-ONNX Runtime parity check.
+"""Export a trained run to ONNX plus metadata JSON, gated on a Keras-vs-ONNX Runtime parity check.
 
     python -m training.export --run runs/shipped --out-dir models --name pneumonia_cxr
 
@@ -36,7 +36,9 @@ class ParityError(RuntimeError):
     """Keras and ONNX Runtime disagree beyond the tolerance: the ONNX file is not shipped."""
 
 
-def convert_to_onnx(model, path: Path, height: int, width: int, channels: int, opset: int = 17) -> None:  # type: ignore[no-untyped-def]
+def convert_to_onnx(
+    model, path: Path, height: int, width: int, channels: int, opset: int = 17
+) -> None:  # type: ignore[no-untyped-def]
     """Keras 3 -> ONNX through tf2onnx, with a named input/output and a dynamic batch dimension."""
     import keras
     import onnx
@@ -44,7 +46,9 @@ def convert_to_onnx(model, path: Path, height: int, width: int, channels: int, o
     spec = keras.InputSpec(shape=(None, height, width, channels), dtype="float32", name=INPUT_NAME)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
-        model.export(str(raw), format="onnx", input_signature=[spec], opset_version=opset, verbose=False)
+        model.export(
+            str(raw), format="onnx", input_signature=[spec], opset_version=opset, verbose=False
+        )
         graph = onnx.load(str(raw))
     # tf2onnx names the output after the TF function's return; give it the contract's name.
     old = graph.graph.output[0].name
@@ -53,7 +57,9 @@ def convert_to_onnx(model, path: Path, height: int, width: int, channels: int, o
     graph.graph.output[0].name = OUTPUT_NAME
     graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     graph.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    graph.graph.doc_string = "Chest X-ray NORMAL/PNEUMONIA classifier; logits, see the metadata JSON."
+    graph.graph.doc_string = (
+        "Chest X-ray NORMAL/PNEUMONIA classifier; logits, see the metadata JSON."
+    )
     onnx.checker.check_model(graph)
     onnx.save(graph, str(path))
 
@@ -68,9 +74,16 @@ def parity_check(model, onnx_path: Path, batch: np.ndarray, tolerance: float) ->
     single = session.run([OUTPUT_NAME], {INPUT_NAME: batch[:1]})[0]
     diff = float(np.max(np.abs(keras_logits - ort_logits)))
     diff_single = float(np.max(np.abs(keras_logits[:1] - single)))
-    result = {"max_abs_diff_logits": diff, "max_abs_diff_batch1": diff_single, "tolerance": tolerance, "n_images": int(len(batch))}
+    result = {
+        "max_abs_diff_logits": diff,
+        "max_abs_diff_batch1": diff_single,
+        "tolerance": tolerance,
+        "n_images": len(batch),
+    }
     if not (diff <= tolerance and diff_single <= tolerance):
-        raise ParityError(f"Keras vs ONNX Runtime logits differ by {max(diff, diff_single):.3g} > {tolerance:g}")
+        raise ParityError(
+            f"Keras vs ONNX Runtime logits differ by {max(diff, diff_single):.3g} > {tolerance:g}"
+        )
     return result
 
 
@@ -95,8 +108,18 @@ def build_metadata(
         "onnx_file": onnx_file.name,
         "sha256": file_sha256(onnx_file),
         "classes": list(CLASSES),
-        "input": {"name": INPUT_NAME, "shape": [None, spec.height, spec.width, spec.channels], "dtype": "float32", "layout": "NHWC"},
-        "output": {"name": OUTPUT_NAME, "shape": [None, len(CLASSES)], "dtype": "float32", "kind": "logits"},
+        "input": {
+            "name": INPUT_NAME,
+            "shape": [None, spec.height, spec.width, spec.channels],
+            "dtype": "float32",
+            "layout": "NHWC",
+        },
+        "output": {
+            "name": OUTPUT_NAME,
+            "shape": [None, len(CLASSES)],
+            "dtype": "float32",
+            "kind": "logits",
+        },
         "preprocessing": spec.model_dump(),
         "decision": {**summary["decision"], "positive_class": "PNEUMONIA"},
         "calibration": summary["calibration"],
@@ -107,7 +130,16 @@ def build_metadata(
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "training": {
                 k: summary[k]
-                for k in ("epochs_run", "best_epoch", "training_seconds", "hardware", "seed", "hyperparameters", "augmentation", "class_weights")
+                for k in (
+                    "epochs_run",
+                    "best_epoch",
+                    "training_seconds",
+                    "hardware",
+                    "seed",
+                    "hyperparameters",
+                    "augmentation",
+                    "class_weights",
+                )
             },
             "data": summary["data"],
             "parity": parity,
@@ -119,7 +151,9 @@ def build_metadata(
     return meta
 
 
-def export_run(run: Path, out_dir: Path, name: str, version: str, tolerance: float, parity_images: int) -> Path:
+def export_run(
+    run: Path, out_dir: Path, name: str, version: str, tolerance: float, parity_images: int
+) -> Path:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
@@ -136,9 +170,17 @@ def export_run(run: Path, out_dir: Path, name: str, version: str, tolerance: flo
         staged = Path(tmp) / f"{name}.onnx"
         start = time.monotonic()
         convert_to_onnx(model, staged, spec.height, spec.width, spec.channels)
-        print(f"[export] converted in {time.monotonic() - start:.1f} s ({staged.stat().st_size / 1e6:.2f} MB)", flush=True)
+        print(
+            f"[export] converted in {time.monotonic() - start:.1f} s "
+            f"({staged.stat().st_size / 1e6:.2f} MB)",
+            flush=True,
+        )
         parity = parity_check(model, staged, batch, tolerance)
-        print(f"[export] parity on {parity['n_images']} validation images: max |logit diff| {parity['max_abs_diff_logits']:.2e} <= {tolerance:g}", flush=True)
+        print(
+            f"[export] parity on {parity['n_images']} validation images: max |logit diff| "
+            f"{parity['max_abs_diff_logits']:.2e} <= {tolerance:g}",
+            flush=True,
+        )
         final = out_dir / f"{name}.onnx"
         shutil.move(str(staged), final)
     meta = build_metadata(name, version, final, summary, parity, spec)
@@ -150,8 +192,12 @@ def export_run(run: Path, out_dir: Path, name: str, version: str, tolerance: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="run directory written by training.train")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--run", type=Path, required=True, help="run directory written by training.train"
+    )
     p.add_argument("--out-dir", type=Path, default=Path("models"))
     p.add_argument("--name", default="pneumonia_cxr")
     p.add_argument("--version", default="1.0.0")
@@ -159,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parity-images", type=int, default=32)
     args = p.parse_args(argv)
     try:
-        export_run(args.run, args.out_dir, args.name, args.version, args.tolerance, args.parity_images)
+        export_run(
+            args.run, args.out_dir, args.name, args.version, args.tolerance, args.parity_images
+        )
     except ParityError as exc:
         print(f"[export] REFUSED: {exc}", flush=True)
         return 1

@@ -100,14 +100,17 @@ def evaluate_scores(
     result: dict[str, object] = {
         k: {
             "value": round(point[k], 4),
-            "ci95": [round(float(np.nanpercentile(samples[k], 2.5)), 4), round(float(np.nanpercentile(samples[k], 97.5)), 4)],
+            "ci95": [
+                round(float(np.nanpercentile(samples[k], 2.5)), 4),
+                round(float(np.nanpercentile(samples[k], 97.5)), 4),
+            ],
         }
         for k in POINT_METRICS
     }
     result["confusion_matrix"] = confusion(y_true, scores >= threshold)
     result["threshold"] = round(float(threshold), 6)
-    result["n"] = int(len(y_true))
-    result["n_patients"] = int(len(unique))
+    result["n"] = len(y_true)
+    result["n_patients"] = len(unique)
     result["n_positive"] = int(y_true.sum())
     result["ece"] = round(expected_calibration_error(y_true, scores), 4)
     result["ci_method"] = f"percentile bootstrap over patients, {n_bootstrap} resamples"
@@ -176,5 +179,8 @@ def format_summary(metrics: dict[str, object]) -> str:
         lines.append(f"  {k:<12} {m['value']:.4f}  (95% CI {m['ci95'][0]:.4f}-{m['ci95'][1]:.4f})")
     cm = metrics["confusion_matrix"]
     assert isinstance(cm, dict)
-    lines.append(f"  confusion    TN={cm['tn']} FP={cm['fp']} FN={cm['fn']} TP={cm['tp']}  at threshold {metrics['threshold']:.4f}")
+    lines.append(
+        f"  confusion    TN={cm['tn']} FP={cm['fp']} FN={cm['fn']} TP={cm['tp']}  "
+        f"at threshold {metrics['threshold']:.4f}"
+    )
     return "\n".join(lines)

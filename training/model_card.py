@@ -33,8 +33,16 @@ def _metric_table(metrics: dict) -> str:
         cm = metrics[s]["confusion_matrix"]
         cms.append(f"TN {cm['tn']}, FP {cm['fp']}, FN {cm['fn']}, TP {cm['tp']}")
     rows.append("| Confusion matrix | " + " | ".join(cms) + " |")
-    rows.append("| Images (patients) | " + " | ".join(f"{metrics[s]['n']} ({metrics[s]['n_patients']})" for s in splits) + " |")
-    rows.append("| Expected calibration error | " + " | ".join(f"{metrics[s]['ece']:.3f}" for s in splits) + " |")
+    rows.append(
+        "| Images (patients) | "
+        + " | ".join(f"{metrics[s]['n']} ({metrics[s]['n_patients']})" for s in splits)
+        + " |"
+    )
+    rows.append(
+        "| Expected calibration error | "
+        + " | ".join(f"{metrics[s]['ece']:.3f}" for s in splits)
+        + " |"
+    )
     return "\n".join(rows)
 
 
@@ -45,7 +53,12 @@ def render(meta_path: Path) -> str:
     data = prov.get("data", {})
     parity = prov.get("parity", {})
     versions = prov.get("library_versions", {})
-    assert isinstance(training, dict) and isinstance(data, dict) and isinstance(parity, dict) and isinstance(versions, dict)
+    assert (
+        isinstance(training, dict)
+        and isinstance(data, dict)
+        and isinstance(parity, dict)
+        and isinstance(versions, dict)
+    )
     p = meta.preprocessing
     test_note = (
         "Test figures: the official Kermany test split (624 images), evaluated once with the "
@@ -61,7 +74,7 @@ def render(meta_path: Path) -> str:
 
 ## Summary
 - Task: binary classification of a frontal chest X-ray as `NORMAL` or `PNEUMONIA`.
-- Architecture: `{prov.get('architecture')}` ({int(prov.get('parameters', 0)):,} parameters), trained from random
+- Architecture: `{prov.get("architecture")}` ({int(prov.get("parameters", 0)):,} parameters), trained from random
   initialisation with this repository's `training` package; ends in global average pooling and one
   dense layer, so class activation maps are exact.
 - File: `{meta.onnx_file}` (ONNX, sha256 `{meta.sha256}`), input `{meta.input.name}` {meta.input.shape}
@@ -81,10 +94,10 @@ not for adults without local validation, not for lateral views, CT, or other bod
   **CC BY 4.0**; described in Kermany et al., Cell 172(5), 2018. Used here as 224x224 copies.
 - Paediatric patients (1-5 years) from a single centre (Guangzhou Women and Children's Medical
   Center). Pneumonia is bacterial or viral; no other findings are labelled.
-- Training: official train split, {data.get('train')} images; validation held out from it **by patient**
-  ({data.get('validation')} images, {data.get('n_val_patients')} patients; byte-identical images kept on one side).
-  Split manifest: `{meta.name}.split.csv` (sha256 `{data.get('split_sha256')}`), data fingerprint
-  `{data.get('train_fingerprint')}`.
+- Training: official train split, {data.get("train")} images; validation held out from it **by patient**
+  ({data.get("validation")} images, {data.get("n_val_patients")} patients; byte-identical images kept on one side).
+  Split manifest: `{meta.name}.split.csv` (sha256 `{data.get("split_sha256")}`), data fingerprint
+  `{data.get("train_fingerprint")}`.
 
 ## Preprocessing contract
 Decode, apply EXIF orientation, convert to 8-bit grey ({p.color_mode}; >8-bit images stretched
@@ -101,13 +114,13 @@ was collected separately and is the honest figure. Known failure mode on this da
 children over-called as pneumonia (lower specificity).
 
 ## Training
-- {training.get('epochs_run')} epochs (best: {training.get('best_epoch')}), {minutes:.1f} min on {training.get('hardware')}.
-- Hyper-parameters: {training.get('hyperparameters')}.
-- Augmentation (training batches only, not in the graph): {training.get('augmentation')}.
-- Class weights: {training.get('class_weights')}. Seed {training.get('seed')}.
-- Export parity: max |Keras - ONNX Runtime| logit difference {parity.get('max_abs_diff_logits', float('nan')):.2e}
-  on {parity.get('n_images')} real validation images (tolerance {parity.get('tolerance')}).
-- Libraries: {', '.join(f'{k} {v}' for k, v in versions.items())}.
+- {training.get("epochs_run")} epochs (best: {training.get("best_epoch")}), {minutes:.1f} min on {training.get("hardware")}.
+- Hyper-parameters: {training.get("hyperparameters")}.
+- Augmentation (training batches only, not in the graph): {training.get("augmentation")}.
+- Class weights: {training.get("class_weights")}. Seed {training.get("seed")}.
+- Export parity: max |Keras - ONNX Runtime| logit difference {parity.get("max_abs_diff_logits", float("nan")):.2e}
+  on {parity.get("n_images")} real validation images (tolerance {parity.get("tolerance")}).
+- Libraries: {", ".join(f"{k} {v}" for k, v in versions.items())}.
 
 ## Limitations
 - Single centre, paediatric, one dataset: performance on adults, other hospitals, portable AP films

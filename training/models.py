@@ -1,6 +1,6 @@
-"""Architectures, selectable by name. Every model takes the contract's input (N, 224, 224, C) float32
-in [0, 1] and returns class logits (N, 2) in `CLASSES` order; softmax and temperature are applied
-outside the graph, from the metadata.
+"""Architectures, selectable by name. Every model takes the contract's input (N, 224, 224, C)
+float32 in [0, 1] and returns class logits (N, 2) in `CLASSES` order; softmax and temperature
+are applied outside the graph, from the metadata.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ class PerImageStandardization(layers.Layer):
 
 
 def _conv_bn(x, filters: int, kernel: int = 3, strides: int = 1, name: str = ""):
-    x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = layers.Conv2D(
+        filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv"
+    )(x)
     x = layers.BatchNormalization(name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
 
@@ -46,7 +48,9 @@ def _residual_block(x, filters: int, name: str):
     return layers.MaxPooling2D(2, name=f"{name}_pool")(y)
 
 
-def cxr_net(input_shape=(224, 224, 1), num_classes: int = 2, width: int = 32, dropout: float = 0.3) -> keras.Model:
+def cxr_net(
+    input_shape=(224, 224, 1), num_classes: int = 2, width: int = 32, dropout: float = 0.3
+) -> keras.Model:
     """The default: a compact residual separable CNN that trains on two CPU cores.
 
     Per-image standardisation, a strided stem, four residual stages (56 -> 7 px), then global
@@ -149,7 +153,9 @@ ARCHITECTURES: dict[str, Callable[..., keras.Model]] = {
 DEFAULT_ARCHITECTURE = "cxr_net"
 
 
-def build_model(name: str, input_shape=(224, 224, 1), weights: str | Path | None = None) -> keras.Model:
+def build_model(
+    name: str, input_shape=(224, 224, 1), weights: str | Path | None = None
+) -> keras.Model:
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; choose from {sorted(ARCHITECTURES)}")
     if name == "mobilenet_v2":

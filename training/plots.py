@@ -8,11 +8,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from training.data import CLASSES  # noqa: E402
-from training.metrics import roc_auc, roc_curve  # noqa: E402
+from training.data import CLASSES
+from training.metrics import roc_auc, roc_curve
 
 
 def _save(fig, path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -25,9 +25,11 @@ def _save(fig, path: Path) -> None:  # type: ignore[no-untyped-def]
 def training_curves(history: Sequence[dict[str, str]], path: Path) -> None:
     epochs = [int(r["epoch"]) + 1 for r in history]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    series = (("loss", "val_loss", "Loss (train weighted, val unweighted)"),
-              ("accuracy", "val_accuracy", "Accuracy at 0.5"),
-              (None, "val_auc", "Validation ROC AUC"))
+    series = (
+        ("loss", "val_loss", "Loss (train weighted, val unweighted)"),
+        ("accuracy", "val_accuracy", "Accuracy at 0.5"),
+        (None, "val_auc", "Validation ROC AUC"),
+    )
     for ax, (train_key, val_key, title) in zip(axes, series, strict=True):
         if train_key and train_key in history[0]:
             ax.plot(epochs, [float(r[train_key]) for r in history], label="train")
@@ -51,7 +53,12 @@ def roc(y_true: np.ndarray, scores: np.ndarray, threshold: float, path: Path, ti
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(fpr, tpr, label=f"AUC = {roc_auc(y_true, scores):.3f}")
     ax.plot([0, 1], [0, 1], "k--", alpha=0.3)
-    ax.plot([op_fpr], [op_tpr], "ro", label=f"threshold {threshold:.3f}\nsens {op_tpr:.3f}, spec {1 - op_fpr:.3f}")
+    ax.plot(
+        [op_fpr],
+        [op_tpr],
+        "ro",
+        label=f"threshold {threshold:.3f}\nsens {op_tpr:.3f}, spec {1 - op_fpr:.3f}",
+    )
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
     ax.set_title(title)
@@ -65,16 +72,29 @@ def confusion_matrix(cm: dict[str, int], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 4))
     ax.imshow(grid, cmap="Blues")
     for (i, j), v in np.ndenumerate(grid):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=14,
-                color="white" if v > grid.max() / 2 else "black")
+        ax.text(
+            j,
+            i,
+            str(v),
+            ha="center",
+            va="center",
+            fontsize=14,
+            color="white" if v > grid.max() / 2 else "black",
+        )
     ax.set_xticks([0, 1], [f"pred {c}" for c in CLASSES])
     ax.set_yticks([0, 1], [f"true {c}" for c in CLASSES])
     ax.set_title(title)
     _save(fig, path)
 
 
-def sample_grid(images: np.ndarray, labels: np.ndarray, path: Path, seed: int = 0,
-                scores: np.ndarray | None = None, n: int = 16) -> None:
+def sample_grid(
+    images: np.ndarray,
+    labels: np.ndarray,
+    path: Path,
+    seed: int = 0,
+    scores: np.ndarray | None = None,
+    n: int = 16,
+) -> None:
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(images), min(n, len(images)), replace=False)
     cols = 4
@@ -87,7 +107,7 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, path: Path, seed: int = 
             title += f"\np(PNEUMONIA)={scores[i]:.2f}"
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    for ax in np.ravel(axes)[len(idx):]:
+    for ax in np.ravel(axes)[len(idx) :]:
         ax.axis("off")
     _save(fig, path)
 
@@ -106,7 +126,9 @@ def class_distribution(counts: dict[str, dict[str, int]], path: Path) -> None:
     _save(fig, path)
 
 
-def calibration_curve(y_true: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, path: Path, n_bins: int = 10) -> None:
+def calibration_curve(
+    y_true: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, path: Path, n_bins: int = 10
+) -> None:
     fig, ax = plt.subplots(figsize=(5, 5))
     for scores, name in ((raw, "before"), (calibrated, "after temperature")):
         bins = np.minimum((scores * n_bins).astype(int), n_bins - 1)

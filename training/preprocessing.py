@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from app.contract import Preprocessing
 
 # One default contract for every architecture: X-rays are grey, and a single channel keeps the
-# default network small. Architectures that want three channels (ImageNet weights) repeat it in-graph.
+# default network small. Architectures wanting three channels (ImageNet weights) repeat it in-graph.
 DEFAULT_PREPROCESSING = Preprocessing(
     color_mode="grayscale",
     height=224,
@@ -53,7 +53,19 @@ def to_eight_bit_grey(image: Image.Image, color_mode: str = "grayscale") -> Imag
         return Image.fromarray(stretch_to_uint8(np.asarray(image)), mode="L")
     if image.mode == "1":
         image = image.convert("L")
-    elif image.mode in ("RGBA", "LA", "PA", "P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):
+    elif image.mode in (
+        "RGBA",
+        "LA",
+        "PA",
+        "P",
+        "CMYK",
+        "YCbCr",
+        "LAB",
+        "HSV",
+        "RGBX",
+        "RGBa",
+        "La",
+    ):
         image = image.convert("RGB") if image.mode != "LA" else image.convert("L")
     return image.convert("L" if color_mode == "grayscale" else "RGB")
 

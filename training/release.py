@@ -18,8 +18,12 @@ from training import evaluate, export, model_card, train
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, required=True, help="Kaggle-style root with train/ and test/")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data-dir", type=Path, required=True, help="Kaggle-style root with train/ and test/"
+    )
     p.add_argument("--run", type=Path, default=Path("runs/shipped"))
     p.add_argument("--models-dir", type=Path, default=Path("models"))
     p.add_argument("--name", default="pneumonia_cxr")
@@ -31,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         code = train.main(["--data-dir", str(args.data_dir), "--out", str(args.run), *train_args])
         if code:
             return code
-    meta_path = export.export_run(args.run, args.models_dir, args.name, args.version, export.DEFAULT_TOLERANCE, 32)
+    meta_path = export.export_run(
+        args.run, args.models_dir, args.name, args.version, export.DEFAULT_TOLERANCE, 32
+    )
     report = evaluate.evaluate(meta_path, args.data_dir, "test", args.run / "test")
     evaluate.record_in_metadata(meta_path, "test", report["metrics"])
     figures = args.models_dir / "figures"

@@ -46,16 +46,24 @@ DEFAULT_TARGET_SENSITIVITY = 0.95
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("data (a Kaggle-style directory, or RSNA labels CSV + DICOM directory)")
-    src.add_argument("--data-dir", type=Path, help="directory with train/<CLASS>/* (and manifest.csv)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    src = p.add_argument_group(
+        "data (a Kaggle-style directory, or RSNA labels CSV + DICOM directory)"
+    )
+    src.add_argument(
+        "--data-dir", type=Path, help="directory with train/<CLASS>/* (and manifest.csv)"
+    )
     src.add_argument("--rsna-labels", type=Path, help="stage_2_train_labels.csv")
     src.add_argument("--rsna-images", type=Path, help="directory of <patientId>.dcm")
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--arch", default=DEFAULT_ARCHITECTURE, choices=sorted(ARCHITECTURES))
     p.add_argument("--weights", type=Path, help="local ImageNet weights file for mobilenet_v2")
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--fine-tune-epochs", type=int, default=5, help="mobilenet_v2: epochs with the top unfrozen")
+    p.add_argument(
+        "--fine-tune-epochs", type=int, default=5, help="mobilenet_v2: epochs with the top unfrozen"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--patience", type=int, default=6, help="early stopping patience (epochs)")
@@ -63,7 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET_SENSITIVITY)
     p.add_argument("--no-class-weights", action="store_true", help="do not reweight the classes")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N training records (smoke runs)")
+    p.add_argument(
+        "--limit", type=int, default=0, help="use only the first N training records (smoke runs)"
+    )
     a = Augmentation()
     p.add_argument("--rotation", type=float, default=a.rotation_deg, help="max rotation, degrees")
     p.add_argument("--shear", type=float, default=a.shear)
@@ -71,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zoom", type=float, default=a.zoom)
     p.add_argument("--brightness", type=float, default=a.brightness)
     p.add_argument("--contrast", type=float, default=a.contrast)
-    p.add_argument("--horizontal-flip", action="store_true", help="off by default, see Augmentation")
+    p.add_argument(
+        "--horizontal-flip", action="store_true", help="off by default, see Augmentation"
+    )
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--cache-dir", type=Path, default=Path("runs/.cache"))
     args = p.parse_args(argv)
@@ -89,7 +101,10 @@ def load_training_records(args: argparse.Namespace):  # type: ignore[no-untyped-
         records = load_rsna(args.rsna_labels, args.rsna_images)
     if args.limit:
         rng = np.random.default_rng(args.seed)
-        records = [records[i] for i in sorted(rng.choice(len(records), min(args.limit, len(records)), replace=False))]
+        records = [
+            records[i]
+            for i in sorted(rng.choice(len(records), min(args.limit, len(records)), replace=False))
+        ]
     return records
 
 
@@ -113,7 +128,8 @@ class ValidationMetrics:
                 logs["val_auc"] = roc_auc(labels, probs)
                 logs["val_accuracy"] = float(((probs >= 0.5) == labels).mean())
                 print(
-                    f"\n[val] epoch {epoch + 1}: loss {logs['val_loss']:.4f} auc {logs['val_auc']:.4f} "
+                    f"\n[val] epoch {epoch + 1}: loss {logs['val_loss']:.4f} "
+                    f"auc {logs['val_auc']:.4f} "
                     f"acc@0.5 {logs['val_accuracy']:.4f}",
                     flush=True,
                 )
@@ -148,13 +164,34 @@ def main(argv: list[str] | None = None) -> int:
     y_val = np.array([r.label for r in val_recs])
 
     counts = np.bincount(y_train, minlength=len(CLASSES))
-    weights = np.ones(len(CLASSES)) if args.no_class_weights else len(y_train) / (len(CLASSES) * counts)
-    print(f"[train] class weights {dict(zip(CLASSES, np.round(weights, 3).tolist(), strict=True))}", flush=True)
-    augmentation = None if args.no_augment else Augmentation(
-        args.rotation, args.shear, args.shift, args.zoom, args.horizontal_flip, args.brightness, args.contrast
+    weights = (
+        np.ones(len(CLASSES)) if args.no_class_weights else len(y_train) / (len(CLASSES) * counts)
+    )
+    print(
+        f"[train] class weights {dict(zip(CLASSES, np.round(weights, 3).tolist(), strict=True))}",
+        flush=True,
+    )
+    augmentation = (
+        None
+        if args.no_augment
+        else Augmentation(
+            args.rotation,
+            args.shear,
+            args.shift,
+            args.zoom,
+            args.horizontal_flip,
+            args.brightness,
+            args.contrast,
+        )
     )
     train_ds = make_dataset(
-        x_train, y_train, spec, args.batch_size, augmentation=augmentation, shuffle=True, seed=args.seed,
+        x_train,
+        y_train,
+        spec,
+        args.batch_size,
+        augmentation=augmentation,
+        shuffle=True,
+        seed=args.seed,
         sample_weights=weights[y_train].astype(np.float32),
     )
 
@@ -165,9 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     def callbacks():  # type: ignore[no-untyped-def]
         return [
             ValidationMetrics.create(x_val, y_val, spec, args.batch_size),
-            keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=args.patience, restore_best_weights=True),
-            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", mode="min", factor=0.3, patience=2, min_lr=1e-5),
-            keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", mode="min", save_best_only=True),
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", mode="min", patience=args.patience, restore_best_weights=True
+            ),
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", mode="min", factor=0.3, patience=2, min_lr=1e-5
+            ),
+            keras.callbacks.ModelCheckpoint(
+                str(checkpoint), monitor="val_loss", mode="min", save_best_only=True
+            ),
             keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
         ]
 
@@ -177,7 +220,14 @@ def main(argv: list[str] | None = None) -> int:
             loss=keras.losses.CategoricalCrossentropy(from_logits=True),
             weighted_metrics=["accuracy"],
         )
-        return model.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks(), verbose=2)
+        return model.fit(
+            train_ds,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            callbacks=callbacks(),
+            verbose=2,
+            shuffle=False,
+        )
 
     (out / "history.csv").unlink(missing_ok=True)
     start = time.monotonic()
@@ -186,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.arch == "mobilenet_v2" and args.fine_tune_epochs > 0:
         print("[train] fine-tuning the top of the MobileNetV2 base at lr/10", flush=True)
         unfreeze_top(model)
-        history = compile_and_fit(args.lr / 10, epochs_run + args.fine_tune_epochs, initial_epoch=epochs_run)
+        history = compile_and_fit(
+            args.lr / 10, epochs_run + args.fine_tune_epochs, initial_epoch=epochs_run
+        )
         epochs_run += len(history.history["loss"])
     duration = time.monotonic() - start
     model.save(checkpoint)  # restore_best_weights: the in-memory model is the best one
@@ -201,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     raw = softmax(val_logits)[:, 1]
     calibrated = softmax(val_logits, temperature)[:, 1]
     threshold = select_threshold(y_val, calibrated, args.target_sensitivity)
-    val_metrics = evaluate_scores(y_val, calibrated, threshold, [r.patient_id for r in val_recs], seed=args.seed)
+    val_metrics = evaluate_scores(
+        y_val, calibrated, threshold, [r.patient_id for r in val_recs], seed=args.seed
+    )
     calibration = {
         "method": "temperature",
         "temperature": round(temperature, 6),
@@ -209,7 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         "val_ece_before": round(expected_calibration_error(y_val, raw), 4),
         "val_ece_after": round(expected_calibration_error(y_val, calibrated), 4),
     }
-    np.savez(out / "val_predictions.npz", logits=val_logits, labels=y_val, groups=np.array([r.patient_id for r in val_recs]))
+    np.savez(
+        out / "val_predictions.npz",
+        logits=val_logits,
+        labels=y_val,
+        groups=np.array([r.patient_id for r in val_recs]),
+    )
     summary = {
         "architecture": args.arch,
         "parameters": int(model.count_params()),
@@ -222,8 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         "hardware": f"{platform.machine()} {os.cpu_count()} CPU cores, {platform.system()}",
         "seed": args.seed,
         "hyperparameters": {
-            "batch_size": args.batch_size, "lr": args.lr, "optimizer": "AdamW(weight_decay=1e-4)",
-            "patience": args.patience, "val_fraction": args.val_fraction, "max_epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "optimizer": "AdamW(weight_decay=1e-4)",
+            "patience": args.patience,
+            "val_fraction": args.val_fraction,
+            "max_epochs": args.epochs,
         },
         "data": {
             "source": str(args.data_dir or args.rsna_labels),
@@ -233,13 +296,20 @@ def main(argv: list[str] | None = None) -> int:
             "validation": class_counts(val_recs),
             "n_val_patients": len({r.patient_id for r in val_recs}),
         },
-        "decision": {"threshold": round(threshold, 6), "target_sensitivity": args.target_sensitivity, "chosen_on": "validation"},
+        "decision": {
+            "threshold": round(threshold, 6),
+            "target_sensitivity": args.target_sensitivity,
+            "chosen_on": "validation",
+        },
         "calibration": calibration,
         "validation_metrics": val_metrics,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plots.training_curves(history_rows, out / "training_curves.png")
-    plots.class_distribution({"train": class_counts(train_recs), "validation": class_counts(val_recs)}, out / "class_distribution.png")
+    plots.class_distribution(
+        {"train": class_counts(train_recs), "validation": class_counts(val_recs)},
+        out / "class_distribution.png",
+    )
     plots.sample_grid(x_train, y_train, out / "sample_grid.png", seed=args.seed)
     plots.roc(y_val, calibrated, threshold, out / "val_roc.png", title="Validation ROC")
     print(

@@ -80,7 +80,10 @@ def test_split_manifest_round_trips(tmp_path: Path) -> None:
 
 def _write_kaggle(root: Path) -> None:
     for split in ("train", "test"):
-        for cls, names in (("NORMAL", ["IM-0001-0001.jpeg", "IM-0001-0002.jpeg"]), ("PNEUMONIA", ["person3_virus_1.jpeg"])):
+        for cls, names in (
+            ("NORMAL", ["IM-0001-0001.jpeg", "IM-0001-0002.jpeg"]),
+            ("PNEUMONIA", ["person3_virus_1.jpeg"]),
+        ):
             d = root / split / cls
             d.mkdir(parents=True)
             for n in names:
@@ -104,7 +107,7 @@ def test_kaggle_manifest_overrides_filename_patients(tmp_path: Path) -> None:
         w = csv.writer(fh)
         w.writerow(["split", "label", "filename", "patient_id", "subtype", "sha256"])
         w.writerow(["train", "PNEUMONIA", "person3_virus_1.jpeg", "person99", "virus", "ab" * 32])
-    rec = [r for r in load_kaggle_directory(tmp_path, "train") if r.label == 1][0]
+    rec = next(r for r in load_kaggle_directory(tmp_path, "train") if r.label == 1)
     assert (rec.patient_id, rec.sha256) == ("PNEUMONIA/person99", "ab" * 32)
 
 
@@ -114,7 +117,9 @@ def test_kaggle_directory_missing_split_is_an_error(tmp_path: Path) -> None:
         load_kaggle_directory(tmp_path, "val")
 
 
-def _write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **extra: object) -> None:
+def _write_dicom(
+    path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **extra: object
+) -> None:
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -160,7 +165,11 @@ def test_rsna_loader_merges_box_rows_per_patient(tmp_path: Path) -> None:
         _write_dicom(images / f"{pid}.dcm", ramp)
 
     records = load_rsna(tmp_path / "stage_2_train_labels.csv", images)
-    assert [(r.patient_id, r.label) for r in records] == [("rsna/neg-b", 0), ("rsna/pos-a", 1), ("rsna/pos-c", 1)]
+    assert [(r.patient_id, r.label) for r in records] == [
+        ("rsna/neg-b", 0),
+        ("rsna/pos-a", 1),
+        ("rsna/pos-c", 1),
+    ]
     train, val = split_by_patient(records, 0.34, 0)
     assert {r.patient_id for r in train}.isdisjoint({r.patient_id for r in val})
 

@@ -60,7 +60,9 @@ def test_patient_clusters_widen_the_interval() -> None:
     y = np.repeat(rng.integers(0, 2, 50), 8)  # 50 patients, 8 correlated images each
     s = np.repeat(rng.random(50), 8) * 0.6 + 0.4 * y
     independent = evaluate_scores(y, s, 0.5, n_bootstrap=300)["accuracy"]["ci95"]
-    clustered = evaluate_scores(y, s, 0.5, groups=np.repeat(np.arange(50), 8).astype(str), n_bootstrap=300)["accuracy"]["ci95"]
+    clustered = evaluate_scores(
+        y, s, 0.5, groups=np.repeat(np.arange(50), 8).astype(str), n_bootstrap=300
+    )["accuracy"]["ci95"]
     assert clustered[1] - clustered[0] > 1.5 * (independent[1] - independent[0])
 
 

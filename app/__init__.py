@@ -1,0 +1,1 @@
+"""Pneumonia screening inference service (research use only, not a diagnostic device)."""

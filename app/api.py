@@ -1,0 +1,189 @@
+"""HTTP routes. They parse, delegate and shape responses; the work happens elsewhere:
+`uploads` reads the body, `Classifier.preprocess` decodes (in a worker thread), the
+`InferenceEngine` runs the model (off the event loop), `errors` maps failures to HTTP."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, Request
+
+from app.engine import InferenceEngine
+from app.errors import ModelNotReady, error_responses
+from app.inference import Classifier
+from app.observability import request_context
+from app.readiness import ServiceState
+from app.schemas import (
+    LiveResponse,
+    ModelIdentity,
+    ModelInfo,
+    PredictionResponse,
+    ReadyResponse,
+    TimingsMs,
+)
+from app.settings import Settings
+from app.uploads import FILE_FIELD, RAW_CONTENT_TYPES, read_upload
+
+router = APIRouter()
+
+
+# Dependencies are `async def` on purpose: they only read app.state, and FastAPI would otherwise
+# send each of them to the thread pool.
+async def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+async def get_service_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
+
+
+ServiceStateDep = Annotated[ServiceState, Depends(get_service_state)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+async def get_classifier(state: ServiceStateDep) -> Classifier:
+    """The serving classifier, or 503 with the reason it is not ready."""
+    reason = state.not_ready_reason
+    if reason is not None or state.classifier is None:
+        raise ModelNotReady(reason or "model is not loaded")
+    return state.classifier
+
+
+async def get_engine(
+    state: ServiceStateDep, _: Annotated[Classifier, Depends(get_classifier)]
+) -> InferenceEngine:
+    """The inference engine; depends on `get_classifier` so it is only handed out when ready."""
+    engine: InferenceEngine | None = state.engine
+    if engine is None:
+        raise ModelNotReady(state.not_ready_reason or "model is not loaded")
+    return engine
+
+
+ClassifierDep = Annotated[Classifier, Depends(get_classifier)]
+EngineDep = Annotated[InferenceEngine, Depends(get_engine)]
+
+
+def _identity(classifier: Classifier) -> ModelIdentity:
+    meta = classifier.metadata
+    return ModelIdentity(name=meta.name, version=meta.version, sha256=meta.sha256)
+
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "A chest X-ray (JPEG or PNG; DICOM later). The format is detected from "
+        "the bytes; the declared type and file name are ignored.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {FILE_FIELD: {"type": "string", "format": "binary"}},
+                    "required": [FILE_FIELD],
+                }
+            },
+            **{media: _BINARY for media in sorted(RAW_CONTENT_TYPES)},
+        },
+    }
+}
+
+
+@router.post(
+    "/predict",
+    response_model=PredictionResponse,
+    responses=error_responses(413, 415, 422, 503),
+    openapi_extra=_PREDICT_BODY,
+    summary="Screen one chest X-ray for pneumonia",
+    tags=["inference"],
+)
+async def predict(
+    request: Request,
+    classifier: ClassifierDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+    state: ServiceStateDep,
+) -> PredictionResponse:
+    """Classify one frontal chest X-ray as NORMAL or PNEUMONIA (research use only).
+
+    Send the image as the multipart form field `file`, or as the raw request body with
+    `Content-Type: image/jpeg | image/png | application/dicom | application/octet-stream`.
+    JPEG and PNG are accepted in any bit depth and colour mode, with EXIF orientation applied.
+
+    `label` applies the model's validated operating threshold to the calibrated probability of
+    the positive class. Errors: 413 upload too large, 415 unsupported format (DICOM is not yet
+    supported), 422 undecodable / too small / too many pixels, 503 model not ready.
+    """
+    context = request_context(request)
+    data = await read_upload(request, settings.max_upload_bytes)
+
+    decode_started = time.perf_counter()
+    batch = await anyio.to_thread.run_sync(
+        classifier.preprocess, data, limiter=state.decode_limiter
+    )
+    del data  # the encoded bytes are no longer needed while inference runs
+    inference_started = time.perf_counter()
+    probabilities = (await engine.infer(batch))[0]
+    finished = time.perf_counter()
+
+    timings = TimingsMs(
+        decode=round((inference_started - decode_started) * 1000.0, 2),
+        inference=round((finished - inference_started) * 1000.0, 2),
+        total=round(context.elapsed_ms(), 2),
+    )
+    context.fields.update(decode_ms=timings.decode, inference_ms=timings.inference)
+    meta = classifier.metadata
+    return PredictionResponse(
+        label=classifier.label_for(probabilities),
+        probabilities={name: float(p) for name, p in zip(meta.classes, probabilities, strict=True)},
+        threshold=meta.decision.threshold,
+        model=_identity(classifier),
+        execution_provider=classifier.execution_provider,
+        request_id=context.request_id,
+        timing_ms=timings,
+    )
+
+
+@router.get("/health/live", response_model=LiveResponse, tags=["health"])
+async def live() -> LiveResponse:
+    """Liveness: 200 whenever the process can answer HTTP, ready or not.
+
+    Restart the container only if this fails; route traffic by `/health/ready`.
+    """
+    return LiveResponse()
+
+
+@router.get(
+    "/health/ready", response_model=ReadyResponse, responses=error_responses(503), tags=["health"]
+)
+async def ready(classifier: ClassifierDep) -> ReadyResponse:
+    """Readiness: 200 only when a model is loaded, its metadata matched the ONNX session, and a
+    warm-up inference passed. Otherwise 503 with the reason (missing or invalid metadata, sha256
+    mismatch, signature mismatch, unavailable provider, shutting down)."""
+    return ReadyResponse(
+        model=_identity(classifier), execution_provider=classifier.execution_provider
+    )
+
+
+@router.get("/model", response_model=ModelInfo, responses=error_responses(503), tags=["model"])
+async def model_info(classifier: ClassifierDep) -> ModelInfo:
+    """The served model's metadata: classes in output order, input contract, preprocessing,
+    operating threshold, calibration, metrics and provenance, plus the active execution provider."""
+    meta = classifier.metadata
+    return ModelInfo(
+        name=meta.name,
+        version=meta.version,
+        sha256=meta.sha256,
+        classes=list(meta.classes),
+        input=meta.input,
+        output=meta.output,
+        preprocessing=meta.preprocessing,
+        decision=meta.decision,
+        calibration=meta.calibration,
+        metrics=dict(meta.metrics),
+        provenance=dict(meta.provenance),
+        execution_provider=classifier.execution_provider,
+    )

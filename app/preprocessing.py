@@ -1,0 +1,80 @@
+"""A decoded image -> the model's input tensor, exactly as `models/*.json` prescribes.
+
+This is the serving half of the preprocessing contract (`app.contract.Preprocessing`); training
+implements the same steps independently and a test compares the two on real images. Nothing here
+is a constant: size, colour mode, resize filter and scaling all come from the metadata.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from app.contract import Preprocessing
+
+# Modes with more than 8 bits per sample: 16-bit PNGs open as I;16*, some tools write I or F.
+HIGH_BIT_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+RESAMPLING: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+def stretch_to_uint8(image: Image.Image) -> Image.Image:
+    """Map a >8-bit image linearly from its own [min, max] to [0, 255] ("L" mode).
+
+    value_8bit = round((v - min) * 255 / (max - min)), rounding half to even, computed in float64;
+    a constant image becomes all zeros. Min/max stretching (rather than a fixed >> 8) is what makes
+    a 12-bit detector image stored in a 16-bit PNG look like the 8-bit JPEGs the model learned on.
+    """
+    values = np.asarray(image).astype(np.float64)
+    lo, hi = float(values.min()), float(values.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError("image contains non-finite sample values")
+    if hi <= lo:
+        stretched = np.zeros(values.shape, dtype=np.uint8)
+    else:
+        stretched = np.rint((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    return Image.fromarray(stretched)  # 2-D uint8 -> mode "L"
+
+
+def to_8bit(image: Image.Image, color_mode: str) -> Image.Image:
+    """Bring any decoded mode to 8-bit "L" (grayscale) or "RGB", dropping alpha.
+
+    Grey comes from Pillow's `convert("L")` (ITU-R 601-2 luma) applied to the RGB values; alpha is
+    discarded, not composited, because a transparent X-ray region has no meaningful background.
+    """
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        grey = stretch_to_uint8(image)
+        return grey if color_mode == "grayscale" else grey.convert("RGB")
+    if image.mode in ("P", "PA"):
+        # Expand the palette; a transparent palette entry becomes alpha, dropped below.
+        image = image.convert("RGBA")
+    if image.mode in ("1", "L", "LA"):
+        grey = image if image.mode == "L" else image.convert("L")
+        return grey if color_mode == "grayscale" else grey.convert("RGB")
+    # RGB, RGBA, RGBX, CMYK, YCbCr, ...: to RGB (drops alpha, inverts CMYK), then to luma.
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return rgb.convert("L") if color_mode == "grayscale" else rgb
+
+
+def to_model_input(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """The model input for one decoded image: float32 of shape (1, height, width, channels).
+
+    Steps (the contract in `Preprocessing`'s docstring): apply EXIF orientation; bring to 8-bit grey
+    (or RGB); resize to (width, height) with the metadata's Pillow filter, ignoring aspect ratio;
+    then `uint8 * scale + offset` in float32.
+    """
+    upright = ImageOps.exif_transpose(image)
+    eight_bit = to_8bit(upright, spec.color_mode)
+    resized = eight_bit.resize((spec.width, spec.height), RESAMPLING[spec.resize_filter])
+    pixels = np.asarray(resized, dtype=np.float32)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, np.newaxis]
+    scaled = pixels * np.float32(spec.scale) + np.float32(spec.offset)
+    return scaled[np.newaxis, ...].astype(np.float32, copy=False)

@@ -1,0 +1,51 @@
+"""What the service can do right now: serving a validated model, or not ready and why."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import anyio
+
+from app.engine import InferenceEngine
+from app.inference import Classifier
+
+SHUTTING_DOWN = "shutting down"
+
+
+@dataclass
+class ServiceState:
+    """Lives on `app.state.service`; the lifespan moves it through loading -> ready -> draining.
+
+    Every transition is a plain attribute assignment made on the event loop, so readers (routes,
+    probes) never see a half-updated state.
+    """
+
+    classifier: Classifier | None = None
+    engine: InferenceEngine | None = None
+    failure: str = "model is loading"
+    draining: bool = False
+    # Bounds concurrent decodes: each can hold a full-resolution image (up to the pixel limit) in
+    # memory, so a burst of uploads must queue rather than multiply memory by the thread count.
+    decode_limiter: anyio.CapacityLimiter = field(
+        default_factory=lambda: anyio.CapacityLimiter(os.cpu_count() or 1)
+    )
+
+    def serve(self, classifier: Classifier, engine: InferenceEngine) -> None:
+        self.classifier, self.engine = classifier, engine
+
+    def fail(self, reason: str) -> None:
+        self.classifier, self.engine, self.failure = None, None, reason
+
+    def begin_shutdown(self) -> None:
+        # Flip readiness first so load balancers stop routing here before anything is released.
+        self.draining = True
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        """None when ready; otherwise the reason the readiness probe reports."""
+        if self.draining:
+            return SHUTTING_DOWN
+        if self.classifier is None or self.engine is None:
+            return self.failure
+        return None

@@ -1,0 +1,95 @@
+"""Service configuration: one pydantic-settings class read from `CXR_*` environment variables.
+
+Every knob is validated when the process starts, so a typo in a deployment fails loudly at boot
+instead of surfacing as odd behaviour under load. `.env.example` documents each variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The directory that holds the `app` package: the repository checkout, or the copy of it that is
+# the container's working directory.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+MiB = 1024 * 1024
+
+# Pillow warns above its own MAX_IMAGE_PIXELS and refuses twice that. Capping our limit at Pillow's
+# keeps every accepted image below both, so the decoder never has to juggle warning filters (which
+# are process-global and not thread-safe) while decodes run concurrently.
+_PILLOW_PIXEL_CEILING = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+Provider = Literal["auto", "cpu", "cuda"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class Settings(BaseSettings):
+    """All runtime configuration. Construct explicitly in tests; from the environment in prod."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CXR_",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        # `model_metadata` is our name, not pydantic's `model_` namespace.
+        protected_namespaces=(),
+    )
+
+    model_metadata: Path = Field(
+        default=Path("models/pneumonia_cxr.json"),
+        description="Metadata JSON of the model to serve; its `onnx_file` is relative to it.",
+    )
+    provider: Provider = Field(
+        default="auto",
+        description="ONNX Runtime provider: auto (CUDA if offered, else CPU) | cpu | cuda.",
+    )
+    max_upload_bytes: int = Field(default=32 * MiB, gt=0, description="Largest accepted upload.")
+    max_image_pixels: int = Field(
+        default=50_000_000,
+        gt=0,
+        le=_PILLOW_PIXEL_CEILING,
+        description="Decompression-bomb guard: width*height above this is refused before decoding.",
+    )
+    min_image_side: int = Field(default=64, ge=1, description="Smallest accepted width or height.")
+    ort_intra_op_threads: int = Field(
+        default=0,
+        ge=0,
+        description="ONNX Runtime intra-op threads; 0 lets ORT pick (one per core).",
+    )
+    inference_concurrency: int = Field(
+        default=1,
+        ge=1,
+        description="ONNX Runtime runs in flight at once. One run already uses every intra-op "
+        "thread, so more only makes CPU runs contend for the same cores.",
+    )
+    host: str = Field(default="127.0.0.1", description="Bind address for `pneumonia-serve`.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port for `pneumonia-serve`.")
+    log_level: LogLevel = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("provider", mode="before")
+    @classmethod
+    def _lower_provider(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    def resolved_model_metadata(self) -> Path:
+        """The metadata path to load.
+
+        A relative path is looked up in the working directory first (an operator pointing at their
+        own file), then under the project root (the shipped default, wherever the process starts).
+        If neither exists, the project-root candidate is returned so the not-ready reason names it.
+        """
+        path = self.model_metadata.expanduser()
+        if path.is_absolute():
+            return path
+        from_cwd = Path.cwd() / path
+        return from_cwd if from_cwd.is_file() else PROJECT_ROOT / path

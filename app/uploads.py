@@ -1,0 +1,153 @@
+"""Reading the uploaded X-ray from a request without ever buffering an unbounded body.
+
+Two ways in, as the API documents: a multipart form field named `file`, or the raw body with an
+image Content-Type. Either way the body is read chunk by chunk and abandoned with 413 the moment
+it passes the limit. A declared Content-Length over the limit is refused before reading at all,
+but it is never trusted on its own: chunked bodies have none, and a client can lie.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+from app.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+
+FILE_FIELD = "file"
+RAW_CONTENT_TYPES = frozenset(
+    {"image/jpeg", "image/png", "application/dicom", "application/octet-stream"}
+)
+MULTIPART = "multipart/form-data"
+# Boundaries, part headers and small extra fields around the file in a multipart body.
+MULTIPART_ENVELOPE_BYTES = 64 * 1024
+
+
+async def read_upload(request: Request, max_bytes: int) -> bytes:
+    """The uploaded file's bytes, at most `max_bytes` of them.
+
+    Raises `PayloadTooLarge` (413), `UnsupportedMediaType` (415) for a Content-Type that is
+    neither multipart nor one of `RAW_CONTENT_TYPES`, and `InvalidRequest` (422) for a multipart
+    body without exactly one `file` part. The declared type never decides how the bytes are
+    decoded; `decoding.detect_format` does, from the bytes.
+    """
+    content_type = request.headers.get("content-type", "")
+    media_type, params = parse_options_header(content_type)
+    media = media_type.decode("latin-1").lower()
+    if media == MULTIPART:
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise InvalidRequest("multipart body without a boundary parameter")
+        body_limit = max_bytes + MULTIPART_ENVELOPE_BYTES
+        _refuse_declared_length(request, body_limit)
+        return await _read_multipart_file(_bounded(request, body_limit), boundary, max_bytes)
+    if media in RAW_CONTENT_TYPES:
+        _refuse_declared_length(request, max_bytes)
+        return await _read_raw(_bounded(request, max_bytes))
+    accepted = ", ".join(sorted(RAW_CONTENT_TYPES))
+    raise UnsupportedMediaType(
+        f"Content-Type {media or '(none)'!r} is not accepted: send the image as the multipart "
+        f"form field '{FILE_FIELD}', or as the raw body with Content-Type one of: {accepted}"
+    )
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the upload exceeds the limit of {limit} bytes")
+
+
+def _refuse_declared_length(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    # The server (h11/httptools) has already rejected a non-numeric Content-Length.
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+
+
+async def _bounded(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The body's chunks, raising 413 as soon as their running total passes `limit`."""
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise _too_large(limit)
+        if chunk:
+            yield chunk
+
+
+async def _read_raw(chunks: AsyncIterator[bytes]) -> bytes:
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+    return bytes(body)
+
+
+class _FilePartCollector:
+    """python-multipart callbacks that keep only the `file` part's bytes, up to a limit."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.files: list[bytearray] = []
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+        self._current: bytearray | None = None
+        self.complete = False
+
+    def on_part_begin(self) -> None:
+        self._current = None
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if bytes(self._header_field).lower() == b"content-disposition":
+            _, params = parse_options_header(bytes(self._header_value))
+            if params.get(b"name") == FILE_FIELD.encode():
+                self._current = bytearray()
+                self.files.append(self._current)
+        self._header_field.clear()
+        self._header_value.clear()
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._current is None:
+            return  # another form field: the body limit already bounds it
+        self._current += data[start:end]
+        if len(self._current) > self.max_bytes:
+            raise _too_large(self.max_bytes)
+
+    def on_end(self) -> None:
+        self.complete = True
+
+    def callbacks(self) -> dict[str, object]:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_part_data": self.on_part_data,
+            "on_end": self.on_end,
+        }
+
+
+async def _read_multipart_file(
+    chunks: AsyncIterator[bytes], boundary: bytes, max_bytes: int
+) -> bytes:
+    collector = _FilePartCollector(max_bytes)
+    try:
+        parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
+        async for chunk in chunks:
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError as exc:
+        raise InvalidRequest(f"malformed multipart body: {exc}") from exc
+    if not collector.complete:
+        # Otherwise a cut-off upload would reach the decoder as a plausible truncated image.
+        raise InvalidRequest("multipart body ended before its closing boundary")
+    if len(collector.files) != 1:
+        raise InvalidRequest(
+            f"expected exactly one multipart field named '{FILE_FIELD}', got {len(collector.files)}"
+        )
+    return bytes(collector.files[0])

@@ -1,0 +1,117 @@
+"""Builders shared by the service tests: tiny ONNX models, their metadata, isolated settings and
+synthetic images. (A plain module, not conftest, so test files can import it by a unique name.)
+
+The tiny model computes logits = mean(image) * W + b, so a dark image is NORMAL and a bright one
+PNEUMONIA: tests can predict the answer without a trained network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from PIL import Image
+
+from app.settings import Settings
+
+SIZE = 224
+CLASSES = ["NORMAL", "PNEUMONIA"]
+
+
+def build_onnx(
+    *,
+    input_name: str = "image",
+    input_shape: tuple[int | str, ...] = ("N", SIZE, SIZE, 1),
+    output_name: str = "logits",
+    n_outputs: int = 2,
+    bias_value: float = 2.0,
+) -> bytes:
+    """Serialized ONNX: image (NHWC) -> ReduceMean(H, W) -> MatMul -> Add -> logits.
+
+    `bias_value=float("nan")` makes a graph that loads fine but answers NaN.
+    """
+    channels = input_shape[3] if isinstance(input_shape[3], int) else 1
+    weight = np.zeros((channels, n_outputs), dtype=np.float32)
+    weight[:, 0], weight[:, -1] = -4.0 / channels, 4.0 / channels
+    bias = np.zeros(n_outputs, dtype=np.float32)
+    bias[0], bias[-1] = bias_value, -bias_value
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", [input_name], ["mean"], axes=[1, 2], keepdims=0),
+            helper.make_node("MatMul", ["mean", "W"], ["scores"]),
+            helper.make_node("Add", ["scores", "b"], [output_name]),
+        ],
+        "tiny_cxr",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, list(input_shape))],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", n_outputs])],
+        initializer=[
+            helper.make_tensor("W", TensorProto.FLOAT, weight.shape, weight.flatten().tolist()),
+            helper.make_tensor("b", TensorProto.FLOAT, bias.shape, bias.tolist()),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # opset 17's IR version; onnxruntime 1.31 reads it
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def metadata_for(onnx_bytes: bytes, **overrides: Any) -> dict[str, Any]:
+    """A metadata dict valid under `ModelMetadata` for the tiny model; overrides replace keys."""
+    meta: dict[str, Any] = {
+        "schema_version": 1,
+        "name": "tiny_cxr",
+        "version": "0.0.1-test",
+        "onnx_file": "tiny_cxr.onnx",
+        "sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+        "classes": list(CLASSES),
+        "input": {"name": "image", "shape": [None, SIZE, SIZE, 1], "dtype": "float32"},
+        "output": {"name": "logits", "shape": [None, 2], "dtype": "float32", "kind": "logits"},
+        "preprocessing": {
+            "color_mode": "grayscale",
+            "height": SIZE,
+            "width": SIZE,
+            "resize_filter": "bilinear",
+            "scale": 1 / 255,
+            "offset": 0.0,
+        },
+        "decision": {"threshold": 0.5, "positive_class": "PNEUMONIA"},
+        "calibration": {"method": "temperature", "temperature": 1.0},
+        "metrics": {"test": {"auroc": 0.5}},
+        "provenance": {"note": "built by tests/app/conftest.py"},
+    }
+    meta.update(overrides)
+    return meta
+
+
+def make_settings(metadata: Path, **overrides: Any) -> Settings:
+    """Settings isolated from the developer's environment and `.env`."""
+    values: dict[str, Any] = {
+        "model_metadata": metadata,
+        "provider": "cpu",
+        "ort_intra_op_threads": 1,
+        "log_level": "WARNING",
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def xray_like(size: tuple[int, int] = (300, 260), mode: str = "L", level: int = 200) -> Image.Image:
+    """A synthetic image with structure (a gradient plus a bright disc) in the requested mode."""
+    width, height = size
+    yy, xx = np.mgrid[0:height, 0:width]
+    grey = (xx * 120 // max(width - 1, 1)).astype(np.uint8)
+    disc = (xx - width // 2) ** 2 + (yy - height // 2) ** 2 < (min(size) // 4) ** 2
+    grey[disc] = level
+    image = Image.fromarray(grey)
+    return image if mode == "L" else image.convert(mode)
+
+
+def encode(image: Image.Image, fmt: str, **save_kwargs: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_kwargs)
+    return buffer.getvalue()

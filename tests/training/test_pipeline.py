@@ -1,0 +1,127 @@
+"""End to end on tiny generated images: train one short epoch, export with the parity gate,
+evaluate, and check that the service serves the exported model with the evaluation step's
+probabilities."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow", reason="the train extra (TensorFlow/Keras) is not installed")
+
+from app.contract import load_metadata
+from training import evaluate, export, train
+from training.data import read_split
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_kaggle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    code = train.main(
+        [
+            "--data-dir",
+            str(tiny_kaggle_dir),
+            "--out",
+            str(run),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--val-fraction",
+            "0.25",
+            "--cache-dir",
+            str(run / "cache"),
+            "--seed",
+            "3",
+        ]
+    )
+    assert code == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("models")
+    return export.export_run(
+        tiny_run, out, "tiny", "0.0.1", export.DEFAULT_TOLERANCE, parity_images=8
+    )
+
+
+def test_training_writes_split_history_and_operating_point(tiny_run: Path) -> None:
+    splits = read_split(tiny_run / "split.csv")
+    assert {r.patient_id for r in splits["train"]}.isdisjoint({r.patient_id for r in splits["val"]})
+    assert not any("/test/" in r.path for rs in splits.values() for r in rs)  # test is never read
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["epochs_run"] == 1
+    assert 0.0 <= summary["decision"]["threshold"] <= 1.0
+    assert summary["calibration"]["temperature"] > 0
+    assert (tiny_run / "best.keras").is_file()
+    assert len(json.loads((tiny_run / "history.json").read_text())) == 1
+    for png in ("training_curves.png", "class_distribution.png", "sample_grid.png", "val_roc.png"):
+        assert (tiny_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_metadata_is_the_service_contract(exported: Path) -> None:
+    import onnxruntime as ort
+
+    meta = load_metadata(exported)  # the service's own validator
+    onnx_path = exported.parent / meta.onnx_file
+    from training.data import file_sha256
+
+    assert meta.sha256 == file_sha256(onnx_path)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    assert (inp.name, out.name) == ("image", "logits")
+    assert isinstance(inp.shape[0], str)  # dynamic batch
+    assert inp.shape[1:] == [224, 224, 1]
+    logits = session.run(None, {"image": np.zeros((3, 224, 224, 1), np.float32)})[0]
+    assert logits.shape == (3, 2)
+    parity = meta.provenance["parity"]
+    assert parity["max_abs_diff_logits"] <= parity["tolerance"]
+
+
+def test_parity_gate_refuses_a_graph_that_disagrees_with_keras(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    import keras
+
+    import training.models  # noqa: F401
+
+    model = keras.models.load_model(tiny_run / "best.keras", compile=False)
+    onnx_path = tmp_path / "m.onnx"
+    export.convert_to_onnx(model, onnx_path, 224, 224, 1)
+    batch = np.random.default_rng(0).random((4, 224, 224, 1), dtype=np.float32)
+    assert export.parity_check(model, onnx_path, batch, 1e-4)["max_abs_diff_logits"] <= 1e-4
+    dense = model.get_layer("logits")
+    kernel, bias = dense.get_weights()
+    dense.set_weights([kernel, bias + 0.01])  # the Keras model drifts from the exported graph
+    with pytest.raises(export.ParityError):
+        export.parity_check(model, onnx_path, batch, 1e-4)
+
+
+def test_served_probabilities_equal_the_evaluation_step(
+    exported: Path, tiny_kaggle_dir: Path, tmp_path: Path
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    report = evaluate.evaluate(exported, tiny_kaggle_dir, "test", tmp_path / "eval")
+    assert report["metrics"]["n"] == 24
+    rows = (tmp_path / "eval" / "predictions.csv").read_text().splitlines()[1:]
+    by_file = {r.split(",")[0]: float(r.split(",")[3]) for r in rows}
+    app = create_app(Settings(model_metadata=exported))
+    with TestClient(app) as client:
+        for path in sorted((tiny_kaggle_dir / "test").glob("*/*.jpeg"))[:6]:
+            response = client.post(
+                "/predict", content=path.read_bytes(), headers={"Content-Type": "image/jpeg"}
+            )
+            assert response.status_code == 200, response.text
+            served = response.json()["probabilities"]["PNEUMONIA"]
+            assert served == pytest.approx(by_file[path.name], abs=1e-5)
