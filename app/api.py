@@ -147,7 +147,10 @@ async def predict(
     )
 
 
-@router.get("/health/live", response_model=LiveResponse, tags=["health"])
+# HEAD too: some load balancers probe with it.
+@router.api_route(
+    "/health/live", methods=["GET", "HEAD"], response_model=LiveResponse, tags=["health"]
+)
 async def live() -> LiveResponse:
     """Liveness: 200 whenever the process can answer HTTP, ready or not.
 
@@ -156,8 +159,12 @@ async def live() -> LiveResponse:
     return LiveResponse()
 
 
-@router.get(
-    "/health/ready", response_model=ReadyResponse, responses=error_responses(503), tags=["health"]
+@router.api_route(
+    "/health/ready",
+    methods=["GET", "HEAD"],
+    response_model=ReadyResponse,
+    responses=error_responses(503),
+    tags=["health"],
 )
 async def ready(classifier: ClassifierDep) -> ReadyResponse:
     """Readiness: 200 only when a model is loaded, its metadata matched the ONNX session, and a

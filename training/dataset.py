@@ -32,6 +32,9 @@ class Augmentation:
     horizontal_flip: bool = False
     brightness: float = 0.1
     contrast: float = 0.2
+    # "nearest" repeats the edge rows: black ("constant") borders on most training images but none
+    # at inference shift the BatchNorm statistics the model is evaluated with.
+    fill_mode: str = "nearest"
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -75,20 +78,20 @@ def augmenter(aug: Augmentation, seed: int):  # type: ignore[no-untyped-def]
         stack.append(layers.RandomFlip("horizontal", seed=seed))
     if aug.rotation_deg:
         stack.append(
-            layers.RandomRotation(aug.rotation_deg / 360.0, fill_mode="constant", seed=seed + 1)
+            layers.RandomRotation(aug.rotation_deg / 360.0, fill_mode=aug.fill_mode, seed=seed + 1)
         )
     if aug.shear:
         stack.append(
             layers.RandomShear(
-                x_factor=aug.shear, y_factor=aug.shear, fill_mode="constant", seed=seed + 2
+                x_factor=aug.shear, y_factor=aug.shear, fill_mode=aug.fill_mode, seed=seed + 2
             )
         )
     if aug.shift:
         stack.append(
-            layers.RandomTranslation(aug.shift, aug.shift, fill_mode="constant", seed=seed + 3)
+            layers.RandomTranslation(aug.shift, aug.shift, fill_mode=aug.fill_mode, seed=seed + 3)
         )
     if aug.zoom:
-        stack.append(layers.RandomZoom(aug.zoom, aug.zoom, fill_mode="constant", seed=seed + 4))
+        stack.append(layers.RandomZoom(aug.zoom, aug.zoom, fill_mode=aug.fill_mode, seed=seed + 4))
     if aug.brightness:
         stack.append(layers.RandomBrightness(aug.brightness, value_range=(0.0, 1.0), seed=seed + 5))
     if aug.contrast:

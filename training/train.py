@@ -67,6 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--patience", type=int, default=6, help="early stopping patience (epochs)")
+    p.add_argument(
+        "--monitor",
+        choices=("auc", "loss"),
+        default="auc",
+        help="validation quantity for early stopping, LR reduction and the best checkpoint; AUC by "
+        "default because temperature and threshold are fitted afterwards, so ranking is what the "
+        "network itself must get right",
+    )
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET_SENSITIVITY)
@@ -137,6 +145,11 @@ class ValidationMetrics:
         return _Callback()
 
 
+def _best_epoch(history: list[dict[str, str]], monitor: str, mode: str) -> int:
+    values = [float(r[monitor]) for r in history]
+    return int(np.argmax(values) if mode == "max" else np.argmin(values)) + 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -175,13 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         None
         if args.no_augment
         else Augmentation(
-            args.rotation,
-            args.shear,
-            args.shift,
-            args.zoom,
-            args.horizontal_flip,
-            args.brightness,
-            args.contrast,
+            rotation_deg=args.rotation,
+            shear=args.shear,
+            shift=args.shift,
+            zoom=args.zoom,
+            horizontal_flip=args.horizontal_flip,
+            brightness=args.brightness,
+            contrast=args.contrast,
         )
     )
     train_ds = make_dataset(
@@ -198,18 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args.arch, (spec.height, spec.width, spec.channels), weights=args.weights)
     print(f"[train] {args.arch}: {model.count_params():,} parameters", flush=True)
     checkpoint = out / "best.keras"
+    monitor, mode = ("val_auc", "max") if args.monitor == "auc" else ("val_loss", "min")
 
     def callbacks():  # type: ignore[no-untyped-def]
         return [
             ValidationMetrics.create(x_val, y_val, spec, args.batch_size),
             keras.callbacks.EarlyStopping(
-                monitor="val_loss", mode="min", patience=args.patience, restore_best_weights=True
+                monitor=monitor, mode=mode, patience=args.patience, restore_best_weights=True
             ),
             keras.callbacks.ReduceLROnPlateau(
-                monitor="val_loss", mode="min", factor=0.3, patience=2, min_lr=1e-5
+                monitor=monitor, mode=mode, factor=0.3, patience=2, min_lr=1e-5
             ),
             keras.callbacks.ModelCheckpoint(
-                str(checkpoint), monitor="val_loss", mode="min", save_best_only=True
+                str(checkpoint), monitor=monitor, mode=mode, save_best_only=True
             ),
             keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
         ]
@@ -276,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         "augmentation": augmentation.as_dict() if augmentation else None,
         "class_weights": dict(zip(CLASSES, weights.round(4).tolist(), strict=True)),
         "epochs_run": epochs_run,
-        "best_epoch": int(np.argmin([float(r["val_loss"]) for r in history_rows])) + 1,
+        "best_epoch": _best_epoch(history_rows, monitor, mode),
+        "monitor": monitor,
         "training_seconds": round(duration, 1),
         "hardware": f"{platform.machine()} {os.cpu_count()} CPU cores, {platform.system()}",
         "seed": args.seed,

@@ -56,6 +56,13 @@ def test_liveness_and_readiness_when_ready(client):
     assert ready.json()["execution_provider"] == "CPUExecutionProvider"
 
 
+def test_health_probes_answer_head_requests(client, tmp_path):
+    assert client.head("/health/live").status_code == 200
+    assert client.head("/health/ready").status_code == 200
+    with TestClient(create_app(make_settings(tmp_path / "absent.json"))) as not_ready:
+        assert not_ready.head("/health/ready").status_code == 503
+
+
 @pytest.mark.parametrize(("level", "label"), [(240, "PNEUMONIA"), (20, "NORMAL")])
 def test_predict_multipart_returns_the_full_answer(client, level, label):
     response = client.post(

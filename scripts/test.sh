@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv (serving + training + dev dependencies) if needed, then runs
+# lint, type checks and the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "[test] creating .venv with $($PYTHON --version)"
+    "$PYTHON" -m venv .venv
+fi
+echo "[test] installing the project with the cpu, train and dev extras (first run: a few minutes)"
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[cpu,train,dev]"
+
+echo "[test] ruff"
+.venv/bin/ruff check app training tests scripts
+.venv/bin/ruff format --check app training tests scripts
+echo "[test] mypy app"
+.venv/bin/mypy app
+echo "[test] pytest"
+exec .venv/bin/python -m pytest "$@"

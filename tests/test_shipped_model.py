@@ -1,0 +1,65 @@
+"""The shipped model in `models/`, run over the official test split through the *service's* own
+decode and preprocessing code, reproduces the test figures recorded in its metadata.
+
+Tolerance: the recorded figures were computed by `training.evaluate` with the same ONNX file and
+bit-identical preprocessing (see test_train_serve_parity), so probabilities agree to float32
+rounding; 1e-4 on each metric leaves room only for that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.contract import load_metadata
+from app.inference import load_classifier
+from app.settings import Settings
+from tests.realdata import DATA_DIR, SHIPPED_METADATA, requires_data, requires_shipped_model
+from training.data import CLASSES, load_kaggle_directory
+from training.metrics import POINT_METRICS, evaluate_scores
+
+pytestmark = [requires_shipped_model]
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def classifier():  # type: ignore[no-untyped-def]
+    return load_classifier(Settings(model_metadata=SHIPPED_METADATA, provider="cpu"))
+
+
+def test_shipped_metadata_records_honest_figures_and_meets_the_targets() -> None:
+    meta = load_metadata(SHIPPED_METADATA)
+    assert meta.decision.chosen_on == "validation"
+    assert {"validation", "test"} <= set(meta.metrics)
+    test = meta.metrics["test"]
+    assert isinstance(test, dict)
+    assert test["n"] == 624
+    # the "must" targets of the shipped model, at the validation-chosen threshold
+    assert test["roc_auc"]["value"] >= 0.95
+    assert test["accuracy"]["value"] >= 0.90
+    assert (SHIPPED_METADATA.parent / meta.onnx_file).stat().st_size < 30 * 1024 * 1024
+
+
+@requires_data
+def test_service_preprocessing_reproduces_the_recorded_test_figures(classifier) -> None:  # type: ignore[no-untyped-def]
+    meta = classifier.metadata
+    records = load_kaggle_directory(DATA_DIR, "test")
+    scores = []
+    for record in records:
+        batch = classifier.preprocess(Path(record.path).read_bytes())
+        scores.append(classifier.predict_batch(batch)[0][meta.positive_index])
+    labels = np.array([r.label for r in records])
+    measured = evaluate_scores(
+        labels, np.array(scores), meta.decision.threshold, [r.patient_id for r in records], seed=0
+    )
+    recorded = meta.metrics["test"]
+    assert isinstance(recorded, dict)
+    assert measured["confusion_matrix"] == recorded["confusion_matrix"]
+    for name in POINT_METRICS:
+        assert measured[name]["value"] == pytest.approx(recorded[name]["value"], abs=TOLERANCE), (
+            name
+        )
+    assert CLASSES == tuple(meta.classes)
