@@ -62,4 +62,4 @@ def test_service_preprocessing_reproduces_the_recorded_test_figures(classifier) 
         assert measured[name]["value"] == pytest.approx(recorded[name]["value"], abs=TOLERANCE), (
             name
         )
-    assert CLASSES == tuple(meta.classes)
+    assert tuple(meta.classes) == CLASSES
