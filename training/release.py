@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.run / "training_curves.png", "training_curves.png"),
         (args.run / "class_distribution.png", "class_distribution.png"),
         (args.run / "val_roc.png", "validation_roc.png"),
+        (args.run / "val_reliability.png", "validation_reliability.png"),
         (args.run / "test" / "roc.png", "test_roc.png"),
         (args.run / "test" / "confusion_matrix.png", "test_confusion_matrix.png"),
         (args.run / "test" / "sample_grid.png", "test_samples.png"),

@@ -327,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     plots.sample_grid(x_train, y_train, out / "sample_grid.png", seed=args.seed)
     plots.roc(y_val, calibrated, threshold, out / "val_roc.png", title="Validation ROC")
+    plots.calibration_curve(y_val, raw, calibrated, out / "val_reliability.png")
     print(
         f"[done] {epochs_run} epochs in {duration / 60:.1f} min; temperature {temperature:.3f}, "
         f"threshold {threshold:.4f} for sensitivity >= {args.target_sensitivity} on validation\n"

@@ -62,7 +62,13 @@ def test_training_writes_split_history_and_operating_point(tiny_run: Path) -> No
     assert summary["calibration"]["temperature"] > 0
     assert (tiny_run / "best.keras").is_file()
     assert len(json.loads((tiny_run / "history.json").read_text())) == 1
-    for png in ("training_curves.png", "class_distribution.png", "sample_grid.png", "val_roc.png"):
+    for png in (
+        "training_curves.png",
+        "class_distribution.png",
+        "sample_grid.png",
+        "val_roc.png",
+        "val_reliability.png",
+    ):
         assert (tiny_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
