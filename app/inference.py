@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -197,8 +198,28 @@ def _read_metadata(path: Path) -> ModelMetadata:
         raise ModelLoadError(f"model metadata {path} could not be read: {exc}") from exc
 
 
+def installed_runtimes() -> list[str]:
+    """The ONNX Runtime distributions installed. Both ship the same `onnxruntime` module, so with
+    two of them whichever was installed last silently owns it (the `cpu`/`gpu` extras exclude
+    each other for this reason)."""
+    found = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            importlib_metadata.distribution(dist)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+        found.append(dist)
+    return found
+
+
 def load_classifier(settings: Settings) -> Classifier:
     """Build and validate the classifier named by the settings, or raise `ModelLoadError`."""
+    runtimes = installed_runtimes()
+    if len(runtimes) > 1:
+        raise ModelLoadError(
+            f"both {' and '.join(runtimes)} are installed and share one module; install exactly "
+            "one (the `cpu` or the `gpu` extra)"
+        )
     metadata_path = settings.resolved_model_metadata()
     metadata = _read_metadata(metadata_path)
     onnx_path = metadata_path.parent / metadata.onnx_file

@@ -196,3 +196,25 @@ def test_label_uses_the_metadata_threshold_inclusively(write_model, p_positive, 
     path = write_model(decision={"threshold": 0.3, "positive_class": "PNEUMONIA"})
     classifier = load_classifier(make_settings(path))
     assert classifier.label_for(np.array([1 - p_positive, p_positive])) == label
+
+
+def test_cpu_and_gpu_runtimes_installed_together_keep_the_service_not_ready(
+    model_path, monkeypatch
+):
+    import app.inference as inference
+
+    real = inference.importlib_metadata.distribution
+
+    def both_installed(name):
+        return object() if name == "onnxruntime-gpu" else real(name)
+
+    monkeypatch.setattr(inference.importlib_metadata, "distribution", both_installed)
+    assert inference.installed_runtimes() == ["onnxruntime", "onnxruntime-gpu"]
+    with pytest.raises(ModelLoadError, match="both onnxruntime and onnxruntime-gpu"):
+        load_classifier(make_settings(model_path))
+
+
+def test_this_environment_has_exactly_one_runtime():
+    from app.inference import installed_runtimes
+
+    assert len(installed_runtimes()) == 1  # the cpu or the gpu extra, never both
