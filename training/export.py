@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import tempfile
@@ -154,7 +153,6 @@ def build_metadata(
 def export_run(
     run: Path, out_dir: Path, name: str, version: str, tolerance: float, parity_images: int
 ) -> Path:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
     import training.models  # noqa: F401  (registers the custom layers for loading)

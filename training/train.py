@@ -152,7 +152,6 @@ def _best_epoch(history: list[dict[str, str]], monitor: str, mode: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
     from training import plots
