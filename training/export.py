@@ -96,6 +96,14 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def data_provenance(data: dict) -> dict:
+    """The run's data record plus the sha256 of the data set's own manifest.csv, when it has one."""
+    manifest = Path(str(data.get("source", ""))) / "manifest.csv"
+    if manifest.is_file():
+        return {**data, "manifest_sha256": file_sha256(manifest)}
+    return dict(data)
+
+
 def build_metadata(
     name: str, version: str, onnx_file: Path, summary: dict, parity: dict, spec: Preprocessing
 ) -> dict:
@@ -140,7 +148,7 @@ def build_metadata(
                     "class_weights",
                 )
             },
-            "data": summary["data"],
+            "data": data_provenance(summary["data"]),
             "parity": parity,
             "library_versions": library_versions(),
             "onnx_size_bytes": onnx_file.stat().st_size,

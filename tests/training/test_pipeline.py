@@ -131,3 +131,16 @@ def test_served_probabilities_equal_the_evaluation_step(
             assert response.status_code == 200, response.text
             served = response.json()["probabilities"]["PNEUMONIA"]
             assert served == pytest.approx(by_file[path.name], abs=1e-5)
+
+
+def test_data_provenance_hashes_the_data_sets_manifest(tmp_path: Path) -> None:
+    (tmp_path / "manifest.csv").write_text("split,label,filename,patient_id,subtype,sha256\n")
+    record = export.data_provenance({"source": str(tmp_path), "split_sha256": "x"})
+    from training.data import file_sha256
+
+    assert record == {
+        "source": str(tmp_path),
+        "split_sha256": "x",
+        "manifest_sha256": file_sha256(tmp_path / "manifest.csv"),
+    }
+    assert "manifest_sha256" not in export.data_provenance({"source": str(tmp_path / "none")})
