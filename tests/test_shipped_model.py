@@ -63,3 +63,25 @@ def test_service_preprocessing_reproduces_the_recorded_test_figures(classifier) 
             name
         )
     assert tuple(meta.classes) == CLASSES
+
+
+@requires_data
+def test_the_service_answers_a_full_resolution_x_ray_with_the_shipped_model() -> None:
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from app.main import create_app
+
+    source = sorted((DATA_DIR / "test" / "PNEUMONIA").glob("*.jpeg"))[0]
+    big = Image.open(source).convert("L").resize((2400, 2000), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    big.save(buffer, "JPEG", quality=92)
+    with TestClient(create_app(Settings(model_metadata=SHIPPED_METADATA, provider="cpu"))) as c:
+        response = c.post("/predict", files={"file": ("x.jpg", buffer.getvalue(), "image/jpeg")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"]["sha256"] == load_metadata(SHIPPED_METADATA).sha256
+    assert sum(body["probabilities"].values()) == pytest.approx(1.0)
+    assert body["label"] in CLASSES
