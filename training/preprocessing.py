@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from app.contract import Preprocessing
+from app.preprocessing import RESAMPLING  # a name table shared by both sides, not a step
 
 # One default contract for every architecture: X-rays are grey, and a single channel keeps the
 # default network small. Architectures wanting three channels (ImageNet weights) repeat it in-graph.
@@ -27,15 +28,6 @@ DEFAULT_PREPROCESSING = Preprocessing(
     offset=0.0,
     high_bit_depth="minmax",
 )
-
-_PIL_FILTERS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
 
 
 def stretch_to_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -74,7 +66,7 @@ def image_to_array(image: Image.Image, spec: Preprocessing = DEFAULT_PREPROCESSI
     """Contract steps 2-3 on a decoded image: uint8 array of shape (height, width, channels)."""
     image = to_eight_bit_grey(ImageOps.exif_transpose(image), spec.color_mode)
     if image.size != (spec.width, spec.height):
-        image = image.resize((spec.width, spec.height), _PIL_FILTERS[spec.resize_filter])
+        image = image.resize((spec.width, spec.height), RESAMPLING[spec.resize_filter])
     pixels = np.asarray(image, dtype=np.uint8)
     return pixels[..., None] if pixels.ndim == 2 else pixels
 
