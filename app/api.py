@@ -1,5 +1,5 @@
 """HTTP routes. They parse, delegate and shape responses; the work happens elsewhere:
-`uploads` reads the body, `Classifier.preprocess` decodes (in a worker thread), the
+`uploads` reads the body, `Classifier.prepare` decodes (in a worker thread), the
 `InferenceEngine` runs the model (off the event loop), `errors` maps failures to HTTP."""
 
 from __future__ import annotations
@@ -10,12 +10,15 @@ from typing import Annotated
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 
+from app.dicom import DicomFindings
 from app.engine import InferenceEngine
 from app.errors import ModelNotReady, error_responses
 from app.inference import Classifier
 from app.observability import request_context
 from app.readiness import ServiceState
 from app.schemas import (
+    AppliedWindowInfo,
+    DicomInfo,
     LiveResponse,
     ModelIdentity,
     ModelInfo,
@@ -76,8 +79,8 @@ _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _PREDICT_BODY = {
     "requestBody": {
         "required": True,
-        "description": "A chest X-ray (JPEG or PNG; DICOM later). The format is detected from "
-        "the bytes; the declared type and file name are ignored.",
+        "description": "A frontal chest X-ray: JPEG, PNG or DICOM Part 10 (CR/DX). The format "
+        "is detected from the bytes; the declared type and file name are ignored.",
         "content": {
             "multipart/form-data": {
                 "schema": {
@@ -113,20 +116,31 @@ async def predict(
     `Content-Type: image/jpeg | image/png | application/dicom | application/octet-stream`.
     JPEG and PNG are accepted in any bit depth and colour mode, with EXIF orientation applied.
 
+    DICOM Part 10 files are accepted when they are what the model was made for: Modality CR or DX
+    (CR Image Storage, DX Image Storage for Presentation), one frame of MONOCHROME1/2 integer
+    pixels, a Body Part Examined (if present) of CHEST, and no lateral View Position. Every common
+    transfer syntax decodes (implicit/explicit VR little endian, explicit big endian, deflated, RLE,
+    JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000). The image is rendered as a viewer shows
+    it (modality LUT, the file's first window or VOI LUT, MONOCHROME1 inverted), by the rule in the
+    model's metadata. The response then carries `dicom` (the study, series and SOP instance UIDs,
+    modality, view position, the window applied) and, for a patient outside the training
+    population, a `warnings` entry.
+
     `label` applies the model's validated operating threshold to the calibrated probability of
-    the positive class. Errors: 413 upload too large, 415 unsupported format (DICOM is not yet
-    supported), 422 undecodable / too small / too many pixels, 503 model not ready.
+    the positive class. Errors: 413 upload too large, 415 unsupported format, 422 undecodable / too
+    small / too many pixels / `not_intended_use` (another modality, body part or view, multi-frame,
+    colour, no pixel data), 503 model not ready.
     """
     context = request_context(request)
     data = await read_upload(request, settings.max_upload_bytes)
 
     decode_started = time.perf_counter()
-    batch = await anyio.to_thread.run_sync(
-        classifier.preprocess, data, limiter=state.decode_limiter
+    prepared = await anyio.to_thread.run_sync(
+        classifier.prepare, data, limiter=state.decode_limiter
     )
     del data  # the encoded bytes are no longer needed while inference runs
     inference_started = time.perf_counter()
-    probabilities = (await engine.infer(batch))[0]
+    probabilities = (await engine.infer(prepared.tensor))[0]
     finished = time.perf_counter()
 
     timings = TimingsMs(
@@ -144,6 +158,26 @@ async def predict(
         execution_provider=classifier.execution_provider,
         request_id=context.request_id,
         timing_ms=timings,
+        dicom=_dicom_info(prepared.dicom) if prepared.dicom else None,
+        warnings=prepared.warnings,
+    )
+
+
+def _dicom_info(findings: DicomFindings) -> DicomInfo:
+    window = findings.window
+    return DicomInfo(
+        study_instance_uid=findings.study_instance_uid,
+        series_instance_uid=findings.series_instance_uid,
+        sop_instance_uid=findings.sop_instance_uid,
+        modality=findings.modality,
+        view_position=findings.view_position,
+        transfer_syntax=findings.transfer_syntax,
+        window=AppliedWindowInfo(
+            source=window.source,  # type: ignore[arg-type]
+            center=window.center,
+            width=window.width,
+            function=window.function,
+        ),
     )
 
 
@@ -188,6 +222,7 @@ async def model_info(classifier: ClassifierDep) -> ModelInfo:
         preprocessing=meta.preprocessing,
         decision=meta.decision,
         calibration=meta.calibration,
+        intended_use=meta.intended_use,
         metrics=dict(meta.metrics),
         provenance=dict(meta.provenance),
         execution_provider=classifier.execution_provider,

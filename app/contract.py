@@ -13,7 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SCHEMA_VERSION = 1
+# 2: `preprocessing.dicom` (the DICOM display pipeline) and `intended_use` (header gating, training
+# population) became part of the contract. Version 1 files predate DICOM input and are refused.
+SCHEMA_VERSION = 2
 
 
 class _Strict(BaseModel):
@@ -40,6 +42,46 @@ class OutputSpec(TensorSpec):
     kind: Literal["logits", "probabilities"] = "logits"
 
 
+VoiSource = Literal["window", "voi_lut_sequence", "full_range"]
+
+
+class DicomRendering(_Strict):
+    """How a DICOM image becomes the 8-bit grey image of `Preprocessing` step 2: the DICOM grayscale
+    display pipeline (PS3.3 C.11, PS3.4 N.2), the way a viewer shows it. All arithmetic is float64.
+
+    1. Stored values: one frame, one sample per pixel (MONOCHROME1/2), integer pixel data.
+    2. Modality LUT: the Modality LUT Sequence when present (index = clip(x - first mapped value,
+       0, entries - 1)), else `x * RescaleSlope + RescaleIntercept` (1 and 0 when absent).
+    3. VOI, the first source of `voi_order` the file carries, giving v in [0, 1]:
+       - `window`: Window Center/Width number `window_index` (c, w), by VOI LUT Function:
+         LINEAR (w >= 1): v = clip((x - (c - 0.5)) / (w - 1) + 0.5, 0, 1);
+         LINEAR_EXACT (w > 0): v = clip((x - c) / w + 0.5, 0, 1);
+         SIGMOID (w > 0): v = 1 / (1 + exp(-4 * (x - c) / w)).
+         A window whose width breaks these bounds is skipped, with a warning.
+       - `voi_lut_sequence`: the first VOI LUT, index = clip(floor(x) - first mapped value, 0,
+         entries - 1), v = min(LUT value / (2**bits - 1), 1).
+       - `full_range`: v = (x - lo) / (hi - lo) over the modality values' own [lo, hi], pixels
+         equal to Pixel Padding Value (or inside the padding range) excluded
+         (`full_range_excludes_padding`); a constant image gives v = 0.
+    4. Polarity: v = 1 - v when Photometric Interpretation is MONOCHROME1 or Presentation LUT
+       Shape is INVERSE (`invert`), once, never twice, so that air is dark.
+    5. 8-bit: round_half_even(v * 255). Padding pixels become `padding_value` (black).
+    """
+
+    voi_order: list[VoiSource] = Field(min_length=1)
+    window_index: int = Field(ge=0)
+    full_range_excludes_padding: bool
+    invert: Literal["monochrome1_or_presentation_inverse"]
+    padding_value: int = Field(ge=0, le=255)
+
+    @field_validator("voi_order")
+    @classmethod
+    def _ends_with_full_range(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v) or v[-1] != "full_range":
+            raise ValueError("voi_order must list each source once and end with 'full_range'")
+        return v
+
+
 class Preprocessing(_Strict):
     """How an upload becomes the model input. Applied identically by training and serving.
 
@@ -47,6 +89,7 @@ class Preprocessing(_Strict):
     2. Bring to 8-bit grey: images with more than 8 bits per sample are linearly stretched from
        their own [min, max] to [0, 255] (`high_bit_depth: "minmax"`); 8-bit colour images go
        through the ITU-R 601-2 luma transform (Pillow's `convert("L")`); alpha is dropped.
+       DICOM images are rendered by `dicom` (`DicomRendering`) instead.
     3. Resize to `height` x `width` with `resize_filter`, ignoring aspect ratio (`resize_mode:
        "stretch"`), as the training images were produced.
     4. float32 value = uint8 value * `scale` + `offset`; shape (1, height, width, channels).
@@ -62,6 +105,7 @@ class Preprocessing(_Strict):
     scale: float = 1.0 / 255.0
     offset: float = 0.0
     high_bit_depth: Literal["minmax"] = "minmax"
+    dicom: DicomRendering
 
     @property
     def channels(self) -> int:
@@ -82,6 +126,38 @@ class Calibration(_Strict):
     temperature: float = Field(default=1.0, gt=0.0)
 
 
+class Population(_Strict):
+    """Who the training images came from. Ages are in years, `[age_years_min, age_years_max)`."""
+
+    description: str
+    age_years_min: float = Field(ge=0)
+    age_years_max: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Population:
+        if self.age_years_max <= self.age_years_min:
+            raise ValueError("age_years_max must be above age_years_min")
+        return self
+
+
+class IntendedUse(_Strict):
+    """What the model is for, checked from a DICOM header before its pixels are decoded.
+
+    A DICOM upload is classified only when its Modality is in `modalities`, its SOP Class UID in
+    `sop_class_uids`, a present Body Part Examined in `body_parts`, and a present View Position not
+    in `refused_view_positions`. A patient whose age (Patient's Age, or Birth Date with the study
+    date) falls outside `training_population` gets a warning, or a refusal where the service's
+    settings ask for one.
+    """
+
+    summary: str
+    modalities: list[str] = Field(min_length=1)
+    sop_class_uids: dict[str, str] = Field(min_length=1, description="UID -> name")
+    body_parts: list[str] = Field(min_length=1)
+    refused_view_positions: list[str]
+    training_population: Population
+
+
 class ModelMetadata(_Strict):
     schema_version: int = SCHEMA_VERSION
     name: str
@@ -94,6 +170,7 @@ class ModelMetadata(_Strict):
     preprocessing: Preprocessing
     decision: Decision
     calibration: Calibration = Calibration()
+    intended_use: IntendedUse
     metrics: dict[str, object] = Field(default_factory=dict)
     provenance: dict[str, object] = Field(default_factory=dict)
 
@@ -101,7 +178,15 @@ class ModelMetadata(_Strict):
     @classmethod
     def _known_schema(cls, v: int) -> int:
         if v != SCHEMA_VERSION:
-            raise ValueError(f"unsupported metadata schema_version {v} (expected {SCHEMA_VERSION})")
+            hint = (
+                " (version 1 predates DICOM rendering and intended-use rules: re-export the "
+                "model with `python -m training.export`)"
+                if v < SCHEMA_VERSION
+                else ""
+            )
+            raise ValueError(
+                f"unsupported metadata schema_version {v} (expected {SCHEMA_VERSION}){hint}"
+            )
         return v
 
     @model_validator(mode="after")

@@ -1,9 +1,9 @@
-"""Upload bytes -> a fully decoded, size-checked Pillow image.
+"""Upload bytes -> a decoded, size-checked Pillow image (for DICOM, with its header's findings).
 
 The format is detected from the bytes' signature, never from a Content-Type or file name (both are
 client claims). Each known signature is one `ImageFormat` entry in `FORMATS`; a format with a
-`decoder` is served, one without is recognised and refused with 415 and its own reason. DICOM
-support is one more decoder in that registry (see the DICOM entry).
+`decoder` is served, one without is recognised and refused with 415 and its own reason. DICOM is
+one more decoder in that registry (`app.dicom`); it needs the model's `DicomPolicy`.
 
 Everything here treats the input as hostile: dimensions are checked from the header before any
 pixel is decompressed, truncated files are errors (Pillow's `LOAD_TRUNCATED_IMAGES` stays False),
@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from app.dicom import DicomFindings, DicomPolicy, decode_dicom
 from app.errors import ImageTooManyPixels, ImageTooSmall, InvalidImage, UnsupportedMediaType
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_HINT = "send a JPEG or PNG image"
+SUPPORTED_HINT = "send a JPEG, PNG or DICOM image"
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,17 @@ class DecodeLimits:
     min_side: int
 
 
-Decoder = Callable[[bytes, DecodeLimits], Image.Image]
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded upload: the image for `preprocessing.to_model_input`, its detected format, and
+    for DICOM what the header said that the response may repeat."""
+
+    image: Image.Image
+    format: str
+    dicom: DicomFindings | None = None
+
+
+Decoder = Callable[[bytes, DecodeLimits, DicomPolicy | None], DecodedImage]
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,7 @@ def check_dimensions(width: int, height: int, limits: DecodeLimits) -> None:
 def _pillow_decoder(pillow_format: str) -> Decoder:
     """A decoder that lets only the named Pillow plugin parse the bytes."""
 
-    def decode(data: bytes, limits: DecodeLimits) -> Image.Image:
+    def decode(data: bytes, limits: DecodeLimits, _: DicomPolicy | None) -> DecodedImage:
         try:
             # `formats=` stops Pillow from trying its other plugins on bytes we already typed.
             image = Image.open(io.BytesIO(data), formats=[pillow_format])
@@ -102,7 +113,7 @@ def _pillow_decoder(pillow_format: str) -> Decoder:
             # Logged loudly (type only, no image content) so new failure modes get noticed.
             logger.error("unexpected %s decoder error: %s", pillow_format, type(exc).__name__)
             raise InvalidImage(_describe(pillow_format, exc)) from exc
-        return image
+        return DecodedImage(image, pillow_format)
 
     return decode
 
@@ -112,17 +123,20 @@ def _describe(pillow_format: str, exc: BaseException) -> str:
     return f"the upload looks like {pillow_format} but could not be decoded: {detail}"
 
 
+def _dicom_decoder(data: bytes, limits: DecodeLimits, policy: DicomPolicy | None) -> DecodedImage:
+    if policy is None:
+        raise UnsupportedMediaType(
+            "this model's contract has no DICOM rendering rule; send a PNG or JPEG export"
+        )
+    rendered = decode_dicom(data, limits.max_pixels, limits.min_side, policy)
+    return DecodedImage(rendered.image, "DICOM", rendered.findings)
+
+
 FORMATS: tuple[ImageFormat, ...] = (
     ImageFormat("JPEG", lambda head: head.startswith(b"\xff\xd8\xff"), _pillow_decoder("JPEG")),
     ImageFormat("PNG", lambda head: head.startswith(b"\x89PNG\r\n\x1a\n"), _pillow_decoder("PNG")),
-    # DICOM Part 10: a 128-byte preamble then "DICM". Its decoder (pydicom, windowing, photometric
-    # interpretation) arrives with the DICOM issue; adding `decoder=` here is all the wiring needed.
-    ImageFormat(
-        "DICOM",
-        lambda head: head[128:132] == b"DICM",
-        refusal="DICOM support is coming in a later release; for now export the image as "
-        "PNG or JPEG",
-    ),
+    # DICOM Part 10: a 128-byte preamble then "DICM" (files without the preamble are not Part 10).
+    ImageFormat("DICOM", lambda head: head[128:132] == b"DICM", _dicom_decoder),
     ImageFormat("GIF", lambda head: head[:6] in (b"GIF87a", b"GIF89a")),
     ImageFormat("BMP", lambda head: head.startswith(b"BM")),
     ImageFormat("TIFF", lambda head: head[:4] in (b"II*\x00", b"MM\x00*")),
@@ -140,12 +154,16 @@ def detect_format(data: bytes) -> ImageFormat | None:
     return next((fmt for fmt in FORMATS if fmt.matches(head)), None)
 
 
-def decode_upload(data: bytes, limits: DecodeLimits) -> Image.Image:
+def decode_upload(
+    data: bytes, limits: DecodeLimits, dicom: DicomPolicy | None = None
+) -> DecodedImage:
     """Decode an upload into a fully loaded Pillow image, refusing what the service cannot use.
 
-    Raises `UnsupportedMediaType` (415) for empty, unknown or not-yet-supported formats, and
-    `InvalidImage` (422) for corrupt/truncated data, too many pixels, or too small an image.
-    The returned image keeps its mode and EXIF; `preprocessing.to_model_input` takes it from there.
+    Raises `UnsupportedMediaType` (415) for empty, unknown or unsupported formats, and
+    `InvalidImage` (422) for corrupt/truncated data, too many pixels, or too small an image, and
+    its `NotIntendedUse` for a DICOM file outside the model's intended use. The image keeps its
+    mode and EXIF (DICOM arrives already rendered to 8-bit grey by the contract's rule);
+    `preprocessing.to_model_input` takes it from there.
     """
     if not data:
         raise UnsupportedMediaType(f"the upload is empty; {SUPPORTED_HINT}")
@@ -155,4 +173,4 @@ def decode_upload(data: bytes, limits: DecodeLimits) -> Image.Image:
     if fmt.decoder is None:
         reason = fmt.refusal or f"{fmt.name} is not supported; {SUPPORTED_HINT}"
         raise UnsupportedMediaType(reason)
-    return fmt.decoder(data, limits)
+    return fmt.decoder(data, limits, dicom)

@@ -48,6 +48,19 @@ class ImageTooManyPixels(InvalidImage):
     code = "image_too_many_pixels"
 
 
+class NotIntendedUse(InvalidImage):
+    """A readable image the model was not made for (another modality, body part or view, a
+    multi-frame or colour image, a patient outside the training population where refused)."""
+
+    code = "not_intended_use"
+
+
+class OutsideTrainingPopulation(NotIntendedUse):
+    """The patient's age is outside the training population and the service refuses such cases."""
+
+    code = "outside_training_population"
+
+
 class InvalidRequest(ServiceError):
     """The request itself is malformed (no `file` field, broken multipart framing, ...)."""
 

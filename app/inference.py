@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 
 from app.contract import ModelMetadata, TensorSpec, load_metadata
 from app.decoding import DECODER_ERRORS, DecodeLimits, decode_upload
+from app.dicom import DicomFindings, DicomPolicy
 from app.errors import InvalidImage, ModelLoadError
 from app.preprocessing import to_model_input
 from app.settings import Provider, Settings
@@ -68,6 +70,18 @@ def calibrated_probabilities(outputs: np.ndarray, metadata: ModelMetadata) -> np
     return probabilities
 
 
+@dataclass(frozen=True)
+class PreparedImage:
+    """An upload made ready for the model: its input tensor, and the DICOM header's findings."""
+
+    tensor: np.ndarray  # (1, H, W, C) float32
+    dicom: DicomFindings | None = None
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.dicom.warnings) if self.dicom else []
+
+
 class Classifier:
     """One validated ONNX Runtime session plus the metadata that describes it.
 
@@ -76,23 +90,40 @@ class Classifier:
     """
 
     def __init__(
-        self, session: ort.InferenceSession, metadata: ModelMetadata, limits: DecodeLimits
+        self,
+        session: ort.InferenceSession,
+        metadata: ModelMetadata,
+        limits: DecodeLimits,
+        refuse_outside_population: bool = False,
     ) -> None:
         self.metadata = metadata
         self.execution_provider: str = session.get_providers()[0]
         self._session = session
         self._limits = limits
+        # Rendering and gating rules are the model's (metadata); the refusal choice is the site's.
+        self._dicom = DicomPolicy(
+            rendering=metadata.preprocessing.dicom,
+            intended_use=metadata.intended_use,
+            refuse_outside_population=refuse_outside_population,
+            # the largest legal 16-bit image plus room for its header
+            max_inflated_bytes=limits.max_pixels * 2 + 16 * 1024 * 1024,
+        )
         spec = metadata.preprocessing
         self._input_shape = (spec.height, spec.width, spec.channels)
 
-    def preprocess(self, data: bytes) -> np.ndarray:
-        """Upload bytes -> model input (1, H, W, C) float32, or a 415/422 domain error."""
-        image = decode_upload(data, self._limits)
+    def prepare(self, data: bytes) -> PreparedImage:
+        """Upload bytes -> model input and DICOM findings, or a 415/422 domain error."""
+        decoded = decode_upload(data, self._limits, self._dicom)
         try:
-            return to_model_input(image, self.metadata.preprocessing)
+            tensor = to_model_input(decoded.image, self.metadata.preprocessing)
         except DECODER_ERRORS as exc:
             # A fully decoded image can still carry an EXIF block or mode Pillow chokes on.
             raise InvalidImage(f"the image could not be preprocessed: {exc}") from exc
+        return PreparedImage(tensor, decoded.dicom)
+
+    def preprocess(self, data: bytes) -> np.ndarray:
+        """Upload bytes -> model input (1, H, W, C) float32, or a 415/422 domain error."""
+        return self.prepare(data).tensor
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities, shape (N, len(classes)), for an (N, H, W, C) batch."""
@@ -253,6 +284,11 @@ def load_classifier(settings: Settings) -> Classifier:
 
     check_signature(session, metadata)
     limits = DecodeLimits(max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
-    classifier = Classifier(session, metadata, limits)
+    classifier = Classifier(
+        session,
+        metadata,
+        limits,
+        refuse_outside_population=settings.outside_population == "refuse",
+    )
     classifier.warm_up()
     return classifier

@@ -6,7 +6,14 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from app.contract import Calibration, Decision, InputSpec, OutputSpec, Preprocessing
+from app.contract import (
+    Calibration,
+    Decision,
+    InputSpec,
+    IntendedUse,
+    OutputSpec,
+    Preprocessing,
+)
 
 DISCLAIMER = (
     "Research use only. This is not a medical device and must not be used for diagnosis or "
@@ -26,6 +33,35 @@ class TimingsMs(BaseModel):
     total: float = Field(description="From the request's arrival to the response, milliseconds.")
 
 
+class AppliedWindowInfo(BaseModel):
+    source: Literal["window", "voi_lut_sequence", "full_range"] = Field(
+        description="Which VOI step was applied: the file's window (Window Center/Width), its "
+        "VOI LUT Sequence, or the full range of its pixel values."
+    )
+    center: float | None = Field(
+        default=None, description="Window center in modality units (full range: its middle)."
+    )
+    width: float | None = Field(
+        default=None, description="Window width in modality units (full range: its extent)."
+    )
+    function: str | None = Field(
+        default=None, description="VOI LUT Function for a window: LINEAR, LINEAR_EXACT, SIGMOID."
+    )
+
+
+class DicomInfo(BaseModel):
+    """What the service read from a DICOM upload's header, so that a PACS integration can attach
+    the result to the right image. Nothing else from the header is ever repeated."""
+
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    sop_instance_uid: str | None
+    modality: str = Field(description="CR or DX.")
+    view_position: str | None = Field(description="View Position as sent (AP, PA, ...), if any.")
+    transfer_syntax: str = Field(description="Transfer Syntax UID of the upload.")
+    window: AppliedWindowInfo
+
+
 class PredictionResponse(BaseModel):
     label: str = Field(description="The class at the model's operating threshold.")
     probabilities: dict[str, float] = Field(
@@ -38,6 +74,13 @@ class PredictionResponse(BaseModel):
     execution_provider: str = Field(description="The ONNX Runtime provider that ran the model.")
     request_id: str = Field(description="Also returned as the X-Request-ID header.")
     timing_ms: TimingsMs
+    dicom: DicomInfo | None = Field(
+        default=None, description="Present for DICOM uploads: identifiers and applied window."
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Caveats about this answer, e.g. a patient outside the training population.",
+    )
     disclaimer: str = DISCLAIMER
 
     model_config = {
@@ -80,6 +123,7 @@ class ModelInfo(BaseModel):
     preprocessing: Preprocessing
     decision: Decision
     calibration: Calibration
+    intended_use: IntendedUse
     metrics: dict[str, object]
     provenance: dict[str, object]
     execution_provider: str

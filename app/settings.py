@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         description="Decompression-bomb guard: width*height above this is refused before decoding.",
     )
     min_image_side: int = Field(default=64, ge=1, description="Smallest accepted width or height.")
+    outside_population: Literal["warn", "refuse"] = Field(
+        default="warn",
+        description="A DICOM patient whose age is outside the model's training population: "
+        "`warn` classifies it with a `warnings` entry, `refuse` answers 422 "
+        "`outside_training_population`.",
+    )
     ort_intra_op_threads: int = Field(
         default=0,
         ge=0,

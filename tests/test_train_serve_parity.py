@@ -21,7 +21,7 @@ LIMITS = DecodeLimits(max_pixels=60_000_000, min_side=64)
 
 
 def _serving_input(data: bytes) -> np.ndarray:
-    return to_model_input(decode_upload(data, LIMITS), DEFAULT_PREPROCESSING)
+    return to_model_input(decode_upload(data, LIMITS).image, DEFAULT_PREPROCESSING)
 
 
 def _training_input(path: Path) -> np.ndarray:

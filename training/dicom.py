@@ -1,41 +1,124 @@
-"""DICOM reading for the RSNA Pneumonia Detection data (training side).
+"""DICOM reading for training (the RSNA Pneumonia Detection data, or any CR/DX chest file).
 
-Photometric handling follows the DICOM standard's display pipeline: stored values -> Modality LUT
-(rescale slope/intercept) -> VOI LUT or window -> MONOCHROME1 inverted so that air is dark, as in
-the JPEG training images. The result is handed to the same `minmax` 8-bit rule as 16-bit PNGs.
+This is the training half of the contract's DICOM rule (`app.contract.DicomRendering`): stored
+values -> modality LUT -> VOI (window, VOI LUT Sequence or full range) -> MONOCHROME1 / INVERSE
+polarity -> 8-bit grey. The service renders with its own code (`app.dicom`, a lookup table over
+every possible stored value); this one computes pixel by pixel, written separately on purpose, and
+`tests/test_train_serve_parity.py` proves the two give the same 8-bit image on every case.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from training.preprocessing import stretch_to_uint8
+from app.contract import DicomRendering
 
 
-def dicom_to_uint8(pixels: np.ndarray, dataset) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """Apply modality LUT, VOI LUT/window and MONOCHROME1 inversion; return 8-bit grey pixels."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+def _lut(item: Any, pixel_representation: int) -> tuple[np.ndarray, int, int]:
+    """A LUT Sequence item as (table, first input value mapped, output bits)."""
+    n_entries, first_mapped, n_bits = (int(v) for v in item.LUTDescriptor)
+    if n_entries == 0:
+        n_entries = 1 << 16
+    if pixel_representation == 1 and first_mapped > 32767:
+        first_mapped -= 1 << 16
+    data = item.LUTData
+    if isinstance(data, bytes | bytearray):
+        width = 1 if (n_bits <= 8 and len(data) == n_entries) else 2
+        table = np.frombuffer(bytes(data), dtype=np.uint8 if width == 1 else "<u2")
+    else:
+        table = np.array(data if isinstance(data, list | tuple) else [data])
+    return table[:n_entries].astype(np.float64), first_mapped, n_bits
 
-    values = apply_modality_lut(pixels, dataset)
-    if "VOILUTSequence" in dataset or "WindowCenter" in dataset:
-        values = apply_voi_lut(values, dataset)
-    grey = stretch_to_uint8(np.asarray(values))
-    if str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
-        grey = 255 - grey
+
+def _window_or_none(values: np.ndarray, dataset: Any, rule: DicomRendering) -> np.ndarray | None:
+    if "WindowCenter" not in dataset or "WindowWidth" not in dataset:
+        return None
+
+    def nth(value: Any) -> float | None:
+        items = list(value) if hasattr(value, "__len__") and not isinstance(value, str) else [value]
+        try:
+            number = float(items[rule.window_index])
+        except (IndexError, TypeError, ValueError):
+            return None
+        return number if np.isfinite(number) else None
+
+    center, width = nth(dataset.WindowCenter), nth(dataset.WindowWidth)
+    if center is None or width is None:
+        return None
+    function = str(dataset.get("VOILUTFunction") or "LINEAR").strip().upper()
+    if function == "LINEAR" and width >= 1:
+        return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+    if function == "LINEAR_EXACT" and width > 0:
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+    if function == "SIGMOID" and width > 0:
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    return None
+
+
+def dicom_to_uint8(stored: np.ndarray, dataset: Any, rule: DicomRendering) -> np.ndarray:
+    """One frame of stored pixel values -> 8-bit grey pixels, by the contract's DICOM rule."""
+    stored_f = stored.astype(np.float64)
+    pixel_representation = int(dataset.get("PixelRepresentation", 0) or 0)
+
+    # Pixel Padding Value (and Range Limit): in stored values, before the modality LUT.
+    padding = np.zeros(stored.shape, dtype=bool)
+    if dataset.get("PixelPaddingValue") is not None:
+        first = int(dataset.PixelPaddingValue)
+        last = dataset.get("PixelPaddingRangeLimit")
+        last = first if last is None else int(last)
+        padding = (stored_f >= min(first, last)) & (stored_f <= max(first, last))
+
+    # Modality LUT
+    if len(dataset.get("ModalityLUTSequence") or []):
+        table, first_mapped, _ = _lut(dataset.ModalityLUTSequence[0], pixel_representation)
+        values = table[np.clip(stored_f - first_mapped, 0, len(table) - 1).astype(np.intp)]
+    else:
+        slope = float(dataset.get("RescaleSlope") or 1.0)
+        intercept = float(dataset.get("RescaleIntercept") or 0.0)
+        values = stored_f * slope + intercept
+
+    # VOI: the first source in the contract's order that the file offers
+    shown: np.ndarray | None = None
+    for source in rule.voi_order:
+        if source == "window":
+            shown = _window_or_none(values, dataset, rule)
+        elif source == "voi_lut_sequence" and len(dataset.get("VOILUTSequence") or []):
+            table, first_mapped, n_bits = _lut(dataset.VOILUTSequence[0], pixel_representation)
+            index = np.clip(np.floor(values) - first_mapped, 0, len(table) - 1).astype(np.intp)
+            shown = np.minimum(table[index] / float(2**n_bits - 1), 1.0)
+        elif source == "full_range":
+            counted = values[~padding] if rule.full_range_excludes_padding else values
+            lo = float(counted.min()) if counted.size else 0.0
+            hi = float(counted.max()) if counted.size else 0.0
+            shown = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+        if shown is not None:
+            break
+    assert shown is not None  # the contract guarantees voi_order ends with full_range
+
+    photometric = str(dataset.get("PhotometricInterpretation", "")).strip().upper()
+    presentation = str(dataset.get("PresentationLUTShape") or "").strip().upper()
+    if photometric == "MONOCHROME1" or presentation == "INVERSE":
+        shown = 1.0 - shown
+    grey = np.rint(shown * 255.0).astype(np.uint8)
+    grey[padding] = rule.padding_value
     return grey
 
 
-def read_dicom_as_image(path: Path) -> Image.Image:
+def read_dicom_as_image(path: Path, rule: DicomRendering) -> Image.Image:
     """Read a single-frame greyscale DICOM file into an 8-bit Pillow `L` image."""
     import pydicom
 
     dataset = pydicom.dcmread(str(path))
+    if str(dataset.get("PhotometricInterpretation", "")).upper() not in (
+        "MONOCHROME1",
+        "MONOCHROME2",
+    ):
+        raise ValueError(f"{Path(path).name}: not a greyscale (MONOCHROME1/2) image")
     pixels = dataset.pixel_array
-    if pixels.ndim == 3 and dataset.get("SamplesPerPixel", 1) == 1:
-        pixels = pixels[0]  # multi-frame: the first frame
     if pixels.ndim != 2:
-        raise ValueError(f"{Path(path).name}: expected a greyscale image, got shape {pixels.shape}")
-    return Image.fromarray(dicom_to_uint8(pixels, dataset), mode="L")
+        raise ValueError(f"{Path(path).name}: expected one frame, got shape {pixels.shape}")
+    return Image.fromarray(dicom_to_uint8(pixels, dataset, rule), mode="L")

@@ -24,6 +24,7 @@ import numpy as np
 from app.contract import SCHEMA_VERSION, ModelMetadata, Preprocessing
 from training.data import CLASSES, file_sha256, read_split
 from training.dataset import load_images
+from training.intended_use import PAEDIATRIC_CHEST_XRAY
 from training.preprocessing import scale
 
 INPUT_NAME = "image"
@@ -130,6 +131,7 @@ def build_metadata(
         "preprocessing": spec.model_dump(),
         "decision": {**summary["decision"], "positive_class": "PNEUMONIA"},
         "calibration": summary["calibration"],
+        "intended_use": PAEDIATRIC_CHEST_XRAY.model_dump(),
         "metrics": metrics,
         "provenance": {
             "architecture": summary["architecture"],

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from app.contract import Preprocessing
+from app.contract import DicomRendering, Preprocessing
 from app.preprocessing import RESAMPLING  # a name table shared by both sides, not a step
 
 # One default contract for every architecture: X-rays are grey, and a single channel keeps the
@@ -27,6 +27,15 @@ DEFAULT_PREPROCESSING = Preprocessing(
     scale=1.0 / 255.0,
     offset=0.0,
     high_bit_depth="minmax",
+    # DICOM as a radiology viewer shows it: the file's first window (or VOI LUT), else its full
+    # range without padding; MONOCHROME1 inverted so that air is dark, as in the JPEG training data.
+    dicom=DicomRendering(
+        voi_order=["window", "voi_lut_sequence", "full_range"],
+        window_index=0,
+        full_range_excludes_padding=True,
+        invert="monochrome1_or_presentation_inverse",
+        padding_value=0,
+    ),
 )
 
 
@@ -77,7 +86,7 @@ def load_image(path: Path, spec: Preprocessing = DEFAULT_PREPROCESSING) -> np.nd
     if path.suffix.lower() == ".dcm":
         from training.dicom import read_dicom_as_image
 
-        return image_to_array(read_dicom_as_image(path), spec)
+        return image_to_array(read_dicom_as_image(path, spec.dicom), spec)
     with Image.open(path) as image:
         image.load()
         return image_to_array(image, spec)

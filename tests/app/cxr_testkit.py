@@ -21,6 +21,28 @@ from app.settings import Settings
 
 SIZE = 224
 CLASSES = ["NORMAL", "PNEUMONIA"]
+# Written out here rather than imported from `training`: the service tests do not depend on it.
+DICOM_RENDERING: dict[str, Any] = {
+    "voi_order": ["window", "voi_lut_sequence", "full_range"],
+    "window_index": 0,
+    "full_range_excludes_padding": True,
+    "invert": "monochrome1_or_presentation_inverse",
+    "padding_value": 0,
+}
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+INTENDED_USE: dict[str, Any] = {
+    "summary": "test model: frontal chest radiographs of children aged 1 to 5",
+    "modalities": ["CR", "DX"],
+    "sop_class_uids": {CR_STORAGE: "CR Image Storage", DX_STORAGE: "DX Image Storage"},
+    "body_parts": ["CHEST", "THORAX", "LUNG"],
+    "refused_view_positions": ["LL", "RL", "LATERAL", "LAT"],
+    "training_population": {
+        "description": "children aged 1 to 5 years",
+        "age_years_min": 1.0,
+        "age_years_max": 6.0,
+    },
+}
 
 
 def build_onnx(
@@ -63,7 +85,7 @@ def build_onnx(
 def metadata_for(onnx_bytes: bytes, **overrides: Any) -> dict[str, Any]:
     """A metadata dict valid under `ModelMetadata` for the tiny model; overrides replace keys."""
     meta: dict[str, Any] = {
-        "schema_version": 1,
+        "schema_version": 2,
         "name": "tiny_cxr",
         "version": "0.0.1-test",
         "onnx_file": "tiny_cxr.onnx",
@@ -78,9 +100,11 @@ def metadata_for(onnx_bytes: bytes, **overrides: Any) -> dict[str, Any]:
             "resize_filter": "bilinear",
             "scale": 1 / 255,
             "offset": 0.0,
+            "dicom": dict(DICOM_RENDERING),
         },
         "decision": {"threshold": 0.5, "positive_class": "PNEUMONIA"},
         "calibration": {"method": "temperature", "temperature": 1.0},
+        "intended_use": dict(INTENDED_USE),
         "metrics": {"test": {"auroc": 0.5}},
         "provenance": {"note": "built by tests/app/conftest.py"},
     }

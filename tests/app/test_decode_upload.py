@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
-from cxr_testkit import encode, xray_like
+from cxr_testkit import DICOM_RENDERING, encode, xray_like
 from PIL import Image, ImageFile, ImageOps
 
 from app.contract import Preprocessing
@@ -22,7 +22,7 @@ from app.errors import (
 from app.preprocessing import to_model_input
 
 LIMITS = DecodeLimits(max_pixels=50_000_000, min_side=64)
-SPEC = Preprocessing(height=224, width=224)
+SPEC = Preprocessing(height=224, width=224, dicom=DICOM_RENDERING)
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -72,7 +72,7 @@ def test_every_8bit_form_decodes_to_the_same_picture(fmt, mode, save_kwargs):
     source = xray_like((300, 260))
     data = encode(source.convert(mode), fmt, **save_kwargs)
 
-    image = decode_upload(data, LIMITS)
+    image = decode_upload(data, LIMITS).image
 
     assert image.size == (300, 260)
     assert image.format == fmt
@@ -88,12 +88,12 @@ def test_every_8bit_form_decodes_to_the_same_picture(fmt, mode, save_kwargs):
 
 def test_progressive_jpeg_is_really_progressive():
     data = encode(xray_like(), "JPEG", progressive=True)
-    image = decode_upload(data, LIMITS)
+    image = decode_upload(data, LIMITS).image
     assert image.info.get("progressive") or image.info.get("progression")
 
 
 def test_cmyk_jpeg_keeps_its_mode_until_preprocessing():
-    image = decode_upload(encode(xray_like().convert("CMYK"), "JPEG"), LIMITS)
+    image = decode_upload(encode(xray_like().convert("CMYK"), "JPEG"), LIMITS).image
     assert image.mode == "CMYK"
     assert to_model_input(image, SPEC).shape == (1, 224, 224, 1)
 
@@ -102,11 +102,13 @@ def test_16bit_png_decodes_with_full_depth_and_is_stretched():
     values = np.linspace(1000, 3000, 100 * 120, dtype=np.uint16).reshape(100, 120)
     data = encode(Image.fromarray(values), "PNG")
 
-    image = decode_upload(data, LIMITS)
+    image = decode_upload(data, LIMITS).image
 
     assert image.mode.startswith("I")  # not silently truncated to 8 bits
     assert int(np.asarray(image).max()) == 3000
-    x = to_model_input(image, Preprocessing(height=100, width=120, resize_filter="nearest"))
+    x = to_model_input(
+        image, Preprocessing(height=100, width=120, resize_filter="nearest", dicom=DICOM_RENDERING)
+    )
     assert x.min() == pytest.approx(0.0)
     assert x.max() == pytest.approx(1.0)
 
@@ -115,7 +117,7 @@ def test_palette_png_with_transparency_decodes_and_alpha_is_dropped():
     palette_image = xray_like().convert("P")
     data = encode(palette_image, "PNG", transparency=0)
 
-    image = decode_upload(data, LIMITS)
+    image = decode_upload(data, LIMITS).image
 
     assert image.mode == "P"
     assert "transparency" in image.info
@@ -134,8 +136,8 @@ def test_exif_orientation_is_applied(orientation, bright_side):
     exif[0x0112] = orientation
     data = encode(stored, "JPEG", exif=exif.tobytes(), quality=95)
 
-    image = decode_upload(data, LIMITS)
-    spec = Preprocessing(height=300, width=300, resize_filter="nearest")
+    image = decode_upload(data, LIMITS).image
+    spec = Preprocessing(height=300, width=300, resize_filter="nearest", dicom=DICOM_RENDERING)
     x = to_model_input(image, spec)[0, :, :, 0]
 
     halves = {
@@ -152,7 +154,7 @@ def test_exif_orientation_is_applied(orientation, bright_side):
 def test_exif_rotation_swaps_the_displayed_size():
     exif = Image.Exif()
     exif[0x0112] = 6
-    image = decode_upload(encode(xray_like((300, 200)), "JPEG", exif=exif.tobytes()), LIMITS)
+    image = decode_upload(encode(xray_like((300, 200)), "JPEG", exif=exif.tobytes()), LIMITS).image
     assert ImageOps.exif_transpose(image).size == (200, 300)
 
 
@@ -169,9 +171,9 @@ def test_exif_rotation_swaps_the_displayed_size():
         (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "PDF"),
         (b"patient: John Doe\nthis is not an image\n" * 10, "unrecognised"),
         (b"", "empty"),
-        (b"\x00" * 128 + b"DICM" + b"\x02\x00" * 50, "DICOM support is coming"),
+        (b"\x00" * 128 + b"DICM" + b"\x02\x00" * 50, "no DICOM rendering rule"),
     ],
-    ids=["gif", "bmp", "tiff", "webp", "pdf", "text", "empty", "dicom"],
+    ids=["gif", "bmp", "tiff", "webp", "pdf", "text", "empty", "dicom-without-a-rule"],
 )
 def test_unsupported_formats_are_415_with_a_reason(data, fragment):
     with pytest.raises(UnsupportedMediaType) as excinfo:
@@ -216,7 +218,7 @@ def test_images_below_the_minimum_side_are_422(size):
 
 
 def test_minimum_side_is_inclusive():
-    assert decode_upload(encode(xray_like((64, 64)), "PNG"), LIMITS).size == (64, 64)
+    assert decode_upload(encode(xray_like((64, 64)), "PNG"), LIMITS).image.size == (64, 64)
 
 
 @pytest.mark.parametrize(
@@ -239,7 +241,10 @@ def test_pixel_limit_is_checked_before_decompression():
     data = encode(xray_like((300, 260)), "PNG")
     with pytest.raises(ImageTooManyPixels, match="78000 pixels"):
         decode_upload(data, DecodeLimits(max_pixels=70_000, min_side=64))
-    assert decode_upload(data, DecodeLimits(max_pixels=78_000, min_side=64)).size == (300, 260)
+    assert decode_upload(data, DecodeLimits(max_pixels=78_000, min_side=64)).image.size == (
+        300,
+        260,
+    )
 
 
 def test_fuzzed_uploads_never_escape_as_anything_but_domain_errors():
@@ -264,7 +269,7 @@ def test_fuzzed_uploads_never_escape_as_anything_but_domain_errors():
     outcomes = {"decoded": 0, "refused": 0}
     for data in cases:
         try:
-            image = decode_upload(data, LIMITS)
+            image = decode_upload(data, LIMITS).image
         except (InvalidImage, UnsupportedMediaType):
             outcomes["refused"] += 1
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cxr_testkit import xray_like
+from cxr_testkit import DICOM_RENDERING, xray_like
 from PIL import Image
 
 from app.contract import Preprocessing
@@ -12,7 +12,7 @@ from app.preprocessing import RESAMPLING, stretch_to_uint8, to_8bit, to_model_in
 
 
 def spec(**overrides) -> Preprocessing:
-    values = {"height": 224, "width": 224}
+    values = {"height": 224, "width": 224, "dicom": DICOM_RENDERING}
     values.update(overrides)
     return Preprocessing(**values)
 

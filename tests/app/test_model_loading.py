@@ -47,7 +47,22 @@ def test_the_fixture_metadata_is_valid():
         ),
         ({"output": {"name": "logits", "shape": [None, 3]}}, "does not match 2 classes"),
         ({"calibration": {"method": "temperature", "temperature": 0}}, "temperature"),
-        ({"schema_version": 2}, "schema_version"),
+        ({"schema_version": 3}, "schema_version"),
+        ({"schema_version": 1}, "predates DICOM"),
+        ({"intended_use": None}, "intended_use"),
+        (
+            {"preprocessing": {**VALID["preprocessing"], "dicom": None}},
+            "preprocessing.dicom",
+        ),
+        (
+            {
+                "preprocessing": {
+                    **VALID["preprocessing"],
+                    "dicom": {**VALID["preprocessing"]["dicom"], "voi_order": ["window"]},
+                }
+            },
+            "end with 'full_range'",
+        ),
         ({"preprocessing": {**VALID["preprocessing"], "resize_filter": "area"}}, "resize_filter"),
     ],
 )
