@@ -254,17 +254,19 @@ def _check_codestream_size(pixel_data: bytes, rows: int, columns: int) -> None:
     try:
         items = generate_fragments(pixel_data)
         next(items)  # the Basic Offset Table
-        fragment = next((f for f in items if f), b"")
+        fragments = [f for f in items if f]
     except (ValueError, StopIteration, struct.error) as exc:
         raise InvalidImage("DICOM encapsulated pixel data has no readable frame") from exc
-    size = _frame_header_size(fragment)
+    if not fragments:
+        raise InvalidImage("DICOM encapsulated pixel data has no frame")
+    # libjpeg fills a cut-off JPEG / JPEG-LS stream with grey instead of failing; the end-of-image
+    # marker (the fragment may carry one byte of padding after it) shows the stream is whole.
+    if fragments[0].startswith(b"\xff\xd8") and b"\xff\xd9" not in fragments[-1][-3:]:
+        raise InvalidImage("the compressed DICOM frame is truncated (no JPEG end-of-image marker)")
+    size = _frame_header_size(fragments[0])
     # RLE and unrecognised codestreams have no size to check; their decoders use Rows/Columns.
-    if size is not None and size[1] != columns:
-        raise InvalidImage(
-            f"the compressed frame is {size[1]}x{size[0]} but the DICOM header says "
-            f"{columns}x{rows}"
-        )
-    if size is not None and size[0] != rows and size[0] != 0:  # JPEG allows a DNL-defined height
+    # A JPEG height of 0 means "defined later by a DNL marker".
+    if size is not None and (size[1] != columns or size[0] not in (rows, 0)):
         raise InvalidImage(
             f"the compressed frame is {size[1]}x{size[0]} but the DICOM header says "
             f"{columns}x{rows}"
