@@ -462,9 +462,10 @@ def test_a_window_that_is_not_a_number_is_ignored_with_a_warning() -> None:
 def test_mutated_files_never_escape_as_unexpected_errors() -> None:
     """A bounded fuzz: bit flips and byte runs over several valid files of different syntaxes."""
     rng = random.Random(7)
-    seeds = [make_dicom(ramp(), syntax) for syntax in ("explicit_le", "rle", "jpeg_ls", "j2k")]
+    syntaxes = ("explicit_le", "deflated", "rle", "jpeg_lossless", "jpeg_ls", "j2k", "j2k_lossless")
+    seeds = [make_dicom(ramp(), syntax) for syntax in syntaxes]
     outcomes = {"ok": 0, "refused": 0}
-    for _ in range(240):
+    for _ in range(420):
         data = bytearray(rng.choice(seeds))
         for _ in range(rng.randint(1, 6)):
             position = rng.randrange(128, len(data))
