@@ -43,11 +43,11 @@ from pydicom.encaps import generate_fragments
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
-    UID,
 )
 
 from app.contract import DicomRendering, IntendedUse
