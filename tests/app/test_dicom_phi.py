@@ -167,8 +167,14 @@ def test_no_header_value_reaches_logs_or_error_messages(served) -> None:  # type
     assert statuses["accepted-with-age-warning"] == statuses["accepted-jpeg-ls"] == 200
     assert {statuses[n] for n in ("ct", "lateral", "skull", "truncated-pixels")} == {422}
 
+    # The access line is written after the response is sent: wait until every request has one.
+    sent = 2 * len(statuses)
+    deadline = time.monotonic() + 15
+    while output.read_text(errors="replace").count('"route": "/predict"') < sent:
+        assert time.monotonic() < deadline, "access log lines missing"
+        time.sleep(0.05)
     log = output.read_text(errors="replace")
-    assert '"route": "/predict"' in log and log.count('"status": 422') >= 10  # logs were captured
+    assert log.count('"status": 422') >= 10
     for sentinel in [*SENTINELS, UID_ROOT]:
         assert sentinel not in log, (
             sentinel,
