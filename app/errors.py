@@ -61,6 +61,13 @@ class OutsideTrainingPopulation(NotIntendedUse):
     code = "outside_training_population"
 
 
+class ExplanationUnavailable(ServiceError):
+    """An explanation was asked of a model whose graph has no class-activation-map output."""
+
+    status_code = HTTPStatus.UNPROCESSABLE_ENTITY
+    code = "explanation_unavailable"
+
+
 class InvalidRequest(ServiceError):
     """The request itself is malformed (no `file` field, broken multipart framing, ...)."""
 

@@ -26,6 +26,7 @@ from app.observability import RequestContextMiddleware, configure_logging
 from app.readiness import ServiceState
 from app.schemas import DISCLAIMER
 from app.settings import Settings
+from app.viewer import router as viewer_router
 
 logger = logging.getLogger("app.lifecycle")
 
@@ -104,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware)
     app.include_router(router)
+    app.include_router(viewer_router)
     return app
 
 

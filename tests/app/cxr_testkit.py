@@ -139,3 +139,71 @@ def encode(image: Image.Image, fmt: str, **save_kwargs: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save_kwargs)
     return buffer.getvalue()
+
+
+def build_cam_onnx(channels: int = 4, patch: int = 32) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """A tiny CAM-able model: image (NHWC) -> Transpose -> Conv(patch x patch, stride patch) ->
+    Relu -> GlobalAveragePool -> Flatten -> MatMul -> Add -> logits, plus the Relu output as
+    `cam_features` (NCHW). Channel 0 sums brightness; PNEUMONIA weighs it up, NORMAL down.
+    Returns (serialized model, dense weights (channels, 2), bias (2,))."""
+    rng = np.random.default_rng(5)
+    conv = rng.normal(0.0, 0.002, (channels, 1, patch, patch)).astype(np.float32)
+    conv[0] = 1.0 / (patch * patch)  # the patch's mean brightness
+    dense = rng.normal(0.0, 0.5, (channels, 2)).astype(np.float32)
+    dense[0] = (-6.0, 6.0)
+    bias = np.array([3.0, -3.0], dtype=np.float32)
+    grid = SIZE // patch
+    graph = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]),
+            helper.make_node("Conv", ["nchw", "K"], ["conv"], strides=[patch, patch]),
+            helper.make_node("Relu", ["conv"], ["features"]),
+            helper.make_node("GlobalAveragePool", ["features"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "W"], ["scores"]),
+            helper.make_node("Add", ["scores", "b"], ["logits"]),
+            helper.make_node("Identity", ["features"], ["cam_features"]),
+        ],
+        "tiny_cam_cxr",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", SIZE, SIZE, 1])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2]),
+            helper.make_tensor_value_info(
+                "cam_features", TensorProto.FLOAT, ["N", channels, grid, grid]
+            ),
+        ],
+        initializer=[
+            helper.make_tensor("K", TensorProto.FLOAT, conv.shape, conv.flatten().tolist()),
+            helper.make_tensor("W", TensorProto.FLOAT, dense.shape, dense.flatten().tolist()),
+            helper.make_tensor("b", TensorProto.FLOAT, bias.shape, bias.tolist()),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString(), dense, bias
+
+
+def cam_metadata_for(onnx_bytes: bytes, dense: np.ndarray, bias: np.ndarray) -> dict[str, Any]:
+    """Schema-3 metadata for `build_cam_onnx`'s model, written out by hand."""
+    weights, biases = dense.tolist(), bias.tolist()
+    data = np.asarray(weights, "<f4").tobytes() + np.asarray(biases, "<f4").tobytes()
+    channels, grid = dense.shape[0], SIZE // 32
+    meta = metadata_for(onnx_bytes, schema_version=3, name="tiny_cam_cxr")
+    meta.pop("output")
+    meta["outputs"] = [
+        {"name": "logits", "shape": [None, 2], "role": "classifier", "kind": "logits"},
+        {
+            "name": "cam_features",
+            "shape": [None, channels, grid, grid],
+            "role": "cam_features",
+            "layout": "NCHW",
+        },
+    ]
+    meta["cam"] = {
+        "feature_output": "cam_features",
+        "weights": weights,
+        "bias": biases,
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    return meta
