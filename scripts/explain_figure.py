@@ -1,5 +1,5 @@
-"""Render `models/figures/cam_examples.png`: test X-rays beside the class activation maps the service
-returns for them (`POST /predict?explain=true`), for the README and the model card.
+"""Render `models/figures/cam_examples.png`: test X-rays beside the class activation maps that
+the service returns for them (`POST /predict?explain=true`), for the README and the model card.
 
     .venv/bin/python scripts/explain_figure.py --data-dir ../shared/data/chest_xray
 
