@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Bind address for `pneumonia-serve`.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port for `pneumonia-serve`.")
     log_level: LogLevel = "INFO"
+    drain_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=600,
+        description="After SIGTERM: seconds during which readiness answers 503 while the socket "
+        "stays open and requests are still served; what is unanswered at the end gets a 503.",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
