@@ -10,6 +10,7 @@ from typing import Annotated
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 
+from app.auth import REQUIRE_API_KEY
 from app.engine import InferenceEngine
 from app.errors import ModelNotReady, error_responses
 from app.inference import Classifier
@@ -100,6 +101,7 @@ _PREDICT_BODY = {
     openapi_extra=_PREDICT_BODY,
     summary="Screen one chest X-ray for pneumonia",
     tags=["inference"],
+    dependencies=REQUIRE_API_KEY,
 )
 async def predict(
     request: Request,
@@ -176,7 +178,13 @@ router.add_api_route("/health/live", live, methods=["HEAD"], include_in_schema=F
 router.add_api_route("/health/ready", ready, methods=["HEAD"], include_in_schema=False)
 
 
-@router.get("/model", response_model=ModelInfo, responses=error_responses(503), tags=["model"])
+@router.get(
+    "/model",
+    response_model=ModelInfo,
+    responses=error_responses(503),
+    tags=["model"],
+    dependencies=REQUIRE_API_KEY,
+)
 async def model_info(classifier: ClassifierDep) -> ModelInfo:
     """The served model's metadata: classes in output order, input contract, preprocessing,
     operating threshold, calibration, metrics and provenance, plus the active execution provider."""

@@ -75,6 +75,13 @@ class ModelNotReady(ServiceError):
     code = "not_ready"
 
 
+class Unauthorized(ServiceError):
+    """API keys are required and the request carried none, or one that is not configured."""
+
+    status_code = HTTPStatus.UNAUTHORIZED
+    code = "unauthorized"
+
+
 class ShuttingDown(ServiceError):
     """The instance is stopping and will not answer this request; another instance will."""
 

@@ -17,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from app.api import router
+from app.auth import ApiKeys, document_api_keys
 from app.draining import Drain, DrainMiddleware
 from app.engine import ThreadPoolEngine
 from app.errors import ModelLoadError, install_error_handlers
@@ -37,6 +38,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state.service = ServiceState()
     drain = app.state.drain = Drain(settings.drain_seconds)
     configure_logging(settings.log_level)
+    keys: ApiKeys = app.state.api_keys
+    logger.info("api keys", extra={"fields": {"required": keys.required, "configured": len(keys)}})
     started = time.perf_counter()
     try:
         # Off the event loop: hashing and session creation take a while for a real model.
@@ -81,6 +84,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Present before the lifespan runs, so probes answer 503 "model is loading" rather than fail.
     app.state.service = ServiceState()
     app.state.drain = Drain(settings.drain_seconds)
+    # Read here, not in the lifespan: a key file that cannot be used stops the process at once
+    # rather than leaving it up and open.
+    app.state.api_keys = ApiKeys.from_settings(settings)
+    document_api_keys(app)
     install_error_handlers(app)
     # The last added is the outermost: request ids and the access log wrap the drain's 503s.
     app.add_middleware(DrainMiddleware)
