@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from app.api import router
 from app.auth import ApiKeys, document_api_keys
+from app.docs import install_docs
 from app.draining import Drain, DrainMiddleware
 from app.engine import ThreadPoolEngine
 from app.errors import ModelLoadError, install_error_handlers
@@ -79,7 +80,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=f"ONNX Runtime inference for frontal chest X-rays. {DISCLAIMER}",
         lifespan=lifespan,
+        # FastAPI's own pages load their assets from a CDN; install_docs serves them locally.
+        docs_url=None,
+        redoc_url=None,
     )
+    install_docs(app)
     app.state.settings = settings
     # Present before the lifespan runs, so probes answer 503 "model is loading" rather than fail.
     app.state.service = ServiceState()

@@ -183,12 +183,16 @@ class UvicornProcess:
 
     @classmethod
     def start(
-        cls, log_path: Path, settings: dict[str, str], uvicorn_args: Sequence[str] = ()
+        cls,
+        log_path: Path,
+        settings: dict[str, str],
+        uvicorn_args: Sequence[str] = (),
+        app: str = "app.main:app",
     ) -> UvicornProcess:
         env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_")}
         env.update(settings)
         port = free_port()
-        command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1"]
+        command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1"]
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 [*command, "--port", str(port), "--no-access-log", *uvicorn_args],
