@@ -6,7 +6,8 @@
 # Stages: `requirements` reads the serving dependency list from pyproject.toml, `builder` installs
 # it into a virtual environment (FastAPI, ONNX Runtime, NumPy, Pillow, pydicom; never TensorFlow),
 # `runtime` copies that venv beside the app code and the shipped model and runs as an unprivileged
-# user. Build arg RUNTIME_EXTRA=gpu selects onnxruntime-gpu instead (the compose `gpu` profile).
+# user. Build arg RUNTIME_EXTRA=gpu selects onnxruntime-gpu with NVIDIA's CUDA 13 and cuDNN 9 wheels
+# instead (the compose `gpu` profile; app/gpu.py loads those libraries at start-up).
 # No `# syntax=` line: that frontend would be pulled from a registry air-gapped sites cannot reach.
 # Where python:3.11-slim cannot be pulled, scripts/docker-base-image.sh builds a local stand-in.
 

@@ -22,6 +22,7 @@ from app.docs import install_docs
 from app.draining import Drain, DrainMiddleware
 from app.engine import ThreadPoolEngine
 from app.errors import ModelLoadError, install_error_handlers
+from app.gpu import preload_cuda_libraries
 from app.inference import load_classifier
 from app.observability import RequestContextMiddleware, configure_logging
 from app.readiness import ServiceState
@@ -43,7 +44,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     logger.info("api keys", extra={"fields": {"required": keys.required, "configured": len(keys)}})
     started = time.perf_counter()
     try:
-        # Off the event loop: hashing and session creation take a while for a real model.
+        # Off the event loop: hashing and session creation take a while for a real model. The CUDA
+        # libraries (GPU image only) must be in the process before the first session is created.
+        await anyio.to_thread.run_sync(preload_cuda_libraries, settings)
         classifier = await anyio.to_thread.run_sync(load_classifier, settings)
     except ModelLoadError as exc:
         state.fail(str(exc))
