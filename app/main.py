@@ -37,7 +37,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     # A fresh state per start-up: an app object that is started again (tests do) must not keep
     # the previous run's draining flag.
-    state = app.state.service = ServiceState()
+    state = app.state.service = ServiceState.for_settings(settings.decode_concurrency)
     drain = app.state.drain = Drain(settings.drain_seconds)
     configure_logging(settings.log_level)
     keys: ApiKeys = app.state.api_keys

@@ -34,6 +34,13 @@ class ServiceState:
         default_factory=lambda: anyio.CapacityLimiter(os.cpu_count() or 1)
     )
 
+    @classmethod
+    def for_settings(cls, decode_concurrency: int) -> ServiceState:
+        """A fresh state; `decode_concurrency` 0 keeps one decode slot per reported CPU."""
+        if decode_concurrency:
+            return cls(decode_limiter=anyio.CapacityLimiter(decode_concurrency))
+        return cls()
+
     def serve(self, classifier: Classifier, engine: InferenceEngine) -> None:
         self.classifier, self.engine = classifier, engine
 

@@ -67,6 +67,13 @@ class Settings(BaseSettings):
         description="ONNX Runtime runs in flight at once. One run already uses every intra-op "
         "thread, so more only makes CPU runs contend for the same cores.",
     )
+    decode_concurrency: int = Field(
+        default=0,
+        ge=0,
+        description="Uploads decoded at once; 0 means one per CPU the machine reports. Each can "
+        "hold a full-resolution image in memory, and os.cpu_count() ignores a container's CPU "
+        "limit: under Kubernetes set it to the pod's CPU limit so memory stays bounded.",
+    )
     host: str = Field(default="127.0.0.1", description="Bind address for `pneumonia-serve`.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port for `pneumonia-serve`.")
     log_level: LogLevel = "INFO"
