@@ -47,13 +47,15 @@ SERVICE=api
 IMAGE=pneumonia-screening:cpu
 GPU_SERVICE=api-gpu
 GPU_IMAGE_TAG=pneumonia-screening:gpu
-BASE_IMAGE=python:3.11-slim
 METADATA_REL=models/pneumonia_cxr.json
 
 T0=$SECONDS
 step() { printf '\n[smoke %3ds] %s\n' "$((SECONDS - T0))" "$*"; }
 info() { printf '[smoke %3ds]   %s\n' "$((SECONDS - T0))" "$*"; }
 die() { printf '\n[smoke %3ds] FAILED: %s\n' "$((SECONDS - T0))" "$*" >&2; exit 1; }
+say() { info "$@"; }
+# shellcheck source=scripts/docker-lib.sh
+source "$REPO/scripts/docker-lib.sh"
 
 mkdir -p "$WORK"
 cd "$REPO"
@@ -284,17 +286,11 @@ step "base image $BASE_IMAGE"
 if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     info "cached in the data root"
 else
-    BASE_WORK_DIR="$WORK/base-image" "$REPO/scripts/docker-base-image.sh"
+    ensure_base_image "$WORK/base-image"
 fi
 
 # ---------------------------------------------------------------------------------------------
-# A site package index for the build, only if this machine's pip uses an http(s) one that a
-# container can reach (file:// and loopback mirrors are not visible from inside the build).
-index_url="${PIP_INDEX_URL:-$(python3 -m pip config get global.index-url 2>/dev/null || true)}"
-if [[ $index_url =~ ^https?:// && ! $index_url =~ ://(localhost|127\.|\[::1\]) ]]; then
-    export CXR_BUILD_PIP_INDEX_URL="$index_url"
-    info "pip index for the build: $index_url"
-fi
+export_build_index_url
 GIT_REVISION="$(git -C "$REPO" rev-parse -q --verify HEAD 2>/dev/null || echo unknown)"
 if [[ $GIT_REVISION != unknown ]] && ! git -C "$REPO" diff --quiet HEAD -- pyproject.toml app models 2>/dev/null; then
     GIT_REVISION="$GIT_REVISION-dirty"    # the image holds uncommitted changes
