@@ -54,25 +54,30 @@ def install_docs(app: FastAPI) -> None:
 
     @app.get(DOCS_URL, include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
-        page = get_swagger_ui_html(
-            openapi_url=openapi_url(request),
-            title=f"{app.title} - Swagger UI",
-            swagger_js_url=asset(request, "swagger-ui-bundle.js"),
-            swagger_css_url=asset(request, "swagger-ui.css"),
-            swagger_favicon_url=asset(request, "favicon.png"),
-            swagger_ui_parameters={"validatorUrl": None},
+        return _same_origin_only(
+            get_swagger_ui_html(
+                openapi_url=openapi_url(request),
+                title=f"{app.title} - Swagger UI",
+                swagger_js_url=asset(request, "swagger-ui-bundle.js"),
+                swagger_css_url=asset(request, "swagger-ui.css"),
+                swagger_favicon_url=asset(request, "favicon.png"),
+                swagger_ui_parameters={"validatorUrl": None},
+            )
         )
-        page.headers.update(_SECURITY_HEADERS)
-        return page
 
     @app.get(REDOC_URL, include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
-        page = get_redoc_html(
-            openapi_url=openapi_url(request),
-            title=f"{app.title} - ReDoc",
-            redoc_js_url=asset(request, "redoc.standalone.js"),
-            redoc_favicon_url=asset(request, "favicon.png"),
-            with_google_fonts=False,
+        return _same_origin_only(
+            get_redoc_html(
+                openapi_url=openapi_url(request),
+                title=f"{app.title} - ReDoc",
+                redoc_js_url=asset(request, "redoc.standalone.js"),
+                redoc_favicon_url=asset(request, "favicon.png"),
+                with_google_fonts=False,
+            )
         )
-        page.headers.update(_SECURITY_HEADERS)
-        return page
+
+
+def _same_origin_only(page: HTMLResponse) -> HTMLResponse:
+    page.headers.update(_SECURITY_HEADERS)
+    return page

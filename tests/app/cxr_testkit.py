@@ -15,7 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,21 @@ def write_model_dir(directory: Path, **onnx_kwargs: Any) -> Path:
     return path
 
 
+def process_settings(model_dir: Path, busy_work: int = 0, **overrides: str) -> dict[str, str]:
+    """`CXR_*` settings for a server process on a tiny model written into `model_dir` (see
+    `build_onnx` for `busy_work`): CPU, one thread, and no drain window (no load balancer in front
+    to wait for). Other keyword arguments name settings without their prefix:
+    `api_keys="..."` sets CXR_API_KEYS."""
+    settings = {
+        "CXR_MODEL_METADATA": str(write_model_dir(model_dir, busy_work=busy_work)),
+        "CXR_PROVIDER": "cpu",
+        "CXR_ORT_INTRA_OP_THREADS": "1",
+        "CXR_DRAIN_SECONDS": "0",
+    }
+    settings.update({f"CXR_{name.upper()}": value for name, value in overrides.items()})
+    return settings
+
+
 @dataclass
 class UvicornProcess:
     """`python -m uvicorn app.main:app` on 127.0.0.1, configured only through `CXR_*` variables
@@ -202,6 +218,23 @@ class UvicornProcess:
                 stderr=subprocess.STDOUT,
             )
         return cls(process, port, log_path)
+
+    @classmethod
+    @contextmanager
+    def serving(
+        cls,
+        log_path: Path,
+        settings: dict[str, str],
+        uvicorn_args: Sequence[str] = (),
+        app: str = "app.main:app",
+    ) -> Iterator[UvicornProcess]:
+        """`start`, wait until ready, and kill whatever is left of the process on the way out."""
+        server = cls.start(log_path, settings, uvicorn_args, app)
+        try:
+            server.wait_until_ready()
+            yield server
+        finally:
+            server.kill()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

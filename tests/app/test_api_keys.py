@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cxr_testkit import UvicornProcess, encode, make_settings, write_model_dir
+from cxr_testkit import UvicornProcess, encode, make_settings, process_settings
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -206,29 +206,18 @@ def test_short_keys_are_refused_without_echoing_them(model_path):
 
 
 def test_keys_never_reach_the_log_of_a_real_process(tmp_path):
-    settings = {
-        "CXR_MODEL_METADATA": str(write_model_dir(tmp_path)),
-        "CXR_PROVIDER": "cpu",
-        "CXR_ORT_INTRA_OP_THREADS": "1",
-        "CXR_LOG_LEVEL": "debug",
-        "CXR_DRAIN_SECONDS": "0",
-        "CXR_API_KEYS": f"{KEY_A},{KEY_B}",
-    }
-    server = UvicornProcess.start(tmp_path / "server.log", settings)
-    try:
-        server.wait_until_ready()
+    settings = process_settings(tmp_path, log_level="debug", api_keys=f"{KEY_A},{KEY_B}")
+    wrong = "wrong-key-but-secret-all-the-same"
+    with UvicornProcess.serving(tmp_path / "server.log", settings) as server:
         url = f"{server.base_url}/predict"
         png = {"Content-Type": "image/png"}
         ok = httpx.post(url, content=UPLOAD, headers={**png, "Authorization": f"Bearer {KEY_B}"})
         assert ok.status_code == 200
-        wrong = "wrong-key-but-secret-all-the-same"
         refused = httpx.post(url, content=UPLOAD, headers={**png, "X-API-Key": wrong})
         assert refused.status_code == 401
         assert httpx.post(url, content=UPLOAD, headers=png).status_code == 401
         server.process.send_signal(signal.SIGTERM)
         server.process.wait(timeout=15)
-    finally:
-        server.kill()
     log = server.log()
     for secret in (KEY_A, KEY_B, wrong, sha256_hex(KEY_A), sha256_hex(KEY_B)):
         assert secret not in log

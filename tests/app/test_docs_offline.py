@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from cxr_testkit import UvicornProcess, write_model_dir
+from cxr_testkit import UvicornProcess, process_settings
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
@@ -94,19 +94,9 @@ def open_offline(browser: Any, origin: str) -> OfflineBrowser:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UvicornProcess]:
     workdir = tmp_path_factory.mktemp("docs_service")
-    settings = {
-        "CXR_MODEL_METADATA": str(write_model_dir(workdir)),
-        "CXR_PROVIDER": "cpu",
-        "CXR_ORT_INTRA_OP_THREADS": "1",
-        "CXR_DRAIN_SECONDS": "0",
-        "CXR_API_KEYS": API_KEY,
-    }
-    server = UvicornProcess.start(workdir / "server.log", settings)
-    try:
-        server.wait_until_ready()
+    settings = process_settings(workdir, api_keys=API_KEY)
+    with UvicornProcess.serving(workdir / "server.log", settings) as server:
         yield server
-    finally:
-        server.kill()
 
 
 def test_swagger_ui_renders_every_operation_offline(browser, service):
@@ -170,17 +160,12 @@ def test_control_fastapis_stock_docs_stay_blank_under_the_same_block(browser, tm
             """
         )
     )
-    server = UvicornProcess.start(
-        tmp_path / "stock.log", {}, ["--app-dir", str(tmp_path)], app="stock_docs:app"
-    )
-    try:
-        server.wait_until_ready()
+    args = ["--app-dir", str(tmp_path)]
+    with UvicornProcess.serving(tmp_path / "stock.log", {}, args, app="stock_docs:app") as server:
         offline = open_offline(browser, server.base_url)
         offline.page.goto(f"{server.base_url}/docs", wait_until="load")
         offline.page.wait_for_timeout(1500)
         rendered = offline.page.locator(".opblock-summary-path").count()
-    finally:
-        server.kill()
     assert rendered == 0
     assert any("cdn.jsdelivr.net" in url for url in offline.blocked), offline.blocked
 

@@ -9,13 +9,12 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pytest
-from cxr_testkit import UvicornProcess, encode, write_model_dir
+from cxr_testkit import UvicornProcess, encode, process_settings
 from PIL import Image
 
 from app.draining import RETRY_AFTER_SECONDS
@@ -34,18 +33,6 @@ class Outcome:
     headers: httpx.Headers | None
     finished: float
     error: str | None = None
-
-
-@pytest.fixture
-def slow_server(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
-    settings = {
-        "CXR_MODEL_METADATA": str(write_model_dir(tmp_path, busy_work=BUSY_WORK)),
-        "CXR_PROVIDER": "cpu",
-        "CXR_ORT_INTRA_OP_THREADS": "1",
-        "CXR_INFERENCE_CONCURRENCY": "1",
-        "CXR_LOG_LEVEL": "info",
-    }
-    yield tmp_path, settings
 
 
 def _post_in_background(
@@ -133,50 +120,78 @@ def _established_connections(port: int) -> int:
     return count
 
 
-def test_sigterm_under_load_keeps_serving_through_the_window_then_answers_the_queue_503(
-    slow_server: tuple[Path, dict[str, str]],
-) -> None:
-    workdir, settings = slow_server
-    settings["CXR_DRAIN_SECONDS"] = str(DRAIN_SECONDS)
-    server = UvicornProcess.start(
-        workdir / "server.log", settings, ["--timeout-graceful-shutdown", "10"]
+@dataclass
+class Shutdown:
+    outcomes: list[Outcome]
+    signalled: float
+    exit_code: int
+    log: str
+
+
+def _signal_under_load(
+    workdir: Path,
+    sig: signal.Signals,
+    drain_seconds: float,
+    graceful_timeout_s: int,
+    while_draining: Callable[[UvicornProcess, float], None] = lambda server, signalled: None,
+) -> Shutdown:
+    """Start a slow server, queue CONCURRENT uploads on it, send `sig`, run `while_draining`,
+    and collect every answer and the server's log once it has exited."""
+    settings = process_settings(
+        workdir,
+        busy_work=BUSY_WORK,
+        inference_concurrency="1",
+        log_level="info",
+        drain_seconds=str(drain_seconds),
     )
-    try:
-        server.wait_until_ready()
+    args = ["--timeout-graceful-shutdown", str(graceful_timeout_s)]
+    with UvicornProcess.serving(workdir / "server.log", settings, args) as server:
         outcomes, threads = _post_in_background(server, CONCURRENT)
         _wait_for_queue(server, CONCURRENT)
-
         signalled = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
-        # Throughout the window the socket accepts connections and readiness answers 503 ...
-        probes: list[tuple[float, int]] = []
-        while time.monotonic() - signalled < DRAIN_SECONDS - 0.3:
-            probe = httpx.get(f"{server.base_url}/health/ready", timeout=5)
-            probes.append((time.monotonic() - signalled, probe.status_code))
-            assert probe.status_code == 503
-            assert probe.json()["error"] == {"code": "not_ready", "message": "shutting down"}
-            time.sleep(0.1)
-        assert probes[0][0] < 0.5 and probes[-1][0] > DRAIN_SECONDS - 0.6
-        # ... and liveness still holds: the process is not to be restarted while it drains.
-        assert httpx.get(f"{server.base_url}/health/live", timeout=5).status_code == 200
+        server.process.send_signal(sig)
+        while_draining(server, signalled)
         for thread in threads:
             thread.join(timeout=30)
-
         exit_code = server.process.wait(timeout=30)
-    finally:
-        server.kill()
+    return Shutdown(outcomes, signalled, exit_code, server.log())
 
-    assert exit_code in (0, -signal.SIGTERM)
-    _assert_all_answered_200_or_json_503(outcomes, CONCURRENT)
-    served = [o for o in outcomes if o.status == 200 and o.finished > signalled + 0.1]
-    refused = [o for o in outcomes if o.status == 503]
+
+def _probe_throughout_the_window(server: UvicornProcess, signalled: float) -> None:
+    """Throughout the window the socket accepts connections, readiness answers 503, and liveness
+    still holds (the process is not to be restarted while it drains). Readiness and liveness are
+    probed in turn, each only while the window has time left for it."""
+    answers: dict[str, list[tuple[float, httpx.Response]]] = {"ready": [], "live": []}
+    while (elapsed := time.monotonic() - signalled) < DRAIN_SECONDS - 0.3:
+        kind = "ready" if len(answers["ready"]) <= len(answers["live"]) else "live"
+        answers[kind].append((elapsed, httpx.get(f"{server.base_url}/health/{kind}", timeout=5)))
+        time.sleep(0.05)
+    assert answers["ready"] and answers["live"]
+    assert answers["ready"][0][0] < 0.5
+    assert max(t for kind in answers.values() for t, _ in kind) > DRAIN_SECONDS - 0.8
+    for _, response in answers["ready"]:
+        assert response.status_code == 503
+        assert response.json()["error"] == {"code": "not_ready", "message": "shutting down"}
+    assert [response.status_code for _, response in answers["live"]] == [200] * len(answers["live"])
+
+
+def test_sigterm_under_load_keeps_serving_through_the_window_then_answers_the_queue_503(
+    tmp_path: Path,
+) -> None:
+    result = _signal_under_load(
+        tmp_path, signal.SIGTERM, DRAIN_SECONDS, 10, _probe_throughout_the_window
+    )
+
+    assert result.exit_code in (0, -signal.SIGTERM)
+    _assert_all_answered_200_or_json_503(result.outcomes, CONCURRENT)
+    served = [o for o in result.outcomes if o.status == 200 and o.finished > result.signalled + 0.1]
+    refused = [o for o in result.outcomes if o.status == 503]
     # Requests kept being served after the signal, and the queue outlived the window.
     assert served, "no request was served during the drain window"
     assert refused, "the queue was shorter than the window: nothing was answered 503"
-    assert min(o.finished for o in refused) > signalled + DRAIN_SECONDS - 0.1
-    log = server.log()
-    _assert_clean_log(log)
-    events = [json.loads(line) for line in _json_lines(log)]
+    assert min(o.finished for o in refused) > result.signalled + DRAIN_SECONDS - 0.1
+    _assert_clean_log(result.log)
+    events = [json.loads(line) for line in _json_lines(result.log)]
     window_over = next(e for e in events if e["event"] == "drain window over")
     # Cancelled at the deadline: the refused ones, plus at most the one inference then running.
     assert len(refused) <= window_over["unanswered"] <= len(refused) + 1
@@ -184,29 +199,13 @@ def test_sigterm_under_load_keeps_serving_through_the_window_then_answers_the_qu
     assert len([e for e in logged_503 if e["route"] == "/predict"]) == len(refused)
 
 
-def test_when_uvicorns_graceful_timeout_cancels_requests_they_get_json_503(
-    slow_server: tuple[Path, dict[str, str]],
-) -> None:
+def test_when_uvicorns_graceful_timeout_cancels_requests_they_get_json_503(tmp_path: Path) -> None:
     # SIGINT skips the drain window: uvicorn stops listening at once, waits one second for the
     # queued requests, then cancels their tasks.
-    workdir, settings = slow_server
-    server = UvicornProcess.start(
-        workdir / "server.log", settings, ["--timeout-graceful-shutdown", "1"]
-    )
-    try:
-        server.wait_until_ready()
-        outcomes, threads = _post_in_background(server, CONCURRENT)
-        _wait_for_queue(server, CONCURRENT)
-        server.process.send_signal(signal.SIGINT)
-        for thread in threads:
-            thread.join(timeout=30)
-        exit_code = server.process.wait(timeout=30)
-    finally:
-        server.kill()
+    result = _signal_under_load(tmp_path, signal.SIGINT, DRAIN_SECONDS, 1)
 
-    assert exit_code in (0, -signal.SIGINT)
-    _assert_all_answered_200_or_json_503(outcomes, CONCURRENT)
-    assert any(o.status == 503 for o in outcomes)
-    log = server.log()
-    assert "timeout graceful shutdown exceeded" in log  # the path under test was taken
-    _assert_clean_log(log)
+    assert result.exit_code in (0, -signal.SIGINT)
+    _assert_all_answered_200_or_json_503(result.outcomes, CONCURRENT)
+    assert any(o.status == 503 for o in result.outcomes)
+    assert "timeout graceful shutdown exceeded" in result.log  # the path under test was taken
+    _assert_clean_log(result.log)

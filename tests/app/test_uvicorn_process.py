@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from cxr_testkit import UvicornProcess, encode, write_model_dir, xray_like
+from cxr_testkit import UvicornProcess, encode, process_settings, xray_like
 from PIL import Image
 
 UPLOAD_LIMIT = 200_000
@@ -21,21 +21,9 @@ PATIENT_FILE_NAME = "DOE_JANE_MRN0012345.jpg"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UvicornProcess]:
     workdir = tmp_path_factory.mktemp("served_model")
-    settings = {
-        "CXR_MODEL_METADATA": str(write_model_dir(workdir)),
-        "CXR_PROVIDER": "cpu",
-        "CXR_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
-        "CXR_ORT_INTRA_OP_THREADS": "1",
-        "CXR_LOG_LEVEL": "info",
-        # No load balancer in front: nothing to wait for after SIGTERM.
-        "CXR_DRAIN_SECONDS": "0",
-    }
-    server = UvicornProcess.start(workdir / "server.log", settings)
-    try:
-        server.wait_until_ready()
+    settings = process_settings(workdir, max_upload_bytes=str(UPLOAD_LIMIT), log_level="info")
+    with UvicornProcess.serving(workdir / "server.log", settings) as server:
         yield server
-    finally:
-        server.kill()
 
 
 def test_live_ready_predict_and_errors_over_real_http(server: UvicornProcess) -> None:
