@@ -11,13 +11,14 @@ import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 
+from app.auth import REQUIRE_API_KEY
 from app.dicom import DicomFindings
 from app.engine import InferenceEngine
 from app.errors import ExplanationUnavailable, InvalidRequest, ModelNotReady, error_responses
 from app.explain import DEFAULT_OPACITY, render_images
 from app.inference import Classifier
 from app.observability import request_context
-from app.readiness import ServiceState
+from app.readiness import SHUTTING_DOWN, ServiceState
 from app.schemas import (
     AppliedWindowInfo,
     DicomInfo,
@@ -52,8 +53,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 async def get_classifier(state: ServiceStateDep) -> Classifier:
-    """The serving classifier, or 503 with the reason it is not ready."""
-    reason = state.not_ready_reason
+    """The serving classifier, or 503 with the reason it cannot serve. While draining after a
+    termination signal it still serves: readiness is what tells load balancers to go away."""
+    reason = state.unavailable_reason
     if reason is not None or state.classifier is None:
         raise ModelNotReady(reason or "model is not loaded")
     return state.classifier
@@ -65,7 +67,7 @@ async def get_engine(
     """The inference engine; depends on `get_classifier` so it is only handed out when ready."""
     engine: InferenceEngine | None = state.engine
     if engine is None:
-        raise ModelNotReady(state.not_ready_reason or "model is not loaded")
+        raise ModelNotReady(state.unavailable_reason or "model is not loaded")
     return engine
 
 
@@ -105,6 +107,7 @@ _PREDICT_BODY = {
     openapi_extra=_PREDICT_BODY,
     summary="Screen one chest X-ray for pneumonia",
     tags=["inference"],
+    dependencies=REQUIRE_API_KEY,
 )
 async def predict(
     request: Request,
@@ -243,10 +246,12 @@ async def live() -> LiveResponse:
 @router.get(
     "/health/ready", response_model=ReadyResponse, responses=error_responses(503), tags=["health"]
 )
-async def ready(classifier: ClassifierDep) -> ReadyResponse:
+async def ready(classifier: ClassifierDep, state: ServiceStateDep) -> ReadyResponse:
     """Readiness: 200 only when a model is loaded, its metadata matched the ONNX session, and a
     warm-up inference passed. Otherwise 503 with the reason (missing or invalid metadata, sha256
     mismatch, signature mismatch, unavailable provider, shutting down)."""
+    if state.draining:
+        raise ModelNotReady(SHUTTING_DOWN)
     return ReadyResponse(
         model=_identity(classifier), execution_provider=classifier.execution_provider
     )
@@ -257,7 +262,13 @@ router.add_api_route("/health/live", live, methods=["HEAD"], include_in_schema=F
 router.add_api_route("/health/ready", ready, methods=["HEAD"], include_in_schema=False)
 
 
-@router.get("/model", response_model=ModelInfo, responses=error_responses(503), tags=["model"])
+@router.get(
+    "/model",
+    response_model=ModelInfo,
+    responses=error_responses(503),
+    tags=["model"],
+    dependencies=REQUIRE_API_KEY,
+)
 async def model_info(classifier: ClassifierDep) -> ModelInfo:
     """The served model's metadata: classes in output order, input contract, preprocessing,
     operating threshold, calibration, metrics and provenance, plus the active execution provider."""
