@@ -58,8 +58,14 @@ function render(answer) {
   const rows = Object.entries(answer.probabilities).map(([name, p]) => {
     const row = document.createElement("tr");
     const percent = (100 * p).toFixed(1);
-    row.innerHTML = `<td></td><td>${percent}%</td><td><span class="bar" style="width:${(1.5 * percent).toFixed(0)}px"></span></td>`;
-    row.firstChild.textContent = name;
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.style.width = `${(1.5 * percent).toFixed(0)}px`; // CSSOM, allowed by the page's policy
+    for (const content of [name, `${percent}%`, bar]) {
+      const cell = document.createElement("td");
+      cell.append(content);
+      row.append(cell);
+    }
     return row;
   });
   $("probabilities").replaceChildren(...rows);
