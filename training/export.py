@@ -28,6 +28,17 @@ from training.dataset import load_images
 from training.intended_use import PAEDIATRIC_CHEST_XRAY
 from training.preprocessing import scale
 
+# What of a run's summary.json the metadata keeps under provenance.training.
+TRAINING_RECORD_KEYS = (
+    "epochs_run",
+    "best_epoch",
+    "training_seconds",
+    "hardware",
+    "seed",
+    "hyperparameters",
+    "augmentation",
+    "class_weights",
+)
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 DEFAULT_TOLERANCE = 1e-4  # on logits; float32 reorderings between TF and ORT stay around 1e-5
@@ -149,19 +160,7 @@ def build_metadata(
             "architecture": summary["architecture"],
             "parameters": summary["parameters"],
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "training": {
-                k: summary[k]
-                for k in (
-                    "epochs_run",
-                    "best_epoch",
-                    "training_seconds",
-                    "hardware",
-                    "seed",
-                    "hyperparameters",
-                    "augmentation",
-                    "class_weights",
-                )
-            },
+            "training": {k: summary[k] for k in TRAINING_RECORD_KEYS},
             "data": data_provenance(summary["data"]),
             "parity": parity,
             "library_versions": library_versions(),

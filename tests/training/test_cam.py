@@ -48,19 +48,7 @@ def keras_and_served(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[
         "architecture": "cxr_net",
         "parameters": model.count_params(),
         "data": {},
-        **{
-            key: None
-            for key in (
-                "epochs_run",
-                "best_epoch",
-                "training_seconds",
-                "hardware",
-                "seed",
-                "hyperparameters",
-                "augmentation",
-                "class_weights",
-            )
-        },
+        **dict.fromkeys(export.TRAINING_RECORD_KEYS),
     }
     meta = export.build_metadata(
         "cam_net", "0.0.1", onnx_path, summary, {}, DEFAULT_PREPROCESSING, entries
