@@ -70,14 +70,16 @@ def upsample(values: np.ndarray, width: int, height: int) -> np.ndarray:
     """A [0, 1] map resized to the model input's size, bilinear (cell centres align)."""
     image = Image.fromarray(values.astype(np.float32), mode="F")
     resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
-    return np.clip(resized, 0.0, 1.0)
+    clipped: np.ndarray = np.clip(resized, 0.0, 1.0)
+    return clipped
 
 
 def colour(values: np.ndarray) -> np.ndarray:
     """[0, 1] values -> uint8 RGB by the colour scale above."""
     positions = _COLOUR_STOPS[:, 0]
     channels = [np.interp(values, positions, _COLOUR_STOPS[:, i]) for i in (1, 2, 3)]
-    return np.rint(np.stack(channels, axis=-1)).astype(np.uint8)
+    rgb: np.ndarray = np.rint(np.stack(channels, axis=-1)).astype(np.uint8)
+    return rgb
 
 
 def blend(grey: np.ndarray, heat_rgb: np.ndarray, opacity: float = DEFAULT_OPACITY) -> np.ndarray:
