@@ -17,6 +17,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.observability import request_context
+
 logger = logging.getLogger(__name__)
 
 
@@ -26,9 +28,11 @@ class ServiceError(Exception):
     status_code: ClassVar[int] = HTTPStatus.INTERNAL_SERVER_ERROR
     code: ClassVar[str] = "internal_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # Sent as `Retry-After` (seconds) when the client should simply come back later.
+        self.retry_after_s = retry_after_s
 
 
 class InvalidImage(ServiceError):
@@ -87,6 +91,23 @@ class ModelNotReady(ServiceError):
     code = "not_ready"
 
 
+class Overloaded(ServiceError):
+    """The service already holds all the work it can finish in time: refused at once, before the
+    upload is read, with `Retry-After`. Not a readiness failure: the service is healthy, just full.
+    """
+
+    status_code = HTTPStatus.TOO_MANY_REQUESTS
+    code = "overloaded"
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline (`X-Request-Timeout-Ms` or the configured default) passed before its
+    image reached the model; the work is dropped instead of finishing for a client that gave up."""
+
+    status_code = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "deadline_exceeded"
+
+
 class ModelLoadError(Exception):
     """Why a model cannot be served; its message becomes the not-ready reason."""
 
@@ -103,8 +124,10 @@ class ErrorResponse(BaseModel):
 
 
 def _error_json(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
+    # The access log line and the request counter name the code.
+    request_context(request).error_code = code
     body = ErrorResponse(error=ErrorDetail(code=code, message=message))
     return JSONResponse(status_code=status, content=body.model_dump(), headers=headers)
 
@@ -128,13 +151,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        return _error_json(exc.status_code, exc.code, exc.message)
+        headers = None if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
+        return _error_json(request, exc.status_code, exc.code, exc.message, headers)
 
     async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         # Keep the framework's headers (405 carries `Allow`).
-        return _error_json(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+        return _error_json(request, exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -142,13 +166,13 @@ def install_error_handlers(app: FastAPI) -> None:
             f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
             for err in exc.errors()
         )
-        return _error_json(HTTPStatus.UNPROCESSABLE_ENTITY, InvalidRequest.code, problems)
+        return _error_json(request, HTTPStatus.UNPROCESSABLE_ENTITY, InvalidRequest.code, problems)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug, not bad input: log the traceback server-side, never send it to the client.
         logger.exception("unhandled error", exc_info=exc)
         return _error_json(
-            HTTPStatus.INTERNAL_SERVER_ERROR, ServiceError.code, "internal server error"
+            request, HTTPStatus.INTERNAL_SERVER_ERROR, ServiceError.code, "internal server error"
         )
 
     app.add_exception_handler(ServiceError, on_service_error)

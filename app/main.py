@@ -19,10 +19,11 @@ import uvicorn
 from fastapi import FastAPI
 
 from app.api import router
-from app.engine import ThreadPoolEngine
 from app.errors import ModelLoadError, install_error_handlers
 from app.inference import load_classifier
+from app.metrics import ServiceMetrics
 from app.observability import RequestContextMiddleware, configure_logging
+from app.prediction import start_prediction
 from app.readiness import ServiceState
 from app.schemas import DISCLAIMER
 from app.settings import Settings
@@ -45,7 +46,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.fail(str(exc))
         logger.error("model not ready", extra={"fields": {"reason": str(exc)}})
     else:
-        state.serve(classifier, ThreadPoolEngine(classifier, settings.inference_concurrency))
+        state.serve(start_prediction(classifier, settings, app.state.metrics))
         meta = classifier.metadata
         logger.info(
             "model ready",
@@ -65,6 +66,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         state.begin_shutdown()
         logger.info("shutting down")
+        if state.step is not None:
+            await state.step.aclose()  # images already queued still get their answers
 
 
 def _flip_readiness_on_signals(state: ServiceState) -> None:
@@ -101,8 +104,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     # Present before the lifespan runs, so probes answer 503 "model is loading" rather than fail.
     app.state.service = ServiceState()
+    metrics = app.state.metrics = ServiceMetrics()
+    metrics.watch_service(lambda: app.state.service)
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(router)
     return app
 
