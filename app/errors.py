@@ -27,6 +27,8 @@ class ServiceError(Exception):
 
     status_code: ClassVar[int] = HTTPStatus.INTERNAL_SERVER_ERROR
     code: ClassVar[str] = "internal_error"
+    # Whether the client should simply retry later: the answer then carries `Retry-After`.
+    retryable: ClassVar[bool] = False
 
     def __init__(self, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
@@ -98,6 +100,7 @@ class Overloaded(ServiceError):
 
     status_code = HTTPStatus.TOO_MANY_REQUESTS
     code = "overloaded"
+    retryable = True
 
 
 class DeadlineExceeded(ServiceError):
@@ -106,6 +109,7 @@ class DeadlineExceeded(ServiceError):
 
     status_code = HTTPStatus.SERVICE_UNAVAILABLE
     code = "deadline_exceeded"
+    retryable = True
 
 
 class ModelLoadError(Exception):
@@ -151,7 +155,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        headers = None if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
+        retry_after = exc.retry_after_s
+        if retry_after is None and exc.retryable:
+            retry_after = request.app.state.settings.retry_after_s
+        headers = None if retry_after is None else {"Retry-After": str(retry_after)}
         return _error_json(request, exc.status_code, exc.code, exc.message, headers)
 
     async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:

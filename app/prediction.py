@@ -69,14 +69,16 @@ class PredictionStep:
         """One upload's answer. `deadline` (a `time.perf_counter()` value) bounds how long it may
         wait for a decode thread or a model run; past it, `DeadlineExceeded`."""
         decode_started = time.perf_counter()
-        prepared = await anyio.to_thread.run_sync(
-            self._prepare, data, deadline, limiter=self._decode_limiter
-        )
+        try:
+            prepared = await anyio.to_thread.run_sync(
+                self._prepare, data, deadline, limiter=self._decode_limiter
+            )
+        finally:  # undecodable uploads cost decode time too
+            inference_started = time.perf_counter()
+            self.metrics.phase("decode", inference_started - decode_started)
         del data  # the encoded bytes are no longer needed while the image waits for the model
-        inference_started = time.perf_counter()
         probabilities = (await self.engine.infer(prepared.tensor, deadline))[0]
         finished = time.perf_counter()
-        self.metrics.phase("decode", inference_started - decode_started)
 
         meta = self.classifier.metadata
         return Prediction(

@@ -85,3 +85,33 @@ def test_the_service_answers_a_full_resolution_x_ray_with_the_shipped_model() ->
     assert body["model"]["sha256"] == load_metadata(SHIPPED_METADATA).sha256
     assert sum(body["probabilities"].values()) == pytest.approx(1.0)
     assert body["label"] in CLASSES
+
+
+@requires_data
+def test_batched_answers_equal_single_image_answers_on_real_images(classifier) -> None:  # type: ignore[no-untyped-def]
+    """The service batches whatever is queued; that must not change a single answer."""
+    import asyncio
+
+    from app.engine import BatchingEngine
+
+    paths = sorted((DATA_DIR / "test").glob("*/*.jpeg"))[::13]
+    tensors = [classifier.preprocess(p.read_bytes()) for p in paths]
+    single = np.concatenate([classifier.predict_batch(t) for t in tensors])
+    sizes: list[int] = []
+
+    class Sizes:
+        def batch_ran(self, size: int, queue_waits: list[float], run_seconds: float) -> None:
+            sizes.append(size)
+
+    async def batched() -> list[np.ndarray]:
+        engine = BatchingEngine(classifier.predict_batch, max_batch_size=16, observer=Sizes())
+        engine.start()
+        try:
+            return await asyncio.gather(*(engine.infer(t) for t in tensors))
+        finally:
+            await engine.aclose()
+
+    together = np.concatenate(asyncio.run(batched()))
+    assert len(paths) >= 40
+    assert max(sizes) == 16 and sum(sizes) == len(paths)  # it really ran batches
+    assert np.abs(together - single).max() < 1e-5
