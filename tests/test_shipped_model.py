@@ -115,3 +115,18 @@ def test_batched_answers_equal_single_image_answers_on_real_images(classifier) -
     assert len(paths) >= 40
     assert max(sizes) == 16 and sum(sizes) == len(paths)  # it really ran batches
     assert np.abs(together - single).max() < 1e-5
+
+
+@requires_data
+@pytest.mark.parametrize("size", [(2500, 2048), (2048, 2500), (3000, 2400)])
+def test_dct_scaling_keeps_full_resolution_answers_within_0_02(size: tuple[int, int]) -> None:
+    """Real test X-rays upscaled to detector sizes: decoding them at the contract's DCT scale moves
+    p(PNEUMONIA) by at most 0.02 against decoding them at full size (a sample here; the whole split
+    is in the README, from `python -m training.full_resolution`)."""
+    from training.data import load_kaggle_directory
+    from training.full_resolution import compare_at_size
+
+    images = [Path(r.path) for r in load_kaggle_directory(DATA_DIR, "test")][::24]
+    result = compare_at_size(SHIPPED_METADATA, images, size)
+    assert result["n_images"] == 26
+    assert result["max_abs_diff"] <= 0.02, result
