@@ -174,18 +174,22 @@ _SIGNATURE_BYTES = 132
 
 
 # Peak bytes per decoded pixel while an image of a mode is decoded and brought to 8-bit grey
-# (`preprocessing.to_8bit`): the decoded image plus the grey copy made from it; chains through RGB
-# for the modes not listed. The README has the measured worst cases.
+# (`preprocessing.to_8bit`): the decoded image plus the grey copy made from it (CMYK goes through
+# RGB inside Pillow; 16-bit adds the stretch's float64 slices). Measured with /proc VmHWM on
+# 50-megapixel images; the README has the figures.
 _PEAK_BYTES_PER_PIXEL = {
-    "1": 2, "L": 1, "LA": 3, "P": 2, "RGB": 4, "RGBA": 5, "RGBX": 5, "CMYK": 5,
-    "I;16": 3, "I;16L": 3, "I;16B": 3, "I;16N": 3,
+    "1": 2, "L": 1, "LA": 3, "P": 2, "RGB": 4, "RGBA": 5, "RGBX": 5, "CMYK": 9,
+    "I;16": 4, "I;16L": 4, "I;16B": 4, "I;16N": 4,
 }  # fmt: skip
 _OTHER_MODES_PEAK = 12
-# DICOM: the stored 16-bit pixels, their lookup index and the rendered 8-bit image, with room for a
-# codec's own buffers. An uncompressed file holds its pixels in the upload itself, so its length
-# bounds them; a compressed one is charged for the largest image the pixel limit admits.
-_DICOM_PEAK_BYTES_PER_PIXEL = 6
-_UNCOMPRESSED_DICOM_PEAK_PER_BYTE = 3
+# Buffers every decode holds whatever its size (libjpeg's, the resize's, the model input).
+_DECODE_OVERHEAD_BYTES = 4 * 1024 * 1024
+# DICOM (pydicom and the contract's rendering): an uncompressed file peaks near 6x its length
+# (its pixels are in the upload: the parsed copy, the decoded array, the lookup and the 8-bit
+# image); a compressed one is charged for the largest image the pixel limit admits (an RLE file
+# of 49 megapixels peaked at 10 bytes per pixel).
+_UNCOMPRESSED_DICOM_PEAK_PER_BYTE = 7
+_DICOM_PEAK_BYTES_PER_PIXEL = 10
 
 
 def estimate_decode_bytes(data: bytes, limits: DecodeLimits) -> int:
@@ -206,7 +210,7 @@ def estimate_decode_bytes(data: bytes, limits: DecodeLimits) -> int:
         return 0
     d = limits.jpeg_scale(width, height) if fmt.name == "JPEG" and limits.jpeg_scale else 1
     pixels = -(-width // d) * -(-height // d)
-    return pixels * _PEAK_BYTES_PER_PIXEL.get(mode, _OTHER_MODES_PEAK)
+    return _DECODE_OVERHEAD_BYTES + pixels * _PEAK_BYTES_PER_PIXEL.get(mode, _OTHER_MODES_PEAK)
 
 
 def _uncompressed_dicom(data: bytes) -> bool:

@@ -8,7 +8,7 @@ is a constant: size, colour mode, resize filter and scaling all come from the me
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from app.contract import Preprocessing
 
@@ -102,6 +102,16 @@ def to_8bit(image: Image.Image, color_mode: str) -> Image.Image:
     return rgb.convert("L") if color_mode == "grayscale" else rgb
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned by its EXIF orientation. `ImageOps.exif_transpose` copies an image that
+    needs no turning (most of them), a full-size copy a 50-megapixel upload cannot afford."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in (None, 1):
+        return image
+    turned = ImageOps.exif_transpose(image)
+    assert turned is not None  # not in place: always an image
+    return turned
+
+
 def to_model_input(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     """The model input for one decoded image: float32 of shape (1, height, width, channels).
 
@@ -109,7 +119,7 @@ def to_model_input(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     (or RGB); resize to (width, height) with the metadata's Pillow filter, ignoring aspect ratio;
     then `uint8 * scale + offset` in float32.
     """
-    upright = ImageOps.exif_transpose(image)
+    upright = _upright(image)
     eight_bit = to_8bit(upright, spec.color_mode)
     resized = eight_bit.resize((spec.width, spec.height), RESAMPLING[spec.resize_filter])
     pixels = np.asarray(resized, dtype=np.float32)

@@ -88,13 +88,13 @@ class Settings(BaseSettings):
         "Past it, requests are refused at once with 429 and Retry-After.",
     )
     max_in_flight_upload_bytes: int = Field(
-        default=128 * MiB,
+        default=96 * MiB,
         gt=0,
         description="Admission limit on upload bytes held at once (declared Content-Length, or "
         "the upload limit for a body of unknown length); past it, 429.",
     )
     decode_memory_budget_bytes: int = Field(
-        default=384 * MiB,
+        default=512 * MiB,
         ge=16 * MiB,
         description="Memory that decodes in progress may hold together, estimated from each "
         "image's header before decoding; a large image waits for room.",
