@@ -108,3 +108,24 @@ def test_metrics_answer_when_not_ready(tmp_path) -> None:
         assert value(metrics["cxr_ready"], "cxr_ready") == 0.0
         assert not [s for s in metrics["cxr_model_info"] if s.labels]  # no model to describe
         assert client.get("/health/ready").status_code == 503
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_service_exposes(client) -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    dashboard = Path(__file__).resolve().parents[2] / "monitoring" / "grafana-dashboard.json"
+    panels = json.loads(dashboard.read_text())["panels"]
+    queried = {
+        name
+        for panel in panels
+        for target in panel["targets"]
+        for name in re.findall(r"\bcxr_[a-z_]+", target["expr"])
+    }
+    client.post(
+        "/predict", content=encode(xray_like(), "PNG"), headers={"content-type": "image/png"}
+    )
+    exposed = {sample.name for samples in scrape(client).values() for sample in samples}
+    assert queried, "the dashboard has no queries"
+    assert queried <= exposed, queried - exposed
