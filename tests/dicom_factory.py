@@ -150,18 +150,20 @@ def make_dataset(
 
 def _lut_item(first: int, bits: int, table: Sequence[int]) -> Dataset:
     item = Dataset()
-    item.LUTDescriptor = [len(table) % 65536, first, bits]
-    item.LUTData = list(table)
+    item.add_new("LUTDescriptor", "US", [len(table) % 65536, first, bits])
+    # one 16-bit word per entry, as OW (little endian, like the rest of these files)
+    item.add_new("LUTData", "OW", np.asarray(table, dtype="<u2").tobytes())
     return item
 
 
 def encode_dataset(ds: Dataset, syntax: str = "explicit_le") -> bytes:
     """Part-10 bytes of `ds` (built by `make_dataset`) in the named transfer syntax."""
     uid = SYNTAXES[syntax]
-    stored = np.frombuffer(
-        ds.PixelData, dtype=f"<{'i' if ds.PixelRepresentation else 'u'}{ds.BitsAllocated // 8}"
-    ).reshape(ds.Rows, ds.Columns)
     little_endian, implicit_vr = True, syntax == "implicit_le"
+    if syntax not in ("implicit_le", "explicit_le", "deflated"):
+        stored = np.frombuffer(
+            ds.PixelData, dtype=f"<{'i' if ds.PixelRepresentation else 'u'}{ds.BitsAllocated // 8}"
+        ).reshape(ds.Rows, ds.Columns)
     if syntax == "explicit_be":
         little_endian = False
         ds.PixelData = stored.astype(stored.dtype.newbyteorder(">")).tobytes()
@@ -171,7 +173,7 @@ def encode_dataset(ds: Dataset, syntax: str = "explicit_le") -> bytes:
             kwargs["jls_error"] = 2
         if syntax == "j2k":
             kwargs["j2k_cr"] = [10]
-        ds.compress(uid, stored, **kwargs)
+        ds.compress(uid, stored, generate_instance_uid=False, **kwargs)
     elif syntax.startswith("jpeg"):
         frame = _imagecodecs_frame(stored, syntax, int(ds.BitsStored))
         ds.PixelData = encapsulate([frame])

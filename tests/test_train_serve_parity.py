@@ -6,16 +6,22 @@ bit-identical model inputs for the same file, or the model is served something i
 
 from __future__ import annotations
 
+import io
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
 from app.decoding import DecodeLimits, decode_upload
+from app.dicom import DicomPolicy
 from app.preprocessing import jpeg_scale_denominator, to_model_input
+from tests.dicom_factory import SYNTAXES, make_dicom, ramp
 from tests.realdata import DATA_DIR, requires_data
+from training.dicom import read_dicom_as_image
+from training.intended_use import PAEDIATRIC_CHEST_XRAY
 from training.preprocessing import DEFAULT_PREPROCESSING, load_image, scale
 
 # The limits as the service builds them for a model with this contract (DCT scaling included).
@@ -131,3 +137,112 @@ def test_every_pixel_format_preprocesses_identically(mode: str, tmp_path: Path) 
     path = tmp_path / f"img-{mode.replace(';', '_')}.png"
     _variants()[mode].save(path)
     np.testing.assert_array_equal(_serving_input(path.read_bytes()), _training_input(path))
+
+
+# -- DICOM: training (`training.dicom`, pixel by pixel) and serving (`app.dicom`, a lookup table)
+# render every case of the contract's display pipeline to the same 8-bit image.
+
+DICOM_POLICY = DicomPolicy(
+    rendering=DEFAULT_PREPROCESSING.dicom, intended_use=PAEDIATRIC_CHEST_XRAY
+)
+
+
+def _dicom_cases() -> dict[str, tuple[np.ndarray, str, dict]]:
+    twelve = ramp(rows=300, columns=260, high=4095)
+    eight = ramp(rows=300, columns=260, high=255, dtype=np.uint8)
+    signed = (twelve.astype(np.int32) - 2048).astype(np.int16)
+    padded = twelve.copy()
+    padded[:20] = 4095
+    cases: dict[str, tuple[np.ndarray, str, dict]] = {
+        f"syntax-{syntax}": (
+            eight if syntax == "jpeg_baseline" else twelve,
+            syntax,
+            {"bits_stored": 8 if syntax == "jpeg_baseline" else 12},
+        )
+        for syntax in SYNTAXES
+    }
+    cases.update(
+        {
+            "8bit-full-range": (eight, "explicit_le", {}),
+            "12bit-window-linear": (twelve, "explicit_le", {"window": (1800.0, 1500.0)}),
+            "window-linear-exact": (
+                twelve,
+                "explicit_le",
+                {"window": (1800.0, 1500.0), "voi_function": "LINEAR_EXACT"},
+            ),
+            "window-sigmoid": (
+                twelve,
+                "explicit_le",
+                {"window": (2000.0, 900.0), "voi_function": "SIGMOID"},
+            ),
+            "window-multi-valued": (
+                twelve,
+                "explicit_le",
+                {"window": ([1000.0, 3000.0], [700.0, 2000.0])},
+            ),
+            "window-unusable": (twelve, "explicit_le", {"window": (2000.0, 0.0)}),
+            "monochrome1": (twelve, "explicit_le", {"photometric": "MONOCHROME1"}),
+            "monochrome1-window": (
+                twelve,
+                "jpeg_ls",
+                {"photometric": "MONOCHROME1", "window": (2000.0, 3000.0)},
+            ),
+            "presentation-inverse": (twelve, "explicit_le", {"presentation_inverse": True}),
+            "monochrome1-and-inverse": (
+                twelve,
+                "explicit_le",
+                {"photometric": "MONOCHROME1", "presentation_inverse": True},
+            ),
+            "rescale": (twelve, "explicit_le", {"rescale": (0.5, -100.0)}),
+            "rescale-window": (
+                twelve,
+                "rle",
+                {"rescale": (2.0, -1024.0), "window": (500.0, 3000.0)},
+            ),
+            "modality-lut-sequence": (
+                ramp(rows=300, columns=260, high=1023),
+                "explicit_le",
+                {"bits_stored": 10, "modality_lut": (0, 16, [(v * 7) % 4096 for v in range(1024)])},
+            ),
+            "voi-lut-sequence": (
+                ramp(rows=300, columns=260, high=1023),
+                "explicit_le",
+                {"bits_stored": 10, "voi_lut": (100, 8, [min(255, v // 3) for v in range(800)])},
+            ),
+            "padding-value": (padded, "explicit_le", {"padding": (4095, None)}),
+            "padding-range": (padded, "explicit_le", {"padding": (4000, 4095)}),
+            "signed": (signed, "explicit_le", {"window": (0.0, 3000.0)}),
+            "signed-full-range": (signed, "j2k_lossless", {}),
+        }
+    )
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_dicom_cases()))
+def test_dicom_renders_identically_in_training_and_serving(case: str, tmp_path: Path) -> None:
+    stored, syntax, options = _dicom_cases()[case]
+    data = make_dicom(stored, syntax, **options)
+    path = tmp_path / "image.dcm"
+    path.write_bytes(data)
+    served = decode_upload(data, LIMITS, DICOM_POLICY).image
+    trained = read_dicom_as_image(path, DEFAULT_PREPROCESSING.dicom)
+    np.testing.assert_array_equal(np.asarray(served), np.asarray(trained))
+    assert len(np.unique(np.asarray(served))) > 16  # a real image, not a constant
+    np.testing.assert_array_equal(
+        to_model_input(served, DEFAULT_PREPROCESSING), _training_input(path)
+    )
+
+
+def test_dicom_rendering_agrees_with_pydicoms_reference_windowing() -> None:
+    """An outside check on the formula: pydicom's own `apply_voi_lut` on the same window,
+    rescaled from its output range to 8 bits, is within one grey level of ours."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    stored = ramp(rows=300, columns=260, high=4095)
+    for function in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        data = make_dicom(stored, window=(1800.0, 1500.0), voi_function=function, bits_stored=12)
+        ds = pydicom.dcmread(io.BytesIO(data))
+        reference = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds)
+        reference_8bit = np.rint(reference / 4095.0 * 255.0)
+        ours = np.asarray(decode_upload(data, LIMITS, DICOM_POLICY).image).astype(np.float64)
+        assert np.abs(ours - reference_8bit).max() <= 1, function

@@ -67,6 +67,9 @@ def render(meta_path: Path) -> str:
         else "**No test-set evaluation is recorded for this model.**"
     )
     minutes = float(training.get("training_seconds", 0)) / 60
+    use = meta.intended_use
+    population = use.training_population
+    dicom = p.dicom
     return f"""# Model card: {meta.name} {meta.version}
 
 > Research use only. Not a medical device and not for diagnosis. Outputs support triage research and
@@ -88,6 +91,16 @@ Screening research and triage support on paediatric frontal chest radiographs: o
 flagging studies for earlier review. Not for ruling pneumonia in or out for an individual patient,
 not for adults without local validation, not for lateral views, CT, or other body parts.
 
+{use.summary} The service enforces this for DICOM uploads from the header, before decoding
+(metadata `intended_use`):
+- Modality: {", ".join(use.modalities)}; SOP classes: {"; ".join(use.sop_class_uids.values())}.
+- Body Part Examined, when present: {", ".join(use.body_parts)}. View Position, when present, not
+  {", ".join(use.refused_view_positions)}. One frame, one grey sample (MONOCHROME1/2).
+- Anything else is refused with 422 `not_intended_use`, naming what was found.
+- Training population: {population.description}; ages [{population.age_years_min:g}, {population.age_years_max:g}) years.
+  A patient whose DICOM age falls outside it gets a warning with the answer (or a refusal, by
+  site setting). JPEG/PNG uploads carry no such information and are not checked.
+
 ## Data
 - Kermany D., Zhang K., Goldbaum M. (2018), *Labeled Optical Coherence Tomography (OCT) and Chest
   X-Ray Images for Classification*, Mendeley Data V2, doi:10.17632/rscbjbr9sj.2, licensed
@@ -103,6 +116,16 @@ not for adults without local validation, not for lateral views, CT, or other bod
 Decode, apply EXIF orientation, convert to 8-bit grey ({p.color_mode}; >8-bit images stretched
 min-max), resize to {p.width}x{p.height} with the `{p.resize_filter}` filter ignoring aspect ratio,
 value * {p.scale:.8f} + {p.offset}. Per-image standardisation happens inside the graph.
+
+DICOM images are first rendered to 8-bit grey by the display pipeline (metadata
+`preprocessing.dicom`): modality LUT (rescale or LUT sequence), then VOI from the first of
+{", ".join(f"`{s}`" for s in dicom.voi_order)} that the file offers (window number
+{dicom.window_index}; full range excluding Pixel Padding Value: {dicom.full_range_excludes_padding}),
+then inversion for MONOCHROME1 or Presentation LUT Shape INVERSE, padding painted {dicom.padding_value}.
+The model was trained on JPEGs only; DICOM rendering is matched to them, and
+`tests/test_shipped_model_dicom.py` checks that the same X-ray as JPEG and as DICOM (8-bit,
+12-bit windowed, MONOCHROME1, rescaled, JPEG and JPEG-LS compressed) gets the same probability
+within 0.02.
 
 ## Performance
 {test_note} Intervals are 95% percentile-bootstrap intervals over patients (1000 resamples).

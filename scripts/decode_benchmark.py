@@ -1,0 +1,101 @@
+"""Decode + preprocess time of one full-resolution X-ray, as JPEG and as DICOM in several transfer
+syntaxes: what the service spends before the model runs.
+
+    .venv/bin/python scripts/decode_benchmark.py --repeats 20 --out runs/decode_benchmark.json
+
+The image is a real test X-ray upscaled to 2500x2048 (a common DR detector size) when the data
+set is found beside the repository, otherwise a synthetic one (the report says which). The DICOM
+versions hold it as 12-bit values with a window, as a detector would store it. Each figure is the
+median of `--repeats` runs of `Classifier.prepare` (format detection, header checks, decode,
+rendering, resize to the model input) in this process, after one warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from app.inference import load_classifier  # noqa: E402
+from app.settings import Settings  # noqa: E402
+from tests.dicom_factory import make_dicom  # noqa: E402
+
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "chest_xray"
+DICOM_SYNTAXES = ("explicit_le", "rle", "jpeg_lossless_sv1", "jpeg_ls", "j2k_lossless", "j2k")
+
+
+def source_image(data_dir: Path, size: tuple[int, int]) -> tuple[np.ndarray, str]:
+    candidates = sorted((data_dir / "test" / "PNEUMONIA").glob("*.jpeg"))
+    if candidates:
+        image = Image.open(candidates[0]).convert("L").resize(size, Image.Resampling.BICUBIC)
+        return np.asarray(image), f"real test X-ray upscaled to {size[0]}x{size[1]}"
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (size[1], size[0]), dtype=np.uint8)
+    return noise, f"synthetic noise {size[0]}x{size[1]} (data set not found)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "decode_benchmark.json")
+    args = parser.parse_args(argv)
+
+    pixels, source = source_image(args.data_dir, (2048, 2500))
+    twelve_bit = (pixels.astype(np.uint16) * 16 + 8).astype(np.uint16)
+    jpeg = io.BytesIO()
+    Image.fromarray(pixels).save(jpeg, "JPEG", quality=92)
+    uploads = {"JPEG (8-bit, quality 92)": jpeg.getvalue()}
+    for syntax in DICOM_SYNTAXES:
+        uploads[f"DICOM {syntax} (12-bit)"] = make_dicom(
+            twelve_bit, syntax, window=(2048.0, 4096.0), bits_stored=12
+        )
+
+    classifier = load_classifier(Settings(provider="cpu"))
+    rows = []
+    for name, data in uploads.items():
+        classifier.prepare(data)  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            classifier.prepare(data)
+            times.append((time.perf_counter() - started) * 1000.0)
+        rows.append(
+            {
+                "upload": name,
+                "bytes": len(data),
+                "median_ms": round(statistics.median(times), 2),
+                "p90_ms": round(sorted(times)[int(0.9 * (len(times) - 1))], 2),
+            }
+        )
+        print(f"{name:32s} {len(data) / 1e6:6.2f} MB  median {rows[-1]['median_ms']:7.2f} ms")
+
+    report = {
+        "image": source,
+        "repeats": args.repeats,
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
+        f"{__import__('os').cpu_count()} cores",
+        "results": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    table = ["| upload | size | median decode + preprocess |", "|---|---:|---:|"]
+    table += [f"| {r['upload']} | {r['bytes'] / 1e6:.2f} MB | {r['median_ms']} ms |" for r in rows]
+    args.out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
