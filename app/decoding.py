@@ -189,7 +189,7 @@ _DECODE_OVERHEAD_BYTES = 4 * 1024 * 1024
 # image); a compressed one is charged for the largest image the pixel limit admits (an RLE file
 # of 49 megapixels peaked at 10 bytes per pixel).
 _UNCOMPRESSED_DICOM_PEAK_PER_BYTE = 7
-_DICOM_PEAK_BYTES_PER_PIXEL = 10
+_DICOM_PEAK_BYTES_PER_PIXEL = 11
 
 
 def estimate_decode_bytes(data: bytes, limits: DecodeLimits) -> int:

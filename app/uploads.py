@@ -156,9 +156,15 @@ async def read_upload_parts(request: Request, max_bytes: int, max_parts: int) ->
 
 def declared_upload_bytes(request: Request, max_bytes: int) -> int:
     """What an upload will hold in memory, for admission: its declared Content-Length, or the
-    upload limit when the length is not declared (a chunked body)."""
+    body limit when the length is not declared (a chunked body). A declared length past the limit
+    is `PayloadTooLarge` here already: no amount of waiting makes that request acceptable, so it
+    must get its 413, not a 429."""
+    media_type, _ = parse_options_header(request.headers.get("content-type", ""))
+    multipart = media_type.decode("latin-1").lower() == MULTIPART
+    limit = max_bytes + (MULTIPART_ENVELOPE_BYTES if multipart else 0)
+    _refuse_declared_length(request, limit)
     declared = request.headers.get("content-length", "")
-    return min(int(declared), max_bytes) if declared.isdigit() else max_bytes
+    return int(declared) if declared.isdigit() else limit
 
 
 async def _read_multipart_file(

@@ -31,7 +31,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +83,37 @@ def full_resolution_dicom(source: Path, size: tuple[int, int]) -> bytes:
     image = Image.open(source).convert("L").resize(size, Image.Resampling.BICUBIC)
     stored = (np.asarray(image).astype(np.uint16) * 16 + 8).astype(np.uint16)  # 0..4095
     return make_dicom(stored, "explicit_le", bits_stored=12)
+
+
+def worst_case_uploads() -> list[tuple[str, bytes, str]]:
+    """The uploads that cost the most memory to decode, each within the default limits (50
+    megapixels, 32 MiB): (name, bytes, content type)."""
+    from tests.dicom_factory import make_dicom
+
+    yy7, xx7 = np.mgrid[0:7000, 0:7000]
+    sixteen = ((xx7 + yy7) % 4096).astype(np.uint16)
+    grey = ((xx7 * 3 + yy7) % 256).astype(np.uint8)
+    rgba = Image.fromarray(np.stack([grey, grey, grey, grey], axis=-1), "RGBA")
+    wide = np.tile(np.arange(256, dtype=np.uint8), (1700, 29400 // 256 + 1))[:, :29400]
+    yy, xx = np.mgrid[0:4000, 0:4000]
+
+    def encoded(image: Image.Image, fmt: str, **options: object) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **options)
+        return buffer.getvalue()
+
+    return [
+        ("7000x7000 16-bit grey PNG", encoded(Image.fromarray(sixteen), "PNG"), "image/png"),
+        ("7000x7000 RGBA PNG", encoded(rgba, "PNG"), "image/png"),
+        ("29400x1700 CMYK JPEG", encoded(Image.fromarray(wide).convert("CMYK"), "JPEG"),
+         "image/jpeg"),
+        ("4000x4000 12-bit DICOM, uncompressed (32 MB)",
+         make_dicom(((xx + yy) % 4096).astype(np.uint16), "explicit_le", bits_stored=12),
+         "application/dicom"),
+        ("7000x7000 12-bit DICOM, RLE",
+         make_dicom(((xx7 // 7 + yy7 // 7) % 4096).astype(np.uint16), "rle", bits_stored=12),
+         "application/dicom"),
+    ]  # fmt: skip
 
 
 # -- machine -----------------------------------------------------------------------------------
@@ -224,7 +254,7 @@ def http_status(port: int, path: str) -> int | None:
 
 
 class Server:
-    """uvicorn serving the app found in `root`, with RSS and CPU sampled while it runs."""
+    """uvicorn serving the app found in `root`; peak RSS is read per phase from /proc."""
 
     def __init__(self, root: Path, metadata: Path, env: dict[str, str]) -> None:
         self.port = free_port()
@@ -239,10 +269,6 @@ class Server:
              "--port", str(self.port), "--no-access-log"],
             cwd=root, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
-        self._peak_rss = 0.0
-        self._sampling = True
-        self._sampler = threading.Thread(target=self._sample, daemon=True)
-        self._sampler.start()
 
     def wait_ready(self, timeout_s: float = 120.0) -> float:
         deadline = time.monotonic() + timeout_s
@@ -253,47 +279,38 @@ class Server:
             time.sleep(0.005)
         return time.perf_counter() - self.started
 
-    def _status_field(self, name: str) -> float:
-        try:
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                if line.startswith(name):
-                    return int(line.split()[1]) / 1024.0
-        except OSError:
-            pass
+    def _status_mib(self, name: str) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(name):
+                return round(int(line.split()[1]) / 1024.0, 1)
         return 0.0
 
-    def _sample(self) -> None:
-        while self._sampling:
-            self._peak_rss = max(self._peak_rss, self._status_field("VmRSS:"))
-            time.sleep(0.02)
-
     def rss_mib(self) -> float:
-        return self._status_field("VmRSS:")
+        return self._status_mib("VmRSS:")
 
-    def take_peak_rss(self) -> float:
-        peak, self._peak_rss = self._peak_rss, self.rss_mib()
-        return round(peak, 1)
+    def reset_peak_rss(self) -> None:
+        """Start a new peak: the kernel's high-water mark (VmHWM) is reset to the current RSS."""
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+
+    def peak_rss_mib(self) -> float:
+        return self._status_mib("VmHWM:")
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / TICKS
 
-    def stop(self) -> float:
-        """Stop the server; its lifetime peak RSS (VmHWM) in MiB."""
-        high_water = self._status_field("VmHWM:")
-        self._sampling = False
+    def stop(self) -> None:
         self.process.terminate()
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
-        return round(high_water, 1)
 
 
 @contextmanager
 def measured(server: Server, into: dict):
     """Record server CPU cores used, this client's CPU cores used, peak server RSS and load."""
-    server.take_peak_rss()
+    server.reset_peak_rss()
     cpu0, client0 = server.cpu_seconds(), _client_cpu()
     started = time.perf_counter()
     yield
@@ -301,7 +318,7 @@ def measured(server: Server, into: dict):
     into.update(
         server_cpu_cores=round((server.cpu_seconds() - cpu0) / wall, 2),
         client_cpu_cores=round((_client_cpu() - client0) / wall, 2),
-        server_rss_peak_mib=server.take_peak_rss(),
+        server_rss_peak_mib=server.peak_rss_mib(),
         load_average_after=load_average(),
     )
 
@@ -319,6 +336,7 @@ def run_http(
     concurrencies: list[int],
     seconds: float,
     burst_size: int,
+    worst_case: list[bytes],
     env: dict[str, str],
 ) -> dict:
     server = Server(root, metadata, env)
@@ -350,10 +368,20 @@ def run_http(
                     loadgen.closed_loop(server.port, dicom_requests or [], concurrency, seconds)
                 )
             phases[f"dicom c={concurrency}"] = {**result.summary(), **phase}
+        if worst_case:
+            # Everything expensive at once, with full-resolution JPEGs beside it.
+            mix = [w for w, n in zip(worst_case, (6, 2, 1, 2, 1), strict=True) for _ in range(n)]
+            mix += jpeg_requests
+            phase = {"load_average_before": load_average(), "uploads": len(mix)}
+            with measured(server, phase):
+                result = asyncio.run(loadgen.burst(server.port, mix, len(mix)))
+            phase["ready_status_after"] = http_status(server.port, "/health/ready")
+            phases["worst-case memory mix"] = {**result.summary(), **phase}
         report["phases"] = phases
         report["metrics_status"] = http_status(server.port, "/metrics")
+        report["server_rss_high_water_mib"] = max(p["server_rss_peak_mib"] for p in phases.values())
     finally:
-        report["server_rss_high_water_mib"] = server.stop()
+        server.stop()
     return report
 
 
@@ -404,7 +432,20 @@ def markdown(report: dict) -> str:
                 f"{r['server_rss_peak_mib']} | {r['server_cpu_cores']} / {r['client_cpu_cores']} | "
                 f"{r['load_average_before']} |"
             )
-        lines.append("")
+        after = [
+            f"{phase}: /health/ready answered {r['ready_status_after']} right after"
+            for phase, r in service["phases"].items()
+            if "ready_status_after" in r
+        ]
+        lines += ["; ".join(after) + "." if after else "", ""]
+    if "worst_case_uploads" in report:
+        heavy = ", ".join(
+            f"{n} x {name} ({size // 1024} KiB)"
+            for (name, size), n in zip(
+                report["worst_case_uploads"].items(), (6, 2, 1, 2, 1), strict=True
+            )
+        )
+        lines += [f"Worst-case memory mix, sent at once: {heavy}, and the JPEG uploads.", ""]
     lines.append(f"Keras `model.predict` service: {report['naive_keras_service']}.")
     return "\n".join(lines) + "\n"
 
@@ -422,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--burst", type=int, default=256)
     p.add_argument("--no-dicom", action="store_true")
+    p.add_argument("--no-memory", action="store_true", help="skip the worst-case memory mix")
     p.add_argument("--compare-ref", help="also load the service as it is at this git ref")
     p.add_argument("--quiet-load", type=float, default=0.5,
                    help="wait for the 1-min load average to drop below this first")  # fmt: skip
@@ -454,7 +496,12 @@ def main(argv: list[str] | None = None) -> int:
         "services": {},
     }
     print(json.dumps(report["in_process_limit"], indent=2), flush=True)
-    common = (jpeg_requests, dicom_requests, args.concurrency, args.seconds, args.burst)
+    worst_case = []
+    if not args.no_memory:
+        heavy = worst_case_uploads()
+        report["worst_case_uploads"] = {name: len(data) for name, data, _ in heavy}
+        worst_case = [loadgen.build_request("/predict", d, media) for _, d, media in heavy]
+    common = (jpeg_requests, dicom_requests, args.concurrency, args.seconds, args.burst, worst_case)
     report["services"]["this checkout"] = run_http(REPO_ROOT, args.model, *common, env={})
     if args.compare_ref:
         with tempfile.TemporaryDirectory() as tmp:

@@ -100,7 +100,9 @@ class HeldModel:
 
 
 def test_a_full_service_answers_429_with_retry_after_at_once_and_stays_ready(model_path) -> None:
-    settings = make_settings(model_path, max_in_flight_images=2, retry_after_s=3)
+    settings = make_settings(
+        model_path, max_in_flight_images=2, retry_after_s=3, max_upload_bytes=50_000
+    )
     app = create_app(settings)
     image = encode(xray_like(), "PNG")
     with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
@@ -110,6 +112,8 @@ def test_a_full_service_answers_429_with_retry_after_at_once_and_stays_ready(mod
         started = time.perf_counter()
         refused = client.post("/predict", content=image, headers=JPEG)
         refusal_seconds = time.perf_counter() - started
+        # An upload that could never be taken gets its 413, full service or not.
+        oversize = client.post("/predict", content=b"\xff\xd8\xff" * 20_000, headers=JPEG)
         assert client.get("/health/ready").status_code == 200  # full is not unready
         metrics = client.get("/metrics").text
         held.gate.set()
@@ -118,6 +122,7 @@ def test_a_full_service_answers_429_with_retry_after_at_once_and_stays_ready(mod
     assert refused.headers["retry-after"] == "3"
     assert refused.json()["error"]["code"] == "overloaded"
     assert refusal_seconds < 1.0
+    assert oversize.status_code == 413
     assert "cxr_in_flight_images 2.0" in metrics
 
 
