@@ -126,8 +126,13 @@ class BatchingEngine:
             if self._max_wait_s > 0:
                 await self._fill_or_time_out()
             items = self._take()
-            if items:
+            try:
                 await self._run(items)
+            except Exception as exc:  # a bug here must not stop the loop and strand every caller
+                logger.exception("batching loop error")
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
 
     async def _fill_or_time_out(self) -> None:
         oldest = self._queue[0].enqueued
@@ -165,6 +170,8 @@ class BatchingEngine:
         return items
 
     async def _run(self, items: list[_Waiting]) -> None:
+        if not items:
+            return
         started = time.perf_counter()
         size = sum(len(i.rows) for i in items)
         try:

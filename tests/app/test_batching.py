@@ -221,3 +221,24 @@ def test_an_engine_that_was_never_started_refuses_work() -> None:
             await engine.infer(rows(1.0))
 
     run(scenario())
+
+
+def test_a_broken_observer_fails_its_batch_but_not_the_loop() -> None:
+    class Broken:
+        calls = 0
+
+        def batch_ran(self, size: int, queue_waits: list[float], run_seconds: float) -> None:
+            Broken.calls += 1
+            if Broken.calls == 1:
+                raise RuntimeError("metrics bug")
+
+    async def scenario() -> None:
+        engine = await started(
+            BatchingEngine(RecordingModel(), max_batch_size=4, observer=Broken())
+        )
+        with pytest.raises(RuntimeError, match="metrics bug"):
+            await engine.infer(rows(1.0))
+        np.testing.assert_array_equal(await engine.infer(rows(1.0)), [[4.0, 1.0]])
+        await engine.aclose()
+
+    run(scenario())
