@@ -87,15 +87,17 @@ class JpegDctScaling(_Strict):
     inverse DCT, what Pillow's `Image.draft` asks for), which skips most of the decoding and
     resizing work for pixels the model never sees.
 
-    For a JPEG stored as W x H, d is the largest of 8, 4, 2 with
-    `d * min_ratio * max(height, width) <= min(W, H)`; when none qualifies the JPEG is decoded at
-    full size. The decoded image is ceil(W / d) x ceil(H / d) in the file's own colour mode, and
-    steps 2-4 apply to it unchanged; its shorter side stays at least `min_ratio` times the target's
-    longer side, so the final resize still averages over several pixels per output pixel.
-    PNG and DICOM images are always decoded at full size.
+    For a JPEG stored as W x H, d is the largest of 8, 4, 2 that is at most `max_denominator` and
+    satisfies `d * min_ratio * max(height, width) <= min(W, H)`; when none qualifies the JPEG is
+    decoded at full size. The decoded image is ceil(W / d) x ceil(H / d) in the file's own colour
+    mode, and steps 2-4 apply to it unchanged; its shorter side stays at least `min_ratio` times
+    the target's longer side, so the final resize still averages over several pixels per output
+    pixel. PNG and DICOM images are always decoded at full size.
     """
 
     min_ratio: int = Field(ge=1)
+    # libjpeg's 1/2 scale stays closest to a full decode; 1/4 and 1/8 move a model more.
+    max_denominator: Literal[2, 4, 8] = 8
 
 
 class Preprocessing(_Strict):

@@ -38,7 +38,8 @@ def jpeg_scale_denominator(width: int, height: int, spec: Preprocessing) -> int:
         return 1
     needed = rule.min_ratio * max(spec.height, spec.width)
     shorter = min(width, height)
-    return next((d for d in _DCT_SCALES if d * needed <= shorter), 1)
+    allowed = (d for d in _DCT_SCALES if d <= rule.max_denominator)
+    return next((d for d in allowed if d * needed <= shorter), 1)
 
 
 def stretch_to_uint8(image: Image.Image) -> Image.Image:

@@ -23,12 +23,13 @@ def _dct_scaling_note(p: Preprocessing) -> str:
     if rule is None:
         return "Every JPEG is decoded at full size."
     side = 2 * rule.min_ratio * max(p.height, p.width)
+    scales = " or ".join(f"1/{d}" for d in (2, 4, 8) if d <= rule.max_denominator)
     return (
-        f"A JPEG whose shorter side is at least {side} px is decoded at 1/2, 1/4 or 1/8 scale in\n"
-        f"the DCT domain, keeping at least {rule.min_ratio}x the input size "
-        f"(`preprocessing.jpeg_dct_scaling`), before the\nresize; PNG and DICOM are decoded at full "
-        "size. On test X-rays upscaled to detector sizes this moves\np(PNEUMONIA) by at most 0.02 "
-        "against full-size decoding (README, `python -m training.full_resolution`)."
+        f"A JPEG whose shorter side is at least {side} px is decoded at {scales} scale in the DCT\n"
+        f"domain, keeping at least {rule.min_ratio}x the input size "
+        f"(`preprocessing.jpeg_dct_scaling`), before the resize;\nPNG and DICOM are decoded at full "
+        "size. The README has how far this moves p(PNEUMONIA) on test X-rays\nupscaled to "
+        "detector sizes against full-size decoding (`python -m training.full_resolution`)."
     )
 
 
