@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from collections.abc import Awaitable
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 
@@ -39,6 +40,7 @@ from app.uploads import (
 )
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+T = TypeVar("T")
 
 router = APIRouter()
 
@@ -150,9 +152,7 @@ async def predict(request: Request, step: StepDep, settings: SettingsDep) -> Pre
     context = request_context(request)
     deadline = _deadline(request, context, settings)
     with step.admit(1, declared_upload_bytes(request, settings.max_upload_bytes)):
-        started = time.perf_counter()
-        data = await read_upload(request, settings.max_upload_bytes)
-        step.metrics.phase("upload_read", time.perf_counter() - started)
+        data = await _timed_read(step, read_upload(request, settings.max_upload_bytes))
         prediction = await step.predict(data, deadline)
     response = _prediction_response(prediction, step.classifier, context)
     context.fields.update(decode_ms=prediction.decode_ms, inference_ms=prediction.inference_ms)
@@ -207,11 +207,8 @@ async def predict_batch(
     context = request_context(request)
     deadline = _deadline(request, context, settings)
     with step.admit(1, declared_upload_bytes(request, settings.max_upload_bytes)) as ticket:
-        started = time.perf_counter()
-        parts = await read_upload_parts(
-            request, settings.max_upload_bytes, settings.max_images_per_request
-        )
-        step.metrics.phase("upload_read", time.perf_counter() - started)
+        limits = (settings.max_upload_bytes, settings.max_images_per_request)
+        parts = await _timed_read(step, read_upload_parts(request, *limits))
         ticket.grow(len(parts) - 1)
         outcomes = await asyncio.gather(
             *(step.predict(part, deadline) for part in parts), return_exceptions=True
@@ -235,6 +232,15 @@ async def predict_batch(
         execution_provider=step.classifier.execution_provider,
         request_id=context.request_id,
     )
+
+
+async def _timed_read(step: PredictionStep, reading: Awaitable[T]) -> T:
+    """Await the body's reading and report it as the `upload_read` phase."""
+    started = time.perf_counter()
+    try:
+        return await reading
+    finally:
+        step.metrics.phase("upload_read", time.perf_counter() - started)
 
 
 def _deadline(request: Request, context: RequestContext, settings: Settings) -> float | None:

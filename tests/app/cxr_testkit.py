@@ -9,6 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +147,44 @@ def encode(image: Image.Image, fmt: str, **save_kwargs: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save_kwargs)
     return buffer.getvalue()
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def uvicorn_serving_tiny_model(workdir: Path, **env: str) -> Iterator[tuple[str, int]]:
+    """`python -m uvicorn app.main:app` on a free 127.0.0.1 port serving the tiny model, `CXR_*`
+    settings from `env`; yields (base URL, process id) once ready, and stops it afterwards."""
+    import httpx
+
+    onnx_bytes = build_onnx()
+    meta = metadata_for(onnx_bytes)
+    (workdir / meta["onnx_file"]).write_bytes(onnx_bytes)
+    (workdir / "model.json").write_text(json.dumps(meta))
+    child_env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_")}
+    child_env.update(CXR_MODEL_METADATA=str(workdir / "model.json"), CXR_PROVIDER="cpu", **env)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
+         "--port", str(port), "--no-access-log"],
+        cwd=REPO_ROOT, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("the service never became ready")
+            time.sleep(0.05)
+        yield base, process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -55,6 +55,18 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def hold_busy(engine: BatchingEngine, model: RecordingModel, value: float = 1.0):
+    """Start a first request and hold the model on it, so that what comes next has to queue."""
+    model.gate.clear()
+    first = asyncio.ensure_future(engine.infer(rows(value)))
+    await wait_until(model.running.is_set)
+    return first
+
+
+def submit(engine: BatchingEngine, *values: float, deadline: float | None = None) -> list:
+    return [asyncio.ensure_future(engine.infer(rows(v), deadline=deadline)) for v in values]
+
+
 def test_a_lone_request_runs_at_once_as_a_batch_of_one() -> None:
     async def scenario() -> None:
         model = RecordingModel()
@@ -73,10 +85,8 @@ def test_requests_queued_while_the_model_is_busy_run_as_one_batch_and_get_their_
     async def scenario() -> None:
         model = RecordingModel()
         engine = await started(BatchingEngine(model, max_batch_size=8))
-        model.gate.clear()
-        first = asyncio.ensure_future(engine.infer(rows(0.0)))
-        await wait_until(model.running.is_set)  # the model is busy with the first request
-        others = [asyncio.ensure_future(engine.infer(rows(float(i)))) for i in range(1, 6)]
+        first = await hold_busy(engine, model, 0.0)
+        others = submit(engine, 1.0, 2.0, 3.0, 4.0, 5.0)
         await wait_until(lambda: engine.queue_depth == 5)
         model.gate.set()
         results = await asyncio.gather(first, *others)
@@ -93,10 +103,8 @@ def test_batches_never_exceed_the_maximum_size() -> None:
     async def scenario() -> None:
         model = RecordingModel()
         engine = await started(BatchingEngine(model, max_batch_size=4))
-        model.gate.clear()
-        first = asyncio.ensure_future(engine.infer(rows(0.0)))
-        await wait_until(model.running.is_set)
-        others = [asyncio.ensure_future(engine.infer(rows(1.0))) for _ in range(10)]
+        first = await hold_busy(engine, model, 0.0)
+        others = submit(engine, *[1.0] * 10)
         await wait_until(lambda: engine.queue_depth == 10)
         model.gate.set()
         await asyncio.gather(first, *others)
@@ -129,14 +137,9 @@ def test_a_failing_batch_fails_only_its_own_callers() -> None:
     async def scenario() -> None:
         model = RecordingModel()
         engine = await started(BatchingEngine(model, max_batch_size=2))
-        model.gate.clear()
-        first = asyncio.ensure_future(engine.infer(rows(1.0)))
-        await wait_until(model.running.is_set)
-        bad_batch = [
-            asyncio.ensure_future(engine.infer(rows(-1.0))),
-            asyncio.ensure_future(engine.infer(rows(2.0))),
-        ]
-        good_batch = [asyncio.ensure_future(engine.infer(rows(3.0)))]
+        first = await hold_busy(engine, model)
+        bad_batch = submit(engine, -1.0, 2.0)
+        good_batch = submit(engine, 3.0)
         await wait_until(lambda: engine.queue_depth == 3)
         model.gate.set()
         np.testing.assert_array_equal(await first, [[4.0, 1.0]])
@@ -155,11 +158,9 @@ def test_callers_whose_deadline_passed_in_the_queue_are_refused_not_run() -> Non
     async def scenario() -> None:
         model = RecordingModel()
         engine = await started(BatchingEngine(model, max_batch_size=8))
-        model.gate.clear()
-        first = asyncio.ensure_future(engine.infer(rows(1.0)))
-        await wait_until(model.running.is_set)
-        expired = asyncio.ensure_future(engine.infer(rows(2.0), deadline=time.perf_counter()))
-        patient = asyncio.ensure_future(engine.infer(rows(3.0), deadline=time.perf_counter() + 60))
+        first = await hold_busy(engine, model)
+        (expired,) = submit(engine, 2.0, deadline=time.perf_counter())
+        (patient,) = submit(engine, 3.0, deadline=time.perf_counter() + 60)
         await wait_until(lambda: engine.queue_depth == 2)
         await asyncio.sleep(0.01)
         model.gate.set()
@@ -178,7 +179,7 @@ def test_shutdown_drains_the_queue_then_refuses_new_work() -> None:
         model = RecordingModel()
         engine = await started(BatchingEngine(model, max_batch_size=2))
         model.gate.clear()
-        queued = [asyncio.ensure_future(engine.infer(rows(float(i)))) for i in range(5)]
+        queued = submit(engine, 0.0, 1.0, 2.0, 3.0, 4.0)
         await wait_until(model.running.is_set)
         closing = asyncio.ensure_future(engine.aclose())
         await asyncio.sleep(0.01)
@@ -198,11 +199,8 @@ def test_a_caller_that_went_away_is_skipped() -> None:
     async def scenario() -> None:
         model = RecordingModel()
         engine = await started(BatchingEngine(model, max_batch_size=8))
-        model.gate.clear()
-        first = asyncio.ensure_future(engine.infer(rows(1.0)))
-        await wait_until(model.running.is_set)
-        gone = asyncio.ensure_future(engine.infer(rows(2.0)))
-        stays = asyncio.ensure_future(engine.infer(rows(3.0)))
+        first = await hold_busy(engine, model)
+        gone, stays = submit(engine, 2.0, 3.0)
         await wait_until(lambda: engine.queue_depth == 2)
         gone.cancel()
         model.gate.set()

@@ -8,21 +8,14 @@ the decode budget admits them as memory allows and the stretch works in slices.
 from __future__ import annotations
 
 import io
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
-from cxr_testkit import build_onnx, metadata_for
+from cxr_testkit import uvicorn_serving_tiny_model
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 GiB = 1024**3
 
 
@@ -46,33 +39,7 @@ def test_six_huge_16_bit_pngs_and_two_rgba_ones_at_once_stay_under_1_gib(tmp_pat
     rgba = _png(Image.fromarray(np.stack([grey, grey, grey, grey], axis=-1), "RGBA"))
     del yy, xx, grey
 
-    onnx_bytes = build_onnx()
-    meta = metadata_for(onnx_bytes)
-    (tmp_path / meta["onnx_file"]).write_bytes(onnx_bytes)
-    (tmp_path / "model.json").write_text(json.dumps(meta))
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_")}
-    env.update(
-        CXR_MODEL_METADATA=str(tmp_path / "model.json"), CXR_PROVIDER="cpu", CXR_LOG_LEVEL="WARNING"
-    )
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-         "--port", str(port), "--no-access-log"],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None, "never ready"
-            time.sleep(0.05)
+    with uvicorn_serving_tiny_model(tmp_path, CXR_LOG_LEVEL="WARNING") as (base, pid):
 
         def post(data: bytes) -> int:
             response = httpx.post(
@@ -82,10 +49,7 @@ def test_six_huge_16_bit_pngs_and_two_rgba_ones_at_once_stay_under_1_gib(tmp_pat
 
         with ThreadPoolExecutor(8) as pool:
             statuses = list(pool.map(post, [sixteen] * 6 + [rgba] * 2))
-        peak = _vm_kib(process.pid, "VmHWM:") * 1024
+        peak = _vm_kib(pid, "VmHWM:") * 1024
         assert statuses == [200] * 8
         assert peak < 1 * GiB, f"peak RSS {peak / 2**20:.0f} MiB"
         assert httpx.get(f"{base}/health/ready", timeout=5).status_code == 200
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
