@@ -1,26 +1,36 @@
 """HTTP routes. They parse, delegate and shape responses; the work happens elsewhere:
-`uploads` reads the body, `Classifier.prepare` decodes (in a worker thread), the
-`InferenceEngine` runs the model (off the event loop), `errors` maps failures to HTTP."""
+`uploads` reads the body, `PredictionStep` admits, decodes and classifies each image (decode in a
+worker thread, the model in the batching engine), `errors` maps failures to HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Annotated
+from collections.abc import Awaitable
+from typing import Annotated, TypeVar
 
-import anyio.to_thread
-import numpy as np
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app.auth import REQUIRE_API_KEY
 from app.dicom import DicomFindings
-from app.engine import InferenceEngine
-from app.errors import ExplanationUnavailable, InvalidRequest, ModelNotReady, error_responses
-from app.explain import DEFAULT_OPACITY, render_images
+from app.errors import (
+    ErrorDetail,
+    ExplanationUnavailable,
+    InvalidRequest,
+    ModelNotReady,
+    ServiceError,
+    error_responses,
+)
+from app.explain import DEFAULT_OPACITY
 from app.inference import Classifier
-from app.observability import request_context
+from app.metrics import METRICS_CONTENT_TYPE, ServiceMetrics
+from app.observability import RequestContext, request_context
+from app.prediction import Explained, Prediction, PredictionStep
 from app.readiness import SHUTTING_DOWN, ServiceState
 from app.schemas import (
     AppliedWindowInfo,
+    BatchItem,
+    BatchPredictionResponse,
     DicomInfo,
     Explanation,
     LiveResponse,
@@ -31,7 +41,16 @@ from app.schemas import (
     TimingsMs,
 )
 from app.settings import Settings
-from app.uploads import FILE_FIELD, RAW_CONTENT_TYPES, read_upload
+from app.uploads import (
+    FILE_FIELD,
+    RAW_CONTENT_TYPES,
+    declared_upload_bytes,
+    read_upload,
+    read_upload_parts,
+)
+
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+T = TypeVar("T")
 
 router = APIRouter()
 
@@ -61,18 +80,24 @@ async def get_classifier(state: ServiceStateDep) -> Classifier:
     return state.classifier
 
 
-async def get_engine(
+async def get_prediction_step(
     state: ServiceStateDep, _: Annotated[Classifier, Depends(get_classifier)]
-) -> InferenceEngine:
-    """The inference engine; depends on `get_classifier` so it is only handed out when ready."""
-    engine: InferenceEngine | None = state.engine
-    if engine is None:
+) -> PredictionStep:
+    """The prediction step; depends on `get_classifier` so it is only handed out when ready."""
+    step = state.step
+    if step is None:
         raise ModelNotReady(state.unavailable_reason or "model is not loaded")
-    return engine
+    return step
+
+
+async def get_metrics(request: Request) -> ServiceMetrics:
+    metrics: ServiceMetrics = request.app.state.metrics
+    return metrics
 
 
 ClassifierDep = Annotated[Classifier, Depends(get_classifier)]
-EngineDep = Annotated[InferenceEngine, Depends(get_engine)]
+StepDep = Annotated[PredictionStep, Depends(get_prediction_step)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 
 
 def _identity(classifier: Classifier) -> ModelIdentity:
@@ -100,10 +125,13 @@ _PREDICT_BODY = {
 }
 
 
+_PREDICT_ERRORS = error_responses(413, 415, 422, 429, 503)
+
+
 @router.post(
     "/predict",
     response_model=PredictionResponse,
-    responses=error_responses(413, 415, 422, 503),
+    responses=_PREDICT_ERRORS,
     openapi_extra=_PREDICT_BODY,
     summary="Screen one chest X-ray for pneumonia",
     tags=["inference"],
@@ -111,10 +139,8 @@ _PREDICT_BODY = {
 )
 async def predict(
     request: Request,
-    classifier: ClassifierDep,
-    engine: EngineDep,
+    step: StepDep,
     settings: SettingsDep,
-    state: ServiceStateDep,
     explain: Annotated[
         bool,
         Query(
@@ -144,67 +170,157 @@ async def predict(
     population, a `warnings` entry.
 
     `label` applies the model's validated operating threshold to the calibrated probability of
-    the positive class. Errors: 413 upload too large, 415 unsupported format, 422 undecodable / too
+    the positive class. An optional `X-Request-Timeout-Ms` header bounds how long the image may
+    wait for the model. Errors: 413 upload too large, 415 unsupported format, 422 undecodable / too
     small / too many pixels / `not_intended_use` (another modality, body part or view, multi-frame,
-    colour, no pixel data) / `explanation_unavailable`, 503 model not ready.
+    colour, no pixel data) / `explanation_unavailable`, 429 `overloaded` (the service is full:
+    retry after `Retry-After` seconds), 503 model not ready, or `deadline_exceeded` (with
+    `Retry-After`).
 
     With `explain=true` the answer also carries `explanation`: the class activation map of the
     label (or of `explain_class`), exact for this model, as a grid and as PNG pictures (the input,
     the coloured map, and the two overlaid). Default answers do not compute it.
     """
-    meta = classifier.metadata
-    if explain and not classifier.explains:
+    meta = step.classifier.metadata
+    if explain and not step.classifier.explains:
         raise ExplanationUnavailable(
             f"model {meta.name} {meta.version} has no class-activation-map output"
         )
     if explain_class is not None and explain_class not in meta.classes:
         raise InvalidRequest(f"explain_class must be one of {', '.join(meta.classes)}")
     context = request_context(request)
-    data = await read_upload(request, settings.max_upload_bytes)
+    deadline = _deadline(request, context, settings)
+    with step.admit(1, declared_upload_bytes(request, settings.max_upload_bytes)):
+        data = await _timed_read(step, read_upload(request, settings.max_upload_bytes))
+        prediction = await step.predict(data, deadline, explain, explain_class)
+    response = _prediction_response(prediction, step.classifier, context)
+    context.fields.update(decode_ms=prediction.decode_ms, inference_ms=prediction.inference_ms)
+    step.metrics.phase("total", context.elapsed_ms() / 1000.0)
+    return response
 
-    decode_started = time.perf_counter()
-    prepared = await anyio.to_thread.run_sync(
-        classifier.prepare, data, limiter=state.decode_limiter
-    )
-    del data  # the encoded bytes are no longer needed while inference runs
-    inference_started = time.perf_counter()
-    explanation = None
-    if explain:
-        probabilities, explanation = await anyio.to_thread.run_sync(
-            _explained, classifier, prepared.tensor, explain_class, limiter=state.decode_limiter
+
+_BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "1 to `CXR_MAX_IMAGES_PER_REQUEST` chest X-rays as repeated multipart "
+        f"fields named `{FILE_FIELD}` (JPEG, PNG or DICOM, detected from the bytes).",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        FILE_FIELD: {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                        }
+                    },
+                    "required": [FILE_FIELD],
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/predict/batch",
+    response_model=BatchPredictionResponse,
+    responses=_PREDICT_ERRORS,
+    openapi_extra=_BATCH_BODY,
+    summary="Screen several chest X-rays in one request",
+    tags=["inference"],
+    dependencies=REQUIRE_API_KEY,
+)
+async def predict_batch(
+    request: Request, step: StepDep, settings: SettingsDep
+) -> BatchPredictionResponse:
+    """Classify several X-rays sent as repeated multipart `file` fields; one result per image,
+    in the order sent (research use only).
+
+    Each result has its own `status`: 200 with `prediction` (the same object `POST /predict`
+    returns), or the error status with `error` (`{"code", "message"}`), so one undecodable or
+    refused image does not fail the others. The whole request is refused only for what concerns
+    all of it: 413 when the body passes `CXR_MAX_UPLOAD_BYTES` in all, 415 when it is not
+    multipart, 422 for no `file` field or more than `CXR_MAX_IMAGES_PER_REQUEST`, 429 when the
+    service cannot take that many images now, 503 when not ready.
+    """
+    context = request_context(request)
+    deadline = _deadline(request, context, settings)
+    with step.admit(1, declared_upload_bytes(request, settings.max_upload_bytes)) as ticket:
+        limits = (settings.max_upload_bytes, settings.max_images_per_request)
+        parts = await _timed_read(step, read_upload_parts(request, *limits))
+        ticket.grow(len(parts) - 1)
+        outcomes = await asyncio.gather(
+            *(step.predict(part, deadline) for part in parts), return_exceptions=True
         )
-    else:
-        probabilities = (await engine.infer(prepared.tensor))[0]
-    finished = time.perf_counter()
-
-    timings = TimingsMs(
-        decode=round((inference_started - decode_started) * 1000.0, 2),
-        inference=round((finished - inference_started) * 1000.0, 2),
-        total=round(context.elapsed_ms(), 2),
+    del parts
+    results = []
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, Prediction):
+            prediction = _prediction_response(outcome, step.classifier, context)
+            results.append(BatchItem(index=index, status=200, prediction=prediction))
+        elif isinstance(outcome, ServiceError):
+            error = ErrorDetail(code=outcome.code, message=outcome.message)
+            results.append(BatchItem(index=index, status=outcome.status_code, error=error))
+        else:  # a bug, not a bad image: the handler logs it and answers 500
+            raise outcome
+    context.fields.update(images=len(results))
+    step.metrics.phase("total", context.elapsed_ms() / 1000.0)
+    return BatchPredictionResponse(
+        results=results,
+        model=_identity(step.classifier),
+        execution_provider=step.classifier.execution_provider,
+        request_id=context.request_id,
     )
-    context.fields.update(decode_ms=timings.decode, inference_ms=timings.inference)
+
+
+async def _timed_read(step: PredictionStep, reading: Awaitable[T]) -> T:
+    """Await the body's reading and report it as the `upload_read` phase."""
+    started = time.perf_counter()
+    try:
+        return await reading
+    finally:
+        step.metrics.phase("upload_read", time.perf_counter() - started)
+
+
+def _deadline(request: Request, context: RequestContext, settings: Settings) -> float | None:
+    """The `time.perf_counter()` by which the request's images must reach the model, if any: the
+    shorter of `CXR_REQUEST_TIMEOUT_MS` and the client's `X-Request-Timeout-Ms`."""
+    budgets_ms = [settings.request_timeout_ms] if settings.request_timeout_ms else []
+    header = request.headers.get(TIMEOUT_HEADER)
+    if header is not None:
+        if not header.isdigit() or int(header) == 0:
+            raise InvalidRequest(f"{TIMEOUT_HEADER} must be a positive number of milliseconds")
+        budgets_ms.append(int(header))
+    return context.started + min(budgets_ms) / 1000.0 if budgets_ms else None
+
+
+def _prediction_response(
+    prediction: Prediction, classifier: Classifier, context: RequestContext
+) -> PredictionResponse:
     return PredictionResponse(
-        label=classifier.label_for(probabilities),
-        probabilities={name: float(p) for name, p in zip(meta.classes, probabilities, strict=True)},
-        threshold=meta.decision.threshold,
+        label=prediction.label,
+        probabilities=prediction.probabilities,
+        threshold=classifier.metadata.decision.threshold,
         model=_identity(classifier),
         execution_provider=classifier.execution_provider,
         request_id=context.request_id,
-        timing_ms=timings,
-        dicom=_dicom_info(prepared.dicom) if prepared.dicom else None,
-        warnings=prepared.warnings,
-        explanation=explanation,
+        timing_ms=TimingsMs(
+            decode=prediction.decode_ms,
+            inference=prediction.inference_ms,
+            total=round(context.elapsed_ms(), 2),
+        ),
+        dicom=_dicom_info(prediction.dicom) if prediction.dicom else None,
+        warnings=prediction.warnings,
+        explanation=_explanation(prediction.explanation, classifier)
+        if prediction.explanation
+        else None,
     )
 
 
-def _explained(
-    classifier: Classifier, tensor: np.ndarray, class_name: str | None
-) -> tuple[np.ndarray, Explanation]:
-    """One run for the scores and the feature map, then the pictures (in a worker thread)."""
-    probabilities, cam = classifier.predict_with_cam(tensor, class_name)
-    spec = classifier.metadata.preprocessing
-    images = render_images(tensor, cam, spec.scale, spec.offset)
-    explanation = Explanation(
+def _explanation(explained: Explained, classifier: Classifier) -> Explanation:
+    cam, images = explained.cam, explained.images
+    return Explanation(
         target_class=classifier.metadata.classes[cam.class_index],
         grid=[[round(float(v), 6) for v in row] for row in cam.normalised],
         class_logit=cam.logit,
@@ -213,7 +329,6 @@ def _explained(
         heatmap_png=images.heatmap_png,
         overlay_png=images.overlay_png,
     )
-    return probabilities, explanation
 
 
 def _dicom_info(findings: DicomFindings) -> DicomInfo:
@@ -290,3 +405,18 @@ async def model_info(classifier: ClassifierDep) -> ModelInfo:
         provenance=dict(meta.provenance),
         execution_provider=classifier.execution_provider,
     )
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {METRICS_CONTENT_TYPE: {}}, "description": "Metrics"}},
+    tags=["monitoring"],
+    dependencies=REQUIRE_API_KEY,
+)
+async def metrics(service_metrics: MetricsDep) -> Response:
+    """Prometheus metrics (text exposition format): requests by route, status and error code;
+    per-phase latency histograms; batch sizes; queue depth; images in flight and the admission
+    limit; decode memory reserved; model identity; readiness. Answers whether or not the model
+    is ready, and is never refused for overload."""
+    return Response(service_metrics.exposition(), media_type=METRICS_CONTENT_TYPE)

@@ -127,10 +127,28 @@ class DicomRendering(_Strict):
         return v
 
 
+class JpegDctScaling(_Strict):
+    """Step 1 for a large JPEG: decode it at 1/d of its size in the DCT domain (libjpeg's scaled
+    inverse DCT, what Pillow's `Image.draft` asks for), which skips most of the decoding and
+    resizing work for pixels the model never sees.
+
+    For a JPEG stored as W x H, d is the largest of 8, 4, 2 that is at most `max_denominator` and
+    satisfies `d * min_ratio * max(height, width) <= min(W, H)`; when none qualifies the JPEG is
+    decoded at full size. The decoded image is ceil(W / d) x ceil(H / d) in the file's own colour
+    mode, and steps 2-4 apply to it unchanged; its shorter side stays at least `min_ratio` times
+    the target's longer side, so the final resize still averages over several pixels per output
+    pixel. PNG and DICOM images are always decoded at full size.
+    """
+
+    min_ratio: int = Field(ge=1)
+    # libjpeg's 1/2 scale stays closest to a full decode; 1/4 and 1/8 move a model more.
+    max_denominator: Literal[2, 4, 8] = 8
+
+
 class Preprocessing(_Strict):
     """How an upload becomes the model input. Applied identically by training and serving.
 
-    1. Decode; apply EXIF orientation.
+    1. Decode (a large JPEG at a reduced scale, by `jpeg_dct_scaling`); apply EXIF orientation.
     2. Bring to 8-bit grey: images with more than 8 bits per sample are linearly stretched from
        their own [min, max] to [0, 255] (`high_bit_depth: "minmax"`); 8-bit colour images go
        through the ITU-R 601-2 luma transform (Pillow's `convert("L")`); alpha is dropped.
@@ -151,6 +169,8 @@ class Preprocessing(_Strict):
     offset: float = 0.0
     high_bit_depth: Literal["minmax"] = "minmax"
     dicom: DicomRendering
+    # None: every JPEG is decoded at full size (metadata written before this rule existed).
+    jpeg_dct_scaling: JpegDctScaling | None = None
 
     @property
     def channels(self) -> int:

@@ -18,7 +18,9 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pydicom.filereader
 from PIL import Image
+from pydicom.filereader import read_preamble
 
 from app.dicom import DicomFindings, DicomPolicy, decode_dicom
 from app.errors import ImageTooManyPixels, ImageTooSmall, InvalidImage, UnsupportedMediaType
@@ -32,6 +34,9 @@ SUPPORTED_HINT = "send a JPEG, PNG or DICOM image"
 class DecodeLimits:
     max_pixels: int
     min_side: int
+    # The contract's JPEG DCT scaling (`preprocessing.jpeg_scale_denominator` bound to the model's
+    # contract): stored width, height -> the denominator d to decode at (1: full size).
+    jpeg_scale: Callable[[int, int], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,8 @@ def _pillow_decoder(pillow_format: str) -> Decoder:
             image = Image.open(io.BytesIO(data), formats=[pillow_format])
             # `open` is lazy: only the header has been read, so this runs before decompression.
             check_dimensions(*image.size, limits)
+            if pillow_format == "JPEG" and limits.jpeg_scale is not None:
+                _scale_jpeg(image, limits.jpeg_scale(*image.size))
             image.load()
             # Parse EXIF now so a malformed block is a 422 here, not an error in preprocessing
             # (the result is cached on the image and reused by `exif_transpose`).
@@ -116,6 +123,24 @@ def _pillow_decoder(pillow_format: str) -> Decoder:
         return DecodedImage(image, pillow_format)
 
     return decode
+
+
+def _scale_jpeg(image: Image.Image, denominator: int) -> None:
+    """Have libjpeg decode at 1/denominator in the DCT domain (to ceil(W/d) x ceil(H/d)).
+
+    Pillow's `draft` picks the largest of 8, 4, 2 that the requested size allows; asking for
+    floor(W/d) x floor(H/d) makes that exactly d. The colour mode stays the file's own.
+    """
+    if denominator <= 1:
+        return
+    width, height = image.size
+    image.draft(image.mode, (width // denominator, height // denominator))
+    expected = (-(-width // denominator), -(-height // denominator))
+    if image.size != expected:
+        raise InvalidImage(
+            f"the JPEG could not be decoded at 1/{denominator} scale ({width}x{height} became "
+            f"{image.size[0]}x{image.size[1]})"
+        )
 
 
 def _describe(pillow_format: str, exc: BaseException) -> str:
@@ -146,6 +171,58 @@ FORMATS: tuple[ImageFormat, ...] = (
 
 # The longest prefix any `matches` needs (DICOM's marker ends at byte 132).
 _SIGNATURE_BYTES = 132
+
+
+# Peak bytes per decoded pixel while an image of a mode is decoded and brought to 8-bit grey
+# (`preprocessing.to_8bit`): the decoded image plus the grey copy made from it (CMYK goes through
+# RGB inside Pillow; 16-bit adds the stretch's float64 slices). Measured with /proc VmHWM on
+# 50-megapixel images; the README has the figures.
+_PEAK_BYTES_PER_PIXEL = {
+    "1": 2, "L": 1, "LA": 3, "P": 2, "RGB": 4, "RGBA": 5, "RGBX": 5, "CMYK": 9,
+    "I;16": 4, "I;16L": 4, "I;16B": 4, "I;16N": 4,
+}  # fmt: skip
+_OTHER_MODES_PEAK = 12
+# Buffers every decode holds whatever its size (libjpeg's, the resize's, the model input).
+_DECODE_OVERHEAD_BYTES = 4 * 1024 * 1024
+# DICOM (pydicom and the contract's rendering): an uncompressed file peaks near 6x its length
+# (its pixels are in the upload: the parsed copy, the decoded array, the lookup and the 8-bit
+# image); a compressed one is charged for the largest image the pixel limit admits (an RLE file
+# of 49 megapixels peaked at 10 bytes per pixel).
+_UNCOMPRESSED_DICOM_PEAK_PER_BYTE = 7
+_DICOM_PEAK_BYTES_PER_PIXEL = 11
+
+
+def estimate_decode_bytes(data: bytes, limits: DecodeLimits) -> int:
+    """The memory decoding this upload will hold at its peak, from its header alone (0 when the
+    header does not parse: decoding it will fail at once)."""
+    fmt = detect_format(data)
+    if fmt is None or fmt.decoder is None:
+        return 0
+    if fmt.name == "DICOM":
+        if _uncompressed_dicom(data):
+            return len(data) * _UNCOMPRESSED_DICOM_PEAK_PER_BYTE
+        return limits.max_pixels * _DICOM_PEAK_BYTES_PER_PIXEL
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt.name]) as image:
+            width, height = image.size
+            mode = image.mode
+    except Exception:  # whatever the header's problem is, decoding reports it properly
+        return 0
+    d = limits.jpeg_scale(width, height) if fmt.name == "JPEG" and limits.jpeg_scale else 1
+    pixels = -(-width // d) * -(-height // d)
+    return _DECODE_OVERHEAD_BYTES + pixels * _PEAK_BYTES_PER_PIXEL.get(mode, _OTHER_MODES_PEAK)
+
+
+def _uncompressed_dicom(data: bytes) -> bool:
+    """Whether a DICOM file's pixels are stored as they are (native, not deflated), from its file
+    meta information alone."""
+    try:
+        stream = io.BytesIO(data)
+        read_preamble(stream, False)
+        syntax = pydicom.filereader._read_file_meta_info(stream).get("TransferSyntaxUID")
+    except Exception:  # unreadable meta information: decoding refuses the file anyway
+        return False
+    return syntax is not None and not syntax.is_compressed and not syntax.is_deflated
 
 
 def detect_format(data: bytes) -> ImageFormat | None:

@@ -17,6 +17,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.observability import request_context
+
 logger = logging.getLogger(__name__)
 
 
@@ -25,11 +27,20 @@ class ServiceError(Exception):
 
     status_code: ClassVar[int] = HTTPStatus.INTERNAL_SERVER_ERROR
     code: ClassVar[str] = "internal_error"
+    # Whether the client should simply retry later: the answer then carries `Retry-After`.
+    retryable: ClassVar[bool] = False
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        headers: dict[str, str] | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers
+        # Sent as `Retry-After` (seconds) when the client should simply come back later.
+        self.retry_after_s = retry_after_s
 
 
 class InvalidImage(ServiceError):
@@ -109,6 +120,25 @@ class ShuttingDown(ServiceError):
     code = "shutting_down"
 
 
+class Overloaded(ServiceError):
+    """The service already holds all the work it can finish in time: refused at once, before the
+    upload is read, with `Retry-After`. Not a readiness failure: the service is healthy, just full.
+    """
+
+    status_code = HTTPStatus.TOO_MANY_REQUESTS
+    code = "overloaded"
+    retryable = True
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline (`X-Request-Timeout-Ms` or the configured default) passed before its
+    image reached the model; the work is dropped instead of finishing for a client that gave up."""
+
+    status_code = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "deadline_exceeded"
+    retryable = True
+
+
 class ModelLoadError(Exception):
     """Why a model cannot be served; its message becomes the not-ready reason."""
 
@@ -132,6 +162,14 @@ def error_json(
     return JSONResponse(status_code=status, content=body.model_dump(), headers=headers)
 
 
+def _answer(
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    # The access log line and the request counter name the code.
+    request_context(request).error_code = code
+    return error_json(status, code, message, headers)
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The `responses=` entry that documents the error shape for the given statuses in OpenAPI."""
     return {
@@ -151,13 +189,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        return error_json(exc.status_code, exc.code, exc.message, exc.headers)
+        retry_after = exc.retry_after_s
+        if retry_after is None and exc.retryable:
+            retry_after = request.app.state.settings.retry_after_s
+        headers = dict(exc.headers or {})
+        if retry_after is not None:
+            headers["Retry-After"] = str(retry_after)
+        return _answer(request, exc.status_code, exc.code, exc.message, headers or None)
 
     async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         # Keep the framework's headers (405 carries `Allow`).
-        return error_json(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+        return _answer(request, exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -165,13 +209,13 @@ def install_error_handlers(app: FastAPI) -> None:
             f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
             for err in exc.errors()
         )
-        return error_json(HTTPStatus.UNPROCESSABLE_ENTITY, InvalidRequest.code, problems)
+        return _answer(request, HTTPStatus.UNPROCESSABLE_ENTITY, InvalidRequest.code, problems)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug, not bad input: log the traceback server-side, never send it to the client.
         logger.exception("unhandled error", exc_info=exc)
-        return error_json(
-            HTTPStatus.INTERNAL_SERVER_ERROR, ServiceError.code, "internal server error"
+        return _answer(
+            request, HTTPStatus.INTERNAL_SERVER_ERROR, ServiceError.code, "internal server error"
         )
 
     app.add_exception_handler(ServiceError, on_service_error)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,11 @@ from PIL import Image
 from pydantic import ValidationError
 
 from app.contract import ModelMetadata, TensorSpec, load_metadata
-from app.decoding import DECODER_ERRORS, DecodeLimits, decode_upload
+from app.decoding import DECODER_ERRORS, DecodeLimits, decode_upload, estimate_decode_bytes
 from app.dicom import DicomFindings, DicomPolicy
 from app.errors import InvalidImage, ModelLoadError
 from app.explain import ClassActivationMap, class_activation_map
-from app.preprocessing import to_model_input
+from app.preprocessing import jpeg_scale_denominator, to_model_input
 from app.settings import Provider, Settings
 
 logger = logging.getLogger(__name__)
@@ -88,8 +89,9 @@ class PreparedImage:
 class Classifier:
     """One validated ONNX Runtime session plus the metadata that describes it.
 
-    `preprocess` and `predict_batch` are synchronous and CPU-bound: callers run them off the
-    event loop (see `app.engine`). ONNX Runtime sessions are safe to call from several threads.
+    `prepare` and `predict_batch` are synchronous and CPU-bound: callers run them off the event
+    loop (see `app.prediction` and `app.engine`). ONNX Runtime sessions are safe to call from
+    several threads.
     """
 
     def __init__(
@@ -102,7 +104,10 @@ class Classifier:
         self.metadata = metadata
         self.execution_provider: str = session.get_providers()[0]
         self._session = session
-        self._limits = limits
+        # Large JPEGs are decoded at the reduced scale the contract prescribes.
+        self._limits = replace(
+            limits, jpeg_scale=partial(jpeg_scale_denominator, spec=metadata.preprocessing)
+        )
         # Rendering and gating rules are the model's (metadata); the refusal choice is the site's.
         self._dicom = DicomPolicy(
             rendering=metadata.preprocessing.dicom,
@@ -123,6 +128,11 @@ class Classifier:
             # A fully decoded image can still carry an EXIF block or mode Pillow chokes on.
             raise InvalidImage(f"the image could not be preprocessed: {exc}") from exc
         return PreparedImage(tensor, decoded.dicom)
+
+    def decode_cost(self, data: bytes) -> int:
+        """The memory, in bytes, that `prepare` will hold at its peak for these bytes (from the
+        header alone; see `decoding.estimate_decode_bytes`)."""
+        return estimate_decode_bytes(data, self._limits)
 
     def preprocess(self, data: bytes) -> np.ndarray:
         """Upload bytes -> model input (1, H, W, C) float32, or a 415/422 domain error."""

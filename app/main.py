@@ -20,11 +20,12 @@ from app.api import router
 from app.auth import ApiKeys, document_api_keys
 from app.docs import install_docs
 from app.draining import Drain, DrainMiddleware
-from app.engine import ThreadPoolEngine
 from app.errors import ModelLoadError, install_error_handlers
 from app.gpu import preload_cuda_libraries
 from app.inference import load_classifier
+from app.metrics import ServiceMetrics
 from app.observability import RequestContextMiddleware, configure_logging
+from app.prediction import start_prediction
 from app.readiness import ServiceState
 from app.schemas import DISCLAIMER
 from app.settings import Settings
@@ -38,7 +39,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     # A fresh state per start-up: an app object that is started again (tests do) must not keep
     # the previous run's draining flag.
-    state = app.state.service = ServiceState.for_settings(settings.decode_concurrency)
+    state = app.state.service = ServiceState()
     drain = app.state.drain = Drain(settings.drain_seconds)
     configure_logging(settings.log_level)
     keys: ApiKeys = app.state.api_keys
@@ -53,7 +54,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.fail(str(exc))
         logger.error("model not ready", extra={"fields": {"reason": str(exc)}})
     else:
-        state.serve(classifier, ThreadPoolEngine(classifier, settings.inference_concurrency))
+        state.serve(start_prediction(classifier, settings, app.state.metrics))
         meta = classifier.metadata
         logger.info(
             "model ready",
@@ -74,6 +75,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         state.begin_shutdown()
         logger.info("shutting down")
+        if state.step is not None:
+            await state.step.aclose()  # images already queued still get their answers
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -97,10 +100,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # rather than leaving it up and open.
     app.state.api_keys = ApiKeys.from_settings(settings)
     document_api_keys(app)
+    metrics = app.state.metrics = ServiceMetrics()
+    metrics.watch_service(lambda: app.state.service)
     install_error_handlers(app)
-    # The last added is the outermost: request ids and the access log wrap the drain's 503s.
+    # The last added is the outermost: request ids, the access log and the request metrics wrap
+    # the drain's 503s.
     app.add_middleware(DrainMiddleware)
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(router)
     app.include_router(viewer_router)
     return app

@@ -14,7 +14,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,6 +35,7 @@ class RequestContext:
     request_id: str
     started: float = field(default_factory=time.perf_counter)
     body_bytes: int = 0
+    error_code: str | None = None  # set by the error handlers
     fields: dict[str, Any] = field(default_factory=dict)
 
     def elapsed_ms(self) -> float:
@@ -57,12 +58,18 @@ def size_bucket(n_bytes: int) -> str:
     return ">8MiB"
 
 
+class RequestObserver(Protocol):
+    def request_done(self, route: str, method: str, status: int, code: str | None) -> None: ...
+
+
 class RequestContextMiddleware:
     """Pure ASGI middleware (no body buffering, unlike BaseHTTPMiddleware): assigns the request
-    ID, echoes it as `X-Request-ID`, counts body bytes, and writes the access log line."""
+    ID, echoes it as `X-Request-ID`, counts body bytes, writes the access log line and reports
+    the request to `metrics`."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: RequestObserver | None = None) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,17 +100,21 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, counting_receive, send_with_id)
         finally:
-            route = scope.get("route")
+            route = getattr(scope.get("route"), "path", "<unmatched>")
+            if self.metrics is not None:
+                self.metrics.request_done(route, scope["method"], status, context.error_code)
+            error = {"error_code": context.error_code} if context.error_code else {}
             access_logger.info(
                 "request",
                 extra={
                     "fields": {
                         "request_id": request_id,
                         "method": scope["method"],
-                        "route": getattr(route, "path", "<unmatched>"),
+                        "route": route,
                         "status": status,
                         "duration_ms": round(context.elapsed_ms(), 2),
                         "body_size": size_bucket(context.body_bytes),
+                        **error,
                         **context.fields,
                     }
                 },

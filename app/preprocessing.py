@@ -8,7 +8,7 @@ is a constant: size, colour mode, resize filter and scaling all come from the me
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from app.contract import Preprocessing
 
@@ -25,22 +25,58 @@ RESAMPLING: dict[str, Image.Resampling] = {
 }
 
 
+# Rows per slice when stretching a high-bit-depth image: about a megapixel, so the float64
+# working copy stays near 8 MB however large the image is.
+_STRETCH_SLICE_PIXELS = 1 << 20
+_DCT_SCALES = (8, 4, 2)
+
+
+def jpeg_scale_denominator(width: int, height: int, spec: Preprocessing) -> int:
+    """The contract's DCT scaling for a JPEG stored as width x height: 8, 4, 2, or 1 (none)."""
+    rule = spec.jpeg_dct_scaling
+    if rule is None:
+        return 1
+    needed = rule.min_ratio * max(spec.height, spec.width)
+    shorter = min(width, height)
+    allowed = (d for d in _DCT_SCALES if d <= rule.max_denominator)
+    return next((d for d in allowed if d * needed <= shorter), 1)
+
+
 def stretch_to_uint8(image: Image.Image) -> Image.Image:
     """Map a >8-bit image linearly from its own [min, max] to [0, 255] ("L" mode).
 
     value_8bit = round((v - min) * 255 / (max - min)), rounding half to even, computed in float64;
     a constant image becomes all zeros. Min/max stretching (rather than a fixed >> 8) is what makes
     a 12-bit detector image stored in a 16-bit PNG look like the 8-bit JPEGs the model learned on.
+
+    Memory: the float64 arithmetic runs one slice of rows at a time into the uint8 result, so a
+    7000x7000 16-bit image costs its own 98 MB plus 49 MB for the result, not gigabytes of copies.
     """
-    values = np.asarray(image).astype(np.float64)
-    lo, hi = float(values.min()), float(values.max())
-    if not (np.isfinite(lo) and np.isfinite(hi)):
+    width, height = image.size
+    rows = max(1, _STRETCH_SLICE_PIXELS // width)
+    bands = [(top, min(top + rows, height)) for top in range(0, height, rows)]
+
+    def band(top: int, bottom: int) -> np.ndarray:
+        return np.asarray(image.crop((0, top, width, bottom)))
+
+    extremes = np.array(
+        [(b.min(), b.max()) for b in (band(top, bottom) for top, bottom in bands)], np.float64
+    )
+    if not np.all(np.isfinite(extremes)):
         raise ValueError("image contains non-finite sample values")
-    if hi <= lo:
-        stretched = np.zeros(values.shape, dtype=np.uint8)
-    else:
-        stretched = np.rint((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-    return Image.fromarray(stretched)  # 2-D uint8 -> mode "L"
+    lo, hi = float(extremes[:, 0].min()), float(extremes[:, 1].max())
+    stretched = np.zeros((height, width), dtype=np.uint8)
+    if hi > lo:
+        factor = 255.0 / (hi - lo)
+        for top, bottom in bands:
+            values = band(top, bottom).astype(np.float64)
+            stretched[top:bottom] = np.rint((values - lo) * factor).astype(np.uint8)
+    return Image.fromarray(stretched)  # 2-D uint8 -> mode "L", sharing the array's memory
+
+
+# Modes whose `convert("L")` equals `convert("RGB").convert("L")` exactly (palette transparency and
+# alpha are ignored either way); the parity tests hold both sides to it.
+_DIRECT_TO_GREY = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "RGBX", "CMYK"})
 
 
 def to_8bit(image: Image.Image, color_mode: str) -> Image.Image:
@@ -52,6 +88,10 @@ def to_8bit(image: Image.Image, color_mode: str) -> Image.Image:
     if image.mode in HIGH_BIT_DEPTH_MODES:
         grey = stretch_to_uint8(image)
         return grey if color_mode == "grayscale" else grey.convert("RGB")
+    if color_mode == "grayscale" and image.mode in _DIRECT_TO_GREY:
+        # Pillow's direct conversion gives the same luma as going through RGB, bit for bit, without
+        # the full-size RGB(A) copies (a 50-megapixel RGBA PNG would need 350 MB more).
+        return image.convert("L")
     if image.mode in ("P", "PA"):
         # Expand the palette; a transparent palette entry becomes alpha, dropped below.
         image = image.convert("RGBA")
@@ -63,6 +103,16 @@ def to_8bit(image: Image.Image, color_mode: str) -> Image.Image:
     return rgb.convert("L") if color_mode == "grayscale" else rgb
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned by its EXIF orientation. `ImageOps.exif_transpose` copies an image that
+    needs no turning (most of them), a full-size copy a 50-megapixel upload cannot afford."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in (None, 1):
+        return image
+    turned = ImageOps.exif_transpose(image)
+    assert turned is not None  # not in place: always an image
+    return turned
+
+
 def to_model_input(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     """The model input for one decoded image: float32 of shape (1, height, width, channels).
 
@@ -70,7 +120,7 @@ def to_model_input(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     (or RGB); resize to (width, height) with the metadata's Pillow filter, ignoring aspect ratio;
     then `uint8 * scale + offset` in float32.
     """
-    upright = ImageOps.exif_transpose(image)
+    upright = _upright(image)
     eight_bit = to_8bit(upright, spec.color_mode)
     resized = eight_bit.resize((spec.width, spec.height), RESAMPLING[spec.resize_filter])
     pixels = np.asarray(resized, dtype=np.float32)

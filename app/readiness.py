@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import anyio
-
-from app.engine import InferenceEngine
 from app.inference import Classifier
+from app.prediction import PredictionStep
 
 SHUTTING_DOWN = "shutting down"
 
@@ -24,28 +21,16 @@ class ServiceState:
     """
 
     classifier: Classifier | None = None
-    engine: InferenceEngine | None = None
+    step: PredictionStep | None = None
     failure: str = "model is loading"
     draining: bool = False
     stopped: bool = False
-    # Bounds concurrent decodes: each can hold a full-resolution image (up to the pixel limit) in
-    # memory, so a burst of uploads must queue rather than multiply memory by the thread count.
-    decode_limiter: anyio.CapacityLimiter = field(
-        default_factory=lambda: anyio.CapacityLimiter(os.cpu_count() or 1)
-    )
 
-    @classmethod
-    def for_settings(cls, decode_concurrency: int) -> ServiceState:
-        """A fresh state; `decode_concurrency` 0 keeps one decode slot per reported CPU."""
-        if decode_concurrency:
-            return cls(decode_limiter=anyio.CapacityLimiter(decode_concurrency))
-        return cls()
-
-    def serve(self, classifier: Classifier, engine: InferenceEngine) -> None:
-        self.classifier, self.engine = classifier, engine
+    def serve(self, step: PredictionStep) -> None:
+        self.classifier, self.step = step.classifier, step
 
     def fail(self, reason: str) -> None:
-        self.classifier, self.engine, self.failure = None, None, reason
+        self.classifier, self.step, self.failure = None, None, reason
 
     def begin_draining(self) -> None:
         """A termination signal arrived: readiness turns 503, requests are still served."""
@@ -67,6 +52,6 @@ class ServiceState:
         """None while requests can be served (ready, or draining); otherwise why not."""
         if self.stopped:
             return SHUTTING_DOWN
-        if self.classifier is None or self.engine is None:
+        if self.classifier is None or self.step is None:
             return self.failure
         return None

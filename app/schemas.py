@@ -14,6 +14,7 @@ from app.contract import (
     OutputSpec,
     Preprocessing,
 )
+from app.errors import ErrorDetail
 
 DISCLAIMER = (
     "Research use only. This is not a medical device and must not be used for diagnosis or "
@@ -124,6 +125,25 @@ class PredictionResponse(BaseModel):
             ]
         }
     }
+
+
+class BatchItem(BaseModel):
+    """The outcome for one image of a multi-image request."""
+
+    index: int = Field(description="Position of the image among the request's `file` fields.")
+    status: int = Field(description="The HTTP status this image alone would have got.")
+    prediction: PredictionResponse | None = Field(
+        default=None, description="Present when `status` is 200."
+    )
+    error: ErrorDetail | None = Field(default=None, description="Present otherwise.")
+
+
+class BatchPredictionResponse(BaseModel):
+    results: list[BatchItem] = Field(description="One per image, in the order sent.")
+    model: ModelIdentity
+    execution_provider: str
+    request_id: str
+    disclaimer: str = DISCLAIMER
 
 
 class LiveResponse(BaseModel):

@@ -6,6 +6,7 @@ instead of surfacing as odd behaviour under load. `.env.example` documents each 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -67,18 +68,55 @@ class Settings(BaseSettings):
         ge=0,
         description="ONNX Runtime intra-op threads; 0 lets ORT pick (one per core).",
     )
-    inference_concurrency: int = Field(
-        default=1,
+    max_batch_size: int = Field(
+        default=16,
         ge=1,
-        description="ONNX Runtime runs in flight at once. One run already uses every intra-op "
-        "thread, so more only makes CPU runs contend for the same cores.",
+        description="Most images in one model run. Requests that arrive while the model is busy "
+        "are run together, up to this many.",
+    )
+    max_batch_wait_ms: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1000.0,
+        description="How long a model run may wait for its batch to fill; 0 runs whatever is "
+        "queued as soon as the model is free (an idle service never delays a lone request).",
+    )
+    max_in_flight_images: int = Field(
+        default=48,
+        ge=1,
+        description="Admission limit: images being received, decoded, queued or run at once. "
+        "Past it, requests are refused at once with 429 and Retry-After.",
+    )
+    max_in_flight_upload_bytes: int = Field(
+        default=96 * MiB,
+        gt=0,
+        description="Admission limit on upload bytes held at once (declared Content-Length, or "
+        "the upload limit for a body of unknown length); past it, 429.",
+    )
+    decode_memory_budget_bytes: int = Field(
+        default=512 * MiB,
+        ge=16 * MiB,
+        description="Memory that decodes in progress may hold together, estimated from each "
+        "image's header before decoding; a large image waits for room.",
+    )
+    request_timeout_ms: int = Field(
+        default=0,
+        ge=0,
+        description="Default deadline from a request's arrival to its model run, in ms; past it "
+        "the image is dropped with 503 deadline_exceeded. 0: none. A client may send a shorter "
+        "one in `X-Request-Timeout-Ms`.",
+    )
+    retry_after_s: int = Field(
+        default=1, ge=1, description="`Retry-After` seconds sent with 429 and 503 refusals."
+    )
+    max_images_per_request: int = Field(
+        default=16, ge=1, le=256, description="Most `file` parts in one POST /predict/batch."
     )
     decode_concurrency: int = Field(
         default=0,
         ge=0,
-        description="Uploads decoded at once; 0 means one per CPU the machine reports. Each can "
-        "hold a full-resolution image in memory, and os.cpu_count() ignores a container's CPU "
-        "limit: under Kubernetes set it to the pod's CPU limit so memory stays bounded.",
+        description="Uploads decoded at once; 0 means one per usable core, at most 4. The core "
+        "count ignores a container's CPU limit: under Kubernetes set this to the pod's CPU limit.",
     )
     host: str = Field(default="127.0.0.1", description="Bind address for `pneumonia-serve`.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port for `pneumonia-serve`.")
@@ -117,6 +155,11 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_provider(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @property
+    def decode_slots(self) -> int:
+        """Decodes at once: `decode_concurrency`, or one per usable core (at most 4)."""
+        return self.decode_concurrency or min(len(os.sched_getaffinity(0)), 4)
 
     def resolved_model_metadata(self) -> Path:
         """The metadata path to load.

@@ -132,9 +132,55 @@ class _FilePartCollector:
         }
 
 
+async def read_upload_parts(request: Request, max_bytes: int, max_parts: int) -> list[bytes]:
+    """The bytes of every `file` part of a multipart body, in order: 1 to `max_parts` of them,
+    `max_bytes` in all (the whole body is bounded, not each part). Same refusals as
+    `read_upload`, plus `InvalidRequest` for no `file` part or more than `max_parts`."""
+    media_type, params = parse_options_header(request.headers.get("content-type", ""))
+    if media_type.decode("latin-1").lower() != MULTIPART:
+        raise UnsupportedMediaType(
+            f"send the images as {MULTIPART} with one form field '{FILE_FIELD}' per image"
+        )
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise InvalidRequest("multipart body without a boundary parameter")
+    body_limit = max_bytes + MULTIPART_ENVELOPE_BYTES
+    _refuse_declared_length(request, body_limit)
+    files = await _read_multipart_files(_bounded(request, body_limit), boundary, max_bytes)
+    if not 1 <= len(files) <= max_parts:
+        raise InvalidRequest(
+            f"expected 1 to {max_parts} multipart fields named '{FILE_FIELD}', got {len(files)}"
+        )
+    return files
+
+
+def declared_upload_bytes(request: Request, max_bytes: int) -> int:
+    """What an upload will hold in memory, for admission: its declared Content-Length, or the
+    body limit when the length is not declared (a chunked body). A declared length past the limit
+    is `PayloadTooLarge` here already: no amount of waiting makes that request acceptable, so it
+    must get its 413, not a 429."""
+    media_type, _ = parse_options_header(request.headers.get("content-type", ""))
+    multipart = media_type.decode("latin-1").lower() == MULTIPART
+    limit = max_bytes + (MULTIPART_ENVELOPE_BYTES if multipart else 0)
+    _refuse_declared_length(request, limit)
+    declared = request.headers.get("content-length", "")
+    return int(declared) if declared.isdigit() else limit
+
+
 async def _read_multipart_file(
     chunks: AsyncIterator[bytes], boundary: bytes, max_bytes: int
 ) -> bytes:
+    files = await _read_multipart_files(chunks, boundary, max_bytes)
+    if len(files) != 1:
+        raise InvalidRequest(
+            f"expected exactly one multipart field named '{FILE_FIELD}', got {len(files)}"
+        )
+    return files[0]
+
+
+async def _read_multipart_files(
+    chunks: AsyncIterator[bytes], boundary: bytes, max_bytes: int
+) -> list[bytes]:
     collector = _FilePartCollector(max_bytes)
     try:
         parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
@@ -146,8 +192,4 @@ async def _read_multipart_file(
     if not collector.complete:
         # Otherwise a cut-off upload would reach the decoder as a plausible truncated image.
         raise InvalidRequest("multipart body ended before its closing boundary")
-    if len(collector.files) != 1:
-        raise InvalidRequest(
-            f"expected exactly one multipart field named '{FILE_FIELD}', got {len(collector.files)}"
-        )
-    return bytes(collector.files[0])
+    return [bytes(part) for part in collector.files]

@@ -1,49 +1,248 @@
-"""Measure the service as an operator sees it: start-up to ready, per-request latency on a
-full-resolution JPEG, server memory, and the in-process inference limit for comparison.
+"""Measure the service against what this machine can do with this model, in one command:
 
-    .venv/bin/python scripts/benchmark.py --requests 50 --out runs/benchmark.json
-    .venv/bin/python scripts/benchmark.py --concurrency 1 2 4 8 --duration 30   # throughput
+    .venv/bin/python scripts/benchmark.py            # writes runs/benchmark.json and .md
 
-Starts `uvicorn app.main:app` as a subprocess on 127.0.0.1 (a free port), so the figures include
-HTTP, upload, decode and preprocessing. The upload is a real test X-ray from the data directory
-upscaled to --size (the data set ships only 224x224 copies); without the data a synthetic image is
-used and the report says so. Only loopback traffic; bounded request count.
+1. The in-process limit: decode + preprocess + inference of full-resolution uploads with the
+   service's own code and model, no HTTP: a sequential loop per batch size, and a pipeline with
+   decode threads feeding batched inference. The best of them is the limit.
+2. The real service: `uvicorn app.main:app` as a subprocess on 127.0.0.1 (time from process start
+   to a 200 from /health/ready), then closed-loop load at each --concurrency for --seconds with
+   full-resolution JPEG uploads, a burst of --burst simultaneous uploads, and a full-resolution
+   12-bit DICOM at concurrency 1 and 8: requests/s, latency percentiles, statuses, server RSS and
+   CPU, and the ratio service/limit.
+3. With --compare-ref REF, the same HTTP load against the service as it was at git REF.
+
+Uploads are real test X-rays upscaled to --size (the data set ships 224 px copies; detector images
+are 2-3k px a side), saved as JPEG quality 95. The load generator (scripts/loadgen.py) runs in this
+process on the same machine, so the service shares the CPU with it; its CPU use is reported.
+Loopback only; every phase is bounded in time or count.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import os
+import platform
+import resource
 import socket
-import statistics
 import subprocess
 import sys
-import threading
+import tempfile
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import numpy as np
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "chest_xray"
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import loadgen  # noqa: E402
+
+DEFAULT_DATA = Path(os.environ.get("CXR_DATA_DIR", REPO_ROOT.parent / "shared/data/chest_xray"))
+TICKS = os.sysconf("SC_CLK_TCK")
+
+NAIVE_KERAS_NOTE = (
+    "not measured: the repository ships the model as ONNX plus metadata only; no Keras weights "
+    "(.keras/.h5/SavedModel) exist in it, so a Keras `model.predict` service with the same "
+    "weights cannot be built without retraining, which would not be the same model"
+)
 
 
-def full_resolution_jpeg(data_dir: Path, size: tuple[int, int]) -> tuple[bytes, str]:
-    candidates = sorted((data_dir / "test" / "PNEUMONIA").glob("*.jpeg"))
-    if candidates:
-        image = Image.open(candidates[0]).convert("L").resize(size, Image.Resampling.BICUBIC)
-        source = f"real test X-ray upscaled to {size[0]}x{size[1]}"
-    else:
-        rng = np.random.default_rng(0)
-        image = Image.fromarray(rng.integers(0, 256, (size[1], size[0]), dtype=np.uint8))
-        source = f"synthetic noise image {size[0]}x{size[1]} (data not found)"
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=95)
-    return buffer.getvalue(), source
+# -- inputs ------------------------------------------------------------------------------------
+
+
+def xray_sources(data_dir: Path, n: int) -> list[Path]:
+    paths = sorted((data_dir / "test").glob("*/*.jpeg"))
+    if not paths:
+        raise SystemExit(f"no test X-rays under {data_dir}/test (set --data-dir or CXR_DATA_DIR)")
+    return paths[:: max(1, len(paths) // n)][:n]
+
+
+def full_resolution_jpegs(sources: list[Path], size: tuple[int, int]) -> list[bytes]:
+    out = []
+    for path in sources:
+        image = Image.open(path).convert("L").resize(size, Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=95)
+        out.append(buffer.getvalue())
+    return out
+
+
+def full_resolution_dicom(source: Path, size: tuple[int, int]) -> bytes:
+    """A 12-bit DX radiograph (explicit VR little endian) from an upscaled test X-ray."""
+    from tests.dicom_factory import make_dicom
+
+    image = Image.open(source).convert("L").resize(size, Image.Resampling.BICUBIC)
+    stored = (np.asarray(image).astype(np.uint16) * 16 + 8).astype(np.uint16)  # 0..4095
+    return make_dicom(stored, "explicit_le", bits_stored=12)
+
+
+def worst_case_uploads() -> list[tuple[str, bytes, str]]:
+    """The uploads that cost the most memory to decode, each within the default limits (50
+    megapixels, 32 MiB): (name, bytes, content type)."""
+    from tests.dicom_factory import make_dicom
+
+    yy7, xx7 = np.mgrid[0:7000, 0:7000]
+    sixteen = ((xx7 + yy7) % 4096).astype(np.uint16)
+    grey = ((xx7 * 3 + yy7) % 256).astype(np.uint8)
+    rgba = Image.fromarray(np.stack([grey, grey, grey, grey], axis=-1), "RGBA")
+    wide = np.tile(np.arange(256, dtype=np.uint8), (1700, 29400 // 256 + 1))[:, :29400]
+    yy, xx = np.mgrid[0:4000, 0:4000]
+
+    def encoded(image: Image.Image, fmt: str, **options: object) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **options)
+        return buffer.getvalue()
+
+    return [
+        ("7000x7000 16-bit grey PNG", encoded(Image.fromarray(sixteen), "PNG"), "image/png"),
+        ("7000x7000 RGBA PNG", encoded(rgba, "PNG"), "image/png"),
+        ("29400x1700 CMYK JPEG", encoded(Image.fromarray(wide).convert("CMYK"), "JPEG"),
+         "image/jpeg"),
+        ("4000x4000 12-bit DICOM, uncompressed (32 MB)",
+         make_dicom(((xx + yy) % 4096).astype(np.uint16), "explicit_le", bits_stored=12),
+         "application/dicom"),
+        ("7000x7000 12-bit DICOM, RLE",
+         make_dicom(((xx7 // 7 + yy7 // 7) % 4096).astype(np.uint16), "rle", bits_stored=12),
+         "application/dicom"),
+    ]  # fmt: skip
+
+
+# -- machine -----------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem_kib = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal")
+    )
+    import onnxruntime
+    import PIL
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kib / 2**20, 1),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "pillow": PIL.__version__,
+    }
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def wait_for_quiet(threshold: float, max_wait_s: float) -> float:
+    """Wait (up to `max_wait_s`) until the 1-minute load average is below `threshold`."""
+    deadline = time.monotonic() + max_wait_s
+    while load_average() >= threshold and time.monotonic() < deadline:
+        time.sleep(5)
+    return load_average()
+
+
+# -- 1. the in-process limit -------------------------------------------------------------------
+
+
+def in_process_limit(metadata: Path, uploads: list[bytes], seconds: float, threads: int) -> dict:
+    """The best images/s of several ways to run the service's own decode and model in one
+    process: sequential decode-then-batch loops and a decode-thread pipeline, each with ONNX
+    Runtime on one thread and on one per core."""
+    from app.inference import load_classifier
+    from app.settings import Settings
+
+    results: dict[str, float] = {}
+    for ort_threads in (0, 1):
+        classifier = load_classifier(
+            Settings(  # type: ignore[call-arg]
+                model_metadata=metadata,
+                provider="cpu",
+                ort_intra_op_threads=ort_threads,
+                _env_file=None,
+            )
+        )
+        ort_name = "ORT one thread per core" if ort_threads == 0 else "ORT 1 thread"
+        for batch in (1, 8, 16, 32):
+            done, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                tensors = [
+                    classifier.prepare(uploads[(done + i) % len(uploads)]).tensor
+                    for i in range(batch)
+                ]
+                classifier.predict_batch(np.concatenate(tensors))
+                done += batch
+            name = f"sequential loop, batch {batch}, {ort_name}"
+            results[name] = done / (time.perf_counter() - started)
+        for batch in (4, 8, 16):
+            name = f"{threads} decode threads + batched inference, batch {batch}, {ort_name}"
+            results[name] = _pipelined(classifier, uploads, seconds, threads, batch)
+    best = max(results, key=results.__getitem__)
+    return {
+        "images_per_s": round(results[best], 1),
+        "best": best,
+        "all": {k: round(v, 1) for k, v in results.items()},
+        "decode_ms_p50": _decode_ms(classifier, uploads),
+        "inference_ms_batch1_p50": _inference_ms(classifier, uploads[0]),
+    }
+
+
+def _pipelined(classifier, uploads: list[bytes], seconds: float, threads: int, batch: int) -> float:  # type: ignore[no-untyped-def]
+    """Decode threads keep a queue of prepared images full; this thread runs them in batches."""
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque(
+            pool.submit(classifier.prepare, uploads[i % len(uploads)]) for i in range(2 * batch)
+        )
+        submitted, done, started = 2 * batch, 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            tensors = [pending.popleft().result().tensor for _ in range(batch)]
+            for _ in range(batch):
+                pending.append(pool.submit(classifier.prepare, uploads[submitted % len(uploads)]))
+                submitted += 1
+            classifier.predict_batch(np.concatenate(tensors))
+            done += batch
+        elapsed = time.perf_counter() - started
+        for future in pending:
+            future.cancel()
+    return done / elapsed
+
+
+def _decode_ms(classifier, uploads: list[bytes]) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for data in uploads * 3:
+        started = time.perf_counter()
+        classifier.prepare(data)
+        times.append((time.perf_counter() - started) * 1000.0)
+    return round(float(np.median(times)), 2)
+
+
+def _inference_ms(classifier, upload: bytes) -> float:  # type: ignore[no-untyped-def]
+    tensor = classifier.prepare(upload).tensor
+    times = []
+    for _ in range(50):
+        started = time.perf_counter()
+        classifier.predict_batch(tensor)
+        times.append((time.perf_counter() - started) * 1000.0)
+    return round(float(np.median(times)), 2)
+
+
+# -- 2. the service over HTTP ------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -52,86 +251,214 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def rss_mib(pid: int) -> float | None:
+def http_status(port: int, path: str) -> int | None:
+    import http.client
+
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.request("GET", path)
+        status = connection.getresponse().status
+        connection.close()
+        return status
     except OSError:
         return None
-    return None
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q))
+class Server:
+    """uvicorn serving the app found in `root`; peak RSS is read per phase from /proc."""
+
+    def __init__(self, root: Path, metadata: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+        child_env.update(
+            CXR_MODEL_METADATA=str(metadata), CXR_PROVIDER="cpu", CXR_LOG_LEVEL="WARNING", **env
+        )
+        child_env["PYTHONPATH"] = str(root)
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
+             "--port", str(self.port), "--no-access-log"],
+            cwd=root, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    def wait_ready(self, timeout_s: float = 120.0) -> float:
+        deadline = time.monotonic() + timeout_s
+        while http_status(self.port, "/health/ready") != 200:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                error = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise SystemExit(f"the service did not become ready:\n{error[-2000:]}")
+            time.sleep(0.005)
+        return time.perf_counter() - self.started
+
+    def _status_mib(self, name: str) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(name):
+                return round(int(line.split()[1]) / 1024.0, 1)
+        return 0.0
+
+    def rss_mib(self) -> float:
+        return self._status_mib("VmRSS:")
+
+    def reset_peak_rss(self) -> None:
+        """Start a new peak: the kernel's high-water mark (VmHWM) is reset to the current RSS."""
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+
+    def peak_rss_mib(self) -> float:
+        return self._status_mib("VmHWM:")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+@contextmanager
+def measured(server: Server, into: dict):
+    """Record server CPU cores used, this client's CPU cores used, peak server RSS and load."""
+    server.reset_peak_rss()
+    cpu0, client0 = server.cpu_seconds(), _client_cpu()
+    started = time.perf_counter()
+    yield
+    wall = time.perf_counter() - started
+    into.update(
+        server_cpu_cores=round((server.cpu_seconds() - cpu0) / wall, 2),
+        client_cpu_cores=round((_client_cpu() - client0) / wall, 2),
+        server_rss_peak_mib=server.peak_rss_mib(),
+        load_average_after=load_average(),
+    )
 
 
-def throughput(
-    base: str, payload: bytes, concurrency: int, duration_s: float, pid: int
-) -> dict[str, object]:
-    """`concurrency` clients posting back to back for `duration_s`: requests per second, latency,
-    and the server's CPU time per request (its capacity on N cores is about N / that)."""
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    lock = threading.Lock()
-    stop_at = time.monotonic() + duration_s
-
-    def client() -> None:
-        with httpx.Client(base_url=base, timeout=60) as http:
-            while time.monotonic() < stop_at:
-                t0 = time.perf_counter()
-                r = http.post("/predict", content=payload, headers={"Content-Type": "image/jpeg"})
-                elapsed = (time.perf_counter() - t0) * 1000
-                with lock:
-                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-                    if r.status_code == 200:
-                        latencies.append(elapsed)
-
-    cpu_before, wall_before = cpu_seconds(pid), time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - wall_before
-    cpu = cpu_seconds(pid) - cpu_before
-    ok = len(latencies)
-    return {
-        "concurrency": concurrency,
-        "seconds": round(wall, 1),
-        "statuses": statuses,
-        "requests_per_s": round(ok / wall, 1),
-        "latency_ms": {
-            "p50": round(statistics.median(latencies), 1),
-            "p95": round(percentile(latencies, 95), 1),
-            "p99": round(percentile(latencies, 99), 1),
-        },
-        "server_cpu_cores_busy": round(cpu / wall, 2),
-        "server_cpu_ms_per_request": round(cpu / ok * 1000, 1) if ok else None,
-    }
+def _client_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
-def in_process_limit(metadata: Path, repeats: int) -> dict[str, float]:
-    """Model-only latency (no HTTP, no decode): the floor any server design can reach."""
-    from app.inference import load_classifier
-    from app.settings import Settings
+def run_http(
+    root: Path,
+    metadata: Path,
+    jpeg_requests: list[bytes],
+    dicom_requests: list[bytes] | None,
+    concurrencies: list[int],
+    seconds: float,
+    burst_size: int,
+    worst_case: list[bytes],
+    env: dict[str, str],
+) -> dict:
+    server = Server(root, metadata, env)
+    report: dict = {}
+    try:
+        report["ready_s"] = round(server.wait_ready(), 3)
+        report["idle_rss_mib"] = round(server.rss_mib(), 1)
+        phases: dict[str, dict] = {}
+        for concurrency in concurrencies:
+            phase: dict = {"load_average_before": load_average()}
+            with measured(server, phase):
+                result = asyncio.run(
+                    loadgen.closed_loop(server.port, jpeg_requests, concurrency, seconds)
+                )
+            phases[f"jpeg c={concurrency}"] = {**result.summary(), **phase}
+        if burst_size:
+            phase = {"load_average_before": load_average()}
+            with measured(server, phase):
+                result = asyncio.run(loadgen.burst(server.port, jpeg_requests, burst_size))
+                after = time.perf_counter()
+                ready = http_status(server.port, "/health/ready")
+            phase["ready_status_after"] = ready
+            phase["ready_checked_ms_after_burst"] = round((time.perf_counter() - after) * 1000, 1)
+            phases[f"jpeg burst {burst_size}"] = {**result.summary(), **phase}
+        for concurrency in (1, 8) if dicom_requests else ():
+            phase = {"load_average_before": load_average()}
+            with measured(server, phase):
+                result = asyncio.run(
+                    loadgen.closed_loop(server.port, dicom_requests or [], concurrency, seconds)
+                )
+            phases[f"dicom c={concurrency}"] = {**result.summary(), **phase}
+        if worst_case:
+            # Everything expensive at once, with full-resolution JPEGs beside it.
+            mix = [w for w, n in zip(worst_case, (6, 2, 1, 2, 1), strict=True) for _ in range(n)]
+            mix += jpeg_requests
+            phase = {"load_average_before": load_average(), "uploads": len(mix)}
+            with measured(server, phase):
+                result = asyncio.run(loadgen.burst(server.port, mix, len(mix)))
+            phase["ready_status_after"] = http_status(server.port, "/health/ready")
+            phases["worst-case memory mix"] = {**result.summary(), **phase}
+        report["phases"] = phases
+        report["metrics_status"] = http_status(server.port, "/metrics")
+        report["server_rss_high_water_mib"] = max(p["server_rss_peak_mib"] for p in phases.values())
+    finally:
+        server.stop()
+    return report
 
-    classifier = load_classifier(Settings(model_metadata=metadata, provider="cpu"))
-    spec = classifier.metadata.preprocessing
-    batch = np.full((1, spec.height, spec.width, spec.channels), 0.5, np.float32)
-    classifier.predict_batch(batch)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        classifier.predict_batch(batch)
-        times.append((time.perf_counter() - start) * 1000)
-    return {"p50_ms": round(statistics.median(times), 2), "p95_ms": round(percentile(times, 95), 2)}
+
+def checkout(ref: str, into: Path) -> Path:
+    """The service's files (app/, models/) as they are at git `ref`."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "archive", ref, "app", "models"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    best = report["in_process_limit"]
+    limit = best["images_per_s"]
+    m = report["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; "
+        f"ONNX Runtime {m['onnxruntime']}, Pillow {m['pillow']}, Python {m['python']}.",
+        f"Uploads: {report['uploads']['description']}.",
+        "",
+        f"In-process limit (decode + preprocess + inference, no HTTP): **{limit} images/s** "
+        f"({best['best']}); decode {best['decode_ms_p50']} ms, inference "
+        f"{best['inference_ms_batch1_p50']} ms (batch 1).",
+        "",
+    ]
+    for name, service in report["services"].items():
+        lines += [
+            f"**{name}**: ready {service['ready_s']} s after process start; idle RSS "
+            f"{service['idle_rss_mib']} MiB, peak {service['server_rss_high_water_mib']} MiB.",
+            "",
+            "| load | req/s (200) | service / limit | p50 ms | p95 ms | p99 ms | statuses | "
+            "server RSS peak MiB | server / client CPU cores | load avg before |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for phase, r in service["phases"].items():
+            lat = r["latency_ms"] or {}
+            ratio = f"{r['ok_per_s'] / limit:.2f}" if phase.startswith("jpeg c") and limit else "-"
+            statuses = ", ".join(f"{k}: {v}" for k, v in r["statuses"].items())
+            lines.append(
+                f"| {phase} | {r['ok_per_s']} | {ratio} | {lat.get('p50', '-')} | "
+                f"{lat.get('p95', '-')} | {lat.get('p99', '-')} | {statuses} | "
+                f"{r['server_rss_peak_mib']} | {r['server_cpu_cores']} / {r['client_cpu_cores']} | "
+                f"{r['load_average_before']} |"
+            )
+        after = [
+            f"{phase}: /health/ready answered {r['ready_status_after']} right after"
+            for phase, r in service["phases"].items()
+            if "ready_status_after" in r
+        ]
+        lines += ["; ".join(after) + "." if after else "", ""]
+    if "worst_case_uploads" in report:
+        heavy = ", ".join(
+            f"{n} x {name} ({size // 1024} KiB)"
+            for (name, size), n in zip(
+                report["worst_case_uploads"].items(), (6, 2, 1, 2, 1), strict=True
+            )
+        )
+        lines += [f"Worst-case memory mix, sent at once: {heavy}, and the JPEG uploads.", ""]
+    lines.append(f"Keras `model.predict` service: {report['naive_keras_service']}.")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,105 +468,89 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=REPO_ROOT / "models" / "pneumonia_cxr.json")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     p.add_argument("--size", type=int, nargs=2, default=(2500, 2048), metavar=("W", "H"))
-    p.add_argument("--requests", type=int, default=30)
+    p.add_argument("--images", type=int, default=16, help="distinct uploads to cycle through")
+    p.add_argument("--seconds", type=float, default=10.0, help="per load phase")
+    p.add_argument("--limit-seconds", type=float, default=4.0, help="per in-process config")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--burst", type=int, default=256)
+    p.add_argument("--no-dicom", action="store_true")
+    p.add_argument("--no-memory", action="store_true", help="skip the worst-case memory mix")
+    p.add_argument("--compare-ref", help="also load the service as it is at this git ref")
     p.add_argument(
-        "--concurrency",
-        type=int,
+        "--service-env",
         nargs="*",
         default=[],
-        help="after the sequential run, a throughput run for each number of concurrent clients",
+        metavar="CXR_NAME=VALUE",
+        help="settings for the measured service (to compare batching or thread choices)",
     )
-    p.add_argument("--duration", type=float, default=20.0, help="seconds per throughput run")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="server CXR_ORT_INTRA_OP_THREADS and CXR_DECODE_CONCURRENCY (as a CPU limit would)",
-    )
-    p.add_argument("--out", type=Path)
+    p.add_argument("--skip-limit", action="store_true", help="reuse no limit: report 0")
+    p.add_argument("--quiet-load", type=float, default=0.5,
+                   help="wait for the 1-min load average to drop below this first")  # fmt: skip
+    p.add_argument("--max-wait", type=float, default=0.0, help="seconds to wait for quiet")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "benchmark.json")
     args = p.parse_args(argv)
 
-    payload, source = full_resolution_jpeg(args.data_dir, tuple(args.size))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env.update(
-        CXR_MODEL_METADATA=str(args.model),
-        CXR_PROVIDER="cpu",
-        CXR_LOG_LEVEL="WARNING",
-        CXR_ORT_INTRA_OP_THREADS=str(args.threads),
-        CXR_DECODE_CONCURRENCY=str(args.threads),
-        CXR_DRAIN_SECONDS="0",
-    )
-    started = time.perf_counter()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=base, timeout=30) as client:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if client.get("/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the service did not become ready within 120 s")
-                time.sleep(0.05)
-            startup_s = time.perf_counter() - started
-            latencies, decode, inference = [], [], []
-            for _ in range(args.requests):
-                t0 = time.perf_counter()
-                r = client.post("/predict", content=payload, headers={"Content-Type": "image/jpeg"})
-                latencies.append((time.perf_counter() - t0) * 1000)
-                r.raise_for_status()
-                decode.append(r.json()["timing_ms"]["decode"])
-                inference.append(r.json()["timing_ms"]["inference"])
-            rss = rss_mib(server.pid)
-        loads = [throughput(base, payload, n, args.duration, server.pid) for n in args.concurrency]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    load_at_start = wait_for_quiet(args.quiet_load, args.max_wait)
+    size = tuple(args.size)
+    sources = xray_sources(args.data_dir, args.images)
+    uploads = full_resolution_jpegs(sources, size)  # type: ignore[arg-type]
+    jpeg_requests = [loadgen.build_request("/predict", u, "image/jpeg") for u in uploads]
+    dicom_requests = None
+    if not args.no_dicom:
+        dicom = full_resolution_dicom(sources[0], size)  # type: ignore[arg-type]
+        dicom_requests = [loadgen.build_request("/predict", dicom, "application/dicom")]
+    threads = min(len(os.sched_getaffinity(0)), 4)
 
-    report = {
-        "machine": f"{os.cpu_count()} CPU cores",
-        "upload": {"source": source, "bytes": len(payload)},
-        "startup_to_ready_s": round(startup_s, 2),
-        "requests": args.requests,
-        "latency_ms": {
-            "p50": round(statistics.median(latencies), 1),
-            "p95": round(percentile(latencies, 95), 1),
-            "max": round(max(latencies), 1),
+    report: dict = {
+        "machine": machine(),
+        "load_average_at_start": load_at_start,
+        "uploads": {
+            "description": f"{len(uploads)} real test X-rays upscaled to {size[0]}x{size[1]}, "
+            f"JPEG quality 95, {int(np.mean([len(u) for u in uploads]) / 1024)} KiB on average"
+            + ("; one 12-bit DICOM of the same size, uncompressed" if dicom_requests else ""),
+            "jpeg_bytes_mean": int(np.mean([len(u) for u in uploads])),
         },
-        "server_decode_ms_p50": round(statistics.median(decode), 1),
-        "server_inference_ms_p50": round(statistics.median(inference), 1),
-        "server_rss_mib_after": round(rss, 1) if rss else None,
-        "throughput": loads,
-        "in_process_model_only_ms": in_process_limit(args.model, max(args.requests, 20)),
-        "onnx_file_bytes": (args.model.parent / json.loads(args.model.read_text())["onnx_file"])
-        .stat()
-        .st_size,
+        "in_process_limit": (
+            {
+                "images_per_s": 0,
+                "best": "not measured",
+                "decode_ms_p50": 0,
+                "inference_ms_batch1_p50": 0,
+            }
+            if args.skip_limit
+            else in_process_limit(args.model, uploads, args.limit_seconds, threads)
+        ),
+        "naive_keras_service": NAIVE_KERAS_NOTE,
+        "services": {},
     }
+    print(json.dumps(report["in_process_limit"], indent=2), flush=True)
+    worst_case = []
+    if not args.no_memory:
+        heavy = worst_case_uploads()
+        report["worst_case_uploads"] = {name: len(data) for name, data, _ in heavy}
+        worst_case = [loadgen.build_request("/predict", d, media) for _, d, media in heavy]
+    common = (jpeg_requests, dicom_requests, args.concurrency, args.seconds, args.burst, worst_case)
+    env = dict(item.split("=", 1) for item in args.service_env)
+    report["service_env"] = env
+    report["services"]["this checkout"] = run_http(REPO_ROOT, args.model, *common, env=env)
+    if args.compare_ref:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = checkout(args.compare_ref, Path(tmp))
+            model = root / "models" / args.model.name
+            report["services"][f"git {args.compare_ref}"] = run_http(root, model, *common, env={})
+    limit = report["in_process_limit"]["images_per_s"]
+    for service in report["services"].values():
+        for phase, r in service["phases"].items():
+            if phase.startswith("jpeg c") and limit:
+                r["service_over_limit"] = round(r["ok_per_s"] / limit, 3)
+
     text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    table = markdown(report)
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 
 

@@ -7,6 +7,7 @@ bit-identical model inputs for the same file, or the model is served something i
 from __future__ import annotations
 
 import io
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,24 +15,44 @@ import pydicom
 import pytest
 from PIL import Image
 
+from app.contract import JpegDctScaling, Preprocessing
 from app.decoding import DecodeLimits, decode_upload
 from app.dicom import DicomPolicy
-from app.preprocessing import to_model_input
+from app.preprocessing import jpeg_scale_denominator, to_model_input
 from tests.dicom_factory import SYNTAXES, make_dicom, ramp
 from tests.realdata import DATA_DIR, requires_data
 from training.dicom import read_dicom_as_image
 from training.intended_use import PAEDIATRIC_CHEST_XRAY
-from training.preprocessing import DEFAULT_PREPROCESSING, load_image, scale
+from training.preprocessing import (
+    DEFAULT_PREPROCESSING,
+    decode_at_contract_scale,
+    load_image,
+    scale,
+)
 
-LIMITS = DecodeLimits(max_pixels=60_000_000, min_side=64)
+
+def _limits(spec: Preprocessing) -> DecodeLimits:
+    """The limits as the service builds them for a model with this contract (DCT scaling too)."""
+    return DecodeLimits(
+        max_pixels=60_000_000,
+        min_side=64,
+        jpeg_scale=partial(jpeg_scale_denominator, spec=spec),
+    )
 
 
-def _serving_input(data: bytes) -> np.ndarray:
-    return to_model_input(decode_upload(data, LIMITS).image, DEFAULT_PREPROCESSING)
+LIMITS = _limits(DEFAULT_PREPROCESSING)
+# The contract also allows quarter and eighth DCT scales; the shipped model does not use them.
+EVERY_DCT_SCALE = DEFAULT_PREPROCESSING.model_copy(
+    update={"jpeg_dct_scaling": JpegDctScaling(min_ratio=4, max_denominator=8)}
+)
 
 
-def _training_input(path: Path) -> np.ndarray:
-    return scale(load_image(path, DEFAULT_PREPROCESSING), DEFAULT_PREPROCESSING)[None]
+def _serving_input(data: bytes, spec: Preprocessing = DEFAULT_PREPROCESSING) -> np.ndarray:
+    return to_model_input(decode_upload(data, _limits(spec)).image, spec)
+
+
+def _training_input(path: Path, spec: Preprocessing = DEFAULT_PREPROCESSING) -> np.ndarray:
+    return scale(load_image(path, spec), spec)[None]
 
 
 @requires_data
@@ -47,13 +68,84 @@ def test_real_images_preprocess_identically(split: str) -> None:
         )
 
 
+# Sizes a PACS sends, chosen to cross every DCT scale the contract can ask for (min_ratio 4 at
+# 224 px): below 1792 px on the shorter side no scaling, then 1/2, 1/4 from 3584 px, 1/8 from
+# 7168 px; odd sizes so that ceil(W / d) rounding is exercised, and one portrait image.
+FULL_RESOLUTION_SIZES = [(1700, 1500), (2500, 2048), (2048, 2501), (3999, 3585), (7200, 7169)]
+
+
 @requires_data
-def test_full_resolution_upload_preprocesses_identically(tmp_path: Path) -> None:
-    """A 2000 px upload (as a PACS would send) goes through the same resize on both sides."""
+@pytest.mark.parametrize("size", FULL_RESOLUTION_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("spec", [DEFAULT_PREPROCESSING, EVERY_DCT_SCALE], ids=["1/2", "1/8"])
+def test_full_resolution_upload_preprocesses_identically(
+    size: tuple[int, int], fmt: str, spec: Preprocessing, tmp_path: Path
+) -> None:
+    """A full-resolution upload (as a PACS would send) becomes the same tensor on both sides."""
     source = sorted((DATA_DIR / "test" / "PNEUMONIA").glob("*.jpeg"))[0]
-    big = Image.open(source).convert("L").resize((2000, 1700), Image.Resampling.BICUBIC)
-    path = tmp_path / "big.png"
-    big.save(path)
+    big = Image.open(source).convert("L").resize(size, Image.Resampling.BILINEAR)
+    path = tmp_path / f"big.{fmt.lower()}"
+    big.save(path, fmt, **({"quality": 92} if fmt == "JPEG" else {"compress_level": 1}))
+    served = _serving_input(path.read_bytes(), spec)
+    np.testing.assert_array_equal(served, _training_input(path, spec))
+    assert served.shape == (1, 224, 224, 1)
+
+
+@pytest.mark.parametrize(
+    ("size", "shipped", "every_scale"),
+    [((1791, 3000), 1, 1), ((1792, 3000), 2, 2), ((3584, 3584), 2, 4), ((7168, 7300), 2, 8)],
+)
+def test_both_sides_pick_the_same_dct_scale(
+    size: tuple[int, int], shipped: int, every_scale: int
+) -> None:
+    """The scale each side picks, read back from the decoded size (the rule's edges)."""
+    for spec, d in ((DEFAULT_PREPROCESSING, shipped), (EVERY_DCT_SCALE, every_scale)):
+        assert jpeg_scale_denominator(*size, spec) == d
+        image = Image.new("L", size, 128)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG")
+        with Image.open(io.BytesIO(buffer.getvalue())) as opened:
+            decode_at_contract_scale(opened, spec)
+            assert opened.size == (-(-size[0] // d), -(-size[1] // d))
+
+
+def test_dct_scaling_really_changes_large_jpegs_so_the_parity_test_can_fail(
+    tmp_path: Path,
+) -> None:
+    """Without the rule a 2500x2048 JPEG gives another tensor: the two sides must both apply it."""
+    rng = np.random.default_rng(3)
+    noisy = Image.fromarray(rng.integers(0, 256, (2048, 2500), dtype=np.uint8))
+    path = tmp_path / "noisy.jpg"
+    noisy.save(path, "JPEG", quality=90)
+    full_size = DEFAULT_PREPROCESSING.model_copy(update={"jpeg_dct_scaling": None})
+    exact = scale(load_image(path, full_size), full_size)[None]
+    assert not np.array_equal(exact, _training_input(path))
+    assert not np.array_equal(exact, _serving_input(path.read_bytes()))
+
+
+def _large_variants() -> dict[str, tuple[Image.Image, str]]:
+    """Large images in the modes a PACS export or a scanner writes, as (image, format)."""
+    rng = np.random.default_rng(1)
+    grey = np.asarray(
+        Image.fromarray(rng.integers(0, 256, (60, 70), dtype=np.uint8)).resize(
+            (2600, 1900), Image.Resampling.BICUBIC
+        )
+    )
+    rgb = Image.fromarray(np.stack([grey, grey[::-1], grey[:, ::-1]], axis=-1))
+    sixteen = Image.fromarray((grey.astype(np.uint16) * 13 + 300).astype(np.uint16))
+    return {
+        "RGB JPEG": (rgb, "JPEG"),
+        "CMYK JPEG": (rgb.convert("CMYK"), "JPEG"),
+        "16-bit PNG": (sixteen, "PNG"),
+        "RGBA PNG": (rgb.convert("RGBA"), "PNG"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_large_variants()))
+def test_large_images_of_every_kind_preprocess_identically(name: str, tmp_path: Path) -> None:
+    image, fmt = _large_variants()[name]
+    path = tmp_path / f"large.{fmt.lower()}"
+    image.save(path, fmt)
     np.testing.assert_array_equal(_serving_input(path.read_bytes()), _training_input(path))
 
 

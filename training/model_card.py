@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from app.contract import ModelMetadata, load_metadata
+from app.contract import ModelMetadata, Preprocessing, load_metadata
 from training.metrics import POINT_METRICS
 
 _NAMES = {
@@ -16,6 +16,21 @@ _NAMES = {
     "f1": "F1",
     "roc_auc": "ROC AUC",
 }
+
+
+def _dct_scaling_note(p: Preprocessing) -> str:
+    rule = p.jpeg_dct_scaling
+    if rule is None:
+        return "Every JPEG is decoded at full size."
+    side = 2 * rule.min_ratio * max(p.height, p.width)
+    scales = " or ".join(f"1/{d}" for d in (2, 4, 8) if d <= rule.max_denominator)
+    return (
+        f"A JPEG whose shorter side is at least {side} px is decoded at {scales} scale in the DCT\n"
+        f"domain, keeping at least {rule.min_ratio}x the input size "
+        f"(`preprocessing.jpeg_dct_scaling`), before the resize;\nPNG and DICOM are decoded at full "
+        "size. The README has how far this moves p(PNEUMONIA) on test X-rays\nupscaled to "
+        "detector sizes against full-size decoding (`python -m training.full_resolution`)."
+    )
 
 
 def _metric_table(metrics: dict) -> str:
@@ -130,6 +145,7 @@ not for adults without local validation, not for lateral views, CT, or other bod
 Decode, apply EXIF orientation, convert to 8-bit grey ({p.color_mode}; >8-bit images stretched
 min-max), resize to {p.width}x{p.height} with the `{p.resize_filter}` filter ignoring aspect ratio,
 value * {p.scale:.8f} + {p.offset}. Per-image standardisation happens inside the graph.
+{_dct_scaling_note(p)}
 
 DICOM images are first rendered to 8-bit grey by the display pipeline (metadata
 `preprocessing.dicom`): modality LUT (rescale or LUT sequence), then VOI from the first of

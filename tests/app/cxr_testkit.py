@@ -348,3 +348,12 @@ class UvicornProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+
+@contextmanager
+def uvicorn_serving_tiny_model(workdir: Path, **env: str) -> Iterator[tuple[str, int]]:
+    """`UvicornProcess.serving` on the tiny model with extra `CXR_*` settings from `env`; yields
+    (base URL, process id) once ready, and stops it afterwards."""
+    settings = {**process_settings(workdir), **env}
+    with UvicornProcess.serving(workdir / "server.log", settings) as server:
+        yield server.base_url, server.process.pid

@@ -40,8 +40,10 @@ def test_swagger_ui_renders_every_operation_offline(browser, service):
     assert sorted(p.strip() for p in paths) == [
         "/health/live",
         "/health/ready",
+        "/metrics",
         "/model",
         "/predict",
+        "/predict/batch",
     ]
     title = page.locator(".info .title").inner_text()
     assert "Pneumonia screening (chest X-ray)" in title

@@ -74,13 +74,10 @@ def test_an_absolute_path_is_used_as_is(tmp_path):
 
 
 def test_decode_concurrency_bounds_the_decode_slots(monkeypatch):
-    from app.readiness import ServiceState
-
     monkeypatch.setenv("CXR_DECODE_CONCURRENCY", "3")
-    settings = Settings()
-    assert ServiceState.for_settings(settings.decode_concurrency).decode_limiter.total_tokens == 3
-    default = ServiceState.for_settings(0).decode_limiter.total_tokens
-    assert default == (os.cpu_count() or 1)
+    assert Settings().decode_slots == 3
+    monkeypatch.setenv("CXR_DECODE_CONCURRENCY", "0")
+    assert Settings().decode_slots == min(len(os.sched_getaffinity(0)), 4)
     monkeypatch.setenv("CXR_DECODE_CONCURRENCY", "-1")
     with pytest.raises(ValidationError):
         Settings()
