@@ -4,7 +4,7 @@ Every patient and study attribute of the uploaded files carries a sentinel strin
 a real `uvicorn` process (debug logging, stdout and stderr captured) and through every path:
 accepted, accepted with an age warning, refused for intended use, refused for age, broken pixel
 data, broken header values, truncated. Then the captured output and every response body are
-searched for the sentinels. Accepted responses may repeat the three instance UIDs in `dicom`,
+searched for the sentinels, and so is `/metrics`. Accepted responses may repeat the three instance UIDs in `dicom`,
 and nothing else.
 """
 
@@ -165,6 +165,10 @@ def test_no_header_value_reaches_logs_or_error_messages(served) -> None:  # type
                 for sentinel in [*SENTINELS, UID_ROOT]:
                     assert sentinel not in text, (name, sentinel, text)
         assert client.get("/health/ready").status_code == 200
+        metrics = client.get("/metrics").text
+        assert 'route="/predict"' in metrics  # the requests above were counted
+        for sentinel in [*SENTINELS, UID_ROOT]:
+            assert sentinel not in metrics, sentinel
     assert statuses["accepted-with-age-warning"] == statuses["accepted-jpeg-ls"] == 200
     assert {statuses[n] for n in ("ct", "lateral", "skull", "truncated-pixels")} == {422}
 
