@@ -92,6 +92,15 @@ def load_image(path: Path, spec: Preprocessing = DEFAULT_PREPROCESSING) -> np.nd
         return image_to_array(image, spec)
 
 
-def scale(pixels: np.ndarray, spec: Preprocessing = DEFAULT_PREPROCESSING) -> np.ndarray:
-    """Contract step 4: uint8 -> float32 model input values."""
-    return pixels.astype(np.float32) * np.float32(spec.scale) + np.float32(spec.offset)
+PIXEL_MAX = 255.0  # the largest 8-bit grey value: what augmentation works in before `scale`
+
+
+def scale(pixels, spec: Preprocessing = DEFAULT_PREPROCESSING):  # type: ignore[no-untyped-def]
+    """Contract step 4, the one place training maps pixel values to model input values.
+
+    Takes uint8 NumPy arrays, or float32 TF tensors of pixel values in [0, PIXEL_MAX] (the
+    augmented tf.data batches); returns float32 of the same kind.
+    """
+    if isinstance(pixels, np.ndarray):
+        pixels = pixels.astype(np.float32)
+    return pixels * np.float32(spec.scale) + np.float32(spec.offset)
