@@ -16,7 +16,7 @@ echo "[test] installing the project with the cpu, train and dev extras (first ru
 echo "[test] ruff"
 .venv/bin/ruff check app training tests scripts
 .venv/bin/ruff format --check app training tests scripts
-echo "[test] mypy app"
-.venv/bin/mypy app
+echo "[test] mypy app training"
+.venv/bin/mypy app training
 echo "[test] pytest"
 exec .venv/bin/python -m pytest "$@"

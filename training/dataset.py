@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -76,7 +77,7 @@ def load_images(
     return out
 
 
-def augmenter(aug: Augmentation, seed: int):  # type: ignore[no-untyped-def]
+def augmenter(aug: Augmentation, seed: int) -> Any:
     """A Keras preprocessing stack, used inside tf.data on float pixel batches in [0, PIXEL_MAX]."""
     import keras
     from keras import layers
@@ -123,7 +124,7 @@ def augmenter(aug: Augmentation, seed: int):  # type: ignore[no-untyped-def]
     return keras.Sequential(stack, name="augmentation")
 
 
-def exposure_jitter(x, aug: Augmentation, seed: int):  # type: ignore[no-untyped-def]
+def exposure_jitter(x: Any, aug: Augmentation, seed: int) -> Any:
     """Per-image gamma and additive noise on a float pixel batch in [0, PIXEL_MAX] (TF ops)."""
     import tensorflow as tf
 
@@ -147,7 +148,7 @@ def make_dataset(
     shuffle: bool = False,
     seed: int = 0,
     sample_weights: np.ndarray | None = None,
-):  # type: ignore[no-untyped-def]
+) -> Any:
     """uint8 images -> (optional) augmentation -> contract scaling -> one-hot labels, prefetched."""
     import tensorflow as tf
 
@@ -160,7 +161,7 @@ def make_dataset(
     ds = ds.batch(batch_size)
     aug_model = augmenter(augmentation, seed) if augmentation is not None else None
 
-    def to_inputs(x, y, *w):  # type: ignore[no-untyped-def]
+    def to_inputs(x: Any, y: Any, *w: Any) -> tuple[Any, ...]:
         x = tf.cast(x, tf.float32)
         if augmentation is not None and aug_model is not None:
             # augment in pixel units, then apply the contract's scaling like every other input

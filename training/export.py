@@ -38,7 +38,7 @@ class ParityError(RuntimeError):
 
 def convert_to_onnx(
     model, path: Path, height: int, width: int, channels: int, opset: int = 17
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Keras 3 -> ONNX through tf2onnx, with a named input/output and a dynamic batch dimension."""
     import keras
     import onnx
@@ -64,7 +64,7 @@ def convert_to_onnx(
     onnx.save(graph, str(path))
 
 
-def parity_check(model, onnx_path: Path, batch: np.ndarray, tolerance: float) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def parity_check(model, onnx_path: Path, batch: np.ndarray, tolerance: float) -> dict[str, float]:
     import onnxruntime as ort
 
     keras_logits = np.asarray(model.predict(batch, verbose=0))

@@ -77,7 +77,7 @@ def render(meta_path: Path) -> str:
 
 ## Summary
 - Task: binary classification of a frontal chest X-ray as `NORMAL` or `PNEUMONIA`.
-- Architecture: `{prov.get("architecture")}` ({int(prov.get("parameters", 0)):,} parameters), trained from random
+- Architecture: `{prov.get("architecture")}` ({int(str(prov.get("parameters", 0))):,} parameters), trained from random
   initialisation with this repository's `training` package; ends in global average pooling and one
   dense layer, so class activation maps are exact.
 - File: `{meta.onnx_file}` (ONNX, sha256 `{meta.sha256}`), input `{meta.input.name}` {meta.input.shape}

@@ -134,7 +134,7 @@ def mobilenet_v2(
     x = layers.Dropout(0.5, name="dropout")(x)
     outputs = layers.Dense(num_classes, name="logits")(x)
     model = keras.Model(inputs, outputs, name="mobilenet_v2")
-    model.fine_tune_base = base  # type: ignore[attr-defined]
+    model.fine_tune_base = base
     return model
 
 
