@@ -109,6 +109,8 @@ def build_metadata(
     name: str, version: str, onnx_file: Path, summary: dict, parity: dict, spec: Preprocessing
 ) -> dict:
     metrics = {"validation": summary["validation_metrics"]}
+    if "holdout_metrics" in summary:
+        metrics["holdout"] = summary["holdout_metrics"]
     meta = {
         "schema_version": SCHEMA_VERSION,
         "name": name,
