@@ -44,39 +44,53 @@ def split_figures(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def row_from_summary(summary: dict[str, Any], label: str, description: str) -> dict[str, Any]:
-    holdout = summary.get("holdout_metrics")
+def _row(
+    label: str,
+    description: str,
+    model: dict[str, Any],
+    training: dict[str, Any],
+    validation: dict[str, Any],
+    holdout: dict[str, Any] | None,
+) -> dict[str, Any]:
     return {
         "label": label,
         "description": description,
-        "architecture": summary["architecture"],
-        "parameters": summary["parameters"],
-        "epochs_run": summary["epochs_run"],
-        "best_epoch": summary["best_epoch"],
-        "training_minutes": round(summary["training_seconds"] / 60, 1),
-        "hardware": summary["hardware"],
-        "validation": split_figures(summary["validation_metrics"]),
-        "holdout": split_figures(holdout) if holdout else None,
-    }
-
-
-def row_from_metadata(meta_path: Path, label: str, description: str) -> dict[str, Any]:
-    meta = load_metadata(meta_path)
-    prov: dict[str, Any] = dict(meta.provenance)
-    training = prov["training"]
-    metrics: dict[str, Any] = dict(meta.metrics)
-    return {
-        "label": label,
-        "description": description,
-        "architecture": prov["architecture"],
-        "parameters": prov["parameters"],
+        "architecture": model["architecture"],
+        "parameters": model["parameters"],
         "epochs_run": training["epochs_run"],
         "best_epoch": training["best_epoch"],
         "training_minutes": round(training["training_seconds"] / 60, 1),
         "hardware": training["hardware"],
-        "validation": split_figures(metrics["validation"]),
-        "holdout": split_figures(metrics["holdout"]) if "holdout" in metrics else None,
+        "validation": split_figures(validation),
+        "holdout": split_figures(holdout) if holdout else None,
     }
+
+
+def row_from_summary(summary: dict[str, Any], label: str, description: str) -> dict[str, Any]:
+    """A row from a run's `summary.json` (training figures are top-level keys there)."""
+    return _row(
+        label,
+        description,
+        summary,
+        summary,
+        summary["validation_metrics"],
+        summary.get("holdout_metrics"),
+    )
+
+
+def row_from_metadata(meta_path: Path, label: str, description: str) -> dict[str, Any]:
+    """A row from an exported model's metadata (training figures under `provenance`)."""
+    meta = load_metadata(meta_path)
+    provenance: dict[str, Any] = dict(meta.provenance)
+    metrics: dict[str, Any] = dict(meta.metrics)
+    return _row(
+        label,
+        description,
+        provenance,
+        provenance["training"],
+        metrics["validation"],
+        metrics.get("holdout"),
+    )
 
 
 def load(path: Path) -> dict[str, Any]:
