@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("tensorflow", reason="the train extra (TensorFlow/Keras) is not installed")
 
 from app.contract import load_metadata
-from training import evaluate, export, train
+from training import evaluate, export, model_card, results, train
 from training.data import read_split
 
 pytestmark = pytest.mark.slow
@@ -38,6 +38,21 @@ def tiny_run(tiny_kaggle_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
             str(run / "cache"),
             "--seed",
             "3",
+            # the candidate recipe's options, so that they run end to end through export
+            "--holdout-fraction",
+            "0.3",
+            "--schedule",
+            "cosine",
+            "--label-smoothing",
+            "0.1",
+            "--gamma",
+            "0.3",
+            "--blur-sigma",
+            "1.0",
+            "--noise",
+            "0.02",
+            "--crop",
+            "0.1",
         ]
     )
     assert code == 0
@@ -54,12 +69,19 @@ def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_training_writes_split_history_and_operating_point(tiny_run: Path) -> None:
     splits = read_split(tiny_run / "split.csv")
-    assert {r.patient_id for r in splits["train"]}.isdisjoint({r.patient_id for r in splits["val"]})
+    patients = {name: {r.patient_id for r in rs} for name, rs in splits.items()}
+    assert set(patients) == {"train", "val", "holdout"}
+    assert patients["train"].isdisjoint(patients["val"])
+    assert patients["holdout"].isdisjoint(patients["train"] | patients["val"])
     assert not any("/test/" in r.path for rs in splits.values() for r in rs)  # test is never read
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["epochs_run"] == 1
     assert 0.0 <= summary["decision"]["threshold"] <= 1.0
     assert summary["calibration"]["temperature"] > 0
+    assert summary["holdout_metrics"]["n"] == len(splits["holdout"])
+    assert summary["holdout_metrics"]["threshold"] == summary["decision"]["threshold"]
+    assert summary["hyperparameters"]["schedule"] == "cosine"
+    assert summary["augmentation"]["gamma"] == 0.3
     assert (tiny_run / "best.keras").is_file()
     assert len(json.loads((tiny_run / "history.json").read_text())) == 1
     for png in (
@@ -144,3 +166,19 @@ def test_data_provenance_hashes_the_data_sets_manifest(tmp_path: Path) -> None:
         "manifest_sha256": file_sha256(tmp_path / "manifest.csv"),
     }
     assert "manifest_sha256" not in export.data_provenance({"source": str(tmp_path / "none")})
+
+
+def test_model_card_shows_the_hold_out_and_the_configurations_tried(
+    exported: Path, tiny_run: Path
+) -> None:
+    meta = load_metadata(exported)
+    assert {"validation", "holdout"} <= set(meta.metrics)
+    assert "Configurations tried" not in model_card.render(exported)
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    row = results.row_from_summary(summary, "tiny-run", "one epoch")
+    results.add_row(exported.parent / "tiny.results.json", row)
+    card = model_card.render(exported)
+    assert "| metric | validation (95% CI) | holdout (95% CI) |" in card
+    assert "| **tiny-run**: one epoch |" in card
+    holdout = summary["holdout_metrics"]
+    assert f"{holdout['roc_auc']['value']:.4f}" in card.split("Configurations tried")[1]
