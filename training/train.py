@@ -460,6 +460,7 @@ def write_summary(
         ("label_smoothing", args.label_smoothing, 0.0),
         ("width", args.width if args.arch == "cxr_net" else 32, 32),
         ("holdout_fraction", args.holdout_fraction, 0.0),
+        ("max_minutes", args.max_minutes, 0.0),
     ):
         if value != default:
             hyperparameters[key] = value
