@@ -116,6 +116,10 @@ def _cell(figures: dict[str, Any] | None) -> str:
     )
 
 
+def _conditions(row: dict[str, Any]) -> str:
+    return f" ({row['conditions']})" if row.get("conditions") else ""
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     head = (
         "| configuration | validation ROC AUC (95% CI) | accuracy | sensitivity / specificity "
@@ -128,7 +132,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| **{row['label']}**: {row['description']} | {_cell(row['validation'])} | "
             f"{_cell(row['holdout'])} | {row['epochs_run']} ({row['best_epoch']}) | "
-            f"{row['training_minutes']:.1f} min |"
+            f"{row['training_minutes']:.1f} min{_conditions(row)} |"
         )
     return "\n".join(lines)
 
@@ -146,12 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     for parser in (run, model):
         parser.add_argument("--label", required=True)
         parser.add_argument("--description", required=True)
+        parser.add_argument(
+            "--conditions", default="", help="how the training time was taken, if not alone"
+        )
     args = p.parse_args(argv)
     if args.command == "add-run":
         summary = json.loads((args.run / "summary.json").read_text())
         row = row_from_summary(summary, args.label, args.description)
     else:
         row = row_from_metadata(args.model, args.label, args.description)
+    if args.conditions:
+        row["conditions"] = args.conditions
     add_row(args.results, row)
     print(f"[results] {args.label} -> {args.results}\n{markdown_table(load(args.results))}")
     return 0

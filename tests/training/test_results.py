@@ -46,7 +46,8 @@ def test_a_run_row_carries_its_own_measured_figures() -> None:
 def test_rows_are_added_and_replaced_by_label(tmp_path: Path) -> None:
     path = tmp_path / "results.json"
     results.add_row(path, results.row_from_summary(_summary(0, True), "a", "first"))
-    results.add_row(path, results.row_from_summary(_summary(1, False), "b", "second"))
+    second = results.row_from_summary(_summary(1, False), "b", "second")
+    results.add_row(path, {**second, "conditions": "on a busy machine"})
     results.add_row(path, results.row_from_summary(_summary(2, False), "a", "first, again"))
     stored = json.loads(path.read_text())
     assert stored["selection_rule"] == results.SELECTION_RULE
@@ -54,6 +55,7 @@ def test_rows_are_added_and_replaced_by_label(tmp_path: Path) -> None:
     table = results.markdown_table(stored).splitlines()
     assert len(table) == 4
     assert table[2].startswith("| **b**: second |") and "n/a" in table[2]
+    assert table[2].endswith("| 9 (7) | 25.0 min (on a busy machine) |")
     assert table[3].startswith("| **a**: first, again |")
 
 
