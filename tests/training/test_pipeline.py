@@ -182,3 +182,56 @@ def test_model_card_shows_the_hold_out_and_the_configurations_tried(
     assert "| **tiny-run**: one epoch |" in card
     holdout = summary["holdout_metrics"]
     assert f"{holdout['roc_auc']['value']:.4f}" in card.split("Configurations tried")[1]
+
+
+def test_an_ensemble_averages_its_members_logits() -> None:
+    import keras
+
+    from training.ensemble import average_logits
+
+    def constant(bias: list[float]) -> keras.Model:
+        inputs = keras.Input((4, 4, 1))
+        x = keras.layers.Flatten()(inputs)
+        dense = keras.layers.Dense(2, kernel_initializer="zeros")
+        out = dense(x)
+        dense.bias.assign(bias)
+        return keras.Model(inputs, out)
+
+    model = average_logits([constant([1.0, -2.0]), constant([3.0, 0.0])])
+    logits = np.asarray(model(np.zeros((3, 4, 4, 1), np.float32)))
+    np.testing.assert_allclose(logits, [[2.0, -1.0]] * 3)
+
+
+def test_an_ensemble_run_exports_through_the_parity_gate(
+    tiny_run: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from training import ensemble
+
+    out = tmp_path_factory.mktemp("ensemble")
+    summary = ensemble.build([tiny_run, tiny_run], out / "run", None, 0.95)
+    single = json.loads((tiny_run / "summary.json").read_text())
+    # two copies of one network: the same logits, so the same operating point and figures
+    assert summary["calibration"]["temperature"] == pytest.approx(
+        single["calibration"]["temperature"], rel=1e-4
+    )
+    assert summary["validation_metrics"]["roc_auc"] == single["validation_metrics"]["roc_auc"]
+    assert summary["epochs_run"] == 2 * single["epochs_run"]
+    meta_path = export.export_run(
+        out / "run", out / "models", "tiny_ensemble", "0.0.1", export.DEFAULT_TOLERANCE, 8
+    )
+    meta = load_metadata(meta_path)
+    assert meta.provenance["architecture"] == "ensemble of 2 x cxr_net"
+    assert meta.provenance["parameters"] == 2 * single["parameters"]
+    assert {"validation", "holdout"} <= set(meta.metrics)
+
+
+def test_an_ensemble_refuses_runs_on_different_splits(tiny_run: Path, tmp_path: Path) -> None:
+    from training import ensemble
+
+    other = tmp_path / "other"
+    other.mkdir()
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    summary["data"]["split_sha256"] = "0" * 64
+    (other / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="different splits"):
+        ensemble.build([tiny_run, other], tmp_path / "out", None, 0.95)
