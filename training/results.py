@@ -4,6 +4,7 @@
         add-model --model models/pneumonia_cxr.json --label "1.0.0 (shipped)" --description "..."
     python -m training.results --results models/pneumonia_cxr.results.json \
         add-run --run runs/acq-ls-cos --label acq-ls-cos --description "..."
+    python -m training.results --results models/pneumonia_cxr.results.json decide --text "..."
 
 Rows come from a run's `summary.json` or an exported model's metadata, so no figure is typed in by
 hand. `training.model_card` renders the file, when it lies beside the metadata, as a table.
@@ -134,6 +135,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{_cell(row['holdout'])} | {row['epochs_run']} ({row['best_epoch']}) | "
             f"{row['training_minutes']:.1f} min{_conditions(row)} |"
         )
+    if results.get("decision"):
+        lines.append(f"\nDecision: {results['decision']}")
     return "\n".join(lines)
 
 
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--run", type=Path, required=True)
     model = sub.add_parser("add-model", help="an exported model (its metadata JSON)")
     model.add_argument("--model", type=Path, required=True)
+    decide = sub.add_parser("decide", help="record the outcome of the selection rule")
+    decide.add_argument("--text", required=True)
     for parser in (run, model):
         parser.add_argument("--label", required=True)
         parser.add_argument("--description", required=True)
@@ -154,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             "--conditions", default="", help="how the training time was taken, if not alone"
         )
     args = p.parse_args(argv)
+    if args.command == "decide":
+        results = load(args.results)
+        results["decision"] = args.text
+        args.results.write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     if args.command == "add-run":
         summary = json.loads((args.run / "summary.json").read_text())
         row = row_from_summary(summary, args.label, args.description)

@@ -57,6 +57,10 @@ def test_rows_are_added_and_replaced_by_label(tmp_path: Path) -> None:
     assert table[2].startswith("| **b**: second |") and "n/a" in table[2]
     assert table[2].endswith("| 9 (7) | 25.0 min (on a busy machine) |")
     assert table[3].startswith("| **a**: first, again |")
+    results.main(["--results", str(path), "decide", "--text", "b stays"])
+    stored = json.loads(path.read_text())
+    assert [r["label"] for r in stored["rows"]] == ["b", "a"]
+    assert results.markdown_table(stored).endswith("\n\nDecision: b stays")
 
 
 @requires_shipped_model
