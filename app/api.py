@@ -8,17 +8,21 @@ import time
 from typing import Annotated
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Request
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
 
+from app.auth import REQUIRE_API_KEY
 from app.dicom import DicomFindings
 from app.engine import InferenceEngine
-from app.errors import ModelNotReady, error_responses
+from app.errors import ExplanationUnavailable, InvalidRequest, ModelNotReady, error_responses
+from app.explain import DEFAULT_OPACITY, render_images
 from app.inference import Classifier
 from app.observability import request_context
-from app.readiness import ServiceState
+from app.readiness import SHUTTING_DOWN, ServiceState
 from app.schemas import (
     AppliedWindowInfo,
     DicomInfo,
+    Explanation,
     LiveResponse,
     ModelIdentity,
     ModelInfo,
@@ -49,8 +53,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 async def get_classifier(state: ServiceStateDep) -> Classifier:
-    """The serving classifier, or 503 with the reason it is not ready."""
-    reason = state.not_ready_reason
+    """The serving classifier, or 503 with the reason it cannot serve. While draining after a
+    termination signal it still serves: readiness is what tells load balancers to go away."""
+    reason = state.unavailable_reason
     if reason is not None or state.classifier is None:
         raise ModelNotReady(reason or "model is not loaded")
     return state.classifier
@@ -62,7 +67,7 @@ async def get_engine(
     """The inference engine; depends on `get_classifier` so it is only handed out when ready."""
     engine: InferenceEngine | None = state.engine
     if engine is None:
-        raise ModelNotReady(state.not_ready_reason or "model is not loaded")
+        raise ModelNotReady(state.unavailable_reason or "model is not loaded")
     return engine
 
 
@@ -102,6 +107,7 @@ _PREDICT_BODY = {
     openapi_extra=_PREDICT_BODY,
     summary="Screen one chest X-ray for pneumonia",
     tags=["inference"],
+    dependencies=REQUIRE_API_KEY,
 )
 async def predict(
     request: Request,
@@ -109,6 +115,17 @@ async def predict(
     engine: EngineDep,
     settings: SettingsDep,
     state: ServiceStateDep,
+    explain: Annotated[
+        bool,
+        Query(
+            description="Also return a class activation map (`explanation`): where the model "
+            "found the evidence. Costs a few milliseconds and about 100 KB of response."
+        ),
+    ] = False,
+    explain_class: Annotated[
+        str | None,
+        Query(description="The class to explain; by default the answer's label."),
+    ] = None,
 ) -> PredictionResponse:
     """Classify one frontal chest X-ray as NORMAL or PNEUMONIA (research use only).
 
@@ -129,8 +146,19 @@ async def predict(
     `label` applies the model's validated operating threshold to the calibrated probability of
     the positive class. Errors: 413 upload too large, 415 unsupported format, 422 undecodable / too
     small / too many pixels / `not_intended_use` (another modality, body part or view, multi-frame,
-    colour, no pixel data), 503 model not ready.
+    colour, no pixel data) / `explanation_unavailable`, 503 model not ready.
+
+    With `explain=true` the answer also carries `explanation`: the class activation map of the
+    label (or of `explain_class`), exact for this model, as a grid and as PNG pictures (the input,
+    the coloured map, and the two overlaid). Default answers do not compute it.
     """
+    meta = classifier.metadata
+    if explain and not classifier.explains:
+        raise ExplanationUnavailable(
+            f"model {meta.name} {meta.version} has no class-activation-map output"
+        )
+    if explain_class is not None and explain_class not in meta.classes:
+        raise InvalidRequest(f"explain_class must be one of {', '.join(meta.classes)}")
     context = request_context(request)
     data = await read_upload(request, settings.max_upload_bytes)
 
@@ -140,7 +168,13 @@ async def predict(
     )
     del data  # the encoded bytes are no longer needed while inference runs
     inference_started = time.perf_counter()
-    probabilities = (await engine.infer(prepared.tensor))[0]
+    explanation = None
+    if explain:
+        probabilities, explanation = await anyio.to_thread.run_sync(
+            _explained, classifier, prepared.tensor, explain_class, limiter=state.decode_limiter
+        )
+    else:
+        probabilities = (await engine.infer(prepared.tensor))[0]
     finished = time.perf_counter()
 
     timings = TimingsMs(
@@ -149,7 +183,6 @@ async def predict(
         total=round(context.elapsed_ms(), 2),
     )
     context.fields.update(decode_ms=timings.decode, inference_ms=timings.inference)
-    meta = classifier.metadata
     return PredictionResponse(
         label=classifier.label_for(probabilities),
         probabilities={name: float(p) for name, p in zip(meta.classes, probabilities, strict=True)},
@@ -160,7 +193,27 @@ async def predict(
         timing_ms=timings,
         dicom=_dicom_info(prepared.dicom) if prepared.dicom else None,
         warnings=prepared.warnings,
+        explanation=explanation,
     )
+
+
+def _explained(
+    classifier: Classifier, tensor: np.ndarray, class_name: str | None
+) -> tuple[np.ndarray, Explanation]:
+    """One run for the scores and the feature map, then the pictures (in a worker thread)."""
+    probabilities, cam = classifier.predict_with_cam(tensor, class_name)
+    spec = classifier.metadata.preprocessing
+    images = render_images(tensor, cam, spec.scale, spec.offset)
+    explanation = Explanation(
+        target_class=classifier.metadata.classes[cam.class_index],
+        grid=[[round(float(v), 6) for v in row] for row in cam.normalised],
+        class_logit=cam.logit,
+        opacity=DEFAULT_OPACITY,
+        image_png=images.image_png,
+        heatmap_png=images.heatmap_png,
+        overlay_png=images.overlay_png,
+    )
+    return probabilities, explanation
 
 
 def _dicom_info(findings: DicomFindings) -> DicomInfo:
@@ -193,10 +246,12 @@ async def live() -> LiveResponse:
 @router.get(
     "/health/ready", response_model=ReadyResponse, responses=error_responses(503), tags=["health"]
 )
-async def ready(classifier: ClassifierDep) -> ReadyResponse:
+async def ready(classifier: ClassifierDep, state: ServiceStateDep) -> ReadyResponse:
     """Readiness: 200 only when a model is loaded, its metadata matched the ONNX session, and a
     warm-up inference passed. Otherwise 503 with the reason (missing or invalid metadata, sha256
     mismatch, signature mismatch, unavailable provider, shutting down)."""
+    if state.draining:
+        raise ModelNotReady(SHUTTING_DOWN)
     return ReadyResponse(
         model=_identity(classifier), execution_provider=classifier.execution_provider
     )
@@ -207,7 +262,13 @@ router.add_api_route("/health/live", live, methods=["HEAD"], include_in_schema=F
 router.add_api_route("/health/ready", ready, methods=["HEAD"], include_in_schema=False)
 
 
-@router.get("/model", response_model=ModelInfo, responses=error_responses(503), tags=["model"])
+@router.get(
+    "/model",
+    response_model=ModelInfo,
+    responses=error_responses(503),
+    tags=["model"],
+    dependencies=REQUIRE_API_KEY,
+)
 async def model_info(classifier: ClassifierDep) -> ModelInfo:
     """The served model's metadata: classes in output order, input contract, preprocessing,
     operating threshold, calibration, metrics and provenance, plus the active execution provider."""
@@ -219,10 +280,12 @@ async def model_info(classifier: ClassifierDep) -> ModelInfo:
         classes=list(meta.classes),
         input=meta.input,
         output=meta.output,
+        outputs=list(meta.outputs),
         preprocessing=meta.preprocessing,
         decision=meta.decision,
         calibration=meta.calibration,
         intended_use=meta.intended_use,
+        explanations=classifier.explains,
         metrics=dict(meta.metrics),
         provenance=dict(meta.provenance),
         execution_provider=classifier.execution_provider,

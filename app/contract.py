@@ -8,15 +8,20 @@ preprocessing choice the service must reproduce lives here rather than in consta
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # 2: `preprocessing.dicom` (the DICOM display pipeline) and `intended_use` (header gating, training
 # population) became part of the contract. Version 1 files predate DICOM input and are refused.
-SCHEMA_VERSION = 2
+# 3: `outputs`, a list of the graph's outputs with their roles (the classifier's scores and, for
+# class activation maps, the last feature map), and `cam`, the dense head's weights. A version 2
+# file (one `output`) still loads, as a model without explanations.
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMA_VERSIONS = (2, 3)
 
 
 class _Strict(BaseModel):
@@ -38,9 +43,49 @@ class InputSpec(TensorSpec):
 
 
 class OutputSpec(TensorSpec):
-    # "logits": the service applies softmax(logits / temperature). Kept as logits so that
-    # calibration stays a number in this file, not a retrained graph.
+    """One graph output and what it is for.
+
+    `classifier`: class scores (N, classes); with `kind: logits` the service applies
+    softmax(logits / temperature), kept as logits so that calibration stays a number in this file,
+    not a retrained graph. `cam_features`: the last convolutional feature map, the input of the
+    global average pooling that feeds the dense head (see `CamSpec`), in `layout`.
+    """
+
+    role: Literal["classifier", "cam_features"] = "classifier"
     kind: Literal["logits", "probabilities"] = "logits"
+    layout: Literal["NC", "NCHW", "NHWC"] = "NC"
+
+
+class CamSpec(_Strict):
+    """Exact class activation maps for a head of global average pooling then one dense layer.
+
+    For class c, CAM_c(i, j) = sum_k weights[k][c] * features[k, i, j]. Its spatial mean is the
+    class logit less bias[c], because the pooled features are the spatial means of the map.
+    `sha256` is over the float32 little-endian bytes of `weights` (row-major) then `bias`, so that a
+    hand-edited number is caught at start-up.
+    """
+
+    feature_output: str
+    weights: list[list[float]] = Field(min_length=1, description="channels x classes")
+    bias: list[float] = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @staticmethod
+    def digest(weights: object, bias: object) -> str:
+        import hashlib
+
+        import numpy as np
+
+        data = np.asarray(weights, dtype="<f4").tobytes() + np.asarray(bias, dtype="<f4").tobytes()
+        return hashlib.sha256(data).hexdigest()
+
+    @model_validator(mode="after")
+    def _intact(self) -> CamSpec:
+        if len({len(row) for row in self.weights}) != 1 or len(self.weights[0]) != len(self.bias):
+            raise ValueError("cam weights must be channels x classes, bias one per class")
+        if self.digest(self.weights, self.bias) != self.sha256:
+            raise ValueError("cam weights do not match their sha256")
+        return self
 
 
 VoiSource = Literal["window", "voi_lut_sequence", "full_range"]
@@ -167,22 +212,32 @@ class ModelMetadata(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     classes: list[str] = Field(min_length=2)
     input: InputSpec
-    output: OutputSpec
+    outputs: list[OutputSpec] = Field(min_length=1)
     preprocessing: Preprocessing
     decision: Decision
     calibration: Calibration = Calibration()
     intended_use: IntendedUse
+    cam: CamSpec | None = None
     metrics: dict[str, object] = Field(default_factory=dict)
     provenance: dict[str, object] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_output_files(cls, data: object) -> object:
+        """A version 2 file names one `output`: it becomes the only (classifier) output."""
+        if isinstance(data, dict) and data.get("schema_version") == 2 and "output" in data:
+            data = dict(data)
+            data["outputs"] = [{**data.pop("output"), "role": "classifier"}]
+        return data
 
     @field_validator("schema_version")
     @classmethod
     def _known_schema(cls, v: int) -> int:
-        if v != SCHEMA_VERSION:
+        if v not in SUPPORTED_SCHEMA_VERSIONS:
             hint = (
                 " (version 1 predates DICOM rendering and intended-use rules: re-export the "
                 "model with `python -m training.export`)"
-                if v < SCHEMA_VERSION
+                if v < min(SUPPORTED_SCHEMA_VERSIONS)
                 else ""
             )
             raise ValueError(
@@ -203,11 +258,48 @@ class ModelMetadata(_Strict):
                 f"input shape {self.input.shape} does not match preprocessing "
                 f"(N, {p.height}, {p.width}, {p.channels})"
             )
-        if len(self.output.shape) != 2 or self.output.shape[1] != len(self.classes):
+        classifiers = [o for o in self.outputs if o.role == "classifier"]
+        if len(classifiers) != 1:
             raise ValueError(
-                f"output shape {self.output.shape} does not match {len(self.classes)} classes"
+                f"exactly one output must have role 'classifier', not {len(classifiers)}"
             )
+        if len({o.name for o in self.outputs}) != len(self.outputs):
+            raise ValueError("output names must be unique")
+        output = classifiers[0]
+        if len(output.shape) != 2 or output.shape[1] != len(self.classes):
+            raise ValueError(
+                f"output shape {output.shape} does not match {len(self.classes)} classes"
+            )
+        features = {o.name: o for o in self.outputs if o.role == "cam_features"}
+        if self.cam is not None:
+            spec = features.get(self.cam.feature_output)
+            if spec is None:
+                raise ValueError(
+                    f"cam.feature_output {self.cam.feature_output!r} is not a cam_features output"
+                )
+            if spec.layout not in ("NCHW", "NHWC") or len(spec.shape) != 4:
+                raise ValueError("a cam_features output must be 4-D, NCHW or NHWC")
+            channels = spec.shape[1] if spec.layout == "NCHW" else spec.shape[3]
+            if channels != len(self.cam.weights) or len(self.cam.bias) != len(self.classes):
+                raise ValueError(
+                    f"cam weights are {len(self.cam.weights)}x{len(self.cam.bias)}, the feature "
+                    f"map has {channels} channels and there are {len(self.classes)} classes"
+                )
+        elif features:
+            raise ValueError("a cam_features output needs the `cam` weights")
         return self
+
+    @property
+    def output(self) -> OutputSpec:
+        """The classifier output (class scores)."""
+        return next(o for o in self.outputs if o.role == "classifier")
+
+    @property
+    def cam_output(self) -> OutputSpec | None:
+        """The feature-map output that class activation maps are computed from, if any."""
+        if self.cam is None:
+            return None
+        return next(o for o in self.outputs if o.name == self.cam.feature_output)
 
     @property
     def positive_index(self) -> int:
@@ -236,6 +328,19 @@ class ModelMetadata(_Strict):
             return self.decision.positive_class
         others = [i for i in range(len(self.classes)) if i != positive]
         return self.classes[max(others, key=lambda i: probabilities[i])]
+
+
+_SCALAR_LIST = re.compile(r"\[\s*((?:-?[0-9.eE+-]+|null)(?:,\s*(?:-?[0-9.eE+-]+|null))*)\s*\]")
+
+
+def dump_metadata(meta: dict[str, Any]) -> str:
+    """The metadata as the JSON text written beside a model: indented, with every list of numbers
+    on one line (the CAM weights would otherwise take a line per number)."""
+    text = json.dumps(meta, indent=2)
+    return (
+        _SCALAR_LIST.sub(lambda m: "[" + ", ".join(re.split(r",\s*", m.group(1))) + "]", text)
+        + "\n"
+    )
 
 
 def load_metadata(path: Path) -> ModelMetadata:

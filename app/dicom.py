@@ -41,7 +41,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import generate_fragments
 from pydicom.filereader import read_dataset, read_preamble
-from pydicom.pixels import get_decoder
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -363,7 +363,8 @@ def _modality(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     if "ModalityLUTSequence" in ds and len(ds.ModalityLUTSequence):
         table, first, _ = _lut_values(ds.ModalityLUTSequence[0], _signed(ds))
         index = np.clip(stored - first, 0, table.size - 1).astype(np.intp)
-        return table[index]
+        mapped: np.ndarray = table[index]
+        return mapped
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     if not (math.isfinite(slope) and math.isfinite(intercept)):
@@ -372,7 +373,7 @@ def _modality(stored: np.ndarray, ds: Dataset) -> np.ndarray:
 
 
 def _signed(ds: Dataset) -> bool:
-    return ds.get("PixelRepresentation", 0) == 1
+    return bool(ds.get("PixelRepresentation", 0) == 1)
 
 
 def _first(value: object, index: int) -> float | None:

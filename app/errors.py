@@ -26,9 +26,10 @@ class ServiceError(Exception):
     status_code: ClassVar[int] = HTTPStatus.INTERNAL_SERVER_ERROR
     code: ClassVar[str] = "internal_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers
 
 
 class InvalidImage(ServiceError):
@@ -61,6 +62,13 @@ class OutsideTrainingPopulation(NotIntendedUse):
     code = "outside_training_population"
 
 
+class ExplanationUnavailable(ServiceError):
+    """An explanation was asked of a model whose graph has no class-activation-map output."""
+
+    status_code = HTTPStatus.UNPROCESSABLE_ENTITY
+    code = "explanation_unavailable"
+
+
 class InvalidRequest(ServiceError):
     """The request itself is malformed (no `file` field, broken multipart framing, ...)."""
 
@@ -87,6 +95,20 @@ class ModelNotReady(ServiceError):
     code = "not_ready"
 
 
+class Unauthorized(ServiceError):
+    """API keys are required and the request carried none, or one that is not configured."""
+
+    status_code = HTTPStatus.UNAUTHORIZED
+    code = "unauthorized"
+
+
+class ShuttingDown(ServiceError):
+    """The instance is stopping and will not answer this request; another instance will."""
+
+    status_code = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "shutting_down"
+
+
 class ModelLoadError(Exception):
     """Why a model cannot be served; its message becomes the not-ready reason."""
 
@@ -102,9 +124,10 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-def _error_json(
+def error_json(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
+    """A response in the one error shape (also an ASGI app, for middleware that answers itself)."""
     body = ErrorResponse(error=ErrorDetail(code=code, message=message))
     return JSONResponse(status_code=status, content=body.model_dump(), headers=headers)
 
@@ -128,13 +151,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        return _error_json(exc.status_code, exc.code, exc.message)
+        return error_json(exc.status_code, exc.code, exc.message, exc.headers)
 
     async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         # Keep the framework's headers (405 carries `Allow`).
-        return _error_json(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+        return error_json(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -142,12 +165,12 @@ def install_error_handlers(app: FastAPI) -> None:
             f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
             for err in exc.errors()
         )
-        return _error_json(HTTPStatus.UNPROCESSABLE_ENTITY, InvalidRequest.code, problems)
+        return error_json(HTTPStatus.UNPROCESSABLE_ENTITY, InvalidRequest.code, problems)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug, not bad input: log the traceback server-side, never send it to the client.
         logger.exception("unhandled error", exc_info=exc)
-        return _error_json(
+        return error_json(
             HTTPStatus.INTERNAL_SERVER_ERROR, ServiceError.code, "internal server error"
         )
 

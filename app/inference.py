@@ -26,6 +26,7 @@ from app.contract import ModelMetadata, TensorSpec, load_metadata
 from app.decoding import DECODER_ERRORS, DecodeLimits, decode_upload
 from app.dicom import DicomFindings, DicomPolicy
 from app.errors import InvalidImage, ModelLoadError
+from app.explain import ClassActivationMap, class_activation_map
 from app.preprocessing import to_model_input
 from app.settings import Provider, Settings
 
@@ -37,6 +38,8 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 _ORT_DTYPES = {"float32": "tensor(float)"}
 # Warm-up probabilities must sum to 1 within float32 rounding.
 _SUM_TOLERANCE = 1e-4
+# CAM's spatial mean + bias against the logit: float32 sums over a few hundred channels.
+_CAM_TOLERANCE = 1e-3
 
 
 def select_providers(requested: Provider, available: Sequence[str]) -> list[str]:
@@ -134,6 +137,31 @@ class Classifier:
         )
         return calibrated_probabilities(outputs, self.metadata)
 
+    @property
+    def explains(self) -> bool:
+        """Whether this model has the feature-map output that class activation maps need."""
+        return self.metadata.cam is not None
+
+    def predict_with_cam(
+        self, tensor: np.ndarray, class_name: str | None = None
+    ) -> tuple[np.ndarray, ClassActivationMap]:
+        """Probabilities (classes,) and the class activation map of one image (1, H, W, C), for
+        `class_name` or, by default, the class at the operating point. One session run yields
+        both, so the map explains exactly the scores returned with it."""
+        cam_spec, cam_output = self.metadata.cam, self.metadata.cam_output
+        if cam_spec is None or cam_output is None:
+            raise ValueError("this model has no class-activation-map output")
+        outputs = [self.metadata.output.name, cam_output.name]
+        scores, features = self._session.run(
+            outputs, {self.metadata.input.name: tensor.astype(np.float32)}
+        )
+        probabilities = calibrated_probabilities(scores, self.metadata)[0]
+        label = class_name or self.label_for(probabilities)
+        cam = class_activation_map(
+            features[0], cam_spec, cam_output, self.metadata.classes.index(label)
+        )
+        return probabilities, cam
+
     def label_for(self, probabilities: np.ndarray) -> str:
         """The class at the operating point: the positive class when its calibrated probability
         reaches the metadata's threshold, otherwise the most probable of the other classes."""
@@ -164,6 +192,26 @@ class Classifier:
         total = float(probabilities.sum())
         if abs(total - 1.0) > _SUM_TOLERANCE:
             raise ModelLoadError(f"warm-up probabilities sum to {total}, not 1")
+        if self.explains:
+            self._check_cam(to_model_input(grey, spec))
+
+    def _check_cam(self, tensor: np.ndarray) -> None:
+        """The metadata's CAM weights must be the graph's: each class map's spatial mean plus its
+        bias must reproduce that class's logit."""
+        cam_output = self.metadata.cam_output
+        if cam_output is None or self.metadata.output.kind != "logits":
+            return
+        logits, features = self._session.run(
+            [self.metadata.output.name, cam_output.name], {self.metadata.input.name: tensor}
+        )
+        assert self.metadata.cam is not None
+        for index, name in enumerate(self.metadata.classes):
+            cam = class_activation_map(features[0], self.metadata.cam, cam_output, index)
+            if abs(cam.logit - float(logits[0][index])) > _CAM_TOLERANCE:
+                raise ModelLoadError(
+                    f"the CAM weights in the metadata do not reproduce the {name} logit "
+                    f"({cam.logit:.5f} vs {float(logits[0][index]):.5f})"
+                )
 
 
 def check_signature(session: ort.InferenceSession, metadata: ModelMetadata) -> None:
@@ -176,12 +224,13 @@ def check_signature(session: ort.InferenceSession, metadata: ModelMetadata) -> N
         )
     _check_tensor("input", session.get_inputs()[0], metadata.input)
     outputs = {arg.name: arg for arg in session.get_outputs()}
-    if metadata.output.name not in outputs:
-        raise ModelLoadError(
-            f"ONNX graph outputs {sorted(outputs)} do not include the metadata output "
-            f"{metadata.output.name!r}"
-        )
-    _check_tensor("output", outputs[metadata.output.name], metadata.output)
+    for spec in metadata.outputs:
+        if spec.name not in outputs:
+            raise ModelLoadError(
+                f"ONNX graph outputs {sorted(outputs)} do not include the metadata output "
+                f"{spec.name!r}"
+            )
+        _check_tensor("output", outputs[spec.name], spec)
 
 
 def _check_tensor(role: str, arg: Any, spec: TensorSpec) -> None:

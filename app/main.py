@@ -8,10 +8,8 @@ lifespan, so a missing or broken model leaves a live-but-not-ready service rathe
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
@@ -19,13 +17,18 @@ import uvicorn
 from fastapi import FastAPI
 
 from app.api import router
+from app.auth import ApiKeys, document_api_keys
+from app.docs import install_docs
+from app.draining import Drain, DrainMiddleware
 from app.engine import ThreadPoolEngine
 from app.errors import ModelLoadError, install_error_handlers
+from app.gpu import preload_cuda_libraries
 from app.inference import load_classifier
 from app.observability import RequestContextMiddleware, configure_logging
 from app.readiness import ServiceState
 from app.schemas import DISCLAIMER
 from app.settings import Settings
+from app.viewer import router as viewer_router
 
 logger = logging.getLogger("app.lifecycle")
 
@@ -35,11 +38,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     # A fresh state per start-up: an app object that is started again (tests do) must not keep
     # the previous run's draining flag.
-    state = app.state.service = ServiceState()
+    state = app.state.service = ServiceState.for_settings(settings.decode_concurrency)
+    drain = app.state.drain = Drain(settings.drain_seconds)
     configure_logging(settings.log_level)
+    keys: ApiKeys = app.state.api_keys
+    logger.info("api keys", extra={"fields": {"required": keys.required, "configured": len(keys)}})
     started = time.perf_counter()
     try:
-        # Off the event loop: hashing and session creation take a while for a real model.
+        # Off the event loop: hashing and session creation take a while for a real model. The CUDA
+        # libraries (GPU image only) must be in the process before the first session is created.
+        await anyio.to_thread.run_sync(preload_cuda_libraries, settings)
         classifier = await anyio.to_thread.run_sync(load_classifier, settings)
     except ModelLoadError as exc:
         state.fail(str(exc))
@@ -59,34 +67,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 }
             },
         )
-    _flip_readiness_on_signals(state)
+    # SIGTERM: readiness 503 at once, serve on through the drain window, then uvicorn's shutdown.
+    drain.install_signal_handlers(state)
     try:
         yield
     finally:
         state.begin_shutdown()
         logger.info("shutting down")
-
-
-def _flip_readiness_on_signals(state: ServiceState) -> None:
-    """Turn /health/ready to 503 the moment SIGTERM/SIGINT arrives, then let uvicorn shut down.
-
-    uvicorn runs the lifespan's exit only after in-flight requests finish; a load balancer probing
-    during that drain must already see "shutting down". The server's own handler (installed before
-    the lifespan starts) is chained, not replaced. Signal handlers can only be set from the main
-    thread, so under a test client (another thread) this is a no-op.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous = signal.getsignal(sig)
-        if not callable(previous):
-            continue
-
-        def handler(signum: int, frame: object, previous: Callable[..., object] = previous) -> None:
-            state.begin_shutdown()
-            previous(signum, frame)
-
-        signal.signal(sig, handler)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -97,13 +84,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=f"ONNX Runtime inference for frontal chest X-rays. {DISCLAIMER}",
         lifespan=lifespan,
+        # FastAPI's own pages load their assets from a CDN; install_docs serves them locally.
+        docs_url=None,
+        redoc_url=None,
     )
+    install_docs(app)
     app.state.settings = settings
     # Present before the lifespan runs, so probes answer 503 "model is loading" rather than fail.
     app.state.service = ServiceState()
+    app.state.drain = Drain(settings.drain_seconds)
+    # Read here, not in the lifespan: a key file that cannot be used stops the process at once
+    # rather than leaving it up and open.
+    app.state.api_keys = ApiKeys.from_settings(settings)
+    document_api_keys(app)
     install_error_handlers(app)
+    # The last added is the outermost: request ids and the access log wrap the drain's 503s.
+    app.add_middleware(DrainMiddleware)
     app.add_middleware(RequestContextMiddleware)
     app.include_router(router)
+    app.include_router(viewer_router)
     return app
 
 
@@ -121,4 +120,6 @@ def run() -> None:
         # Our middleware writes the access log (structured, with request IDs); uvicorn's would
         # duplicate every line.
         access_log=False,
+        # After the drain window only work already in worker threads is left; this bounds it.
+        timeout_graceful_shutdown=10,
     )

@@ -62,6 +62,28 @@ class DicomInfo(BaseModel):
     window: AppliedWindowInfo
 
 
+class Explanation(BaseModel):
+    """A class activation map: where the evidence for one class lies in the model's input."""
+
+    method: Literal["CAM"] = Field(
+        default="CAM",
+        description="Class activation mapping, exact for this model's global-average-pooling "
+        "head: the map's spatial mean plus the class bias is the class logit.",
+    )
+    target_class: str = Field(description="The class explained (the answer's label by default).")
+    grid: list[list[float]] = Field(
+        description="The map at the network's feature resolution, min-max scaled to [0, 1] "
+        "over this image (relative evidence, not probability)."
+    )
+    class_logit: float = Field(
+        description="The map's spatial mean plus the class bias: the model's logit for the class."
+    )
+    opacity: float = Field(description="Opacity of the map in `overlay_png`.")
+    image_png: str = Field(description="Base64 PNG: the model input as an 8-bit grey image.")
+    heatmap_png: str = Field(description="Base64 PNG: the map upsampled to the input and coloured.")
+    overlay_png: str = Field(description="Base64 PNG: the heat map laid over the input image.")
+
+
 class PredictionResponse(BaseModel):
     label: str = Field(description="The class at the model's operating threshold.")
     probabilities: dict[str, float] = Field(
@@ -80,6 +102,9 @@ class PredictionResponse(BaseModel):
     warnings: list[str] = Field(
         default_factory=list,
         description="Caveats about this answer, e.g. a patient outside the training population.",
+    )
+    explanation: Explanation | None = Field(
+        default=None, description="Present only when asked for with `explain=true`."
     )
     disclaimer: str = DISCLAIMER
 
@@ -119,11 +144,15 @@ class ModelInfo(BaseModel):
     sha256: str
     classes: list[str] = Field(description="Class names in the model's output order.")
     input: InputSpec
-    output: OutputSpec
+    output: OutputSpec = Field(description="The classifier output (class scores).")
+    outputs: list[OutputSpec] = Field(description="Every graph output the service uses, by role.")
     preprocessing: Preprocessing
     decision: Decision
     calibration: Calibration
     intended_use: IntendedUse
+    explanations: bool = Field(
+        description="Whether `POST /predict?explain=true` can return class activation maps."
+    )
     metrics: dict[str, object]
     provenance: dict[str, object]
     execution_provider: str

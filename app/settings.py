@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from PIL import Image
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The directory that holds the `app` package: the repository checkout, or the copy of it that is
@@ -73,14 +73,45 @@ class Settings(BaseSettings):
         description="ONNX Runtime runs in flight at once. One run already uses every intra-op "
         "thread, so more only makes CPU runs contend for the same cores.",
     )
+    decode_concurrency: int = Field(
+        default=0,
+        ge=0,
+        description="Uploads decoded at once; 0 means one per CPU the machine reports. Each can "
+        "hold a full-resolution image in memory, and os.cpu_count() ignores a container's CPU "
+        "limit: under Kubernetes set it to the pod's CPU limit so memory stays bounded.",
+    )
     host: str = Field(default="127.0.0.1", description="Bind address for `pneumonia-serve`.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port for `pneumonia-serve`.")
     log_level: LogLevel = "INFO"
+    drain_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=600,
+        description="After SIGTERM: seconds during which readiness answers 503 while the socket "
+        "stays open and requests are still served; what is unanswered at the end gets a 503.",
+    )
+    api_keys: SecretStr | None = Field(
+        default=None,
+        description="Comma-separated API keys. When this or `api_keys_file` names at least one "
+        "key, /predict and /model (and /metrics) need `Authorization: Bearer <key>` or "
+        "`X-API-Key: <key>`; health probes and the docs stay open.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="File of SHA-256 hex digests of API keys, one per line (the first field; "
+        "`sha256sum` output works); `#` starts a comment. Read once at start-up.",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("api_keys", "api_keys_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # Compose and Kubernetes pass an unset variable as "": that means "no keys", not ".".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("provider", mode="before")
     @classmethod

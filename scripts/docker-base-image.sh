@@ -35,7 +35,8 @@ done
 log() { printf '[base-image] %s\n' "$*"; }
 die() { printf '[base-image] ERROR: %s\n' "$*" >&2; exit 1; }
 
-docker info >/dev/null 2>&1 || die "no Docker engine answers at ${DOCKER_HOST:-the default socket}"
+command -v docker >/dev/null || die "Docker is not installed: apt-get install docker.io (README, 'Docker on Debian')"
+docker info >/dev/null 2>&1 || die "no Docker engine answers at ${DOCKER_HOST:-the default socket}: start it (systemctl start docker; without systemd: dockerd >/var/log/dockerd.log 2>&1 &)"
 
 if [[ $FORCE -eq 0 ]] && docker image inspect "$TAG" >/dev/null 2>&1; then
     log "$TAG already present ($(docker image inspect -f '{{.Id}}' "$TAG" | cut -c8-19)); nothing to do"
@@ -64,8 +65,9 @@ MIRROR="${DEBIAN_MIRROR:-$(find_mirror || true)}"
 [[ -n $MIRROR ]] || die "no Debian mirror found in /etc/apt/sources*; set DEBIAN_MIRROR"
 [[ -r $CA_BUNDLE ]] || die "CA bundle $CA_BUNDLE not readable; set CA_BUNDLE"
 
+# debootstrap creates device nodes and changes ownership inside the new root file system.
+[[ $(id -u) -eq 0 ]] || die "must run as root (debootstrap needs it): sudo $0"
 if ! command -v debootstrap >/dev/null; then
-    [[ $(id -u) -eq 0 ]] || die "debootstrap is missing (apt-get install debootstrap)"
     log "installing debootstrap"
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends debootstrap >/dev/null
 fi

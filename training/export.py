@@ -21,12 +21,24 @@ from pathlib import Path
 
 import numpy as np
 
-from app.contract import SCHEMA_VERSION, ModelMetadata, Preprocessing
+from app.contract import SCHEMA_VERSION, ModelMetadata, Preprocessing, dump_metadata
+from training.cam import attach_cam_output
 from training.data import CLASSES, file_sha256, read_split
 from training.dataset import load_images
 from training.intended_use import PAEDIATRIC_CHEST_XRAY
 from training.preprocessing import scale
 
+# What of a run's summary.json the metadata keeps under provenance.training.
+TRAINING_RECORD_KEYS = (
+    "epochs_run",
+    "best_epoch",
+    "training_seconds",
+    "hardware",
+    "seed",
+    "hyperparameters",
+    "augmentation",
+    "class_weights",
+)
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 DEFAULT_TOLERANCE = 1e-4  # on logits; float32 reorderings between TF and ORT stay around 1e-5
@@ -106,7 +118,13 @@ def data_provenance(data: dict) -> dict:
 
 
 def build_metadata(
-    name: str, version: str, onnx_file: Path, summary: dict, parity: dict, spec: Preprocessing
+    name: str,
+    version: str,
+    onnx_file: Path,
+    summary: dict,
+    parity: dict,
+    spec: Preprocessing,
+    cam: tuple[dict, dict] | None = None,
 ) -> dict:
     metrics = {"validation": summary["validation_metrics"]}
     if "holdout_metrics" in summary:
@@ -124,34 +142,27 @@ def build_metadata(
             "dtype": "float32",
             "layout": "NHWC",
         },
-        "output": {
-            "name": OUTPUT_NAME,
-            "shape": [None, len(CLASSES)],
-            "dtype": "float32",
-            "kind": "logits",
-        },
+        "outputs": [
+            {
+                "name": OUTPUT_NAME,
+                "shape": [None, len(CLASSES)],
+                "dtype": "float32",
+                "role": "classifier",
+                "kind": "logits",
+            },
+            *([cam[0]] if cam else []),
+        ],
         "preprocessing": spec.model_dump(),
         "decision": {**summary["decision"], "positive_class": "PNEUMONIA"},
         "calibration": summary["calibration"],
         "intended_use": PAEDIATRIC_CHEST_XRAY.model_dump(),
+        **({"cam": cam[1]} if cam else {}),
         "metrics": metrics,
         "provenance": {
             "architecture": summary["architecture"],
             "parameters": summary["parameters"],
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "training": {
-                k: summary[k]
-                for k in (
-                    "epochs_run",
-                    "best_epoch",
-                    "training_seconds",
-                    "hardware",
-                    "seed",
-                    "hyperparameters",
-                    "augmentation",
-                    "class_weights",
-                )
-            },
+            "training": {k: summary[k] for k in TRAINING_RECORD_KEYS},
             "data": data_provenance(summary["data"]),
             "parity": parity,
             "library_versions": library_versions(),
@@ -191,11 +202,12 @@ def export_run(
             f"{parity['max_abs_diff_logits']:.2e} <= {tolerance:g}",
             flush=True,
         )
+        cam = attach_cam_output(staged, OUTPUT_NAME)
         final = out_dir / f"{name}.onnx"
         shutil.move(str(staged), final)
-    meta = build_metadata(name, version, final, summary, parity, spec)
+    meta = build_metadata(name, version, final, summary, parity, spec, cam)
     meta_path = out_dir / f"{name}.json"
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    meta_path.write_text(dump_metadata(meta))
     shutil.copyfile(run / "split.csv", out_dir / f"{name}.split.csv")
     print(f"[export] wrote {final} and {meta_path}", flush=True)
     return meta_path

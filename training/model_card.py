@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from app.contract import load_metadata
+from app.contract import ModelMetadata, load_metadata
 from training import results
 from training.metrics import POINT_METRICS
 
@@ -65,6 +65,19 @@ Rows are written by `python -m training.results` from run summaries and metadata
 """
 
 
+def _cam_line(meta: ModelMetadata) -> str:
+    output = meta.cam_output
+    if output is None:
+        return "none (the graph has no class-activation-map output)."
+    grid = "x".join(
+        str(d) for d in (output.shape[2:] if output.layout == "NCHW" else output.shape[1:3])
+    )
+    return (
+        f"exact class activation maps from output `{output.name}` ({grid} cells, "
+        "`POST /predict?explain=true`); see `models/figures/cam_examples.png`."
+    )
+
+
 def render(meta_path: Path) -> str:
     meta = load_metadata(meta_path)
     prov = meta.provenance
@@ -111,6 +124,7 @@ def render(meta_path: Path) -> str:
 - Operating point: p({meta.decision.positive_class}) >= **{meta.decision.threshold:.4f}**, chosen on the validation set for
   sensitivity >= {meta.decision.target_sensitivity} (a missed pneumonia costs more than a false alarm).
 - Calibration: temperature scaling, T = {meta.calibration.temperature:.4f}, fitted on validation.
+- Explanations: {_cam_line(meta)}
 
 ## Intended use
 Screening research and triage support on paediatric frontal chest radiographs: ordering a worklist,

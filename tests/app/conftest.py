@@ -45,3 +45,12 @@ def client(model_path: Path) -> Iterator[TestClient]:
     """A client on a ready service (the lifespan has loaded and warmed up the tiny model)."""
     with TestClient(create_app(make_settings(model_path))) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium for the page tests (see `offline_browser`)."""
+    from offline_browser import launch_browser
+
+    with launch_browser() as launched:
+        yield launched

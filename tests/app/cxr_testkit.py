@@ -9,9 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -52,29 +62,50 @@ def build_onnx(
     output_name: str = "logits",
     n_outputs: int = 2,
     bias_value: float = 2.0,
+    busy_work: int = 0,
 ) -> bytes:
     """Serialized ONNX: image (NHWC) -> ReduceMean(H, W) -> MatMul -> Add -> logits.
 
-    `bias_value=float("nan")` makes a graph that loads fine but answers NaN.
+    `bias_value=float("nan")` makes a graph that loads fine but answers NaN. `busy_work=k` adds a
+    branch that squares the image tiled k x k times as a matrix and adds it to the logits times
+    zero: the same answers, but each run costs real CPU time (k=6: a 1344x1344 matrix product).
     """
     channels = input_shape[3] if isinstance(input_shape[3], int) else 1
     weight = np.zeros((channels, n_outputs), dtype=np.float32)
     weight[:, 0], weight[:, -1] = -4.0 / channels, 4.0 / channels
     bias = np.zeros(n_outputs, dtype=np.float32)
     bias[0], bias[-1] = bias_value, -bias_value
+    nodes = [
+        helper.make_node("ReduceMean", [input_name], ["mean"], axes=[1, 2], keepdims=0),
+        helper.make_node("MatMul", ["mean", "W"], ["scores"]),
+        helper.make_node("Add", ["scores", "b"], [output_name]),
+    ]
+    initializers = [
+        helper.make_tensor("W", TensorProto.FLOAT, weight.shape, weight.flatten().tolist()),
+        helper.make_tensor("b", TensorProto.FLOAT, bias.shape, bias.tolist()),
+    ]
+    if busy_work:
+        nodes[1:2] = [
+            helper.make_node("MatMul", ["mean", "W"], ["plain_scores"]),
+            helper.make_node("ReduceMean", [input_name], ["grey"], axes=[3], keepdims=0),
+            helper.make_node("Tile", ["grey", "repeats"], ["tiled"]),
+            helper.make_node("MatMul", ["tiled", "tiled"], ["squared"]),
+            helper.make_node("ReduceMean", ["squared"], ["busy"], axes=[1, 2], keepdims=1),
+            helper.make_node("Reshape", ["busy", "column"], ["busy_column"]),
+            helper.make_node("Mul", ["busy_column", "zero"], ["nothing"]),
+            helper.make_node("Add", ["plain_scores", "nothing"], ["scores"]),
+        ]
+        initializers += [
+            helper.make_tensor("repeats", TensorProto.INT64, [3], [1, busy_work, busy_work]),
+            helper.make_tensor("column", TensorProto.INT64, [2], [-1, 1]),
+            helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+        ]
     graph = helper.make_graph(
-        [
-            helper.make_node("ReduceMean", [input_name], ["mean"], axes=[1, 2], keepdims=0),
-            helper.make_node("MatMul", ["mean", "W"], ["scores"]),
-            helper.make_node("Add", ["scores", "b"], [output_name]),
-        ],
+        nodes,
         "tiny_cxr",
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, list(input_shape))],
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", n_outputs])],
-        initializer=[
-            helper.make_tensor("W", TensorProto.FLOAT, weight.shape, weight.flatten().tolist()),
-            helper.make_tensor("b", TensorProto.FLOAT, bias.shape, bias.tolist()),
-        ],
+        initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # opset 17's IR version; onnxruntime 1.31 reads it
@@ -139,3 +170,181 @@ def encode(image: Image.Image, fmt: str, **save_kwargs: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save_kwargs)
     return buffer.getvalue()
+
+
+def build_cam_onnx(channels: int = 4, patch: int = 32) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """A tiny CAM-able model: image (NHWC) -> Transpose -> Conv(patch x patch, stride patch) ->
+    Relu -> GlobalAveragePool -> Flatten -> MatMul -> Add -> logits, plus the Relu output as
+    `cam_features` (NCHW). Channel 0 sums brightness; PNEUMONIA weighs it up, NORMAL down.
+    Returns (serialized model, dense weights (channels, 2), bias (2,))."""
+    rng = np.random.default_rng(5)
+    conv = rng.normal(0.0, 0.002, (channels, 1, patch, patch)).astype(np.float32)
+    conv[0] = 1.0 / (patch * patch)  # the patch's mean brightness
+    dense = rng.normal(0.0, 0.5, (channels, 2)).astype(np.float32)
+    dense[0] = (-6.0, 6.0)
+    bias = np.array([3.0, -3.0], dtype=np.float32)
+    grid = SIZE // patch
+    graph = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]),
+            helper.make_node("Conv", ["nchw", "K"], ["conv"], strides=[patch, patch]),
+            helper.make_node("Relu", ["conv"], ["features"]),
+            helper.make_node("GlobalAveragePool", ["features"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "W"], ["scores"]),
+            helper.make_node("Add", ["scores", "b"], ["logits"]),
+            helper.make_node("Identity", ["features"], ["cam_features"]),
+        ],
+        "tiny_cam_cxr",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", SIZE, SIZE, 1])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2]),
+            helper.make_tensor_value_info(
+                "cam_features", TensorProto.FLOAT, ["N", channels, grid, grid]
+            ),
+        ],
+        initializer=[
+            helper.make_tensor("K", TensorProto.FLOAT, conv.shape, conv.flatten().tolist()),
+            helper.make_tensor("W", TensorProto.FLOAT, dense.shape, dense.flatten().tolist()),
+            helper.make_tensor("b", TensorProto.FLOAT, bias.shape, bias.tolist()),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString(), dense, bias
+
+
+def cam_metadata_for(onnx_bytes: bytes, dense: np.ndarray, bias: np.ndarray) -> dict[str, Any]:
+    """Schema-3 metadata for `build_cam_onnx`'s model, written out by hand."""
+    weights, biases = dense.tolist(), bias.tolist()
+    data = np.asarray(weights, "<f4").tobytes() + np.asarray(biases, "<f4").tobytes()
+    channels, grid = dense.shape[0], SIZE // 32
+    meta = metadata_for(onnx_bytes, schema_version=3, name="tiny_cam_cxr")
+    meta.pop("output")
+    meta["outputs"] = [
+        {"name": "logits", "shape": [None, 2], "role": "classifier", "kind": "logits"},
+        {
+            "name": "cam_features",
+            "shape": [None, channels, grid, grid],
+            "role": "cam_features",
+            "layout": "NCHW",
+        },
+    ]
+    meta["cam"] = {
+        "feature_output": "cam_features",
+        "weights": weights,
+        "bias": biases,
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    return meta
+
+
+# ---- a real server process -------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_model_dir(directory: Path, **onnx_kwargs: Any) -> Path:
+    """A tiny model and its metadata in `directory`; returns the metadata path."""
+    onnx_bytes = build_onnx(**onnx_kwargs)
+    meta = metadata_for(onnx_bytes)
+    (directory / meta["onnx_file"]).write_bytes(onnx_bytes)
+    path = directory / "model.json"
+    path.write_text(json.dumps(meta))
+    return path
+
+
+def process_settings(model_dir: Path, busy_work: int = 0, **overrides: str) -> dict[str, str]:
+    """`CXR_*` settings for a server process on a tiny model written into `model_dir` (see
+    `build_onnx` for `busy_work`): CPU, one thread, and no drain window (no load balancer in front
+    to wait for). Other keyword arguments name settings without their prefix:
+    `api_keys="..."` sets CXR_API_KEYS."""
+    settings = {
+        "CXR_MODEL_METADATA": str(write_model_dir(model_dir, busy_work=busy_work)),
+        "CXR_PROVIDER": "cpu",
+        "CXR_ORT_INTRA_OP_THREADS": "1",
+        "CXR_DRAIN_SECONDS": "0",
+    }
+    settings.update({f"CXR_{name.upper()}": value for name, value in overrides.items()})
+    return settings
+
+
+@dataclass
+class UvicornProcess:
+    """`python -m uvicorn app.main:app` on 127.0.0.1, configured only through `CXR_*` variables
+    (the caller's own `CXR_*` environment is dropped), its output captured in `log_path`."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(
+        cls,
+        log_path: Path,
+        settings: dict[str, str],
+        uvicorn_args: Sequence[str] = (),
+        app: str = "app.main:app",
+    ) -> UvicornProcess:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_")}
+        env.update(settings)
+        port = free_port()
+        command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1"]
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [*command, "--port", str(port), "--no-access-log", *uvicorn_args],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return cls(process, port, log_path)
+
+    @classmethod
+    @contextmanager
+    def serving(
+        cls,
+        log_path: Path,
+        settings: dict[str, str],
+        uvicorn_args: Sequence[str] = (),
+        app: str = "app.main:app",
+    ) -> Iterator[UvicornProcess]:
+        """`start`, wait until ready, and kill whatever is left of the process on the way out."""
+        server = cls.start(log_path, settings, uvicorn_args, app)
+        try:
+            server.wait_until_ready()
+            yield server
+        finally:
+            server.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_until_ready(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"uvicorn exited early:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.base_url}/health/ready", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"not ready after {timeout_s}s:\n{self.log()}")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)

@@ -56,7 +56,8 @@ PATIENT_AND_STUDY_TAGS = {
     "RequestingPhysician": f"{SENTINEL}^REQUESTER",
 }
 PATIENT_AGE = "087Y"
-SENTINELS = [SENTINEL, "ZQXSTUDY", "ZQXSTATION", "19111111", "19121212", PATIENT_AGE, "087"]
+# Each long and odd enough never to occur by chance (request IDs are random hex: no bare "087").
+SENTINELS = [SENTINEL, "ZQXSTUDY", "ZQXSTATION", "19111111", "19121212", PATIENT_AGE]
 # UIDs with a distinctive root: they may appear in a 200 response's `dicom` object only.
 UID_ROOT = "1.2.826.0.1.3680043.10.777777"
 UIDS = {

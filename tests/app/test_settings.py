@@ -71,3 +71,16 @@ def test_a_relative_path_present_in_the_working_directory_wins(tmp_path):
 def test_an_absolute_path_is_used_as_is(tmp_path):
     target = tmp_path / "elsewhere" / "m.json"
     assert Settings(model_metadata=target).resolved_model_metadata() == target
+
+
+def test_decode_concurrency_bounds_the_decode_slots(monkeypatch):
+    from app.readiness import ServiceState
+
+    monkeypatch.setenv("CXR_DECODE_CONCURRENCY", "3")
+    settings = Settings()
+    assert ServiceState.for_settings(settings.decode_concurrency).decode_limiter.total_tokens == 3
+    default = ServiceState.for_settings(0).decode_limiter.total_tokens
+    assert default == (os.cpu_count() or 1)
+    monkeypatch.setenv("CXR_DECODE_CONCURRENCY", "-1")
+    with pytest.raises(ValidationError):
+        Settings()

@@ -103,11 +103,13 @@ def test_export_metadata_is_the_service_contract(exported: Path) -> None:
 
     assert meta.sha256 == file_sha256(onnx_path)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    (inp,), (out,) = session.get_inputs(), session.get_outputs()
-    assert (inp.name, out.name) == ("image", "logits")
+    (inp,) = session.get_inputs()
+    assert inp.name == "image"
+    assert [o.name for o in session.get_outputs()] == ["logits", "cam_features"]
+    assert [o.role for o in meta.outputs] == ["classifier", "cam_features"]
     assert isinstance(inp.shape[0], str)  # dynamic batch
     assert inp.shape[1:] == [224, 224, 1]
-    logits = session.run(None, {"image": np.zeros((3, 224, 224, 1), np.float32)})[0]
+    logits = session.run(["logits"], {"image": np.zeros((3, 224, 224, 1), np.float32)})[0]
     assert logits.shape == (3, 2)
     parity = meta.provenance["parity"]
     assert parity["max_abs_diff_logits"] <= parity["tolerance"]
@@ -235,3 +237,22 @@ def test_an_ensemble_refuses_runs_on_different_splits(tiny_run: Path, tmp_path: 
     (other / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(ValueError, match="different splits"):
         ensemble.build([tiny_run, other], tmp_path / "out", None, 0.95)
+
+
+def test_the_exported_model_explains_its_own_logits(exported: Path, tiny_kaggle_dir: Path) -> None:
+    """On the trained export: every class map's spatial mean plus its bias is the served logit."""
+    import onnxruntime as ort
+
+    from app.inference import load_classifier
+    from app.settings import Settings
+
+    classifier = load_classifier(Settings(model_metadata=exported, provider="cpu"))
+    assert classifier.explains
+    meta = classifier.metadata
+    session = ort.InferenceSession(str(exported.parent / meta.onnx_file))
+    for path in sorted((tiny_kaggle_dir / "test").glob("*/*.jpeg"))[:4]:
+        tensor = classifier.preprocess(path.read_bytes())
+        (logits,) = session.run(["logits"], {"image": tensor})
+        for index, name in enumerate(meta.classes):
+            _, cam = classifier.predict_with_cam(tensor, name)
+            assert cam.logit == pytest.approx(float(logits[0][index]), abs=1e-5)

@@ -1,0 +1,211 @@
+"""Consistency checks of the rendered Kubernetes manifests against the service and its image.
+
+    python scripts/check_kubernetes.py .k8s-ci/rendered/base.yaml .k8s-ci/rendered/gpu.yaml
+
+The JSON-schema validation (kubernetes-validate, run by scripts/kubernetes-check.sh) says that
+each object is well formed; this says that they fit together and fit the service: probes on the
+health endpoints, thread settings equal to the CPU limit, a shutdown budget that covers the preStop
+delay, the drain window and uvicorn's graceful timeout from the Dockerfile, the API-key file where
+the Secret is mounted, selectors that match the pods, a non-root read-only container, and for the
+GPU variant a GPU, the gpu image and CXR_PROVIDER=cuda. Exit status 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVICE_UID = 10001  # the Dockerfile's USER
+MARGIN_S = 5  # between the last expected second of shutdown and SIGKILL
+PROBES = {
+    "startupProbe": "/health/live",
+    "readinessProbe": "/health/ready",
+    "livenessProbe": "/health/live",
+}
+
+Manifest = dict[str, Any]
+
+
+def graceful_timeout_s(dockerfile: Path = REPO_ROOT / "Dockerfile") -> int:
+    """uvicorn's --timeout-graceful-shutdown in the image's CMD."""
+    match = re.search(r'"--timeout-graceful-shutdown",\s*"(\d+)"', dockerfile.read_text())
+    if not match:
+        raise SystemExit(f"no --timeout-graceful-shutdown in the CMD of {dockerfile}")
+    return int(match.group(1))
+
+
+def cores(quantity: str | int) -> float:
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def one(docs: list[Manifest], kind: str, failures: list[str]) -> Manifest:
+    found = [d for d in docs if d.get("kind") == kind]
+    if len(found) != 1:
+        failures.append(f"expected one {kind}, found {len(found)}")
+        return {}
+    return found[0]
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def check_variant(docs: list[Manifest], graceful_s: int) -> list[str]:
+    """Every inconsistency found in one rendered variant (an empty list when there is none)."""
+    failures: list[str] = []
+    deployment = one(docs, "Deployment", failures)
+    service = one(docs, "Service", failures)
+    hpa = one(docs, "HorizontalPodAutoscaler", failures)
+    pdb = one(docs, "PodDisruptionBudget", failures)
+    secrets = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "Secret"}
+    if failures:
+        return failures
+
+    pod = deployment["spec"]["template"]
+    pod_labels = pod["metadata"].get("labels", {})
+    spec = pod["spec"]
+    containers = {c["name"]: c for c in spec["containers"]}
+    if "api" not in containers:
+        return [f"no container named api (found {sorted(containers)})"]
+    api = containers["api"]
+    env = {e["name"]: e.get("value") for e in api.get("env", [])}
+    ports = {p.get("name"): p["containerPort"] for p in api.get("ports", [])}
+
+    def expect(ok: bool, what: str) -> None:
+        if not ok:
+            failures.append(what)
+
+    # Selectors and references.
+    expect(
+        selects(deployment["spec"]["selector"]["matchLabels"], pod_labels),
+        "Deployment selector does not match its pod labels",
+    )
+    expect(selects(service["spec"].get("selector", {}), pod_labels), "Service selects no pod")
+    expect(
+        selects(pdb["spec"]["selector"].get("matchLabels", {}), pod_labels),
+        "PodDisruptionBudget selects no pod",
+    )
+    target = hpa["spec"]["scaleTargetRef"]
+    expect(
+        (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"]),
+        f"HorizontalPodAutoscaler scales {target['kind']}/{target['name']}",
+    )
+    for port in service["spec"]["ports"]:
+        expect(
+            port["targetPort"] in ports or port["targetPort"] in ports.values(),
+            f"Service targetPort {port['targetPort']} is not a container port",
+        )
+    expect(ports.get("http") == 8000, "container port `http` is not 8000 (the image's port)")
+
+    # Probes on the health endpoints.
+    for probe, path in PROBES.items():
+        got = api.get(probe, {}).get("httpGet", {})
+        expect(
+            got.get("path") == path and got.get("port") in ("http", 8000),
+            f"{probe} must GET {path} on the http port (has {got or 'none'})",
+        )
+
+    # A non-root, read-only container.
+    pod_security, security = spec.get("securityContext", {}), api.get("securityContext", {})
+    expect(pod_security.get("runAsNonRoot") is True, "pod securityContext.runAsNonRoot is not true")
+    expect(
+        pod_security.get("runAsUser") == SERVICE_UID,
+        f"runAsUser is {pod_security.get('runAsUser')}, the image's user is {SERVICE_UID}",
+    )
+    expect(security.get("readOnlyRootFilesystem") is True, "root file system is not read-only")
+    expect(security.get("allowPrivilegeEscalation") is False, "privilege escalation allowed")
+    expect(security.get("capabilities", {}).get("drop") == ["ALL"], "capabilities not dropped")
+
+    # Resources, and thread settings matched to the CPU limit.
+    resources = api.get("resources", {})
+    requests, limits = resources.get("requests", {}), resources.get("limits", {})
+    for name in ("cpu", "memory"):
+        expect(
+            name in limits and str(requests.get(name)) == str(limits.get(name)),
+            f"{name} request and limit differ or are missing ({requests.get(name)} vs "
+            f"{limits.get(name)})",
+        )
+    if "cpu" in limits:
+        cpu_limit = cores(limits["cpu"])
+        for variable in ("CXR_ORT_INTRA_OP_THREADS", "CXR_DECODE_CONCURRENCY"):
+            expect(
+                env.get(variable) is not None and float(env[variable]) == cpu_limit,
+                f"{variable}={env.get(variable)} but the CPU limit is {limits['cpu']}",
+            )
+
+    # The shutdown budget: preStop, then the drain window, then uvicorn's graceful timeout.
+    command = api.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    sleep_s = int(command[1]) if len(command) == 2 and command[0] == "sleep" else None
+    expect(sleep_s is not None and sleep_s > 0, f"preStop is not a sleep (has {command})")
+    drain_s = float(env.get("CXR_DRAIN_SECONDS") or 0)
+    expect(drain_s > 0, "CXR_DRAIN_SECONDS is not set above 0")
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    needed = (sleep_s or 0) + drain_s + graceful_s + MARGIN_S
+    expect(
+        grace >= needed,
+        f"terminationGracePeriodSeconds {grace} < preStop {sleep_s} + drain {drain_s} + graceful "
+        f"{graceful_s} + margin {MARGIN_S}",
+    )
+
+    # API keys: the file the service reads is the mounted Secret's key.
+    keys_file = env.get("CXR_API_KEYS_FILE")
+    mounted = False
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for mount in api.get("volumeMounts", []):
+        volume = volumes.get(mount["name"], {})
+        secret_name = volume.get("secret", {}).get("secretName")
+        if secret_name is None or not keys_file:
+            continue
+        key = keys_file.removeprefix(mount["mountPath"].rstrip("/") + "/")
+        secret = secrets.get(secret_name, {})
+        mounted = key != keys_file and key in secret.get("data", {}) | secret.get("stringData", {})
+    expect(mounted, f"CXR_API_KEYS_FILE={keys_file} is not a key of a mounted Secret")
+
+    # Scale-out: the autoscaler's floor survives one voluntary disruption.
+    max_unavailable = pdb["spec"].get("maxUnavailable")
+    expect(
+        isinstance(max_unavailable, int) and max_unavailable < hpa["spec"].get("minReplicas", 1),
+        f"PodDisruptionBudget maxUnavailable {max_unavailable} leaves no pod of "
+        f"minReplicas {hpa['spec'].get('minReplicas', 1)}",
+    )
+
+    # CPU or GPU, consistently.
+    gpus = limits.get("nvidia.com/gpu")
+    image_tag = api["image"].rsplit(":", 1)[-1] if ":" in api["image"] else ""
+    if env.get("CXR_PROVIDER") == "cuda":
+        expect(gpus is not None and int(gpus) >= 1, "CXR_PROVIDER=cuda without an nvidia.com/gpu")
+        expect(image_tag == "gpu", f"GPU variant runs image {api['image']}, not the gpu image")
+    else:
+        expect(env.get("CXR_PROVIDER") == "cpu", f"CXR_PROVIDER={env.get('CXR_PROVIDER')}")
+        expect(gpus is None, "CPU variant requests a GPU")
+        expect(image_tag == "cpu", f"CPU variant runs image {api['image']}, not the cpu image")
+    return failures
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    graceful_s = graceful_timeout_s()
+    failed = False
+    for path in map(Path, argv):
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        failures = check_variant(docs, graceful_s)
+        kinds = ", ".join(sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs))
+        if failures:
+            failed = True
+            for failure in failures:
+                print(f"[k8s] FAIL {path.name}: {failure}")
+        else:
+            print(f"[k8s] ok   {path.name}: consistent ({kinds})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

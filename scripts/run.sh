@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The README's run command: start the service with the shipped model on http://127.0.0.1:8000,
+# in the way this machine allows, and say which way it took.
+#
+#   with Docker  when an engine answers and the Compose v2 plugin is installed: makes sure the
+#                python:3.11-slim base image exists (pulled, or built locally from Debian packages
+#                when no registry can be reached), then `docker compose up --build --wait`; returns
+#                once the container is healthy and leaves it running (stop: docker compose down);
+#   without      otherwise: scripts/serve.sh sets up .venv (serving dependencies only) and runs
+#                the service in the foreground (Ctrl-C stops it).
+#
+# Usage:  scripts/run.sh [--docker | --venv]
+#   --docker  use Docker or fail, saying what is missing and how to install it
+#   --venv    never use Docker
+# Settings are CXR_* environment variables (.env.example); CXR_PORT changes the port.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODE=auto
+for arg in "$@"; do
+    case "$arg" in
+        --docker) MODE=docker ;;
+        --venv) MODE=venv ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+say() { printf '[run] %s\n' "$*"; }
+die() { printf '[run] ERROR: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=scripts/docker-lib.sh
+source scripts/docker-lib.sh
+
+if [[ $MODE != venv ]]; then
+    problem="$(docker_compose_problem)"
+    if [[ -n $problem ]]; then
+        [[ $MODE == docker ]] && die "cannot use Docker: $problem"
+        say "not using Docker: $problem"
+        MODE=venv
+    else
+        MODE=docker
+    fi
+fi
+
+if [[ $MODE == venv ]]; then
+    say "running from a virtual environment (scripts/serve.sh)"
+    exec scripts/serve.sh
+fi
+
+say "running with Docker: $(docker compose version 2>/dev/null | head -n1), engine $(docker version -f '{{.Server.Version}}' 2>/dev/null)"
+ensure_base_image
+export_build_index_url
+port="${CXR_PORT:-8000}"
+say "docker compose up --build --wait (first build: a minute or two)"
+docker compose up --build --wait --wait-timeout 300 api \
+    || die "the service did not become healthy; see: docker compose logs api"
+say "the service is up on http://127.0.0.1:$port (docs: http://127.0.0.1:$port/docs)"
+say "logs: docker compose logs -f api    stop: docker compose down"
