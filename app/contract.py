@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # 2: `preprocessing.dicom` (the DICOM display pipeline) and `intended_use` (header gating, training
@@ -323,6 +324,30 @@ class ModelMetadata(_Strict):
     @property
     def positive_index(self) -> int:
         return self.classes.index(self.decision.positive_class)
+
+    def calibrated_probabilities(self, outputs: np.ndarray) -> np.ndarray:
+        """The graph's outputs (N, classes) -> calibrated class probabilities, float64.
+
+        softmax(logits / temperature) per row; a `probabilities` head is taken back to log space
+        first, so that the same temperature applies to either kind of head.
+        """
+        values = np.asarray(outputs, dtype=np.float64)
+        if self.output.kind == "probabilities":
+            values = np.log(np.clip(values, 1e-12, 1.0))
+        if self.calibration.method == "temperature":
+            values = values / self.calibration.temperature
+        exp = np.exp(values - values.max(axis=1, keepdims=True))
+        probabilities: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
+        return probabilities
+
+    def label_at_operating_point(self, probabilities: np.ndarray) -> str:
+        """The decision rule for one image's calibrated probabilities: the positive class when
+        its probability reaches the threshold, otherwise the most probable other class."""
+        positive = self.positive_index
+        if probabilities[positive] >= self.decision.threshold:
+            return self.decision.positive_class
+        others = [i for i in range(len(self.classes)) if i != positive]
+        return self.classes[max(others, key=lambda i: probabilities[i])]
 
 
 _SCALAR_LIST = re.compile(r"\[\s*((?:-?[0-9.eE+-]+|null)(?:,\s*(?:-?[0-9.eE+-]+|null))*)\s*\]")

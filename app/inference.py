@@ -61,17 +61,9 @@ def select_providers(requested: Provider, available: Sequence[str]) -> list[str]
 
 
 def calibrated_probabilities(outputs: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
-    """softmax(logits / temperature) per row, in float64 so rows sum to 1 to rounding error."""
-    values = np.asarray(outputs, dtype=np.float64)
-    if metadata.output.kind == "probabilities":
-        # Back to log space so the same temperature applies to either kind of head.
-        values = np.log(np.clip(values, 1e-12, 1.0))
-    if metadata.calibration.method == "temperature":
-        values = values / metadata.calibration.temperature
-    shifted = values - values.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    probabilities: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
-    return probabilities
+    """softmax(logits / temperature) per row, by the contract's rule (one rule for training's
+    evaluation and for serving: `ModelMetadata.calibrated_probabilities`)."""
+    return metadata.calibrated_probabilities(outputs)
 
 
 @dataclass(frozen=True)
@@ -173,14 +165,9 @@ class Classifier:
         return probabilities, cam
 
     def label_for(self, probabilities: np.ndarray) -> str:
-        """The class at the operating point: the positive class when its calibrated probability
-        reaches the metadata's threshold, otherwise the most probable of the other classes."""
-        decision = self.metadata.decision
-        positive = self.metadata.positive_index
-        if probabilities[positive] >= decision.threshold:
-            return decision.positive_class
-        others = [i for i in range(len(self.metadata.classes)) if i != positive]
-        return self.metadata.classes[max(others, key=lambda i: probabilities[i])]
+        """The class at the operating point (the contract's rule: the positive class when its
+        calibrated probability reaches the metadata's threshold, else the likeliest other)."""
+        return self.metadata.label_at_operating_point(probabilities)
 
     def warm_up(self) -> None:
         """Run one mid-grey image through preprocessing and the session; raise if it misbehaves."""

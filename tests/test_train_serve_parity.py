@@ -173,6 +173,20 @@ def test_every_pixel_format_preprocesses_identically(mode: str, tmp_path: Path) 
     np.testing.assert_array_equal(_serving_input(path.read_bytes()), _training_input(path))
 
 
+@pytest.mark.parametrize(
+    "resize_filter", ["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
+)
+def test_every_resize_filter_of_the_contract_is_the_same_filter_on_both_sides(
+    resize_filter: str, tmp_path: Path
+) -> None:
+    """Each side maps the contract's filter names to Pillow filters with its own table."""
+    spec = DEFAULT_PREPROCESSING.model_copy(update={"resize_filter": resize_filter})
+    path = tmp_path / "grey.png"
+    _variants()["L"].save(path)
+    served = to_model_input(decode_upload(path.read_bytes(), LIMITS).image, spec)
+    np.testing.assert_array_equal(served, scale(load_image(path, spec), spec)[None])
+
+
 # -- DICOM: training (`training.dicom`, pixel by pixel) and serving (`app.dicom`, a lookup table)
 # render every case of the contract's display pipeline to the same 8-bit image.
 

@@ -11,7 +11,7 @@ import hashlib
 import random
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -175,7 +175,7 @@ def _connected_groups(records: Iterable[Record]) -> list[list[Record]]:
     return list(grouped.values())
 
 
-def write_split(path: Path, splits: dict[str, Sequence[Record]]) -> str:
+def write_split(path: Path, splits: Mapping[str, Sequence[Record]]) -> str:
     """Write the split manifest CSV (split, label, patient, file) and return its sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

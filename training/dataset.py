@@ -7,12 +7,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from app.contract import Preprocessing
 from training.data import Record
-from training.preprocessing import DEFAULT_PREPROCESSING, load_image
+from training.preprocessing import DEFAULT_PREPROCESSING, PIXEL_MAX, load_image, scale
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,14 @@ class Augmentation:
     # "nearest" repeats the edge rows: black ("constant") borders on most training images but none
     # at inference shift the BatchNorm statistics the model is evaluated with.
     fill_mode: str = "nearest"
+    # Acquisition changes the in-graph per-image standardisation does not undo (it removes linear
+    # brightness and contrast only): a detector's or a post-processing curve's non-linear response
+    # (gamma), focal-spot and scatter blur, quantum noise, and tighter collimation (a zoom-in crop).
+    # All off by default, which is the 1.0 recipe.
+    gamma: float = 0.0  # gamma drawn log-uniformly from [exp(-gamma), exp(gamma)] per image
+    blur_sigma: float = 0.0  # Gaussian blur, sigma up to this many pixels, on half the images
+    noise: float = 0.0  # additive Gaussian noise, std up to this fraction of the full range
+    crop: float = 0.0  # zoom in by up to this fraction (height and width drawn apart)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -68,8 +77,8 @@ def load_images(
     return out
 
 
-def augmenter(aug: Augmentation, seed: int):  # type: ignore[no-untyped-def]
-    """A Keras preprocessing stack, used inside tf.data on float batches in [0, 1]."""
+def augmenter(aug: Augmentation, seed: int) -> Any:
+    """A Keras preprocessing stack, used inside tf.data on float pixel batches in [0, PIXEL_MAX]."""
     import keras
     from keras import layers
 
@@ -92,11 +101,41 @@ def augmenter(aug: Augmentation, seed: int):  # type: ignore[no-untyped-def]
         )
     if aug.zoom:
         stack.append(layers.RandomZoom(aug.zoom, aug.zoom, fill_mode=aug.fill_mode, seed=seed + 4))
+    if aug.crop:
+        # negative factors zoom in only, so no fill is ever needed
+        stack.append(layers.RandomZoom((-aug.crop, 0.0), (-aug.crop, 0.0), seed=seed + 7))
+    pixel_range = (0.0, PIXEL_MAX)
     if aug.brightness:
-        stack.append(layers.RandomBrightness(aug.brightness, value_range=(0.0, 1.0), seed=seed + 5))
+        stack.append(
+            layers.RandomBrightness(aug.brightness, value_range=pixel_range, seed=seed + 5)
+        )
     if aug.contrast:
-        stack.append(layers.RandomContrast(aug.contrast, value_range=(0.0, 1.0), seed=seed + 6))
+        stack.append(layers.RandomContrast(aug.contrast, value_range=pixel_range, seed=seed + 6))
+    if aug.blur_sigma:
+        stack.append(
+            layers.RandomGaussianBlur(
+                factor=0.5,  # the probability that an image is blurred at all
+                kernel_size=5,
+                sigma=(0.1, aug.blur_sigma),
+                value_range=pixel_range,
+                seed=seed + 8,
+            )
+        )
     return keras.Sequential(stack, name="augmentation")
+
+
+def exposure_jitter(x: Any, aug: Augmentation, seed: int) -> Any:
+    """Per-image gamma and additive noise on a float pixel batch in [0, PIXEL_MAX] (TF ops)."""
+    import tensorflow as tf
+
+    per_image = tf.stack([tf.shape(x)[0], 1, 1, 1])
+    if aug.gamma:
+        gamma = tf.exp(tf.random.uniform(per_image, -aug.gamma, aug.gamma, seed=seed + 9))
+        x = PIXEL_MAX * tf.pow(tf.clip_by_value(x / PIXEL_MAX, 0.0, 1.0), gamma)
+    if aug.noise:
+        sigma = tf.random.uniform(per_image, 0.0, aug.noise * PIXEL_MAX, seed=seed + 10)
+        x = x + sigma * tf.random.normal(tf.shape(x), seed=seed + 11)
+    return x
 
 
 def make_dataset(
@@ -109,8 +148,8 @@ def make_dataset(
     shuffle: bool = False,
     seed: int = 0,
     sample_weights: np.ndarray | None = None,
-):  # type: ignore[no-untyped-def]
-    """uint8 images -> contract scaling -> (optional) augmentation -> one-hot labels, prefetched."""
+) -> Any:
+    """uint8 images -> (optional) augmentation -> contract scaling -> one-hot labels, prefetched."""
     import tensorflow as tf
 
     tensors: tuple = (
@@ -120,15 +159,15 @@ def make_dataset(
     if shuffle:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
-    scale, offset = np.float32(spec.scale), np.float32(spec.offset)
     aug_model = augmenter(augmentation, seed) if augmentation is not None else None
 
-    def to_inputs(x, y, *w):  # type: ignore[no-untyped-def]
+    def to_inputs(x: Any, y: Any, *w: Any) -> tuple[Any, ...]:
         x = tf.cast(x, tf.float32)
-        if aug_model is not None:
-            # augment in [0, 1] pixel units, then apply the contract's scaling
-            x = tf.clip_by_value(aug_model(x / 255.0, training=True), 0.0, 1.0) * 255.0
-        x = x * scale + offset
+        if augmentation is not None and aug_model is not None:
+            # augment in pixel units, then apply the contract's scaling like every other input
+            x = exposure_jitter(aug_model(x, training=True), augmentation, seed)
+            x = tf.clip_by_value(x, 0.0, PIXEL_MAX)
+        x = scale(x, spec)
         y = tf.one_hot(tf.cast(y, tf.int32), num_classes)
         return (x, y, *w)
 

@@ -26,7 +26,7 @@ from app.contract import ModelMetadata, load_metadata
 from training import plots
 from training.data import CLASSES, Record, load_kaggle_directory, patient_from_filename
 from training.dataset import load_images
-from training.metrics import evaluate_scores, format_summary, softmax
+from training.metrics import evaluate_scores, format_summary
 from training.preprocessing import scale
 
 
@@ -58,18 +58,18 @@ def predict_logits(
     return np.concatenate(out)
 
 
-def classification_report(metrics: dict) -> str:
+def classification_report(metrics: dict, classes: list[str], positive_class: str) -> str:
+    """Per-class precision, recall and F1 of a two-class decision, from its confusion matrix."""
     cm = metrics["confusion_matrix"]
-    rows = [f"{'':<12}{'precision':>10}{'recall':>10}{'f1':>8}{'support':>9}"]
+    (negative_class,) = [c for c in classes if c != positive_class]
+    # (true positives, false positives, false negatives) with each class taken as the positive one
     per_class = {
-        "NORMAL": (
-            cm["tn"],
-            cm["fn"],
-            cm["fp"],
-        ),  # (true positives, false positives, false negatives) for NORMAL
-        "PNEUMONIA": (cm["tp"], cm["fp"], cm["fn"]),
+        negative_class: (cm["tn"], cm["fn"], cm["fp"]),
+        positive_class: (cm["tp"], cm["fp"], cm["fn"]),
     }
-    for name, (tp, fp, fn) in per_class.items():
+    rows = [f"{'':<12}{'precision':>10}{'recall':>10}{'f1':>8}{'support':>9}"]
+    for name in classes:
+        tp, fp, fn = per_class[name]
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -85,9 +85,12 @@ def evaluate(meta_path: Path, data_dir: Path, split: str | None, out: Path, seed
     images = load_images(records, meta.preprocessing, progress_every=200)
     logits = predict_logits(meta, onnx_path, images)
     seconds = time.monotonic() - start
-    probs = softmax(logits, meta.calibration.temperature)
+    if len(meta.classes) != 2 or set(meta.classes) != set(CLASSES):
+        raise ValueError(f"{meta.name} has classes {meta.classes}; the data has {list(CLASSES)}")
+    # the contract's own calibration and decision rule, exactly as the service applies them
+    probs = meta.calibrated_probabilities(logits)
     scores = probs[:, meta.positive_index]
-    labels = np.array([r.label for r in records])
+    labels = np.array([r.class_name == meta.decision.positive_class for r in records], dtype=int)
     metrics = evaluate_scores(
         labels, scores, meta.decision.threshold, [r.patient_id for r in records], seed=seed
     )
@@ -100,12 +103,13 @@ def evaluate(meta_path: Path, data_dir: Path, split: str | None, out: Path, seed
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "classification_report.txt").write_text(classification_report(metrics) + "\n")
+    report_text = classification_report(metrics, meta.classes, meta.decision.positive_class)
+    (out / "classification_report.txt").write_text(report_text + "\n")
     with (out / "predictions.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["file", "label", *(f"p_{c}" for c in meta.classes), "predicted"])
-        for r, p, s in zip(records, probs, scores, strict=True):
-            predicted = meta.decision.positive_class if s >= meta.decision.threshold else "NORMAL"
+        for r, p in zip(records, probs, strict=True):
+            predicted = meta.label_at_operating_point(p)
             writer.writerow([Path(r.path).name, r.class_name, *(f"{v:.6f}" for v in p), predicted])
     plots.roc(
         labels,
@@ -114,8 +118,10 @@ def evaluate(meta_path: Path, data_dir: Path, split: str | None, out: Path, seed
         out / "roc.png",
         title=f"ROC, {name} ({len(records)} images)",
     )
+    confusion = metrics["confusion_matrix"]
+    assert isinstance(confusion, dict)
     plots.confusion_matrix(
-        metrics["confusion_matrix"],
+        confusion,
         out / "confusion_matrix.png",
         title=f"{name} at threshold {meta.decision.threshold:.3f}",
     )
@@ -123,7 +129,7 @@ def evaluate(meta_path: Path, data_dir: Path, split: str | None, out: Path, seed
     print(
         f"[evaluate] {meta.name} {meta.version} on {name}: "
         f"{len(records)} images in {seconds:.1f} s\n"
-        f"{format_summary(metrics)}\n\n{classification_report(metrics)}",
+        f"{format_summary(metrics)}\n\n{report_text}",
         flush=True,
     )
     return report

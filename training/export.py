@@ -50,7 +50,7 @@ class ParityError(RuntimeError):
 
 def convert_to_onnx(
     model, path: Path, height: int, width: int, channels: int, opset: int = 17
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Keras 3 -> ONNX through tf2onnx, with a named input/output and a dynamic batch dimension."""
     import keras
     import onnx
@@ -76,7 +76,7 @@ def convert_to_onnx(
     onnx.save(graph, str(path))
 
 
-def parity_check(model, onnx_path: Path, batch: np.ndarray, tolerance: float) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def parity_check(model, onnx_path: Path, batch: np.ndarray, tolerance: float) -> dict[str, float]:
     import onnxruntime as ort
 
     keras_logits = np.asarray(model.predict(batch, verbose=0))
@@ -127,6 +127,8 @@ def build_metadata(
     cam: tuple[dict, dict] | None = None,
 ) -> dict:
     metrics = {"validation": summary["validation_metrics"]}
+    if "holdout_metrics" in summary:
+        metrics["holdout"] = summary["holdout_metrics"]
     meta = {
         "schema_version": SCHEMA_VERSION,
         "name": name,

@@ -24,7 +24,6 @@ import numpy as np
 from PIL import Image
 
 from app.contract import ModelMetadata, load_metadata
-from app.inference import calibrated_probabilities
 from training.data import load_kaggle_directory
 from training.preprocessing import load_image, scale
 
@@ -35,10 +34,11 @@ def upscaled_jpeg(source: Path, size: tuple[int, int], out: Path, quality: int =
     return out
 
 
-def positive_probability(session, meta: ModelMetadata, pixels: list[np.ndarray]) -> np.ndarray:  # type: ignore[no-untyped-def]
+def positive_probability(session, meta: ModelMetadata, pixels: list[np.ndarray]) -> np.ndarray:
     batch = scale(np.stack(pixels), meta.preprocessing)
     (logits,) = session.run([meta.output.name], {meta.input.name: batch})
-    return calibrated_probabilities(logits, meta)[:, meta.positive_index]
+    probabilities: np.ndarray = meta.calibrated_probabilities(logits)[:, meta.positive_index]
+    return probabilities
 
 
 def compare_at_size(

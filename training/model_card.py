@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from app.contract import ModelMetadata, Preprocessing, load_metadata
+from training import results
 from training.metrics import POINT_METRICS
 
 _NAMES = {
@@ -34,7 +35,7 @@ def _dct_scaling_note(p: Preprocessing) -> str:
 
 
 def _metric_table(metrics: dict) -> str:
-    splits = [s for s in ("validation", "test") if s in metrics]
+    splits = [s for s in ("validation", "holdout", "test") if s in metrics]
     head = "| metric | " + " | ".join(f"{s} (95% CI)" for s in splits) + " |"
     rows = [head, "|---|" + "---|" * len(splits)]
     for k in POINT_METRICS:
@@ -59,6 +60,24 @@ def _metric_table(metrics: dict) -> str:
         + " |"
     )
     return "\n".join(rows)
+
+
+def _configurations(meta_path: Path, name: str) -> str:
+    """The configurations-tried section, from `<name>.results.json` beside the metadata."""
+    path = meta_path.parent / f"{name}.results.json"
+    if not path.is_file():
+        return ""
+    tried = results.load(path)
+    return f"""
+## Configurations tried (validation and hold-out only)
+Every configuration trained for this model, with figures at its own validation-chosen temperature
+and threshold; the hold-out slice is a second patient-level slice of train that nothing is fitted
+on. Selection rule, fixed before the first candidate was trained: {tried["selection_rule"]}
+Rows are written by `python -m training.results` from run summaries and metadata
+(`{path.name}`).
+
+{results.markdown_table(tried)}
+"""
 
 
 def _cam_line(meta: ModelMetadata) -> str:
@@ -98,6 +117,13 @@ def render(meta_path: Path) -> str:
     use = meta.intended_use
     population = use.training_population
     dicom = p.dicom
+    holdout_note = (
+        f"\n  A second slice, the hold-out ({data.get('holdout')} images, "
+        f"{data.get('n_holdout_patients')} patients), is held out from the rest by patient and "
+        "only scored, at the validation-fitted temperature and threshold."
+        if "holdout" in data
+        else ""
+    )
     return f"""# Model card: {meta.name} {meta.version}
 
 > Research use only. Not a medical device and not for diagnosis. Outputs support triage research and
@@ -105,7 +131,7 @@ def render(meta_path: Path) -> str:
 
 ## Summary
 - Task: binary classification of a frontal chest X-ray as `NORMAL` or `PNEUMONIA`.
-- Architecture: `{prov.get("architecture")}` ({int(prov.get("parameters", 0)):,} parameters), trained from random
+- Architecture: `{prov.get("architecture")}` ({int(str(prov.get("parameters", 0))):,} parameters), trained from random
   initialisation with this repository's `training` package; ends in global average pooling and one
   dense layer, so class activation maps are exact.
 - File: `{meta.onnx_file}` (ONNX, sha256 `{meta.sha256}`), input `{meta.input.name}` {meta.input.shape}
@@ -137,7 +163,7 @@ not for adults without local validation, not for lateral views, CT, or other bod
 - Paediatric patients (1-5 years) from a single centre (Guangzhou Women and Children's Medical
   Center). Pneumonia is bacterial or viral; no other findings are labelled.
 - Training: official train split, {data.get("train")} images; validation held out from it **by patient**
-  ({data.get("validation")} images, {data.get("n_val_patients")} patients; byte-identical images kept on one side).
+  ({data.get("validation")} images, {data.get("n_val_patients")} patients; byte-identical images kept on one side).{holdout_note}
   Split manifest: `{meta.name}.split.csv` (sha256 `{data.get("split_sha256")}`), data fingerprint
   `{data.get("train_fingerprint")}`.
 
@@ -186,7 +212,7 @@ children over-called as pneumonia (lower specificity).
 - Augmentation fills with edge pixels: black fill put borders on most training images and none on
   validation or uploads.
 - The threshold target (sensitivity >= 0.95 on validation) was fixed before any test evaluation.
-
+{_configurations(meta_path, meta.name)}
 ## Limitations
 - Single centre, paediatric, one dataset: performance on adults, other hospitals, portable AP films
   or other scanners is unknown and probably lower.

@@ -134,7 +134,7 @@ def mobilenet_v2(
     x = layers.Dropout(0.5, name="dropout")(x)
     outputs = layers.Dense(num_classes, name="logits")(x)
     model = keras.Model(inputs, outputs, name="mobilenet_v2")
-    model.fine_tune_base = base  # type: ignore[attr-defined]
+    model.fine_tune_base = base
     return model
 
 
@@ -161,12 +161,13 @@ DEFAULT_ARCHITECTURE = "cxr_net"
 
 
 def build_model(
-    name: str, input_shape=(224, 224, 1), weights: str | Path | None = None
+    name: str, input_shape=(224, 224, 1), weights: str | Path | None = None, **options
 ) -> keras.Model:
+    """Architecture `name` on `input_shape`; `options` go to its builder (e.g. `width`)."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; choose from {sorted(ARCHITECTURES)}")
     if name == "mobilenet_v2":
         return mobilenet_v2(input_shape, weights=weights)
     if weights:
         raise ValueError(f"{name} takes no pretrained weights file")
-    return ARCHITECTURES[name](input_shape)
+    return ARCHITECTURES[name](input_shape, **options)

@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from app.contract import DicomRendering, JpegDctScaling, Preprocessing
-from app.preprocessing import RESAMPLING  # a name table shared by both sides, not a step
+
+# The contract's filter names as Pillow filters: training's own table, so that a wrong entry on
+# either side makes the train/serve parity test fail instead of being shared by both.
+RESAMPLING: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
 
 # One default contract for every architecture: X-rays are grey, and a single channel keeps the
 # default network small. Architectures wanting three channels (ImageNet weights) repeat it in-graph.
@@ -113,6 +124,15 @@ def load_image(path: Path, spec: Preprocessing = DEFAULT_PREPROCESSING) -> np.nd
         return image_to_array(image, spec)
 
 
-def scale(pixels: np.ndarray, spec: Preprocessing = DEFAULT_PREPROCESSING) -> np.ndarray:
-    """Contract step 4: uint8 -> float32 model input values."""
-    return pixels.astype(np.float32) * np.float32(spec.scale) + np.float32(spec.offset)
+PIXEL_MAX = 255.0  # the largest 8-bit grey value: what augmentation works in before `scale`
+
+
+def scale(pixels: Any, spec: Preprocessing = DEFAULT_PREPROCESSING) -> Any:
+    """Contract step 4, the one place training maps pixel values to model input values.
+
+    Takes uint8 NumPy arrays, or float32 TF tensors of pixel values in [0, PIXEL_MAX] (the
+    augmented tf.data batches); returns float32 of the same kind.
+    """
+    if isinstance(pixels, np.ndarray):
+        pixels = pixels.astype(np.float32)
+    return pixels * np.float32(spec.scale) + np.float32(spec.offset)

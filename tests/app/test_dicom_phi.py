@@ -3,9 +3,9 @@
 Every patient and study attribute of the uploaded files carries a sentinel string. The files go to
 a real `uvicorn` process (debug logging, stdout and stderr captured) and through every path:
 accepted, accepted with an age warning, refused for intended use, refused for age, broken pixel
-data, broken header values, truncated. Then the captured output and every response body are
-searched for the sentinels, and so is `/metrics`. Accepted responses may repeat the three instance UIDs in `dicom`,
-and nothing else.
+data, broken header values, truncated. Then the captured output, every response body and
+`/metrics` are searched for the sentinels. Accepted responses may repeat the three instance UIDs in
+`dicom`, and nothing else.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("tensorflow", reason="the train extra (TensorFlow/Keras) is not installed")
 
 from app.contract import load_metadata
-from training import evaluate, export, train
+from training import evaluate, export, model_card, results, train
 from training.data import read_split
 
 pytestmark = pytest.mark.slow
@@ -38,6 +38,21 @@ def tiny_run(tiny_kaggle_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
             str(run / "cache"),
             "--seed",
             "3",
+            # the candidate recipe's options, so that they run end to end through export
+            "--holdout-fraction",
+            "0.3",
+            "--schedule",
+            "cosine",
+            "--label-smoothing",
+            "0.1",
+            "--gamma",
+            "0.3",
+            "--blur-sigma",
+            "1.0",
+            "--noise",
+            "0.02",
+            "--crop",
+            "0.1",
         ]
     )
     assert code == 0
@@ -54,12 +69,19 @@ def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_training_writes_split_history_and_operating_point(tiny_run: Path) -> None:
     splits = read_split(tiny_run / "split.csv")
-    assert {r.patient_id for r in splits["train"]}.isdisjoint({r.patient_id for r in splits["val"]})
+    patients = {name: {r.patient_id for r in rs} for name, rs in splits.items()}
+    assert set(patients) == {"train", "val", "holdout"}
+    assert patients["train"].isdisjoint(patients["val"])
+    assert patients["holdout"].isdisjoint(patients["train"] | patients["val"])
     assert not any("/test/" in r.path for rs in splits.values() for r in rs)  # test is never read
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["epochs_run"] == 1
     assert 0.0 <= summary["decision"]["threshold"] <= 1.0
     assert summary["calibration"]["temperature"] > 0
+    assert summary["holdout_metrics"]["n"] == len(splits["holdout"])
+    assert summary["holdout_metrics"]["threshold"] == summary["decision"]["threshold"]
+    assert summary["hyperparameters"]["schedule"] == "cosine"
+    assert summary["augmentation"]["gamma"] == 0.3
     assert (tiny_run / "best.keras").is_file()
     assert len(json.loads((tiny_run / "history.json").read_text())) == 1
     for png in (
@@ -146,6 +168,75 @@ def test_data_provenance_hashes_the_data_sets_manifest(tmp_path: Path) -> None:
         "manifest_sha256": file_sha256(tmp_path / "manifest.csv"),
     }
     assert "manifest_sha256" not in export.data_provenance({"source": str(tmp_path / "none")})
+
+
+def test_model_card_shows_the_hold_out_and_the_configurations_tried(
+    exported: Path, tiny_run: Path
+) -> None:
+    meta = load_metadata(exported)
+    assert {"validation", "holdout"} <= set(meta.metrics)
+    assert "Configurations tried" not in model_card.render(exported)
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    row = results.row_from_summary(summary, "tiny-run", "one epoch")
+    results.add_row(exported.parent / "tiny.results.json", row)
+    card = model_card.render(exported)
+    assert "| metric | validation (95% CI) | holdout (95% CI) |" in card
+    assert "| **tiny-run**: one epoch |" in card
+    holdout = summary["holdout_metrics"]
+    assert f"{holdout['roc_auc']['value']:.4f}" in card.split("Configurations tried")[1]
+
+
+def test_an_ensemble_averages_its_members_logits() -> None:
+    import keras
+
+    from training.ensemble import average_logits
+
+    def constant(bias: list[float]) -> keras.Model:
+        inputs = keras.Input((4, 4, 1))
+        x = keras.layers.Flatten()(inputs)
+        dense = keras.layers.Dense(2, kernel_initializer="zeros")
+        out = dense(x)
+        dense.bias.assign(bias)
+        return keras.Model(inputs, out)
+
+    model = average_logits([constant([1.0, -2.0]), constant([3.0, 0.0])])
+    logits = np.asarray(model(np.zeros((3, 4, 4, 1), np.float32)))
+    np.testing.assert_allclose(logits, [[2.0, -1.0]] * 3)
+
+
+def test_an_ensemble_run_exports_through_the_parity_gate(
+    tiny_run: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from training import ensemble
+
+    out = tmp_path_factory.mktemp("ensemble")
+    summary = ensemble.build([tiny_run, tiny_run], out / "run", None, 0.95)
+    single = json.loads((tiny_run / "summary.json").read_text())
+    # two copies of one network: the same logits, so the same operating point and figures
+    assert summary["calibration"]["temperature"] == pytest.approx(
+        single["calibration"]["temperature"], rel=1e-4
+    )
+    assert summary["validation_metrics"]["roc_auc"] == single["validation_metrics"]["roc_auc"]
+    assert summary["epochs_run"] == 2 * single["epochs_run"]
+    meta_path = export.export_run(
+        out / "run", out / "models", "tiny_ensemble", "0.0.1", export.DEFAULT_TOLERANCE, 8
+    )
+    meta = load_metadata(meta_path)
+    assert meta.provenance["architecture"] == "ensemble of 2 x cxr_net"
+    assert meta.provenance["parameters"] == 2 * single["parameters"]
+    assert {"validation", "holdout"} <= set(meta.metrics)
+
+
+def test_an_ensemble_refuses_runs_on_different_splits(tiny_run: Path, tmp_path: Path) -> None:
+    from training import ensemble
+
+    other = tmp_path / "other"
+    other.mkdir()
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    summary["data"]["split_sha256"] = "0" * 64
+    (other / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="different splits"):
+        ensemble.build([tiny_run, other], tmp_path / "out", None, 0.95)
 
 
 def test_the_exported_model_explains_its_own_logits(exported: Path, tiny_kaggle_dir: Path) -> None:
