@@ -11,21 +11,15 @@ data, broken header values, truncated. Then the captured output, every response 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from cxr_testkit import build_onnx, metadata_for
+from cxr_testkit import UvicornProcess, process_settings
 
 from tests.dicom_factory import CT_STORAGE, encode_dataset, make_dataset, ramp
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 SENTINEL = "ZQXSENTINEL"
 # Tag keyword -> a value containing the sentinel (dates and ages use their own distinctive forms).
@@ -97,55 +91,19 @@ def _files() -> dict[str, bytes]:
     return files
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
-    """(base URL, metadata path, captured output path) of a uvicorn process, debug logging."""
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UvicornProcess]:
+    """A uvicorn process on the tiny model, logging at debug level, every Python warning shown."""
     workdir = tmp_path_factory.mktemp("phi")
-    onnx_bytes = build_onnx()
-    meta = metadata_for(onnx_bytes)
-    (workdir / meta["onnx_file"]).write_bytes(onnx_bytes)
-    (workdir / "model.json").write_text(json.dumps(meta))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env.update(
-        CXR_MODEL_METADATA=str(workdir / "model.json"),
-        CXR_PROVIDER="cpu",
-        CXR_ORT_INTRA_OP_THREADS="1",
-        CXR_LOG_LEVEL="debug",
-        PYTHONWARNINGS="always",  # any warning the libraries raise is printed, not swallowed
-    )
-    port = _free_port()
-    output = workdir / "server.log"
-    with output.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port),
-             "--log-level", "debug"],
-            cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            pytest.fail(f"service not ready:\n{output.read_text()}")
-        yield base, workdir / "model.json", output
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+    settings = {**process_settings(workdir, log_level="debug"), "PYTHONWARNINGS": "always"}
+    with UvicornProcess.serving(
+        workdir / "server.log", settings, ["--log-level", "debug"]
+    ) as server:
+        yield server
 
 
-def test_no_header_value_reaches_logs_or_error_messages(served) -> None:  # type: ignore[no-untyped-def]
-    base, _, output = served
+def test_no_header_value_reaches_logs_or_error_messages(served: UvicornProcess) -> None:
+    base, output = served.base_url, served.log_path
     statuses = {}
     with httpx.Client(base_url=base, timeout=30) as client:
         for name, data in _files().items():
