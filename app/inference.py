@@ -251,7 +251,7 @@ def _check_tensor(role: str, arg: Any, spec: TensorSpec) -> None:
 
 def _session_options(settings: Settings) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.ort_intra_op_threads
+    options.intra_op_num_threads = settings.ort_threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only; ORT's warnings go to stderr unstructured

@@ -8,13 +8,14 @@ too, so that both routes refuse overload the same way.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-import anyio
-import anyio.to_thread
 import numpy as np
 
 from app.admission import Admission, AdmissionTicket, DecodeBudget
@@ -25,6 +26,8 @@ from app.explain import ClassActivationMap, ExplanationImages, render_images
 from app.inference import Classifier, PreparedImage
 from app.metrics import ServiceMetrics
 from app.settings import Settings
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,10 @@ class PredictionStep:
             retry_after_s=settings.retry_after_s,
         )
         self.decode_budget = DecodeBudget(settings.decode_memory_budget_bytes)
-        # Decode threads: one per core keeps the cores busy without piling up decoded images.
-        self.decode_limiter = anyio.CapacityLimiter(settings.decode_slots)
+        # Decode threads: one per core keeps the cores busy without piling up decoded images. A
+        # pool of its own, fed by its queue: a thread that finishes one image takes the next at
+        # once, with no round trip through the event loop to hand out a slot.
+        self._decoders = ThreadPoolExecutor(settings.decode_slots, thread_name_prefix="cxr-decode")
 
     @contextmanager
     def admit(self, images: int, upload_bytes: int) -> Iterator[AdmissionTicket]:
@@ -89,17 +94,15 @@ class PredictionStep:
         answer carries the class activation map of `explain_class` (default: the label)."""
         decode_started = time.perf_counter()
         try:
-            prepared = await anyio.to_thread.run_sync(
-                self._prepare, data, deadline, limiter=self.decode_limiter
-            )
+            prepared = await self._in_decode_thread(self._prepare, data, deadline)
         finally:  # undecodable uploads cost decode time too
             inference_started = time.perf_counter()
             self.metrics.phase("decode", inference_started - decode_started)
         del data  # the encoded bytes are no longer needed while the image waits for the model
         explained = None
         if explain:
-            probabilities, explained = await anyio.to_thread.run_sync(
-                self._explain, prepared.tensor, explain_class, limiter=self.decode_limiter
+            probabilities, explained = await self._in_decode_thread(
+                self._explain, prepared.tensor, explain_class
             )
         else:
             probabilities = (await self.engine.infer(prepared.tensor, deadline))[0]
@@ -137,6 +140,10 @@ class PredictionStep:
     async def aclose(self) -> None:
         """Stop taking images; those already queued for the model still get their answers."""
         await self.engine.aclose()
+        self._decoders.shutdown(wait=False, cancel_futures=True)
+
+    async def _in_decode_thread(self, work: Callable[..., R], *args: Any) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._decoders, work, *args)
 
 
 def start_prediction(
