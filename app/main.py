@@ -16,6 +16,7 @@ import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI
 
+from app.admission import return_large_blocks_to_the_os
 from app.api import router
 from app.auth import ApiKeys, document_api_keys
 from app.docs import install_docs
@@ -82,6 +83,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service. `settings` defaults to the `CXR_*` environment (validated here)."""
     settings = settings or Settings()
+    return_large_blocks_to_the_os()
     app = FastAPI(
         title="Pneumonia screening (chest X-ray)",
         version="0.1.0",
