@@ -7,7 +7,7 @@
 # it into a virtual environment (FastAPI, ONNX Runtime, NumPy, Pillow, pydicom; never TensorFlow),
 # `runtime` copies that venv beside the app code and the shipped model and runs as an unprivileged
 # user. Build arg RUNTIME_EXTRA=gpu selects onnxruntime-gpu with NVIDIA's CUDA 13 and cuDNN 9 wheels
-# instead (the compose `gpu` profile; app/gpu.py loads those libraries at start-up).
+# instead (the compose `gpu` profile; app/model/gpu.py loads those libraries at start-up).
 # No `# syntax=` line: that frontend would be pulled from a registry air-gapped sites cannot reach.
 # Where python:3.11-slim cannot be pulled, scripts/docker-base-image.sh builds a local stand-in.
 
@@ -98,6 +98,6 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=90s --retries=3 \
 # Exec form: uvicorn is PID 1 and receives SIGTERM itself. The app then answers readiness 503 and
 # keeps serving for CXR_DRAIN_SECONDS (default 5), answers what is still queued with a JSON 503,
 # and hands over to uvicorn, which stops listening and waits up to 10 s for work already running
-# (app/draining.py). The app writes its own structured access log (with request IDs), so
+# (app/http/draining.py). The app writes its own structured access log (with request IDs), so
 # uvicorn's is off.
 CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--no-access-log", "--timeout-graceful-shutdown", "10"]

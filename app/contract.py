@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 # 2: `preprocessing.dicom` (the DICOM display pipeline) and `intended_use` (header gating, training
 # population) became part of the contract. Version 1 files predate DICOM input and are refused.
@@ -25,9 +33,9 @@ SUPPORTED_SCHEMA_VERSIONS = (2, 3)
 
 
 class _Strict(BaseModel):
-    # Unknown keys are kept (the metadata also carries provenance the service only echoes), but the
-    # fields the service acts on are typed and validated.
-    model_config = ConfigDict(extra="allow", frozen=True)
+    # An unknown key is an error: a misspelt field would otherwise be ignored and its default used.
+    # What the service only echoes lives in the free-form `metrics` and `provenance` objects.
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class TensorSpec(_Strict):
@@ -52,8 +60,24 @@ class OutputSpec(TensorSpec):
     """
 
     role: Literal["classifier", "cam_features"] = "classifier"
-    kind: Literal["logits", "probabilities"] = "logits"
+    # Only the classifier's scores have a kind (default `logits`); a feature map has none.
+    kind: Literal["logits", "probabilities"] | None = None
     layout: Literal["NC", "NCHW", "NHWC"] = "NC"
+
+    @model_validator(mode="after")
+    def _kind_by_role(self) -> OutputSpec:
+        if self.role == "classifier" and self.kind is None:
+            object.__setattr__(self, "kind", "logits")
+        if self.role != "classifier" and self.kind is not None:
+            raise ValueError(f"a {self.role} output has no kind (got {self.kind!r})")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_empty_kind(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("kind") is None:
+            data.pop("kind", None)
+        return data
 
 
 class CamSpec(_Strict):
@@ -190,6 +214,10 @@ class Decision(_Strict):
 class Calibration(_Strict):
     method: Literal["temperature", "none"] = "temperature"
     temperature: float = Field(default=1.0, gt=0.0)
+    # Where it was fitted and the expected calibration error there, before and after.
+    fitted_on: str | None = None
+    val_ece_before: float | None = None
+    val_ece_after: float | None = None
 
 
 class Population(_Strict):

@@ -16,21 +16,22 @@ import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI
 
-from app.admission import return_large_blocks_to_the_os
-from app.api import router
-from app.auth import ApiKeys, document_api_keys
-from app.docs import install_docs
-from app.draining import Drain, DrainMiddleware
-from app.errors import ModelLoadError, install_error_handlers
-from app.gpu import preload_cuda_libraries
-from app.inference import load_classifier
-from app.metrics import ServiceMetrics
-from app.observability import RequestContextMiddleware, configure_logging
-from app.prediction import start_prediction
-from app.readiness import ServiceState
-from app.schemas import DISCLAIMER
+from app.errors import ModelLoadError
+from app.http.auth import ApiKeys, document_api_keys
+from app.http.docs import install_docs
+from app.http.draining import Drain, DrainMiddleware
+from app.http.errors import install_error_handlers
+from app.http.routes import router
+from app.http.schemas import DISCLAIMER
+from app.http.viewer import router as viewer_router
+from app.model.gpu import preload_cuda_libraries
+from app.model.loading import load_classifier
+from app.ops.memory import return_large_blocks_to_the_os
+from app.ops.metrics import ServiceMetrics
+from app.ops.observability import RequestContextMiddleware, configure_logging
+from app.serving.prediction import start_prediction
+from app.serving.state import ServiceState
 from app.settings import Settings
-from app.viewer import router as viewer_router
 
 logger = logging.getLogger("app.lifecycle")
 
@@ -41,7 +42,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # A fresh state per start-up: an app object that is started again (tests do) must not keep
     # the previous run's draining flag.
     state = app.state.service = ServiceState()
-    drain = app.state.drain = Drain(settings.drain_seconds)
+    drain = app.state.drain = Drain(settings.drain_seconds, settings.retry_after_s)
     configure_logging(settings.log_level)
     keys: ApiKeys = app.state.api_keys
     logger.info("api keys", extra={"fields": {"required": keys.required, "configured": len(keys)}})
@@ -97,7 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     # Present before the lifespan runs, so probes answer 503 "model is loading" rather than fail.
     app.state.service = ServiceState()
-    app.state.drain = Drain(settings.drain_seconds)
+    app.state.drain = Drain(settings.drain_seconds, settings.retry_after_s)
     # Read here, not in the lifespan: a key file that cannot be used stops the process at once
     # rather than leaving it up and open.
     app.state.api_keys = ApiKeys.from_settings(settings)

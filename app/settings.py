@@ -1,7 +1,8 @@
 """Service configuration: one pydantic-settings class read from `CXR_*` environment variables.
 
 Every knob is validated when the process starts, so a typo in a deployment fails loudly at boot
-instead of surfacing as odd behaviour under load. `.env.example` documents each variable.
+instead of surfacing as odd behaviour under load. The field descriptions are the documentation:
+`scripts/config_docs.py` writes `.env.example` and the README/DEPLOYMENT tables from them.
 """
 
 from __future__ import annotations
@@ -43,20 +44,30 @@ class Settings(BaseSettings):
 
     model_metadata: Path = Field(
         default=Path("models/pneumonia_cxr.json"),
-        description="Metadata JSON of the model to serve; its `onnx_file` is relative to it.",
+        description="Metadata JSON of the model to serve; its `onnx_file` is resolved next to it "
+        "and its sha256 must match. A relative path is looked up in the working directory, then "
+        "under the project root. Missing or invalid: live but not ready (503 with the reason).",
     )
     provider: Provider = Field(
         default="auto",
-        description="ONNX Runtime provider: auto (CUDA if offered, else CPU) | cpu | cuda.",
+        description="ONNX Runtime provider: `auto` (CUDA when the installed onnxruntime offers "
+        "it, else CPU) | `cpu` | `cuda` (CUDA or not ready: never a silent fall back to CPU).",
     )
-    max_upload_bytes: int = Field(default=32 * MiB, gt=0, description="Largest accepted upload.")
+    max_upload_bytes: int = Field(
+        default=32 * MiB,
+        gt=0,
+        description="Largest accepted upload (413 above it), enforced while the body streams in.",
+    )
     max_image_pixels: int = Field(
         default=50_000_000,
         gt=0,
         le=_PILLOW_PIXEL_CEILING,
-        description="Decompression-bomb guard: width*height above this is refused before decoding.",
+        description="Decompression-bomb guard: width*height above this is refused (422) from the "
+        "header, before any pixel is decoded. At most Pillow's own limit (89478485).",
     )
-    min_image_side: int = Field(default=64, ge=1, description="Smallest accepted width or height.")
+    min_image_side: int = Field(
+        default=64, ge=1, description="Smallest accepted width or height in pixels (422 below it)."
+    )
     outside_population: Literal["warn", "refuse"] = Field(
         default="warn",
         description="A DICOM patient whose age is outside the model's training population: "
@@ -105,7 +116,7 @@ class Settings(BaseSettings):
         default=0,
         ge=0,
         description="Default deadline from a request's arrival to its model run, in ms; past it "
-        "the image is dropped with 503 deadline_exceeded. 0: none. A client may send a shorter "
+        "the image is dropped with 503 `deadline_exceeded`. 0: none. A client may send a shorter "
         "one in `X-Request-Timeout-Ms`.",
     )
     retry_after_s: int = Field(
@@ -122,7 +133,11 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Bind address for `pneumonia-serve`.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port for `pneumonia-serve`.")
-    log_level: LogLevel = "INFO"
+    log_level: LogLevel = Field(
+        default="INFO",
+        description="DEBUG | INFO | WARNING | ERROR. Logs are JSON lines on stderr and never "
+        "carry patient data, image content, file names or API keys.",
+    )
     drain_seconds: float = Field(
         default=5.0,
         ge=0,

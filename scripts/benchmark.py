@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,8 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen  # noqa: E402
+
+from app.testing.server import ServiceProcess, http_status  # noqa: E402
 
 DEFAULT_DATA = Path(os.environ.get("CXR_DATA_DIR", REPO_ROOT.parent / "shared/data/chest_xray"))
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -78,7 +79,7 @@ def full_resolution_jpegs(sources: list[Path], size: tuple[int, int]) -> list[by
 
 def full_resolution_dicom(source: Path, size: tuple[int, int]) -> bytes:
     """A 12-bit DX radiograph (explicit VR little endian) from an upscaled test X-ray."""
-    from tests.dicom_factory import make_dicom
+    from app.testing.dicom_files import make_dicom
 
     image = Image.open(source).convert("L").resize(size, Image.Resampling.BICUBIC)
     stored = (np.asarray(image).astype(np.uint16) * 16 + 8).astype(np.uint16)  # 0..4095
@@ -88,7 +89,7 @@ def full_resolution_dicom(source: Path, size: tuple[int, int]) -> bytes:
 def worst_case_uploads() -> list[tuple[str, bytes, str]]:
     """The uploads that cost the most memory to decode, each within the default limits (50
     megapixels, 32 MiB): (name, bytes, content type)."""
-    from tests.dicom_factory import make_dicom
+    from app.testing.dicom_files import make_dicom
 
     yy7, xx7 = np.mgrid[0:7000, 0:7000]
     sixteen = ((xx7 + yy7) % 4096).astype(np.uint16)
@@ -165,7 +166,7 @@ def in_process_limit(metadata: Path, uploads: list[bytes], seconds: float, cores
     """The best images/s of several ways to run the service's own decode and model in one
     process: sequential decode-then-batch loops and pipelines of decode threads feeding batched
     inference, each with ONNX Runtime on one thread and on one per core."""
-    from app.inference import load_classifier
+    from app.model.loading import load_classifier
     from app.settings import Settings
 
     results: dict[str, float] = {}
@@ -246,85 +247,20 @@ def _inference_ms(classifier, upload: bytes) -> float:  # type: ignore[no-untype
 # -- 2. the service over HTTP ------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def http_status(port: int, path: str) -> int | None:
-    import http.client
-
-    try:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        connection.request("GET", path)
-        status = connection.getresponse().status
-        connection.close()
-        return status
-    except OSError:
-        return None
-
-
-class Server:
-    """uvicorn serving the app found in `root`; peak RSS is read per phase from /proc."""
-
-    def __init__(self, root: Path, metadata: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
-        child_env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-        child_env.update(
-            CXR_MODEL_METADATA=str(metadata),
-            CXR_PROVIDER="cpu",
-            CXR_LOG_LEVEL="WARNING",
-            CXR_DRAIN_SECONDS="0",  # stop at once when the measuring is done
-            **env,
-        )
-        child_env["PYTHONPATH"] = str(root)
-        self.started = time.perf_counter()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--no-access-log"],
-            cwd=root, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
-
-    def wait_ready(self, timeout_s: float = 120.0) -> float:
-        deadline = time.monotonic() + timeout_s
-        while http_status(self.port, "/health/ready") != 200:
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                error = self.process.stderr.read().decode() if self.process.stderr else ""
-                raise SystemExit(f"the service did not become ready:\n{error[-2000:]}")
-            time.sleep(0.005)
-        return time.perf_counter() - self.started
-
-    def _status_mib(self, name: str) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(name):
-                return round(int(line.split()[1]) / 1024.0, 1)
-        return 0.0
-
-    def rss_mib(self) -> float:
-        return self._status_mib("VmRSS:")
-
-    def reset_peak_rss(self) -> None:
-        """Start a new peak: the kernel's high-water mark (VmHWM) is reset to the current RSS."""
-        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
-
-    def peak_rss_mib(self) -> float:
-        return self._status_mib("VmHWM:")
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+def start_server(root: Path, metadata: Path, env: dict[str, str]) -> ServiceProcess:
+    """The service found in `root`, on CPU, without a drain window (stop at once when done)."""
+    settings = {
+        "CXR_MODEL_METADATA": str(metadata),
+        "CXR_PROVIDER": "cpu",
+        "CXR_LOG_LEVEL": "WARNING",
+        "CXR_DRAIN_SECONDS": "0",
+        **env,
+    }
+    return ServiceProcess.start(None, settings, root=root)
 
 
 @contextmanager
-def measured(server: Server, into: dict):
+def measured(server: ServiceProcess, into: dict):
     """Record server CPU cores used, this client's CPU cores used, peak server RSS and load."""
     server.reset_peak_rss()
     cpu0, client0 = server.cpu_seconds(), _client_cpu()
@@ -355,10 +291,10 @@ def run_http(
     worst_case: list[bytes],
     env: dict[str, str],
 ) -> dict:
-    server = Server(root, metadata, env)
+    server = start_server(root, metadata, env)
     report: dict = {}
     try:
-        report["ready_s"] = round(server.wait_ready(), 3)
+        report["ready_s"] = round(server.wait_until_ready(120.0), 3)
         report["idle_rss_mib"] = round(server.rss_mib(), 1)
         phases: dict[str, dict] = {}
         for concurrency in concurrencies:

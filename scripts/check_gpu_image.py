@@ -11,7 +11,7 @@
    library dependencies with `ldd`, given the wheels' lib directories on LD_LIBRARY_PATH as the
    preload makes them available; the one exception allowed is the driver, libcuda.so.1, which the
    NVIDIA Container Toolkit mounts from the host;
-3. the service's own preload step (app/gpu.py) loads CUDA, cuBLAS and cuDNN into the process.
+3. the service's own preload step (app/model/gpu.py) loads CUDA, cuBLAS and cuDNN into the process.
 
 What it cannot show is a session running on a GPU: that needs a GPU host. Exit status 0 when
 every check passes; the report goes to stdout.
@@ -55,8 +55,8 @@ def main() -> int:
     sys.path.insert(0, "/srv/pneumonia")
     import onnxruntime as ort
 
-    from app.gpu import preload_cuda_libraries
-    from app.inference import installed_runtimes
+    from app.model.gpu import preload_cuda_libraries
+    from app.model.loading import installed_runtimes
     from app.settings import Settings
 
     runtimes = installed_runtimes()

@@ -20,6 +20,11 @@ from typing import Any
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from app.settings import Settings  # noqa: E402
+
+# Every CXR_* variable the service reads; a manifest naming another one is a typo or a leftover.
+KNOWN_SETTINGS = {f"CXR_{name.upper()}" for name in Settings.model_fields}
 SERVICE_UID = 10001  # the Dockerfile's USER
 MARGIN_S = 5  # between the last expected second of shutdown and SIGKILL
 PROBES = {
@@ -132,12 +137,22 @@ def check_variant(docs: list[Manifest], graceful_s: int) -> list[str]:
             f"{limits.get(name)})",
         )
     if "cpu" in limits:
+        # The service's rule (Settings.decode_slots / ort_threads) applied to the CPU limit: one
+        # decode per CPU, and the ONNX Runtime threads the decoders leave, at least one.
         cpu_limit = cores(limits["cpu"])
-        for variable in ("CXR_ORT_INTRA_OP_THREADS", "CXR_DECODE_CONCURRENCY"):
-            expect(
-                env.get(variable) is not None and float(env[variable]) == cpu_limit,
-                f"{variable}={env.get(variable)} but the CPU limit is {limits['cpu']}",
-            )
+        decoders, ort = env.get("CXR_DECODE_CONCURRENCY"), env.get("CXR_ORT_INTRA_OP_THREADS")
+        expect(
+            decoders is not None and float(decoders) == cpu_limit,
+            f"CXR_DECODE_CONCURRENCY={decoders} but the CPU limit is {limits['cpu']}",
+        )
+        expected_ort = max(1.0, cpu_limit - float(decoders or 0))
+        expect(
+            ort is not None and float(ort) == expected_ort,
+            f"CXR_ORT_INTRA_OP_THREADS={ort} but the decoders leave {expected_ort:g} of "
+            f"{limits['cpu']} CPUs",
+        )
+    unknown = sorted(v for v in env if v.startswith("CXR_") and v not in KNOWN_SETTINGS)
+    expect(not unknown, f"environment names settings the service does not have: {unknown}")
 
     # The shutdown budget: preStop, then the drain window, then uvicorn's graceful timeout.
     command = api.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])

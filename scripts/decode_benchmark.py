@@ -27,9 +27,9 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from app.inference import load_classifier  # noqa: E402
+from app.model.loading import load_classifier  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from tests.dicom_factory import make_dicom  # noqa: E402
+from app.testing.dicom_files import make_dicom  # noqa: E402
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "chest_xray"
 DICOM_SYNTAXES = ("explicit_le", "rle", "jpeg_lossless_sv1", "jpeg_ls", "j2k_lossless", "j2k")

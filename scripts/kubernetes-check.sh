@@ -70,6 +70,8 @@ for version in $VERSIONS; do
     log "schemas of Kubernetes $version (strict): every object valid"
 done
 
-"$WORK/venv/bin/python" "$REPO/scripts/check_kubernetes.py" "${rendered[@]}" \
+# The fit check reads the service's own settings, so it runs in the project's environment.
+[[ -x $REPO/.venv/bin/python ]] || die "no .venv: run scripts/test.sh (or scripts/serve.sh) first"
+"$REPO/.venv/bin/python" "$REPO/scripts/check_kubernetes.py" "${rendered[@]}" \
     || die "the manifests do not fit the service (above)"
 log "PASSED"

@@ -5,23 +5,18 @@ A network that ends in global average pooling then one dense layer (`cxr_net`) g
 CAM_c = sum_k w[k, c] * f_k, whose spatial mean is logit_c - b_c. The weights are read from the
 ONNX graph itself (the initializers its MatMul/Add or Gemm use), so the metadata describes exactly
 what is served; the feature map is the input of its GlobalAveragePool (NCHW, ONNX's layout for it).
-
-    python -m training.cam --model models/pneumonia_cxr.json   # add the output to an existing model
+`training.export` attaches it to every export.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from app.contract import CamSpec, ModelMetadata, dump_metadata
+from app.contract import CamSpec
 
 CAM_OUTPUT_NAME = "cam_features"
 # Ops that only drop the pooled (1, 1) spatial axes between the pooling and the dense layer.
@@ -153,48 +148,3 @@ def attach_cam_output(onnx_path: Path, logits_name: str) -> tuple[dict, dict] | 
     onnx.save(updated, str(onnx_path))
     print(f"[cam] added output {CAM_OUTPUT_NAME} {shape}", flush=True)
     return cam_metadata_entries(spec, shape)
-
-
-def upgrade(meta_path: Path) -> Path:
-    """Add the CAM output to a released model in place: rewrite its ONNX file and metadata (schema
-    3). The classifier output is untouched; the file's sha256 changes, so does the metadata's."""
-    import onnx
-
-    meta_path = Path(meta_path)
-    meta = ModelMetadata.model_validate(json.loads(meta_path.read_text()))
-    onnx_path = meta_path.parent / meta.onnx_file
-    model = onnx.load(str(onnx_path))
-    updated, spec, shape = add_cam_output(model, meta.output.name)
-    with tempfile.NamedTemporaryFile(dir=onnx_path.parent, suffix=".onnx", delete=False) as tmp:
-        onnx.save(updated, tmp.name)
-    staged = Path(tmp.name)
-    digest = hashlib.sha256(staged.read_bytes()).hexdigest()
-
-    raw = json.loads(meta_path.read_text())
-    output_entry, cam_entry = cam_metadata_entries(spec, shape)
-    classifier = {**(raw.pop("output", None) or meta.output.model_dump()), "role": "classifier"}
-    rebuilt: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key == "outputs":
-            continue
-        rebuilt[key] = value
-        if key == "input":
-            rebuilt["outputs"] = [classifier, output_entry]
-    rebuilt.update(schema_version=3, sha256=digest, cam=cam_entry)
-    ModelMetadata.model_validate(rebuilt)  # never write a file the service would refuse
-    staged.replace(onnx_path)
-    meta_path.write_text(dump_metadata(rebuilt))
-    print(f"[cam] {onnx_path.name}: added output {CAM_OUTPUT_NAME} {shape}; sha256 {digest}")
-    return meta_path
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Add the class-activation-map output to a model.")
-    parser.add_argument("--model", type=Path, required=True, help="metadata JSON of the model")
-    args = parser.parse_args(argv)
-    upgrade(args.model)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -179,7 +179,7 @@ DICOM images are first rendered to 8-bit grey by the display pipeline (metadata
 {dicom.window_index}; full range excluding Pixel Padding Value: {dicom.full_range_excludes_padding}),
 then inversion for MONOCHROME1 or Presentation LUT Shape INVERSE, padding painted {dicom.padding_value}.
 The model was trained on JPEGs only; DICOM rendering is matched to them, and
-`tests/test_shipped_model_dicom.py` checks that the same X-ray as JPEG and as DICOM (8-bit,
+`tests/contract/test_shipped_model_dicom.py` checks that the same X-ray as JPEG and as DICOM (8-bit,
 12-bit windowed, MONOCHROME1, rescaled, JPEG and JPEG-LS compressed) gets the same probability
 within 0.02.
 

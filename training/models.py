@@ -60,8 +60,9 @@ def cxr_net(
 ) -> keras.Model:
     """The default: a compact residual separable CNN that trains on two CPU cores.
 
-    Per-image standardisation, a strided stem, four residual stages (56 -> 7 px), then global
-    average pooling straight into the classifier, so class activation maps are exact.
+    Per-image standardisation, a strided stem (224 -> 56 px), four residual stages (28 -> 3 px: the
+    exported feature map is 3x3), then global average pooling straight into the classifier, so
+    class activation maps are exact.
     """
     inputs = keras.Input(input_shape, name="image")
     x = PerImageStandardization(name="standardize")(inputs)

@@ -1,9 +1,9 @@
 """The training side of the preprocessing contract (see `app.contract.Preprocessing`).
 
-The service implements the same steps independently in `app.preprocessing`; a test on real images
-proves the two agree bit for bit. Images are decoded once with Pillow into uint8 arrays, so that the
-tf.data pipeline only augments and never re-implements decoding or resizing with TF ops (whose
-resize kernels differ from Pillow's).
+The service implements the same steps independently in `app.imaging.preprocessing`; a test on real
+images proves the two agree bit for bit. Images are decoded once with Pillow into uint8 arrays, so
+that the tf.data pipeline only augments and never re-implements decoding or resizing with TF ops
+(whose resize kernels differ from Pillow's).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Fixtures for the service tests: tiny ONNX models with valid (or deliberately broken) metadata,
-and clients on services built from them. The builders live in `cxr_testkit`."""
+and clients on services built from them. The builders live in `tests.support.testkit`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cxr_testkit import build_onnx, make_settings, metadata_for
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from tests.support.testkit import build_onnx, make_settings, metadata_for
 
 ModelWriter = Callable[..., Path]
 
@@ -49,8 +49,8 @@ def client(model_path: Path) -> Iterator[TestClient]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Headless Chromium for the page tests (see `offline_browser`)."""
-    from offline_browser import launch_browser
+    """Headless Chromium for the page tests (see `tests.support.offline_browser`)."""
+    from tests.support.offline_browser import launch_browser
 
     with launch_browser() as launched:
         yield launched

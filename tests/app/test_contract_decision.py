@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cxr_testkit import build_onnx, make_settings, metadata_for
 
 from app.contract import ModelMetadata
-from app.inference import calibrated_probabilities, load_classifier
+from app.model.classifier import calibrated_probabilities
+from app.model.loading import load_classifier
+from tests.support.testkit import build_onnx, make_settings, metadata_for
 
 THREE = ["NORMAL", "PNEUMONIA", "OTHER"]
 

@@ -3,7 +3,6 @@ output and the metadata's weights is the one the Keras model defines."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -12,8 +11,7 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="the train extra (TensorFlow/Keras) is not installed")
 
-from app.contract import ModelMetadata
-from tests.realdata import DATA_DIR, requires_data
+from tests.support.realdata import DATA_DIR, requires_data
 from training import cam, export
 
 pytestmark = pytest.mark.slow
@@ -24,7 +22,7 @@ def keras_and_served(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[
     """A seeded cxr_net with a non-zero dense bias, exported by the release path, and served."""
     import keras
 
-    from app.inference import load_classifier
+    from app.model.loading import load_classifier
     from app.settings import Settings
     from training.intended_use import PAEDIATRIC_CHEST_XRAY
     from training.models import build_model
@@ -130,14 +128,14 @@ def test_an_architecture_without_a_pooling_head_exports_without_maps(tmp_path: P
     assert cam.attach_cam_output(onnx_path, export.OUTPUT_NAME) is None
 
 
-def test_upgrading_a_schema_2_release_keeps_its_scores(keras_and_served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """`python -m training.cam` on a schema-2 (single-output) release: same logits, plus maps."""
+def test_attaching_the_cam_output_keeps_the_scores(keras_and_served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Adding the feature-map output to a graph without one (what every export does) leaves its
+    logits bit-identical, and the new output explains them exactly."""
     import onnx
     import onnxruntime as ort
 
     _, classifier, onnx_path = keras_and_served
-    meta = classifier.metadata
-    # Make the schema-2 release this model would have been: no feature output, one `output`.
+    # The graph as the converter writes it: no feature output.
     graph = onnx.load(str(onnx_path))
     kept = [o for o in graph.graph.output if o.name != "cam_features"]
     del graph.graph.output[:]
@@ -145,24 +143,20 @@ def test_upgrading_a_schema_2_release_keeps_its_scores(keras_and_served, tmp_pat
     nodes = [n for n in graph.graph.node if "cam_features" not in n.output]
     del graph.graph.node[:]
     graph.graph.node.extend(nodes)
-    onnx.save(graph, str(tmp_path / meta.onnx_file))
-    old = meta.model_dump(exclude={"outputs", "cam"})
-    old.update(
-        schema_version=2,
-        output=meta.output.model_dump(exclude={"role", "layout"}),
-        sha256=hashlib.sha256((tmp_path / meta.onnx_file).read_bytes()).hexdigest(),
-    )
-    (tmp_path / "model.json").write_text(json.dumps(old))
-    assert ModelMetadata.model_validate(old).cam is None
+    plain = tmp_path / "plain.onnx"
+    onnx.save(graph, str(plain))
 
     x = np.random.default_rng(1).random((2, 224, 224, 1), dtype=np.float32)
-    (expected,) = ort.InferenceSession(str(tmp_path / meta.onnx_file)).run(["logits"], {"image": x})
-    cam.upgrade(tmp_path / "model.json")
-    upgraded = ModelMetadata.model_validate(json.loads((tmp_path / "model.json").read_text()))
-    assert upgraded.schema_version == 3 and upgraded.cam is not None
-    after = ort.InferenceSession(str(tmp_path / meta.onnx_file))
-    logits, features = after.run(["logits", "cam_features"], {"image": x})
+    (expected,) = ort.InferenceSession(str(plain)).run(["logits"], {"image": x})
+    entries = cam.attach_cam_output(plain, "logits")
+    assert entries is not None
+    output_entry, cam_entry = entries
+    assert output_entry["role"] == "cam_features" and "kind" not in output_entry
+    logits, features = ort.InferenceSession(str(plain)).run(
+        ["logits", "cam_features"], {"image": x}
+    )
     np.testing.assert_array_equal(logits, expected)
-    weights = np.asarray(upgraded.cam.weights)
+    weights = np.asarray(cam_entry["weights"])
     means = np.einsum("nkhw,kc->nc", features.astype(np.float64), weights) / 9.0
-    np.testing.assert_allclose(means + np.asarray(upgraded.cam.bias), logits, atol=1e-4)
+    np.testing.assert_allclose(means + np.asarray(cam_entry["bias"]), logits, atol=1e-4)
+    assert cam_entry["weights"] == classifier.metadata.cam.weights

@@ -243,7 +243,7 @@ def test_the_exported_model_explains_its_own_logits(exported: Path, tiny_kaggle_
     """On the trained export: every class map's spatial mean plus its bias is the served logit."""
     import onnxruntime as ort
 
-    from app.inference import load_classifier
+    from app.model.loading import load_classifier
     from app.settings import Settings
 
     classifier = load_classifier(Settings(model_metadata=exported, provider="cpu"))

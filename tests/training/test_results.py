@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.realdata import SHIPPED_METADATA, requires_shipped_model
+from tests.support.realdata import SHIPPED_METADATA, requires_shipped_model
 from training import results
 from training.metrics import evaluate_scores
 

@@ -1,0 +1,1 @@
+"""The HTTP face: routes, dependencies, upload reading, schemas, error shape, auth, docs, viewer."""

@@ -1,0 +1,133 @@
+"""Every dependency the routes use, and the only place that reads `app.state` per request.
+
+Dependencies are `async def` on purpose: they only read app.state or headers, and FastAPI would
+otherwise send each of them to the thread pool.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from app.errors import InvalidRequest, ModelNotReady, Unauthorized
+from app.http.auth import API_KEY_HEADER, ApiKeys
+from app.http.uploads import Framing
+from app.model.classifier import Classifier
+from app.ops.metrics import ServiceMetrics
+from app.ops.observability import RequestContext, request_context
+from app.serving.prediction import PredictionStep
+from app.serving.state import ServiceState
+from app.settings import Settings
+
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+
+
+async def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+async def get_service_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ServiceStateDep = Annotated[ServiceState, Depends(get_service_state)]
+
+
+async def get_classifier(state: ServiceStateDep) -> Classifier:
+    """The serving classifier, or 503 with the reason it cannot serve. While draining after a
+    termination signal it still serves: readiness is what tells load balancers to go away."""
+    reason = state.unavailable_reason
+    if reason is not None or state.classifier is None:
+        raise ModelNotReady(reason or "model is not loaded")
+    return state.classifier
+
+
+ClassifierDep = Annotated[Classifier, Depends(get_classifier)]
+
+
+async def get_prediction_step(state: ServiceStateDep, _: ClassifierDep) -> PredictionStep:
+    """The prediction step; depends on `get_classifier` so it is only handed out when ready."""
+    step = state.step
+    if step is None:
+        raise ModelNotReady(state.unavailable_reason or "model is not loaded")
+    return step
+
+
+async def get_metrics(request: Request) -> ServiceMetrics:
+    metrics: ServiceMetrics = request.app.state.metrics
+    return metrics
+
+
+async def get_request_context(request: Request) -> RequestContext:
+    return request_context(request)
+
+
+async def get_framing(request: Request) -> Framing:
+    """The request body's framing (media type, boundary, declared length), parsed once."""
+    return Framing.of(request)
+
+
+StepDep = Annotated[PredictionStep, Depends(get_prediction_step)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+ContextDep = Annotated[RequestContext, Depends(get_request_context)]
+FramingDep = Annotated[Framing, Depends(get_framing)]
+
+
+async def get_deadline(
+    request: Request, context: ContextDep, settings: SettingsDep
+) -> float | None:
+    """The `time.perf_counter()` by which the request's images must reach the model, if any: the
+    shorter of `CXR_REQUEST_TIMEOUT_MS` and the client's `X-Request-Timeout-Ms`."""
+    budgets_ms = [settings.request_timeout_ms] if settings.request_timeout_ms else []
+    header = request.headers.get(TIMEOUT_HEADER)
+    if header is not None:
+        if not header.isdigit() or int(header) == 0:
+            raise InvalidRequest(f"{TIMEOUT_HEADER} must be a positive number of milliseconds")
+        budgets_ms.append(int(header))
+    return context.timer.started + min(budgets_ms) / 1000.0 if budgets_ms else None
+
+
+DeadlineDep = Annotated[float | None, Depends(get_deadline)]
+
+
+# -- API keys --------------------------------------------------------------------------------
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="`Authorization: Bearer <key>` with one of the configured API keys.",
+)
+_header = APIKeyHeader(
+    name=API_KEY_HEADER,
+    auto_error=False,
+    scheme_name="api_key",
+    description=f"`{API_KEY_HEADER}: <key>`, the same keys as the bearer scheme.",
+)
+
+
+async def require_api_key(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    header_key: Annotated[str | None, Depends(_header)],
+) -> None:
+    """401 unless API keys are off or the request carries a configured one (either header)."""
+    keys: ApiKeys = request.app.state.api_keys
+    if not keys.required:
+        return
+    presented = [key for key in (bearer and bearer.credentials, header_key) if key]
+    if not presented:
+        raise Unauthorized(
+            f"an API key is required: send `Authorization: Bearer <key>` or `{API_KEY_HEADER}`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not any([keys.accepts(key) for key in presented]):  # every key compared, no short cut
+        raise Unauthorized("the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+
+
+# For route decorators: `@router.get(..., dependencies=REQUIRE_API_KEY)`.
+REQUIRE_API_KEY = [Depends(require_api_key)]

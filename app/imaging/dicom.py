@@ -1,0 +1,576 @@
+"""DICOM Part-10 upload -> the 8-bit grey image the model contract prescribes, or a refusal.
+
+Three stages, each refusing what it cannot vouch for:
+
+1. Parse the header. A deflated data set is inflated here with a ceiling on its size (pydicom's
+   own reader would inflate a 32 MiB upload into gigabytes).
+2. Gate on the header alone, before any pixel is decoded: the model's intended use (`IntendedUse`
+   in the contract: modality, SOP class, body part, view position, age), one frame of one grey
+   sample, integer pixels, and the same pixel-count and side limits as JPEG/PNG. The compressed
+   frame's own dimensions must agree with Rows/Columns, so a codestream cannot allocate more than
+   the header admitted.
+3. Decode the pixels (pydicom with the pylibjpeg plugins) and render them with the contract's
+   `DicomRendering`: modality LUT, VOI, polarity, 8 bits. The pipeline is evaluated once per
+   possible stored value into a lookup table, then applied with one indexing pass, so a 12-bit
+   2500x2048 image never exists as a float64 copy.
+
+Patient data: nothing read from the header is logged or put into an error message except coded,
+non-identifying attributes that explain a refusal (Modality, SOP class, Body Part Examined, View
+Position, Photometric Interpretation, bit depths), and those only after sanitising. The response
+echoes the three instance UIDs, modality, view position and the applied window, nothing else.
+The training side renders independently (`training.dicom`); a test proves the two agree.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+import struct
+import warnings
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
+
+import numpy as np
+import pydicom
+import pydicom.config
+from PIL import Image
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.encaps import generate_fragments
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from app.contract import DicomRendering, IntendedUse
+from app.errors import (
+    ImageTooManyPixels,
+    ImageTooSmall,
+    InvalidImage,
+    NotIntendedUse,
+    OutsideTrainingPopulation,
+)
+
+logger = logging.getLogger(__name__)
+
+# pydicom reports invalid header values through `warnings` and its logger, quoting the value: that
+# would put a patient's name into the service's stderr. Validation is ours, so silence both.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+logging.getLogger("pydicom").propagate = False
+warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+# Faster decoders where pydicom's default is slow (lossless both ways: identical pixels): on a
+# 2500x2048 12-bit frame, pylibjpeg-rle against pydicom's own Python RLE, and CharLS (pyjpegls)
+# against libjpeg for JPEG-LS, about 4x faster each (measured 2026-11, docs/PERFORMANCE.md).
+_PREFERRED_PLUGINS: dict[UID, str] = {
+    RLELossless: "pylibjpeg",
+    JPEGLSLossless: "pyjpegls",
+    JPEGLSNearLossless: "pyjpegls",
+}
+_GREY = ("MONOCHROME1", "MONOCHROME2")
+_SAFE_CODE = re.compile(r"^[A-Za-z0-9 _\-.]{1,64}$")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+@dataclass(frozen=True)
+class DicomPolicy:
+    """What the DICOM decoder needs from the model contract and the service settings."""
+
+    rendering: DicomRendering
+    intended_use: IntendedUse
+    refuse_outside_population: bool = False
+    # Ceiling for an inflated (Deflated Explicit VR Little Endian) data set, in bytes.
+    max_inflated_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class AppliedWindow:
+    """The VOI step as applied, in modality units (after Rescale Slope/Intercept)."""
+
+    source: str  # "window" | "voi_lut_sequence" | "full_range"
+    center: float | None = None
+    width: float | None = None
+    function: str | None = None
+
+
+@dataclass(frozen=True)
+class DicomFindings:
+    """What the service may say back about a DICOM upload: identifiers and what it did."""
+
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    sop_instance_uid: str | None
+    modality: str
+    view_position: str | None
+    transfer_syntax: str
+    window: AppliedWindow
+    warnings: list[str] = field(default_factory=list)
+
+
+def _code(value: object) -> str:
+    """A coded header value, fit to quote in an error message (or a placeholder)."""
+    text = str(value).strip() if value is not None else ""
+    return text.upper() if _SAFE_CODE.match(text) else "an unrecognised value"
+
+
+def _uid(dataset: Dataset, keyword: str) -> str | None:
+    value = str(dataset.get(keyword, "") or "").strip().rstrip("\x00")
+    return value if len(value) <= 64 and _UID.match(value) else None
+
+
+# -- 1. parsing --------------------------------------------------------------------------------
+
+
+def _read(data: bytes, policy: DicomPolicy) -> FileDataset:
+    stream = io.BytesIO(data)
+    preamble = read_preamble(stream, False)
+    # pydicom's meta reader is the one `dcmread` uses; it leaves `stream` at the data set.
+    file_meta: FileMetaDataset = pydicom.filereader._read_file_meta_info(stream)
+    syntax = file_meta.get("TransferSyntaxUID")
+    if syntax is None:
+        raise InvalidImage("DICOM file meta information has no Transfer Syntax UID")
+    if syntax != DeflatedExplicitVRLittleEndian:
+        stream.seek(0)
+        return pydicom.dcmread(stream)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = inflater.decompress(stream.read(), policy.max_inflated_bytes)
+    if inflater.unconsumed_tail:
+        raise ImageTooManyPixels(
+            f"the deflated DICOM data set inflates past {policy.max_inflated_bytes} bytes"
+        )
+    body = read_dataset(io.BytesIO(inflated), is_implicit_VR=False, is_little_endian=True)
+    return FileDataset(
+        "", body, preamble=preamble, file_meta=file_meta, is_implicit_VR=False,
+        is_little_endian=True,
+    )  # fmt: skip
+
+
+# -- 2. gating ---------------------------------------------------------------------------------
+
+
+def _gate_intended_use(ds: FileDataset, rules: IntendedUse) -> str:
+    sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+        raise NotIntendedUse("the upload is a DICOMDIR (a media index), not an image")
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if not modality:
+        raise NotIntendedUse(
+            "the DICOM file has no Modality; only projection radiographs "
+            f"({', '.join(rules.modalities)}) are accepted"
+        )
+    if modality not in rules.modalities:
+        raise NotIntendedUse(
+            f"Modality {_code(modality)} is not a projection radiograph; this model accepts "
+            f"{', '.join(rules.modalities)} chest X-rays only"
+        )
+    if sop_class not in rules.sop_class_uids:
+        accepted = ", ".join(rules.sop_class_uids.values())
+        raise NotIntendedUse(
+            f"SOP Class UID {_code(sop_class)} is not one this model accepts ({accepted})"
+        )
+    body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    if body_part and body_part not in rules.body_parts:
+        raise NotIntendedUse(
+            f"Body Part Examined is {_code(body_part)}, not a chest ({', '.join(rules.body_parts)})"
+        )
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    if view and view in rules.refused_view_positions:
+        raise NotIntendedUse(
+            f"View Position {_code(view)} is a lateral view; this model reads frontal (PA/AP) "
+            "chest X-rays only"
+        )
+    return modality
+
+
+def _gate_pixels(ds: FileDataset, limits_max_pixels: int, min_side: int) -> None:
+    if "PixelData" not in ds:
+        other = next((k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds), None)
+        detail = f" (it has {other}, which X-ray detectors do not produce)" if other else ""
+        raise NotIntendedUse(f"the DICOM file has no integer pixel data{detail}")
+    frames = ds.get("NumberOfFrames", 1)
+    try:
+        n_frames = int(frames) if frames not in (None, "") else 1
+    except (TypeError, ValueError) as exc:
+        raise InvalidImage("DICOM Number of Frames is not a number") from exc
+    if n_frames != 1:
+        raise NotIntendedUse(
+            f"the DICOM file has {n_frames} frames; only single-frame radiographs are accepted"
+        )
+    samples = ds.get("SamplesPerPixel", 1)
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if samples != 1 or photometric not in _GREY:
+        raise NotIntendedUse(
+            f"the DICOM image is colour ({_code(photometric)}, {_code(samples)} samples per "
+            "pixel); only greyscale MONOCHROME1/MONOCHROME2 radiographs are accepted"
+        )
+    rows, columns = ds.get("Rows"), ds.get("Columns")
+    bits_allocated, bits_stored = ds.get("BitsAllocated"), ds.get("BitsStored")
+    if not all(isinstance(v, int) for v in (rows, columns, bits_allocated, bits_stored)):
+        raise InvalidImage("the DICOM header lacks Rows, Columns, Bits Allocated or Bits Stored")
+    assert isinstance(rows, int) and isinstance(columns, int)
+    if rows * columns > limits_max_pixels:
+        raise ImageTooManyPixels(
+            f"image declares {columns}x{rows} = {rows * columns} pixels, "
+            f"above the limit of {limits_max_pixels}"
+        )
+    if min(rows, columns) < min_side:
+        raise ImageTooSmall(f"image is {columns}x{rows}; both sides must be at least {min_side} px")
+    if bits_allocated not in (8, 16) or not 1 <= bits_stored <= bits_allocated:
+        raise InvalidImage(
+            f"unsupported DICOM pixel depth: Bits Allocated {_code(bits_allocated)}, "
+            f"Bits Stored {_code(bits_stored)} (8- or 16-bit integer pixels are accepted)"
+        )
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        _check_codestream_size(ds.PixelData, rows, columns)
+    else:
+        expected = rows * columns * (bits_allocated // 8)
+        if len(ds.PixelData) < expected:
+            raise InvalidImage(
+                f"DICOM pixel data is truncated: {len(ds.PixelData)} bytes for a {columns}x{rows} "
+                f"image of {bits_allocated}-bit pixels ({expected} expected)"
+            )
+
+
+def _frame_header_size(fragment: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a JPEG / JPEG-LS SOF or a JPEG 2000 SIZ marker; None if neither."""
+    siz = fragment.find(b"\xff\x4f\xff\x51", 0, 4096)
+    if siz >= 0 and len(fragment) >= siz + 24:
+        xsiz, ysiz, x0, y0 = struct.unpack(">IIII", fragment[siz + 8 : siz + 24])
+        return ysiz - y0, xsiz - x0
+    if not fragment.startswith(b"\xff\xd8"):
+        return None
+    position = 2
+    while position + 9 <= len(fragment):
+        if fragment[position] != 0xFF:
+            return None
+        marker = fragment[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        (length,) = struct.unpack(">H", fragment[position + 2 : position + 4])
+        # SOF0-3, 5-7, 9-11, 13-15 (JPEG) and SOF55 (JPEG-LS)
+        if marker in (*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), 0xCD, 0xCE,
+                      0xCF, 0xF7):  # fmt: skip
+            rows, columns = struct.unpack(">HH", fragment[position + 5 : position + 9])
+            return rows, columns
+        position += 2 + length
+    return None
+
+
+def _check_codestream_size(pixel_data: bytes, rows: int, columns: int) -> None:
+    try:
+        items = generate_fragments(pixel_data)
+        next(items)  # the Basic Offset Table
+        fragments = [f for f in items if f]
+    except (ValueError, StopIteration, struct.error) as exc:
+        raise InvalidImage("DICOM encapsulated pixel data has no readable frame") from exc
+    if not fragments:
+        raise InvalidImage("DICOM encapsulated pixel data has no frame")
+    # libjpeg fills a cut-off JPEG / JPEG-LS stream with grey instead of failing; the end-of-image
+    # marker (the fragment may carry one byte of padding after it) shows the stream is whole.
+    if fragments[0].startswith(b"\xff\xd8") and b"\xff\xd9" not in fragments[-1][-3:]:
+        raise InvalidImage("the compressed DICOM frame is truncated (no JPEG end-of-image marker)")
+    size = _frame_header_size(fragments[0])
+    # RLE and unrecognised codestreams have no size to check; their decoders use Rows/Columns.
+    # A JPEG height of 0 means "defined later by a DNL marker".
+    if size is not None and (size[1] != columns or size[0] not in (rows, 0)):
+        raise InvalidImage(
+            f"the compressed frame is {size[1]}x{size[0]} but the DICOM header says "
+            f"{columns}x{rows}"
+        )
+
+
+# -- age ---------------------------------------------------------------------------------------
+
+
+def _parse_da(value: object) -> date | None:
+    text = str(value or "").strip()
+    if not re.fullmatch(r"\d{8}", text):
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return None
+
+
+def patient_age_years(ds: Dataset) -> float | None:
+    """Age in years from Patient's Age (AS: 005Y, 018M, 003W, 012D), else from Patient's Birth
+    Date and the study (or acquisition, or content) date; None when neither is usable."""
+    age = str(ds.get("PatientAge", "") or "").strip().upper()
+    match = re.fullmatch(r"(\d{3})([DWMY])", age)
+    if match:
+        days_per_unit = {"D": 1.0, "W": 7.0, "M": 365.25 / 12.0, "Y": 365.25}[match.group(2)]
+        return int(match.group(1)) * days_per_unit / 365.25
+    birth = _parse_da(ds.get("PatientBirthDate"))
+    seen = next(
+        (
+            d
+            for d in (_parse_da(ds.get(k)) for k in ("StudyDate", "AcquisitionDate", "ContentDate"))
+            if d is not None
+        ),
+        None,
+    )
+    if birth is None or seen is None or seen < birth:
+        return None
+    return (seen - birth).days / 365.25
+
+
+def _population_warning(ds: Dataset, policy: DicomPolicy) -> str | None:
+    population = policy.intended_use.training_population
+    age = patient_age_years(ds)
+    if age is None or population.age_years_min <= age < population.age_years_max:
+        return None
+    # The age itself is never repeated: not here, not in logs.
+    message = (
+        f"the patient's age is outside the training population ({population.description}); "
+        "the model's accuracy for this patient is unknown"
+    )
+    if policy.refuse_outside_population:
+        raise OutsideTrainingPopulation(message)
+    return message
+
+
+# -- 3. rendering ------------------------------------------------------------------------------
+
+
+def _lut_values(item: Dataset, signed: bool) -> tuple[np.ndarray, int, int]:
+    """(table, first mapped value, bits) of a Modality/VOI LUT Sequence item."""
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 65536  # 0 means 2**16 entries
+    if signed and first >= 32768:  # the first mapped value is SS for signed pixels
+        first -= 65536
+    raw = item.LUTData
+    if isinstance(raw, bytes | bytearray):
+        dtype = "<u1" if bits <= 8 and len(raw) == entries else "<u2"
+        table = np.frombuffer(raw, dtype=dtype).astype(np.float64)
+    else:
+        table = np.asarray(raw if isinstance(raw, list | tuple) else [raw], dtype=np.float64)
+    if table.size < entries or not 1 <= bits <= 16:
+        raise InvalidImage("a DICOM LUT does not match its descriptor")
+    return table[:entries], first, bits
+
+
+def _modality(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    if "ModalityLUTSequence" in ds and len(ds.ModalityLUTSequence):
+        table, first, _ = _lut_values(ds.ModalityLUTSequence[0], _signed(ds))
+        index = np.clip(stored - first, 0, table.size - 1).astype(np.intp)
+        mapped: np.ndarray = table[index]
+        return mapped
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    if not (math.isfinite(slope) and math.isfinite(intercept)):
+        raise InvalidImage("the DICOM Rescale Slope/Intercept are not finite numbers")
+    return stored * slope + intercept
+
+
+def _signed(ds: Dataset) -> bool:
+    return bool(ds.get("PixelRepresentation", 0) == 1)
+
+
+def _first(value: object, index: int) -> float | None:
+    values = list(value) if isinstance(value, pydicom.multival.MultiValue | list) else [value]
+    if index >= len(values):
+        return None
+    try:
+        number = float(values[index])  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _window_function(x: np.ndarray, c: float, w: float, function: str) -> np.ndarray | None:
+    if function == "SIGMOID":
+        return None if w <= 0 else 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+    if function == "LINEAR_EXACT":
+        return None if w <= 0 else np.clip((x - c) / w + 0.5, 0.0, 1.0)
+    if function == "LINEAR":
+        return None if w < 1 else np.clip((x - (c - 0.5)) / (w - 1.0) + 0.5, 0.0, 1.0)
+    return None
+
+
+def _voi(
+    x: np.ndarray,
+    present: Callable[[], np.ndarray],
+    ds: Dataset,
+    rule: DicomRendering,
+    notes: list[str],
+) -> tuple[np.ndarray, AppliedWindow]:
+    """VOI over modality values `x`; `present()` marks the values that occur outside padding
+    (counted only when the full range is needed: a histogram of every pixel)."""
+    for source in rule.voi_order:
+        if source == "window" and "WindowCenter" in ds and "WindowWidth" in ds:
+            c = _first(ds.WindowCenter, rule.window_index)
+            w = _first(ds.WindowWidth, rule.window_index)
+            function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+            if c is not None and w is not None:
+                v = _window_function(x, c, w, function)
+                if v is not None:
+                    return v, AppliedWindow("window", c, w, function)
+            notes.append("the DICOM window (Window Center/Width) is unusable and was ignored")
+        elif source == "voi_lut_sequence" and len(ds.get("VOILUTSequence", None) or []):
+            table, first, bits = _lut_values(ds.VOILUTSequence[0], _signed(ds))
+            index = np.clip(np.floor(x) - first, 0, table.size - 1).astype(np.intp)
+            v = np.minimum(table[index] / float(2**bits - 1), 1.0)
+            return v, AppliedWindow("voi_lut_sequence")
+        elif source == "full_range":
+            occurs = present()
+            lo, hi = (float(x[occurs].min()), float(x[occurs].max())) if occurs.any() else (0, 0)
+            window = AppliedWindow("full_range", (lo + hi) / 2.0, hi - lo)
+            if hi <= lo:
+                return np.zeros_like(x), window
+            return (x - lo) / (hi - lo), window
+    raise AssertionError("voi_order ends with full_range")  # enforced by the contract
+
+
+def _padding_mask(stored_domain: np.ndarray, ds: Dataset) -> np.ndarray:
+    padding = ds.get("PixelPaddingValue")
+    if padding is None:
+        return np.zeros(stored_domain.shape, dtype=bool)
+    limit = ds.get("PixelPaddingRangeLimit")
+    a = int(padding)
+    b = int(limit) if limit is not None else a
+    lo, hi = min(a, b), max(a, b)
+    return (stored_domain >= lo) & (stored_domain <= hi)
+
+
+def render_dicom(
+    ds: Dataset, stored: np.ndarray, rule: DicomRendering
+) -> tuple[np.ndarray, AppliedWindow, list[str]]:
+    """Stored pixel values -> uint8 grey image by the contract's display pipeline.
+
+    The pipeline runs once over every value the stored dtype can hold (256 or 65536 of them) and
+    the image is then one table lookup.
+    """
+    if stored.dtype.kind not in "ui" or stored.dtype.itemsize > 2:
+        raise InvalidImage(f"unsupported DICOM pixel array type {stored.dtype}")
+    unsigned = stored.dtype.kind == "u"
+    n_values = 1 << (8 * stored.dtype.itemsize)
+    # An order-preserving unsigned index per pixel: signed values are offset by half the range.
+    index = stored if unsigned else (stored.view(f"u{stored.dtype.itemsize}") ^ (n_values >> 1))
+    domain = np.arange(n_values, dtype=np.float64) - (0 if unsigned else n_values >> 1)
+    padding = _padding_mask(domain, ds)
+
+    def present() -> np.ndarray:
+        occurs = np.bincount(index.ravel(), minlength=n_values) > 0
+        return occurs & ~padding if rule.full_range_excludes_padding else occurs
+
+    notes: list[str] = []
+    x = _modality(domain, ds)
+    v, window = _voi(x, present, ds, rule, notes)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    if photometric == "MONOCHROME1" or shape == "INVERSE":
+        v = 1.0 - v
+    table = np.rint(v * 255.0).astype(np.uint8)
+    table[padding] = rule.padding_value
+    return table[index], window, notes
+
+
+# -- the decoder -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RenderedDicom:
+    image: Image.Image
+    findings: DicomFindings
+
+
+class OpenedDicom:
+    """A DICOM upload whose header was parsed and gated (stages 1 and 2); `render` runs stage 3.
+
+    Splitting here lets the caller reserve decode memory knowing the transfer syntax, without
+    parsing the header a second time."""
+
+    def __init__(self, ds: FileDataset, modality: str, population_warning: str | None) -> None:
+        self._ds = ds
+        self._modality = modality
+        self._population_warning = population_warning
+
+    @property
+    def transfer_syntax(self) -> UID:
+        syntax: UID = self._ds.file_meta.TransferSyntaxUID
+        return syntax
+
+    @property
+    def pixels_stored_as_is(self) -> bool:
+        """Whether the pixels are native in the upload (neither compressed nor deflated)."""
+        syntax = self.transfer_syntax
+        return not syntax.is_compressed and not syntax.is_deflated
+
+    def render(self, policy: DicomPolicy) -> RenderedDicom:
+        """Decode the pixels and render them by the contract's rule."""
+        ds = self._ds
+        syntax = self.transfer_syntax
+        plugin = _PREFERRED_PLUGINS.get(syntax)
+        if plugin is not None and plugin in get_decoder(syntax).available_plugins:
+            ds.pixel_array_options(decoding_plugin=plugin)
+        try:
+            stored = ds.pixel_array
+        except BaseException as exc:
+            # Compiled decoders written in Rust (pylibjpeg-rle) report a malformed stream as a PyO3
+            # PanicException, which derives from BaseException: still a property of the input.
+            if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
+                raise
+            logger.info(
+                "dicom pixel decode failed", extra={"fields": {"error": type(exc).__name__}}
+            )
+            raise InvalidImage(
+                f"the DICOM pixel data ({syntax.name}) could not be decoded ({type(exc).__name__})"
+            ) from exc
+        if stored.shape != (ds.Rows, ds.Columns):
+            raise InvalidImage(
+                f"the decoded DICOM pixels have shape {stored.shape}, not the header's "
+                f"{ds.Rows}x{ds.Columns}"
+            )
+        try:
+            grey, window, notes = render_dicom(ds, stored, policy.rendering)
+        except InvalidImage:
+            raise
+        except Exception as exc:
+            raise InvalidImage(
+                f"the DICOM image could not be rendered ({type(exc).__name__})"
+            ) from exc
+        view = str(ds.get("ViewPosition", "") or "").strip().upper()
+        population = [self._population_warning] if self._population_warning else []
+        findings = DicomFindings(
+            study_instance_uid=_uid(ds, "StudyInstanceUID"),
+            series_instance_uid=_uid(ds, "SeriesInstanceUID"),
+            sop_instance_uid=_uid(ds, "SOPInstanceUID"),
+            modality=self._modality,
+            view_position=view if view and _SAFE_CODE.match(view) else None,
+            transfer_syntax=str(syntax),
+            window=window,
+            warnings=[*notes, *population],
+        )
+        return RenderedDicom(Image.fromarray(grey), findings)
+
+
+def open_dicom(data: bytes, max_pixels: int, min_side: int, policy: DicomPolicy) -> OpenedDicom:
+    """Parse and gate one DICOM upload (stages 1 and 2 of the module docstring)."""
+    try:
+        ds = _read(data, policy)
+    except InvalidImage:
+        raise
+    except Exception as exc:
+        # pydicom's parser raises many types (and messages quote header values): name the type only.
+        raise InvalidImage(
+            f"the upload looks like DICOM but its header could not be read ({type(exc).__name__})"
+        ) from exc
+    try:
+        modality = _gate_intended_use(ds, policy.intended_use)
+        _gate_pixels(ds, max_pixels, min_side)
+        population_warning = _population_warning(ds, policy)
+    except InvalidImage:
+        raise
+    except Exception as exc:  # a header value of the wrong type or VR
+        raise InvalidImage(f"the DICOM header is malformed ({type(exc).__name__})") from exc
+    return OpenedDicom(ds, modality, population_warning)

@@ -1,0 +1,181 @@
+"""The model as the service runs it: one validated ONNX Runtime session and its contract.
+
+`Classifier` turns upload bytes into the model's input by the contract's rules (`app.imaging`),
+runs the session, applies the contract's calibration and decision rule, and computes exact class
+activation maps. `app.model.loading` builds it; nothing here decides whether it may serve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import partial
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from app.contract import ModelMetadata
+from app.errors import InvalidImage, ModelLoadError
+from app.imaging.dicom import DicomFindings, DicomPolicy
+from app.imaging.formats import OpenedUpload, open_upload
+from app.imaging.preprocessing import jpeg_scale_denominator, to_model_input
+from app.imaging.types import DECODER_ERRORS, DecodeLimits
+from app.model.explain import ClassActivationMap, class_activation_map
+
+# Warm-up probabilities must sum to 1 within float32 rounding.
+_SUM_TOLERANCE = 1e-4
+# CAM's spatial mean + bias against the logit: float32 sums over a few hundred channels.
+_CAM_TOLERANCE = 1e-3
+
+
+def calibrated_probabilities(outputs: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
+    """softmax(logits / temperature) per row, by the contract's rule (one rule for training's
+    evaluation and for serving: `ModelMetadata.calibrated_probabilities`)."""
+    return metadata.calibrated_probabilities(outputs)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An upload made ready for the model: its input tensor, and the DICOM header's findings."""
+
+    tensor: np.ndarray  # (1, H, W, C) float32
+    dicom: DicomFindings | None = None
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.dicom.warnings) if self.dicom else []
+
+
+class Classifier:
+    """One validated ONNX Runtime session plus the metadata that describes it.
+
+    `prepare` and `predict_batch` are synchronous and CPU-bound: callers run them off the event
+    loop (see `app.serving.prediction` and `app.serving.batching`). ONNX Runtime sessions are safe
+    to call from several threads.
+    """
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        metadata: ModelMetadata,
+        limits: DecodeLimits,
+        refuse_outside_population: bool = False,
+    ) -> None:
+        self.metadata = metadata
+        self.execution_provider: str = session.get_providers()[0]
+        self._session = session
+        # Large JPEGs are decoded at the reduced scale the contract prescribes.
+        self._limits = replace(
+            limits, jpeg_scale=partial(jpeg_scale_denominator, spec=metadata.preprocessing)
+        )
+        # Rendering and gating rules are the model's (metadata); the refusal choice is the site's.
+        self._dicom = DicomPolicy(
+            rendering=metadata.preprocessing.dicom,
+            intended_use=metadata.intended_use,
+            refuse_outside_population=refuse_outside_population,
+            # the largest legal 16-bit image plus room for its header
+            max_inflated_bytes=limits.max_pixels * 2 + 16 * 1024 * 1024,
+        )
+        spec = metadata.preprocessing
+        self._input_shape = (spec.height, spec.width, spec.channels)
+
+    def open(self, data: bytes) -> OpenedUpload:
+        """Read and check an upload's header (for DICOM: parse and gate it), before any pixel is
+        decompressed; the result says what its decode will cost in memory."""
+        return open_upload(data, self._limits, self._dicom)
+
+    def prepare(self, upload: bytes | OpenedUpload) -> PreparedImage:
+        """Upload bytes (or an opened upload) -> model input and DICOM findings, or a 415/422
+        domain error."""
+        opened = self.open(upload) if isinstance(upload, bytes) else upload
+        decoded = opened.decode()
+        try:
+            tensor = to_model_input(decoded.image, self.metadata.preprocessing)
+        except DECODER_ERRORS as exc:
+            # A fully decoded image can still carry an EXIF block or mode Pillow chokes on.
+            raise InvalidImage(f"the image could not be preprocessed: {exc}") from exc
+        return PreparedImage(tensor, decoded.dicom)
+
+    def preprocess(self, data: bytes) -> np.ndarray:
+        """Upload bytes -> model input (1, H, W, C) float32, or a 415/422 domain error."""
+        return self.prepare(data).tensor
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities, shape (N, len(classes)), for an (N, H, W, C) batch."""
+        if batch.ndim != 4 or batch.shape[1:] != self._input_shape:
+            raise ValueError(f"batch shape {batch.shape} is not (N, {self._input_shape})")
+        (outputs,) = self._session.run(
+            [self.metadata.output.name], {self.metadata.input.name: batch.astype(np.float32)}
+        )
+        return calibrated_probabilities(outputs, self.metadata)
+
+    @property
+    def explains(self) -> bool:
+        """Whether this model has the feature-map output that class activation maps need."""
+        return self.metadata.cam is not None
+
+    def predict_with_cam(
+        self, tensor: np.ndarray, class_name: str | None = None
+    ) -> tuple[np.ndarray, ClassActivationMap]:
+        """Probabilities (classes,) and the class activation map of one image (1, H, W, C), for
+        `class_name` or, by default, the class at the operating point. One session run yields
+        both, so the map explains exactly the scores returned with it."""
+        cam_spec, cam_output = self.metadata.cam, self.metadata.cam_output
+        if cam_spec is None or cam_output is None:
+            raise ValueError("this model has no class-activation-map output")
+        outputs = [self.metadata.output.name, cam_output.name]
+        scores, features = self._session.run(
+            outputs, {self.metadata.input.name: tensor.astype(np.float32)}
+        )
+        probabilities = calibrated_probabilities(scores, self.metadata)[0]
+        label = class_name or self.label_for(probabilities)
+        cam = class_activation_map(
+            features[0], cam_spec, cam_output, self.metadata.classes.index(label)
+        )
+        return probabilities, cam
+
+    def label_for(self, probabilities: np.ndarray) -> str:
+        """The class at the operating point (the contract's rule: the positive class when its
+        calibrated probability reaches the metadata's threshold, else the likeliest other)."""
+        return self.metadata.label_at_operating_point(probabilities)
+
+    def warm_up(self) -> None:
+        """Run one mid-grey image through preprocessing and the session; raise if it misbehaves."""
+        spec = self.metadata.preprocessing
+        grey = Image.new("L", (spec.width, spec.height), 128)
+        try:
+            probabilities = self.predict_batch(to_model_input(grey, spec))
+        except Exception as exc:
+            # ORT reports shape/type failures as its own exception types (not exported).
+            raise ModelLoadError(f"warm-up inference failed: {exc}") from exc
+        expected = (1, len(self.metadata.classes))
+        if probabilities.shape != expected:
+            raise ModelLoadError(
+                f"warm-up output has shape {probabilities.shape}, expected {expected} "
+                f"for classes {self.metadata.classes}"
+            )
+        if not np.all(np.isfinite(probabilities)):
+            raise ModelLoadError("warm-up inference returned non-finite probabilities")
+        total = float(probabilities.sum())
+        if abs(total - 1.0) > _SUM_TOLERANCE:
+            raise ModelLoadError(f"warm-up probabilities sum to {total}, not 1")
+        if self.explains:
+            self._check_cam(to_model_input(grey, spec))
+
+    def _check_cam(self, tensor: np.ndarray) -> None:
+        """The metadata's CAM weights must be the graph's: each class map's spatial mean plus its
+        bias must reproduce that class's logit."""
+        cam_output = self.metadata.cam_output
+        if cam_output is None or self.metadata.output.kind != "logits":
+            return
+        logits, features = self._session.run(
+            [self.metadata.output.name, cam_output.name], {self.metadata.input.name: tensor}
+        )
+        assert self.metadata.cam is not None
+        for index, name in enumerate(self.metadata.classes):
+            cam = class_activation_map(features[0], self.metadata.cam, cam_output, index)
+            if abs(cam.logit - float(logits[0][index])) > _CAM_TOLERANCE:
+                raise ModelLoadError(
+                    f"the CAM weights in the metadata do not reproduce the {name} logit "
+                    f"({cam.logit:.5f} vs {float(logits[0][index]):.5f})"
+                )

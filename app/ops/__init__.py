@@ -1,0 +1,1 @@
+"""Operations: structured logs and request context, Prometheus metrics, process memory."""

@@ -1,0 +1,1 @@
+"""Serving one image: the prediction step, micro-batching, admission control, service state."""

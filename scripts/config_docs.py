@@ -1,0 +1,126 @@
+"""The configuration reference, generated from the field descriptions of `app.settings.Settings`.
+
+Writes `.env.example` and the settings tables in README.md and docs/DEPLOYMENT.md (between
+`<!-- settings:begin -->` and `<!-- settings:end -->`), so that the documentation says what the
+code does. `--check` changes nothing and exits 1 when any of them differs (the tests run it).
+
+    python scripts/config_docs.py [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from app.settings import Settings  # noqa: E402
+
+BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
+TABLE_FILES = (REPO_ROOT / "README.md", REPO_ROOT / "docs" / "DEPLOYMENT.md")
+ENV_EXAMPLE = REPO_ROOT / ".env.example"
+MiB = 1024 * 1024
+
+_ENV_HEADER = """\
+# Configuration of the inference service (`app/`), generated from app/settings.py by
+# `python scripts/config_docs.py`: edit the field descriptions there, not this file.
+# Every variable is optional; the values below are the defaults. Copy to `.env` (read from the
+# working directory) or set them in the environment / docker-compose. Invalid values stop the
+# service at start-up with a clear error.
+"""
+
+
+def variable(name: str) -> str:
+    return f"CXR_{name.upper()}"
+
+
+def env_value(default: Any) -> str:
+    """The default as an environment variable would spell it ("" for unset)."""
+    if default is None:
+        return ""
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    return str(default)
+
+
+def shown_default(default: Any) -> str:
+    if default is None:
+        return "unset"
+    text = f"`{env_value(default)}`"
+    is_size = isinstance(default, int) and not isinstance(default, bool) and default >= MiB
+    if is_size and default % MiB == 0:
+        text += f" ({default // MiB} MiB)"
+    return text
+
+
+def fields() -> list[tuple[str, Any, str]]:
+    out = []
+    for name, info in Settings.model_fields.items():
+        description = " ".join((info.description or "").split())
+        if not description:
+            raise SystemExit(f"Settings.{name} has no description: add one in app/settings.py")
+        out.append((variable(name), info.get_default(call_default_factory=True), description))
+    return out
+
+
+def markdown_table() -> str:
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, default, description in fields():
+        rows.append(f"| `{name}` | {shown_default(default)} | {description.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def env_example() -> str:
+    blocks = [_ENV_HEADER]
+    for name, default, description in fields():
+        comment = textwrap.wrap(description, 98, break_on_hyphens=False)
+        blocks.append(
+            "\n".join(f"# {line}" for line in comment) + f"\n{name}={env_value(default)}\n"
+        )
+    return "\n".join(blocks)
+
+
+def with_table(text: str, table: str, path: Path) -> str:
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} block")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{table}\n{END}{tail}"
+
+
+def expected_files() -> dict[Path, str]:
+    table = markdown_table()
+    files = {ENV_EXAMPLE: env_example()}
+    for path in TABLE_FILES:
+        files[path] = with_table(path.read_text(encoding="utf-8"), table, path)
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--check", action="store_true", help="change nothing; exit 1 on a difference"
+    )
+    args = parser.parse_args(argv)
+    stale = []
+    for path, text in expected_files().items():
+        current = path.read_text(encoding="utf-8") if path.is_file() else ""
+        if current == text:
+            continue
+        stale.append(path.relative_to(REPO_ROOT))
+        if not args.check:
+            path.write_text(text, encoding="utf-8")
+    if args.check and stale:
+        names = ", ".join(str(p) for p in stale)
+        print(f"out of date with app/settings.py: {names}; run python scripts/config_docs.py")
+        return 1
+    for path in stale:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

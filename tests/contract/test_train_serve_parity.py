@@ -1,0 +1,297 @@
+"""The preprocessing contract is implemented once per side; these tests prove the two agree.
+
+Training (`training.preprocessing`) and serving (`app.imaging.preprocessing` after
+`app.imaging.formats`) must give bit-identical model inputs for the same file, or the model is
+served something it never saw.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from app.contract import JpegDctScaling, Preprocessing
+from app.imaging.dicom import DicomPolicy
+from app.imaging.formats import DecodeLimits, decode_upload
+from app.imaging.preprocessing import jpeg_scale_denominator, to_model_input
+from app.testing.dicom_files import SYNTAXES, make_dicom, ramp
+from tests.support.realdata import DATA_DIR, requires_data
+from training.dicom import read_dicom_as_image
+from training.intended_use import PAEDIATRIC_CHEST_XRAY
+from training.preprocessing import (
+    DEFAULT_PREPROCESSING,
+    decode_at_contract_scale,
+    load_image,
+    scale,
+)
+
+
+def _limits(spec: Preprocessing) -> DecodeLimits:
+    """The limits as the service builds them for a model with this contract (DCT scaling too)."""
+    return DecodeLimits(
+        max_pixels=60_000_000,
+        min_side=64,
+        jpeg_scale=partial(jpeg_scale_denominator, spec=spec),
+    )
+
+
+LIMITS = _limits(DEFAULT_PREPROCESSING)
+# The contract also allows quarter and eighth DCT scales; the shipped model does not use them.
+EVERY_DCT_SCALE = DEFAULT_PREPROCESSING.model_copy(
+    update={"jpeg_dct_scaling": JpegDctScaling(min_ratio=4, max_denominator=8)}
+)
+
+
+def _serving_input(data: bytes, spec: Preprocessing = DEFAULT_PREPROCESSING) -> np.ndarray:
+    return to_model_input(decode_upload(data, _limits(spec)).image, spec)
+
+
+def _training_input(path: Path, spec: Preprocessing = DEFAULT_PREPROCESSING) -> np.ndarray:
+    return scale(load_image(path, spec), spec)[None]
+
+
+@requires_data
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_real_images_preprocess_identically(split: str) -> None:
+    paths = sorted((DATA_DIR / split).glob("*/*.jpeg"))
+    # every test image; an even sample of train to keep the suite fast
+    paths = paths if split == "test" else paths[:: max(1, len(paths) // 400)]
+    assert len(paths) > 300
+    for path in paths:
+        np.testing.assert_array_equal(
+            _serving_input(path.read_bytes()), _training_input(path), err_msg=path.name
+        )
+
+
+# Sizes a PACS sends, chosen to cross every DCT scale the contract can ask for (min_ratio 4 at
+# 224 px): below 1792 px on the shorter side no scaling, then 1/2, 1/4 from 3584 px, 1/8 from
+# 7168 px; odd sizes so that ceil(W / d) rounding is exercised, and one portrait image.
+FULL_RESOLUTION_SIZES = [(1700, 1500), (2500, 2048), (2048, 2501), (3999, 3585), (7200, 7169)]
+
+
+@requires_data
+@pytest.mark.parametrize("size", FULL_RESOLUTION_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("spec", [DEFAULT_PREPROCESSING, EVERY_DCT_SCALE], ids=["1/2", "1/8"])
+def test_full_resolution_upload_preprocesses_identically(
+    size: tuple[int, int], fmt: str, spec: Preprocessing, tmp_path: Path
+) -> None:
+    """A full-resolution upload (as a PACS would send) becomes the same tensor on both sides."""
+    source = sorted((DATA_DIR / "test" / "PNEUMONIA").glob("*.jpeg"))[0]
+    big = Image.open(source).convert("L").resize(size, Image.Resampling.BILINEAR)
+    path = tmp_path / f"big.{fmt.lower()}"
+    big.save(path, fmt, **({"quality": 92} if fmt == "JPEG" else {"compress_level": 1}))
+    served = _serving_input(path.read_bytes(), spec)
+    np.testing.assert_array_equal(served, _training_input(path, spec))
+    assert served.shape == (1, 224, 224, 1)
+
+
+@pytest.mark.parametrize(
+    ("size", "shipped", "every_scale"),
+    [((1791, 3000), 1, 1), ((1792, 3000), 2, 2), ((3584, 3584), 2, 4), ((7168, 7300), 2, 8)],
+)
+def test_both_sides_pick_the_same_dct_scale(
+    size: tuple[int, int], shipped: int, every_scale: int
+) -> None:
+    """The scale each side picks, read back from the decoded size (the rule's edges)."""
+    for spec, d in ((DEFAULT_PREPROCESSING, shipped), (EVERY_DCT_SCALE, every_scale)):
+        assert jpeg_scale_denominator(*size, spec) == d
+        image = Image.new("L", size, 128)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG")
+        with Image.open(io.BytesIO(buffer.getvalue())) as opened:
+            decode_at_contract_scale(opened, spec)
+            assert opened.size == (-(-size[0] // d), -(-size[1] // d))
+
+
+def test_dct_scaling_really_changes_large_jpegs_so_the_parity_test_can_fail(
+    tmp_path: Path,
+) -> None:
+    """Without the rule a 2500x2048 JPEG gives another tensor: the two sides must both apply it."""
+    rng = np.random.default_rng(3)
+    noisy = Image.fromarray(rng.integers(0, 256, (2048, 2500), dtype=np.uint8))
+    path = tmp_path / "noisy.jpg"
+    noisy.save(path, "JPEG", quality=90)
+    full_size = DEFAULT_PREPROCESSING.model_copy(update={"jpeg_dct_scaling": None})
+    exact = scale(load_image(path, full_size), full_size)[None]
+    assert not np.array_equal(exact, _training_input(path))
+    assert not np.array_equal(exact, _serving_input(path.read_bytes()))
+
+
+def _large_variants() -> dict[str, tuple[Image.Image, str]]:
+    """Large images in the modes a PACS export or a scanner writes, as (image, format)."""
+    rng = np.random.default_rng(1)
+    grey = np.asarray(
+        Image.fromarray(rng.integers(0, 256, (60, 70), dtype=np.uint8)).resize(
+            (2600, 1900), Image.Resampling.BICUBIC
+        )
+    )
+    rgb = Image.fromarray(np.stack([grey, grey[::-1], grey[:, ::-1]], axis=-1))
+    sixteen = Image.fromarray((grey.astype(np.uint16) * 13 + 300).astype(np.uint16))
+    return {
+        "RGB JPEG": (rgb, "JPEG"),
+        "CMYK JPEG": (rgb.convert("CMYK"), "JPEG"),
+        "16-bit PNG": (sixteen, "PNG"),
+        "RGBA PNG": (rgb.convert("RGBA"), "PNG"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_large_variants()))
+def test_large_images_of_every_kind_preprocess_identically(name: str, tmp_path: Path) -> None:
+    image, fmt = _large_variants()[name]
+    path = tmp_path / f"large.{fmt.lower()}"
+    image.save(path, fmt)
+    np.testing.assert_array_equal(_serving_input(path.read_bytes()), _training_input(path))
+
+
+def _variants() -> dict[str, Image.Image]:
+    rng = np.random.default_rng(0)
+    grey = Image.fromarray(rng.integers(0, 256, (300, 260), dtype=np.uint8))
+    rgb = Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8))
+    sixteen = Image.fromarray(rng.integers(100, 4000, (300, 260)).astype(np.uint16))
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    palette.info["transparency"] = 3
+    return {
+        "L": grey,
+        "RGB": rgb,
+        "RGBA": rgb.convert("RGBA"),
+        "LA": grey.convert("LA"),
+        "P": palette,
+        "I;16": sixteen,
+    }
+
+
+@pytest.mark.parametrize("mode", list(_variants()))
+def test_every_pixel_format_preprocesses_identically(mode: str, tmp_path: Path) -> None:
+    path = tmp_path / f"img-{mode.replace(';', '_')}.png"
+    _variants()[mode].save(path)
+    np.testing.assert_array_equal(_serving_input(path.read_bytes()), _training_input(path))
+
+
+@pytest.mark.parametrize(
+    "resize_filter", ["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
+)
+def test_every_resize_filter_of_the_contract_is_the_same_filter_on_both_sides(
+    resize_filter: str, tmp_path: Path
+) -> None:
+    """Each side maps the contract's filter names to Pillow filters with its own table."""
+    spec = DEFAULT_PREPROCESSING.model_copy(update={"resize_filter": resize_filter})
+    path = tmp_path / "grey.png"
+    _variants()["L"].save(path)
+    served = to_model_input(decode_upload(path.read_bytes(), LIMITS).image, spec)
+    np.testing.assert_array_equal(served, scale(load_image(path, spec), spec)[None])
+
+
+# -- DICOM: training (`training.dicom`, pixel by pixel) and serving (`app.imaging.dicom`, a lookup
+# table) render every case of the contract's display pipeline to the same 8-bit image.
+
+DICOM_POLICY = DicomPolicy(
+    rendering=DEFAULT_PREPROCESSING.dicom, intended_use=PAEDIATRIC_CHEST_XRAY
+)
+
+
+def _dicom_cases() -> dict[str, tuple[np.ndarray, str, dict]]:
+    twelve = ramp(rows=300, columns=260, high=4095)
+    eight = ramp(rows=300, columns=260, high=255, dtype=np.uint8)
+    signed = (twelve.astype(np.int32) - 2048).astype(np.int16)
+    padded = twelve.copy()
+    padded[:20] = 4095
+    cases: dict[str, tuple[np.ndarray, str, dict]] = {
+        f"syntax-{syntax}": (
+            eight if syntax == "jpeg_baseline" else twelve,
+            syntax,
+            {"bits_stored": 8 if syntax == "jpeg_baseline" else 12},
+        )
+        for syntax in SYNTAXES
+    }
+    cases.update(
+        {
+            "8bit-full-range": (eight, "explicit_le", {}),
+            "12bit-window-linear": (twelve, "explicit_le", {"window": (1800.0, 1500.0)}),
+            "window-linear-exact": (
+                twelve,
+                "explicit_le",
+                {"window": (1800.0, 1500.0), "voi_function": "LINEAR_EXACT"},
+            ),
+            "window-sigmoid": (
+                twelve,
+                "explicit_le",
+                {"window": (2000.0, 900.0), "voi_function": "SIGMOID"},
+            ),
+            "window-multi-valued": (
+                twelve,
+                "explicit_le",
+                {"window": ([1000.0, 3000.0], [700.0, 2000.0])},
+            ),
+            "window-unusable": (twelve, "explicit_le", {"window": (2000.0, 0.0)}),
+            "monochrome1": (twelve, "explicit_le", {"photometric": "MONOCHROME1"}),
+            "monochrome1-window": (
+                twelve,
+                "jpeg_ls",
+                {"photometric": "MONOCHROME1", "window": (2000.0, 3000.0)},
+            ),
+            "presentation-inverse": (twelve, "explicit_le", {"presentation_inverse": True}),
+            "monochrome1-and-inverse": (
+                twelve,
+                "explicit_le",
+                {"photometric": "MONOCHROME1", "presentation_inverse": True},
+            ),
+            "rescale": (twelve, "explicit_le", {"rescale": (0.5, -100.0)}),
+            "rescale-window": (
+                twelve,
+                "rle",
+                {"rescale": (2.0, -1024.0), "window": (500.0, 3000.0)},
+            ),
+            "modality-lut-sequence": (
+                ramp(rows=300, columns=260, high=1023),
+                "explicit_le",
+                {"bits_stored": 10, "modality_lut": (0, 16, [(v * 7) % 4096 for v in range(1024)])},
+            ),
+            "voi-lut-sequence": (
+                ramp(rows=300, columns=260, high=1023),
+                "explicit_le",
+                {"bits_stored": 10, "voi_lut": (100, 8, [min(255, v // 3) for v in range(800)])},
+            ),
+            "padding-value": (padded, "explicit_le", {"padding": (4095, None)}),
+            "padding-range": (padded, "explicit_le", {"padding": (4000, 4095)}),
+            "signed": (signed, "explicit_le", {"window": (0.0, 3000.0)}),
+            "signed-full-range": (signed, "j2k_lossless", {}),
+        }
+    )
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_dicom_cases()))
+def test_dicom_renders_identically_in_training_and_serving(case: str, tmp_path: Path) -> None:
+    stored, syntax, options = _dicom_cases()[case]
+    data = make_dicom(stored, syntax, **options)
+    path = tmp_path / "image.dcm"
+    path.write_bytes(data)
+    served = decode_upload(data, LIMITS, DICOM_POLICY).image
+    trained = read_dicom_as_image(path, DEFAULT_PREPROCESSING.dicom)
+    np.testing.assert_array_equal(np.asarray(served), np.asarray(trained))
+    assert len(np.unique(np.asarray(served))) > 16  # a real image, not a constant
+    np.testing.assert_array_equal(
+        to_model_input(served, DEFAULT_PREPROCESSING), _training_input(path)
+    )
+
+
+def test_dicom_rendering_agrees_with_pydicoms_reference_windowing() -> None:
+    """An outside check on the formula: pydicom's own `apply_voi_lut` on the same window,
+    rescaled from its output range to 8 bits, is within one grey level of ours."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    stored = ramp(rows=300, columns=260, high=4095)
+    for function in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        data = make_dicom(stored, window=(1800.0, 1500.0), voi_function=function, bits_stored=12)
+        ds = pydicom.dcmread(io.BytesIO(data))
+        reference = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds)
+        reference_8bit = np.rint(reference / 4095.0 * 255.0)
+        ours = np.asarray(decode_upload(data, LIMITS, DICOM_POLICY).image).astype(np.float64)
+        assert np.abs(ours - reference_8bit).max() <= 1, function

@@ -1,0 +1,43 @@
+"""The README's benchmark command still runs end to end (in miniature: short phases, a small
+burst), writes its JSON and markdown, and the service behaves under it: no 500s, no dropped
+connections, a burst past the admission limit gets 429s, and the service is ready afterwards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.realdata import REPO_ROOT, requires_data
+
+SCRIPT = REPO_ROOT / "scripts" / "benchmark.py"
+
+
+@requires_data
+def test_the_benchmark_runs_in_one_command_and_reports_every_phase(tmp_path: Path) -> None:
+    out = tmp_path / "benchmark.json"
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--seconds", "0.5", "--limit-seconds", "0.2",
+         "--images", "2", "--burst", "80", "--concurrency", "1", "8", "--no-memory",
+         "--out", str(out)],
+        check=True, cwd=tmp_path, timeout=600, capture_output=True,
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["in_process_limit"]["images_per_s"] > 0
+    assert "no Keras weights" in report["naive_keras_service"]
+    service = report["services"]["this checkout"]
+    assert service["ready_s"] > 0 and service["metrics_status"] == 200
+    phases = service["phases"]
+    assert set(phases) == {"jpeg c=1", "jpeg c=8", "jpeg burst 80", "dicom c=1", "dicom c=8"}
+    for name, phase in phases.items():
+        assert set(phase["statuses"]) <= {"200", "429"}, (name, phase["statuses"])
+    for name in ("jpeg c=1", "jpeg c=8", "jpeg burst 80", "dicom c=1"):
+        assert phases[name]["ok"] > 0, name
+    burst = phases["jpeg burst 80"]
+    assert burst["statuses"].get("429", 0) > 0  # 80 at once is past the default limit of 48
+    assert burst["ready_status_after"] == 200
+    assert phases["jpeg c=8"]["service_over_limit"] > 0
+    table = out.with_suffix(".md").read_text()
+    for name in phases:
+        assert f"| {name} |" in table

@@ -1,0 +1,160 @@
+"""The consistency checks that scripts/kubernetes-check.sh runs on the rendered manifests: clean on
+the manifests as shipped, and each one fails when the property it guards is broken. (Rendering
+and schema validation need kustomize and kubernetes-validate; CI runs that script.)"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BASE = REPO_ROOT / "deploy" / "kubernetes" / "base"
+GPU_PATCH = REPO_ROOT / "deploy" / "kubernetes" / "gpu" / "deployment-gpu.yaml"
+
+_spec = importlib.util.spec_from_file_location(
+    "check_kubernetes", REPO_ROOT / "scripts" / "check_kubernetes.py"
+)
+assert _spec is not None and _spec.loader is not None
+check_kubernetes = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_kubernetes)
+
+GRACEFUL_S = check_kubernetes.graceful_timeout_s()
+
+
+def base_objects() -> list[dict[str, Any]]:
+    """The base as kustomize renders it, minus the name hashing: its resources, the generated
+    Secret, and the image tag from `images`."""
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    docs = [yaml.safe_load((BASE / name).read_text()) for name in kustomization["resources"]]
+    generator = kustomization["secretGenerator"][0]
+    docs.append(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": generator["name"]},
+            "data": {name: "" for name in generator["files"]},
+        }
+    )
+    tag = kustomization["images"][0]["newTag"]
+    api(docs)["image"] = f"{api(docs)['image']}:{tag}"
+    return docs
+
+
+def api(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    return next(
+        c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "api"
+    )
+
+
+def pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+
+
+def set_env(docs: list[dict[str, Any]], name: str, value: str) -> None:
+    env = api(docs)["env"]
+    for entry in env:
+        if entry["name"] == name:
+            entry["value"] = value
+            return
+    env.append({"name": name, "value": value})
+
+
+def test_the_base_as_shipped_is_consistent():
+    assert check_kubernetes.check_variant(base_objects(), GRACEFUL_S) == []
+
+
+def test_the_gpu_patch_applied_to_the_base_is_consistent():
+    docs = base_objects()
+    patch = yaml.safe_load(GPU_PATCH.read_text())["spec"]["template"]["spec"]
+    pod_spec(docs)["tolerations"] = patch["tolerations"]
+    patched = patch["containers"][0]
+    for entry in patched["env"]:
+        set_env(docs, entry["name"], entry["value"])
+    api(docs)["resources"] = patched["resources"]
+    api(docs)["image"] = api(docs)["image"].replace(":cpu", ":gpu")
+    assert check_kubernetes.check_variant(docs, GRACEFUL_S) == []
+    # ... and the same deployment without its GPU is not.
+    del api(docs)["resources"]["limits"]["nvidia.com/gpu"]
+    assert check_kubernetes.check_variant(docs, GRACEFUL_S) == [
+        "CXR_PROVIDER=cuda without an nvidia.com/gpu"
+    ]
+
+
+def _no_prestop(docs):
+    del api(docs)["lifecycle"]
+
+
+def _short_grace(docs):
+    pod_spec(docs)["terminationGracePeriodSeconds"] = 10
+
+
+def _threads_above_limit(docs):
+    set_env(docs, "CXR_ORT_INTRA_OP_THREADS", "8")
+
+
+def _decoders_above_limit(docs):
+    set_env(docs, "CXR_DECODE_CONCURRENCY", "4")
+
+
+def _unknown_setting(docs):
+    set_env(docs, "CXR_INFERENCE_CONCURRENCY", "1")
+
+
+def _readiness_on_liveness(docs):
+    api(docs)["readinessProbe"]["httpGet"]["path"] = "/health/live"
+
+
+def _root(docs):
+    pod_spec(docs)["securityContext"]["runAsUser"] = 0
+
+
+def _writable(docs):
+    api(docs)["securityContext"]["readOnlyRootFilesystem"] = False
+
+
+def _keys_elsewhere(docs):
+    set_env(docs, "CXR_API_KEYS_FILE", "/etc/somewhere/keys")
+
+
+def _burstable(docs):
+    api(docs)["resources"]["limits"]["memory"] = "2Gi"
+
+
+def _service_selects_nothing(docs):
+    service = next(d for d in docs if d["kind"] == "Service")
+    service["spec"]["selector"] = {"app": "other"}
+
+
+def _pdb_blocks_all(docs):
+    pdb = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
+    pdb["spec"]["maxUnavailable"] = 2
+
+
+@pytest.mark.parametrize(
+    ("break_it", "fragment"),
+    [
+        (_no_prestop, "preStop is not a sleep"),
+        (_short_grace, "terminationGracePeriodSeconds 10 < preStop 5 + drain 5.0 + graceful"),
+        (_threads_above_limit, "CXR_ORT_INTRA_OP_THREADS=8 but the decoders leave 1 of 2 CPUs"),
+        (_decoders_above_limit, "CXR_DECODE_CONCURRENCY=4 but the CPU limit is 2"),
+        (_unknown_setting, "settings the service does not have: ['CXR_INFERENCE_CONCURRENCY']"),
+        (_readiness_on_liveness, "readinessProbe must GET /health/ready"),
+        (_root, "runAsUser is 0"),
+        (_writable, "root file system is not read-only"),
+        (_keys_elsewhere, "CXR_API_KEYS_FILE=/etc/somewhere/keys is not a key of a mounted Secret"),
+        (_burstable, "memory request and limit differ"),
+        (_service_selects_nothing, "Service selects no pod"),
+        (_pdb_blocks_all, "PodDisruptionBudget maxUnavailable 2 leaves no pod of minReplicas 2"),
+    ],
+)
+def test_each_check_fails_when_its_property_is_broken(break_it, fragment):
+    docs = copy.deepcopy(base_objects())
+    break_it(docs)
+    failures = check_kubernetes.check_variant(docs, GRACEFUL_S)
+    assert len(failures) == 1 and fragment in failures[0], failures
