@@ -123,9 +123,13 @@ class Spool:
         count = total = 0
         for directory in (self.pending_dir, self.claimed_dir):
             for item in os.scandir(directory):
-                if item.name.endswith(_SUFFIX) and not item.name.startswith(_TEMP_PREFIX):
-                    count += 1
+                if not self._is_entry(item.name):
+                    continue
+                try:  # another process may claim or finish it meanwhile
                     total += item.stat().st_size
+                except FileNotFoundError:
+                    continue
+                count += 1
         return count, total
 
     def __len__(self) -> int:

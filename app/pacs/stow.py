@@ -82,7 +82,9 @@ Accept = Callable[[Dataset, bytes], None]
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_PARAMETER = re.compile(rf'\s*;\s*({_TOKEN})\s*=\s*({_TOKEN}|"(?:[^"\\]|\\.)*")', re.ASCII)
+# An unquoted value is read leniently (RFC 2045 forbids "/" in a token, yet clients send
+# `type=application/dicom` unquoted): anything up to the next separator.
+_PARAMETER = re.compile(rf'\s*;\s*({_TOKEN})\s*=\s*([^\s;",]+|"(?:[^"\\]|\\.)*")', re.ASCII)
 _MEDIA_TYPE = re.compile(rf"\s*({_TOKEN}/{_TOKEN})", re.ASCII)
 
 
