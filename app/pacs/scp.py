@@ -248,8 +248,10 @@ class StorageListener:
         uid = str(header.get("SOPInstanceUID", "") or "").strip()
         try:
             refusal = self.gate(header)
-        except Exception:
-            logger.exception("intended-use gate failed on a received instance")
+        except Exception as exc:  # its message could quote a header value: the type only
+            logger.error(
+                "intended-use gate failed", extra={"fields": {"error": type(exc).__name__}}
+            )
             self.stats.add("failed_unreadable")
             return CANNOT_UNDERSTAND
         if refusal is not None:

@@ -27,8 +27,8 @@ after the running job, which is the honest outcome when the bytes may differ.
 Admission control: the spool holds at most `max_entries` entries and `max_bytes` bytes (pending
 and claimed together, since both occupy the disk). A `put` that would pass either raises
 `SpoolFull`; intake turns that into C-STORE 0xA700 or STOW-RS FailureReason 0xA700 / HTTP 503.
-The running totals are kept in memory under a lock (counted from the directories at start-up),
-so the bound holds exactly within one process and approximately across several.
+The running totals are kept in memory under a lock (counted from the directories at start-up and
+by `recover`), so the bound holds exactly within one process and approximately across several.
 
 Order: `claim` takes the oldest pending entry by modification time (a scan of `pending/`, cheap
 at the bounded sizes intended here, a few thousand entries).
@@ -169,16 +169,19 @@ class Spool:
         size = _HEADER.size + len(meta_block) + len(data)
         final = self.pending_dir / f"{sop_instance_uid}{_SUFFIX}"
         with self._lock:
-            replaced = final.stat().st_size if final.exists() else 0
-            count = self._count + (0 if replaced else 1)
-            if count > self.max_entries or self._bytes - replaced + size > self.max_bytes:
+            existing = final.stat().st_size if final.exists() else 0
+            count = self._count + (0 if existing else 1)
+            if count > self.max_entries or self._bytes - existing + size > self.max_bytes:
                 raise SpoolFull(
                     f"the spool holds {self._count} entries / {self._bytes} bytes; its bound is "
                     f"{self.max_entries} entries / {self.max_bytes} bytes"
                 )
-            # Reserve the space before the slow write, so concurrent puts cannot overshoot.
-            self._count, self._bytes = count, self._bytes - replaced + size
+            # Reserve a whole new entry before the slow write, so concurrent puts cannot
+            # overshoot; a replaced entry is given back when the rename happens.
+            self._count += 1
+            self._bytes += size
         temp = self.pending_dir / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
+        committed = False
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -190,13 +193,23 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(temp, final)
+            with self._lock:
+                try:
+                    replaced: int | None = final.stat().st_size
+                except FileNotFoundError:
+                    replaced = None
+                os.replace(temp, final)
+                committed = True
+                if replaced is not None:
+                    self._count -= 1
+                    self._bytes -= replaced
             _fsync_dir(self.pending_dir)
         except BaseException:
-            temp.unlink(missing_ok=True)
-            with self._lock:
-                self._count -= 0 if replaced else 1
-                self._bytes -= size - replaced
+            if not committed:
+                temp.unlink(missing_ok=True)
+                with self._lock:
+                    self._count -= 1
+                    self._bytes -= size
             raise
         return SpoolEntry(sop_instance_uid, final, size, dict(meta))
 
@@ -214,7 +227,9 @@ class Spool:
         for _, name in sorted(candidates):
             target = self.claimed_dir / name
             try:
-                os.rename(self.pending_dir / name, target)
+                # under the lock: a `put` replacing this UID sees it pending or claimed, not both
+                with self._lock:
+                    os.rename(self.pending_dir / name, target)
             except FileNotFoundError:
                 continue
             return _read_entry(target, name.removesuffix(_SUFFIX))

@@ -2,7 +2,8 @@
 
 The web layer reads the body (under its upload limit), calls `store_instances` with the body,
 the Content-Type header and the `{study}` path segment, and sends back the `StoreResponse`'s
-status, headers and body; `StowError` subclasses carry the status of a request refused whole.
+status, headers and body; `StowError` subclasses carry the status of a request refused whole
+(400, 415), for the service's one error handler to answer in its own error shape.
 
 Decisions where the standard leaves room:
 - The request's media type must be `multipart/related`; its `type` parameter, when present,
@@ -46,6 +47,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import pydicom
@@ -54,7 +56,7 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from app.pacs.spool import SpoolFull
+from app.pacs.spool import Spool, SpoolFull
 
 # pydicom reports invalid values through `warnings` and its logger, quoting the value: that could
 # put a patient's name into the logs. Validation here is ours.
@@ -369,11 +371,6 @@ class StoreResponse:
     def body(self) -> bytes:
         return json.dumps(self.dicom_json(), separators=(",", ":")).encode()
 
-    @classmethod
-    def from_error(cls, error: StowError) -> StoreResponse:
-        """A response for a request refused whole (400, 415): no instance was looked at."""
-        return cls(error.status, headers={"Content-Type": RESPONSE_MEDIA_TYPE})
-
 
 def _reference(outcome: InstanceOutcome) -> dict[str, Any]:
     item: dict[str, Any] = {}
@@ -433,3 +430,22 @@ def store_instances(
     if status == 503:
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return StoreResponse(status, outcomes, study_url, headers)
+
+
+def spool_accept(spool: Spool, source: str = "stow") -> Accept:
+    """The `accept` that puts an instance into `spool` under its SOP Instance UID.
+
+    The metadata holds only coded, non-identifying values: where it came from, its SOP class,
+    its transfer syntax and when it arrived.
+    """
+
+    def accept(ds: Dataset, data: bytes) -> None:
+        meta = {
+            "source": source,
+            "sop_class_uid": str(ds.get("SOPClassUID", "")),
+            "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")),
+            "received_at": datetime.now(UTC).isoformat(),
+        }
+        spool.put(str(ds.SOPInstanceUID), data, meta)
+
+    return accept

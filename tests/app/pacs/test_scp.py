@@ -336,3 +336,40 @@ def test_stop_lets_a_running_association_finish_and_then_refuses(
     assert sender.returncode == 0, err
     assert len(scp.spool) == 30
     assert echo(port).returncode != 0  # no new association after the stop
+
+
+def test_no_patient_data_reaches_the_logs(
+    dcmtk: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    name, patient_id = "Doe^Jane^Q", "MRN-0042-PHI"
+
+    def leaky_gate(ds: pydicom.Dataset) -> str | None:
+        if ds.get("ViewPosition") == "AP":  # a gate bug whose message quotes a header value
+            raise KeyError(f"{ds.PatientName} {ds.PatientID}")
+        return chest_gate(ds)
+
+    spool = Spool(tmp_path / "spool", max_entries=10, max_bytes=10**9)
+    scp = StorageListener(spool=spool, gate=leaky_gate, port=0, host=LOOPBACK)
+    caplog.set_level("DEBUG")
+    scp.start()
+    try:
+        files = [
+            write(tmp_path, f"{view}.dcm", instance(
+                sop_instance_uid=unique_uid(16, n), view=view,
+                extra={"PatientName": name, "PatientID": patient_id},
+            ))
+            for n, view in enumerate(("PA", "LL", "AP"))  # storescu stops after a failure
+        ]  # fmt: skip
+        done = run_tool(storescu(scp.port, *files))
+        assert done.returncode != 0  # the AP one failed with 0xC000
+    finally:
+        scp.stop(drain_seconds=5)
+    stats = scp.stats.snapshot()
+    assert (stats["spooled"], stats["failed_unreadable"], stats["ignored_not_intended_use"]) == (
+        1,
+        1,
+        1,
+    )
+    assert caplog.records, "nothing was logged: the test would prove nothing"
+    text = caplog.text + "".join(str(r.__dict__) for r in caplog.records)
+    assert name not in text and "Doe" not in text and patient_id not in text

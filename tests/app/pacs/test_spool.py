@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -180,3 +181,37 @@ def test_four_processes_never_claim_the_same_entry(tmp_path: Path) -> None:
     assert len(taken) == 200
     assert set(taken) == {uid(n) for n in range(200)}
     assert spool.pending_count() == 0 and spool.claimed_count() == 200
+
+
+def test_concurrent_puts_of_one_uid_keep_the_totals_exact(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_entries=1000, max_bytes=10**9)
+
+    def put_many(worker: int) -> None:
+        for n in range(50):
+            spool.put(uid(n % 5), bytes([worker]) * 1000, {})
+
+    threads = [threading.Thread(target=put_many, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    on_disk = sorted(spool.pending_dir.iterdir())
+    assert len(on_disk) == 5 and len(spool) == 5
+    assert spool.total_bytes == sum(p.stat().st_size for p in on_disk)
+
+
+def test_a_failed_write_gives_its_reservation_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path, max_entries=1, max_bytes=10**6)
+
+    def failing_fsync(fd: int) -> None:  # the disk reports an I/O error
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", failing_fsync)
+        with pytest.raises(OSError):
+            spool.put(uid(1), b"x", {})
+    assert len(spool) == 0 and spool.total_bytes == 0
+    assert list(spool.pending_dir.iterdir()) == []  # the temporary file is gone too
+    spool.put(uid(1), b"x", {})  # the bound of one is free again

@@ -19,7 +19,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
 from app.pacs.spool import Spool
-from app.pacs.stow import StoreResponse, StowError, store_instances
+from app.pacs.stow import StowError, spool_accept, store_instances
 from tests import dicom_factory as factory
 from tests.app.pacs.intake_tools import LOOPBACK, chest_gate, instance, unique_uid
 
@@ -65,17 +65,18 @@ class StowHandler(BaseHTTPRequestHandler):
         study = path.split("/studies/", 1)[1] if "/studies/" in path else None
         self.server.requests.append({"headers": dict(self.headers), "body": body, "study": study})
 
-        def accept(ds: Dataset, data: bytes) -> None:
-            self.server.spool.put(str(ds.SOPInstanceUID), data, {"source": "stow"})
-
         try:
             response = store_instances(
-                body, self.headers.get("Content-Type", ""), gate=chest_gate, accept=accept,
-                study=study, study_url=f"http://{LOOPBACK}:{self.server.server_port}{path}",
+                body, self.headers.get("Content-Type", ""), gate=chest_gate,
+                accept=spool_accept(self.server.spool), study=study,
+                study_url=f"http://{LOOPBACK}:{self.server.server_port}{path}",
                 instance_url=lambda st, se, sop: f"http://{LOOPBACK}/results/{sop}",
             )  # fmt: skip
         except StowError as error:
-            response = StoreResponse.from_error(error)
+            self.send_response(error.status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         payload = response.body
         self.send_response(response.status)
         for name, value in response.headers.items():
@@ -130,6 +131,10 @@ def test_dicomweb_client_stores_two_instances_over_a_chunked_request(server: Sto
         entry = spool.claim()
         assert entry is not None
         received[entry.sop_instance_uid] = dataset(entry.read_data())
+        assert entry.meta["source"] == "stow"
+        assert entry.meta["transfer_syntax"] == str(
+            received[entry.sop_instance_uid].file_meta.TransferSyntaxUID
+        )
     for data in files:
         sent = dataset(data)
         got = received[str(sent.SOPInstanceUID)]
