@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pynetdicom import evt
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, evt
 
 from app.pacs.scp import (
     CR_IMAGE_STORAGE,
@@ -250,17 +251,21 @@ def test_eight_parallel_senders_of_twenty_images_lose_nothing(
         scp.stop(drain_seconds=5)
 
 
+def big_file(folder: Path, uid: str) -> Path:
+    """48 MiB of pixels: about 750 P-DATA PDUs of 64 KiB."""
+    pixels = (np.arange(5000 * 5000, dtype=np.uint32).reshape(5000, 5000) & 0x0FFF).astype(
+        np.uint16
+    )
+    return write(folder, "big.dcm", instance(
+        "explicit_le", sop_instance_uid=uid, stored=pixels, bits_stored=12
+    ))  # fmt: skip
+
+
 def test_a_sender_killed_mid_transfer_leaves_no_spool_entry(dcmtk: None, tmp_path: Path) -> None:
     scp = make_listener(tmp_path)
     scp.start()
     try:
-        # 48 MiB of pixels: about 750 P-DATA PDUs of 64 KiB
-        pixels = (np.arange(5000 * 5000, dtype=np.uint32).reshape(5000, 5000) & 0x0FFF).astype(
-            np.uint16
-        )
-        big = write(tmp_path, "big.dcm", instance(
-            "explicit_le", sop_instance_uid=unique_uid(14, 1), stored=pixels, bits_stored=12
-        ))  # fmt: skip
+        big = big_file(tmp_path, unique_uid(14, 1))
         received = threading.Event()
         pdus = [0]
 
@@ -314,30 +319,6 @@ def test_garbage_on_the_port_does_not_kill_the_listener(
     assert listener.stats.echoes == 1
 
 
-def test_stop_lets_a_running_association_finish_and_then_refuses(
-    dcmtk: None, tmp_path: Path
-) -> None:
-    scp = make_listener(tmp_path)
-    scp.start()
-    port = scp.port
-    files = [
-        write(tmp_path, f"{n}.dcm", instance(
-            sop_instance_uid=unique_uid(15, n), stored=factory.ramp(1024, 1024)
-        ))
-        for n in range(30)
-    ]  # fmt: skip
-    sender = subprocess.Popen(storescu(port, *files), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)  # fmt: skip
-    assert wait_until(lambda: scp.stats.associations_accepted == 1, timeout=30)
-    assert scp.stats.spooled < 30  # still sending when the stop begins
-    drained = scp.stop(drain_seconds=60)
-    _, err = sender.communicate(timeout=60)
-    assert drained is True
-    assert sender.returncode == 0, err
-    assert len(scp.spool) == 30
-    assert echo(port).returncode != 0  # no new association after the stop
-
-
 def test_no_patient_data_reaches_the_logs(
     dcmtk: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -373,3 +354,89 @@ def test_no_patient_data_reaches_the_logs(
     assert caplog.records, "nothing was logged: the test would prove nothing"
     text = caplog.text + "".join(str(r.__dict__) for r in caplog.records)
     assert name not in text and "Doe" not in text and patient_id not in text
+
+
+class SlowSender:
+    """A pynetdicom SCU whose socket pauses before each PDU: one C-STORE of a 48 MiB image that
+    lasts seconds, so a stop can be made to land in the middle of it."""
+
+    def __init__(self, port: int, path: Path, pause: float = 0.005):
+        ae = AE(ae_title=SENDER)
+        ae.add_requested_context(CR_IMAGE_STORAGE, ExplicitVRLittleEndian)
+        self.dataset = pydicom.dcmread(path)
+        self.assoc = ae.associate(LOOPBACK, port, ae_title=CALLED)
+        assert self.assoc.is_established
+        socket_ = self.assoc.dul.socket
+        assert socket_ is not None
+        original = socket_.send
+
+        def slow_send(data: bytes) -> None:
+            time.sleep(pause)
+            original(data)
+
+        socket_.send = slow_send  # type: ignore[method-assign]
+        self.status: int | None = None
+        self.thread = threading.Thread(target=self._send)
+
+    def _send(self) -> None:
+        answer = self.assoc.send_c_store(self.dataset)
+        self.status = int(answer.Status) if "Status" in answer else None
+        if self.assoc.is_established:
+            self.assoc.release()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join(timeout=120)
+        assert not self.thread.is_alive()
+
+
+def test_stop_lets_a_running_association_finish_and_then_refuses(
+    dcmtk: None, tmp_path: Path
+) -> None:
+    scp = make_listener(tmp_path)
+    scp.start()
+    port = scp.port
+    sender = SlowSender(port, big_file(tmp_path, unique_uid(15, 1)))
+    sender.start()
+    time.sleep(0.5)
+    assert scp.stats.spooled == 0  # still sending when the stop begins
+    began = time.monotonic()
+    drained = scp.stop(drain_seconds=60)
+    waited = time.monotonic() - began
+    sender.join()
+    assert drained is True
+    assert sender.status == 0x0000
+    assert scp.stats.spooled == 1 and len(scp.spool) == 1
+    assert waited > 0.5  # it did wait for the transfer
+    assert echo(port).returncode != 0  # no new association after the stop
+
+
+def test_stop_aborts_what_outlasts_the_drain_window(dcmtk: None, tmp_path: Path) -> None:
+    scp = make_listener(tmp_path)
+    scp.start()
+    sender = SlowSender(scp.port, big_file(tmp_path, unique_uid(17, 1)))
+    sender.start()
+    time.sleep(0.5)
+    began = time.monotonic()
+    drained = scp.stop(drain_seconds=0.5)
+    assert time.monotonic() - began < 3  # bounded: it did not wait for the transfer
+    sender.join()
+    assert drained is False
+    assert sender.assoc.is_aborted and sender.status is None
+    assert scp.stats.spooled == 0
+    assert len(scp.spool) == 0 and list(scp.spool.pending_dir.iterdir()) == []
+
+
+def test_a_dx_for_presentation_image_is_spooled(
+    dcmtk: None, listener: StorageListener, profiles: Path, tmp_path: Path
+) -> None:
+    path = write(tmp_path, "dx.dcm", instance(
+        "j2k", sop_instance_uid=unique_uid(18, 1), modality="DX", sop_class=DX_FOR_PRESENTATION,
+    ))  # fmt: skip
+    done = run_tool(storescu(listener.port, path, extra=("-xf", str(profiles), "J2K")))
+    assert done.returncode == 0, done.stderr
+    entry = listener.spool.claim()
+    assert entry is not None and entry.meta["sop_class_uid"] == DX_FOR_PRESENTATION
+    assert entry.meta["transfer_syntax"] == str(factory.SYNTAXES["j2k"])
