@@ -28,16 +28,17 @@ spooled, counted as `ignored_not_intended_use`.
 
 Statuses that ask the sender to act:
 - 0xA700 (out of resources) when the spool is full or cannot be written: retry later.
-- 0xC000 (cannot understand) when the header cannot be read or has no SOP Instance UID: a retry
-  would not help, and the sender should know.
+- 0xC000 (cannot understand) when the header cannot be read, has no SOP Instance UID, or the
+  gate raises on it: a retry would not help, and the sender should know.
 
 Associations: the calling AE title must be in `allowed_calling_aets` (when given), or the
 association is rejected; `max_associations` bounds concurrency (pynetdicom rejects the next one
 as transient, "local limit exceeded"); `max_pdu`, and the ACSE, DIMSE and network timeouts are
 pynetdicom's settings of the same names.
 
-Patient data: nothing from a data set is logged; pynetdicom's own standard log handlers are off
-(they print DIMSE message contents at debug level).
+Patient data: nothing from a data set is logged; `start` turns pynetdicom's standard log
+handlers off (they print DIMSE message contents at debug level), for every AE the process creates
+afterwards, which is what the result-sending side wants too.
 """
 
 from __future__ import annotations
