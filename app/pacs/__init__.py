@@ -1,0 +1,1 @@
+"""DICOM networking: result objects, delivery, intake."""
