@@ -11,7 +11,7 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
-W, H, PAD = 360, 300, 44
+W, H, PAD = 420, 320, 44
 COLOURS = {
     "served": "#888888",
     "site": "#1f6fb4",
@@ -40,9 +40,13 @@ def _num(value: float | None, digits: int = 3) -> str:
 class _Axes:
     """A unit-square plot area in an SVG of W x H pixels."""
 
-    def __init__(self, title: str, xlabel: str, ylabel: str, ymax: float = 1.0) -> None:
+    def __init__(
+        self, title: str, xlabel: str, ylabel: str, ymax: float = 1.0, sqrt_y: bool = False
+    ) -> None:
         self.parts: list[str] = []
         self.ymax = ymax
+        # a square-root count axis, so that a class piled up at 0 or 1 does not flatten the rest
+        self.sqrt_y = sqrt_y
         self.title = title
         x0, y0, x1, y1 = PAD, 24, W - 12, H - PAD
         self.box = (x0, y0, x1, y1)
@@ -52,8 +56,9 @@ class _Axes:
         )
         for i in range(6):
             t = i / 5
-            x, y = self.x(t), self.y(t * ymax)
-            label = f"{t:.1f}" if ymax == 1.0 else f"{t * ymax:.0f}"
+            value = t * t * ymax if sqrt_y else t * ymax
+            x, y = self.x(t), self.y(value)
+            label = f"{t:.1f}" if ymax == 1.0 else f"{value:.0f}"
             self.parts.append(
                 f'<line x1="{x}" y1="{y1}" x2="{x}" y2="{y1 + 4}" stroke="#333"/>'
                 f'<text x="{x}" y="{y1 + 16}" font-size="10" text-anchor="middle">{t:.1f}</text>'
@@ -75,7 +80,8 @@ class _Axes:
 
     def y(self, v: float) -> float:
         _, y0, _, y1 = self.box
-        return round(y1 - (v / self.ymax) * (y1 - y0), 2)
+        share = (v / self.ymax) ** 0.5 if self.sqrt_y else v / self.ymax
+        return round(y1 - share * (y1 - y0), 2)
 
     def line(self, xs: Sequence[float], ys: Sequence[float], colour: str, dash: str = "") -> None:
         points = " ".join(f"{self.x(a)},{self.y(b)}" for a, b in zip(xs, ys, strict=True))
@@ -93,11 +99,10 @@ class _Axes:
                 'fill-opacity="0.75"/>'
             )
 
-    def marker(self, a: float, b: float, colour: str, label: str) -> None:
+    def marker(self, a: float, b: float, colour: str) -> None:
         self.parts.append(
             f'<circle cx="{self.x(a)}" cy="{self.y(b)}" r="5" fill="none" stroke="{colour}" '
-            f'stroke-width="2.5"/><text x="{self.x(a) + 8}" y="{self.y(b) + 14}" font-size="10" '
-            f'fill="{colour}">{_esc(label)}</text>'
+            'stroke-width="2.5"/>'
         )
 
     def vline(self, a: float, colour: str, label: str, row: int) -> None:
@@ -109,13 +114,19 @@ class _Axes:
             f"{_esc(label)}</text>"
         )
 
-    def legend(self, entries: Sequence[tuple[str, str]]) -> None:
-        x0, _, _, y1 = self.box
+    def legend(self, entries: Sequence[tuple[str, str]], corner: str = "lower right") -> None:
+        x0, y0, x1, y1 = self.box
+        left = {"upper left": x0 + 8, "upper middle": (x0 + x1) / 2 + 10}.get(corner, x1 - 250)
         for i, (colour, text) in enumerate(entries):
-            y = y1 - 12 - 14 * (len(entries) - 1 - i)
+            if corner == "upper middle":  # below the threshold lines' labels
+                y = y0 + 46 + 14 * i
+            elif corner == "upper left":
+                y = y0 + 16 + 14 * i
+            else:
+                y = y1 - 12 - 14 * (len(entries) - 1 - i)
             self.parts.append(
-                f'<rect x="{x0 + 150}" y="{y - 8}" width="10" height="10" fill="{colour}"/>'
-                f'<text x="{x0 + 164}" y="{y + 1}" font-size="10">{_esc(text)}</text>'
+                f'<rect x="{left}" y="{y - 8}" width="10" height="10" fill="{colour}"/>'
+                f'<text x="{left + 14}" y="{y + 1}" font-size="10">{_esc(text)}</text>'
             )
 
     def svg(self, ident: str) -> str:
@@ -131,13 +142,17 @@ def roc_svg(figures: dict[str, Any]) -> str:
     axes = _Axes(f"ROC, AUC {_num(auc['value'])}", "1 - specificity", "sensitivity")
     axes.line([0, 1], [0, 1], "#bbb", "4,4")
     axes.line(figures["roc"]["fpr"], figures["roc"]["tpr"], COLOURS["site"])
+    legend = [(COLOURS["site"], "served probability")]
     for key, colour, label in (
         ("at_shipped_threshold", COLOURS["served"], "shipped threshold"),
-        (None, COLOURS["cv"], "site threshold"),
+        (None, COLOURS["cv"], "site threshold (in-sample)"),
     ):
         at = figures[key] if key else figures["at_site_threshold"]["in_sample"]
         if at["specificity"] is not None and at["sensitivity"] is not None:
-            axes.marker(1 - at["specificity"], at["sensitivity"], colour, label)
+            axes.marker(1 - at["specificity"], at["sensitivity"], colour)
+            rates = f"sens. {_pct(at['sensitivity'])}, spec. {_pct(at['specificity'])}"
+            legend.append((colour, f"{label}: {rates}"))
+    axes.legend(legend)
     return axes.svg("roc")
 
 
@@ -161,7 +176,7 @@ def reliability_svg(figures: dict[str, Any]) -> str:
         axes.dots(xs, ys, [2.0 + 10.0 * (b["n"] / total) ** 0.5 for b in bins], colour)
         ece = figures["ece"].get(key)
         legend.append((colour, f"{label}, ECE {_num(ece)}"))
-    axes.legend(legend)
+    axes.legend(legend, corner="upper left")
     return axes.svg("reliability")
 
 
@@ -170,7 +185,9 @@ def histogram_svg(figures: dict[str, Any], scale: str) -> str:
     bins = len(hist["NORMAL"])
     peak = max(max(hist["NORMAL"]), max(hist["PNEUMONIA"]), 1)
     title = "Served probability by class" if scale == "served" else "Site probability by class"
-    axes = _Axes(title, "probability of pneumonia", "images", ymax=float(peak))
+    axes = _Axes(
+        title, "probability of pneumonia", "images (square-root scale)", float(peak), sqrt_y=True
+    )
     width = 1.0 / bins
     for class_name, offset in (("NORMAL", 0.0), ("PNEUMONIA", 0.5)):
         for i, count in enumerate(hist[class_name]):
@@ -188,7 +205,9 @@ def histogram_svg(figures: dict[str, Any], scale: str) -> str:
         axes.vline(site["served_equivalent"], COLOURS["cv"], "site", 1)
     else:
         axes.vline(site["threshold"], COLOURS["cv"], "site", 1)
-    axes.legend([(COLOURS["NORMAL"], "NORMAL"), (COLOURS["PNEUMONIA"], "PNEUMONIA")])
+    axes.legend(
+        [(COLOURS["NORMAL"], "NORMAL"), (COLOURS["PNEUMONIA"], "PNEUMONIA")], corner="upper middle"
+    )
     return axes.svg(f"histogram-{scale}")
 
 

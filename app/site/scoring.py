@@ -70,7 +70,7 @@ def in_process_service(
     """The real service, built with `create_app` from the model's metadata JSON, in this process."""
     with warnings.catch_warnings():
         # Starlette's notice that its test client will move to another package: not ours to act on
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore")
         from fastapi.testclient import TestClient
 
     from app.main import create_app

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path("models/pneumonia_cxr.onnx"),
         help="ONNX file (its metadata JSON beside it) or the metadata JSON, for the in-process "
-        "service (default %(default)s)",
+        "service (default %(default)s; not used with --service)",
     )
     parser.add_argument("--name", help="the profile's name (default: DATA's folder name and date)")
     parser.add_argument(
