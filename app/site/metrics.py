@@ -131,18 +131,15 @@ def binomial_lower_bound(successes: int, trials: int, confidence: float) -> floa
     if successes <= 0:
         return 0.0
     alpha = 1.0 - confidence
+    k = np.arange(successes, trials + 1, dtype=np.float64)
+    log_choose = np.array(
+        [math.lgamma(trials + 1) - math.lgamma(i + 1) - math.lgamma(trials - i + 1) for i in k]
+    )
 
     def upper_tail(p: float) -> float:  # P(X >= successes | p)
-        log_terms = [
-            math.lgamma(trials + 1)
-            - math.lgamma(k + 1)
-            - math.lgamma(trials - k + 1)
-            + k * math.log(p)
-            + (trials - k) * math.log1p(-p)
-            for k in range(successes, trials + 1)
-        ]
-        top = max(log_terms)
-        return math.exp(top) * math.fsum(math.exp(t - top) for t in log_terms)
+        log_terms = log_choose + k * math.log(p) + (trials - k) * math.log1p(-p)
+        top = float(log_terms.max())
+        return math.exp(top) * float(np.sum(np.exp(log_terms - top)))
 
     lo, hi = 0.0, successes / trials
     for _ in range(60):  # bisection: the tail rises with p

@@ -230,6 +230,10 @@ def score_all(
     def one(path: Path) -> tuple[Answer, str]:
         try:
             data = read(path)
+        except OSError:
+            progress.advance()
+            return Answer(0, error_code="unreadable_file"), ""
+        try:
             answer = predict(client, data, positive_class)
         finally:
             progress.advance()

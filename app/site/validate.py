@@ -113,6 +113,9 @@ def _union_patients(cases: list[Case], digests: list[str]) -> list[str]:
         return x
 
     for case, digest in zip(cases, digests, strict=True):
+        if not digest:  # not read: nothing to join it by
+            find("patient:" + case.patient)
+            continue
         a, b = find("patient:" + case.patient), find("image:" + digest)
         if a != b:
             parent[max(a, b)] = min(a, b)
