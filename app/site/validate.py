@@ -59,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         "data", type=Path, help="NORMAL/ + PNEUMONIA/ folder, or DICOM + labels.csv"
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for the outputs")
-    parser.add_argument("--target-sensitivity", type=float, default=0.95)
+    parser.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=0.95,
+        help="sensitivity the site threshold must hold on new patients (default %(default)s)",
+    )
     parser.add_argument(
         "--margin-confidence",
         type=float,
@@ -87,9 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SPLIT_REPEATS,
         help="further random halvings to show how much the split-half figures vary",
     )
-    parser.add_argument("--folds", type=int, default=analysis.DEFAULT_FOLDS)
-    parser.add_argument("--resamples", type=int, default=analysis.DEFAULT_RESAMPLES)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--folds", type=int, default=analysis.DEFAULT_FOLDS, help="cross-validation folds"
+    )
+    parser.add_argument(
+        "--resamples",
+        type=int,
+        default=analysis.DEFAULT_RESAMPLES,
+        help="patient bootstrap resamples for the intervals",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="for folds, halves and resamples")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     return parser
 
@@ -502,6 +514,16 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.5 <= args.margin_confidence < 1.0:
         print("--margin-confidence must be in [0.5, 1)", file=sys.stderr)
         return 2
+    limits = {
+        "folds": (2, 20),
+        "resamples": (50, 20_000),
+        "split_repeats": (0, 200),
+        "concurrency": (1, 32),
+    }
+    for option, (low, high) in limits.items():
+        if not low <= getattr(args, option) <= high:
+            print(f"--{option.replace('_', '-')} must be in [{low}, {high}]", file=sys.stderr)
+            return 2
     try:
         results = run(args)
     except (CasesError, FitError) as exc:
