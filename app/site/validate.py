@@ -366,7 +366,11 @@ def verdict(f: dict[str, Any], target: float, n_refused: int, cases: Cases) -> d
         caveats.append(f"{n_refused} images were refused or failed and are in no figure.")
     if not f["site_threshold"]["met"]:
         caveats.append("Too few pneumonia cases to set the threshold with its margin.")
-    caveats += [note for note in cases.notes if note.startswith("patient ids: ") and "file" in note]
+    alone = [n for n in cases.notes if n.startswith("patient ids: ") and n.endswith(" from file")]
+    caveats += [
+        f"{note.removeprefix('patient ids: ')}: each such image counts as its own patient"
+        for note in alone
+    ]
     return {"meets_target": meets, "basis": basis, "summary": summary, "caveats": caveats}
 
 
