@@ -12,7 +12,7 @@ Presentation contexts:
 - Verification (C-ECHO).
 - CR Image Storage and Digital X-Ray Image Storage - For Presentation with every transfer syntax
   the service's DICOM decoder is tested with (`DECODABLE_TRANSFER_SYNTAXES`, the syntaxes of
-  `tests/dicom_factory.py`): a router must not be pushed into transcoding (Orthanc 1.10 cannot
+  `app/testing/dicom_files.py`): a router must not be pushed into transcoding (Orthanc 1.10 cannot
   transcode JPEG 2000 and fails the whole transfer), and pynetdicom does not transcode either.
   A CR/DX offered only in another syntax (HTJ2K, say) is refused at negotiation: the sender then
   knows, before sending, that we could not have read it.

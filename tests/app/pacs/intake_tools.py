@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from tests import dicom_factory as factory
+from app.testing import dicom_files as factory
 
 LOOPBACK = "127.0.0.1"
 CR_STORAGE = factory.CR_STORAGE

@@ -28,7 +28,7 @@ from app.pacs.scp import (
     StorageListener,
 )
 from app.pacs.spool import Spool
-from tests import dicom_factory as factory
+from app.testing import dicom_files as factory
 from tests.app.pacs.intake_tools import (
     LOOPBACK,
     chest_gate,

@@ -26,7 +26,7 @@ from app.pacs.stow import (
     read_instance_header,
     store_instances,
 )
-from tests import dicom_factory as factory
+from app.testing import dicom_files as factory
 from tests.app.pacs.intake_tools import chest_gate, instance, unique_uid
 
 BOUNDARY = "0f3cf5c0-70e0-41ef-baef-c6f9f65ec3e1"

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 
 from app.pacs.spool import Spool
 from app.pacs.stow import StowError, spool_accept, store_instances
-from tests import dicom_factory as factory
+from app.testing import dicom_files as factory
 from tests.app.pacs.intake_tools import LOOPBACK, chest_gate, instance, unique_uid
 
 MAX_BODY = 64 * 1024 * 1024

@@ -11,7 +11,7 @@ import pytest
 
 from app.site.cases import CasesError, find_cases
 from app.site.validate import _union_patients
-from tests.dicom_factory import make_dicom, ramp
+from app.testing.dicom_files import make_dicom, ramp
 
 
 def _touch(path: Path, data: bytes = b"x") -> None:

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cxr_testkit import UvicornProcess, make_settings
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -23,8 +22,9 @@ from app.contract import load_metadata
 from app.main import create_app
 from app.site import profile as site_profile
 from app.site.validate import main
-from tests.dicom_factory import CT_STORAGE, make_dicom
-from tests.realdata import DATA_DIR, SHIPPED_METADATA, requires_data, requires_shipped_model
+from app.testing.dicom_files import CT_STORAGE, make_dicom
+from tests.support.realdata import DATA_DIR, SHIPPED_METADATA, requires_data, requires_shipped_model
+from tests.support.testkit import UvicornProcess, make_settings
 
 pytestmark = [requires_data, requires_shipped_model]
 
