@@ -1,4 +1,4 @@
-"""DICOM renderings of one prediction: a TID 1500 Structured Report and a heat-map Secondary Capture.
+"""DICOM renderings of one prediction: a TID 1500 Structured Report and a heat-map SC image.
 
 The JSON answer is the source of truth; each object here renders the same facts (`ResultFacts`):
 the same calibrated probability, operating threshold, model identity and research-use disclaimer.
@@ -181,9 +181,7 @@ def _builder_view(evidence: Dataset) -> Dataset:
     return view
 
 
-def _hottest_cell_polygon(
-    grid: Sequence[Sequence[float]], rows: int, columns: int
-) -> np.ndarray:
+def _hottest_cell_polygon(grid: Sequence[Sequence[float]], rows: int, columns: int) -> np.ndarray:
     """Closed polyline (column, row pixel coordinates) around the CAM grid's hottest cell.
 
     The model input is the whole image resized without keeping the aspect ratio, so a grid cell
@@ -321,7 +319,7 @@ def _colour(values: np.ndarray) -> np.ndarray:
     scaled = np.clip(values, 0.0, 1.0) * (len(_RAMP) - 1)
     low = np.minimum(np.floor(scaled).astype(int), len(_RAMP) - 2)
     frac = (scaled - low)[..., None]
-    return _RAMP[low] * (1.0 - frac) + _RAMP[low + 1] * frac
+    return np.asarray(_RAMP[low] * (1.0 - frac) + _RAMP[low + 1] * frac, dtype=np.float64)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -392,7 +390,11 @@ def render_heatmap(image_u8: np.ndarray, facts: ResultFacts, opacity: float = 0.
 
 
 def build_heatmap_sc(
-    source: Dataset, facts: ResultFacts, image_u8: np.ndarray, *, series_number: int = SC_SERIES_NUMBER
+    source: Dataset,
+    facts: ResultFacts,
+    image_u8: np.ndarray,
+    *,
+    series_number: int = SC_SERIES_NUMBER,
 ) -> Dataset:
     """A Secondary Capture of the heat map burned in over `image_u8` (the image as the model saw
     it, at any size), with its legend and the disclaimer; BurnedInAnnotation YES."""
