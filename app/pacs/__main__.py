@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-id")
     parser.add_argument("--poll-interval", type=float, default=1.0)
     parser.add_argument("--max-backoff", type=float, default=30.0)
+    parser.add_argument("--lease", type=float, default=120.0, help="claim lease, seconds")
     parser.add_argument("--give-up-after", type=float, default=7 * 24 * 3600.0)
     args = parser.parse_args(argv)
     if (args.state_dir is None) == (args.outbox_url is None):
@@ -41,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if not destinations:
         parser.error("give at least one --stow or --dimse destination")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    outbox = Outbox.open(args.state_dir, args.outbox_url, give_up_after_s=args.give_up_after)
+    outbox = Outbox.open(
+        args.state_dir, args.outbox_url, lease_s=args.lease, give_up_after_s=args.give_up_after
+    )
     worker = DeliveryWorker(
         outbox,
         destinations,

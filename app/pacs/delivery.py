@@ -306,6 +306,7 @@ class DeliveryWorker:
         self.purge_every_s = purge_every_s
         self._clock = clock
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_purge = 0.0
         self.counts: dict[str, int] = defaultdict(int)
@@ -376,7 +377,12 @@ class DeliveryWorker:
                 logger.warning("pacs delivery round failed: %s", type(error).__name__)
                 handled = 0
             if handled < self.batch_size:
-                self._stop.wait(self.poll_interval_s)
+                self._wake.wait(self.poll_interval_s)
+                self._wake.clear()
+
+    def wake(self) -> None:
+        """Start the next round now (call after `Outbox.enqueue`) instead of at the next poll."""
+        self._wake.set()
 
     def start(self) -> None:
         if self._thread is not None:
@@ -387,6 +393,7 @@ class DeliveryWorker:
     def stop(self, timeout_s: float = 10.0) -> bool:
         """Ask the loop to stop and wait up to `timeout_s`; True when it has stopped."""
         self._stop.set()
+        self._wake.set()
         if self._thread is None:
             return True
         self._thread.join(timeout_s)
