@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dimse", action="append", default=[], help="AET@host:port")
     parser.add_argument("--calling-ae-title", default="PNEUMONIA_AI")
     parser.add_argument("--worker-id")
+    parser.add_argument("--batch-size", type=int, default=16, help="objects per send")
     parser.add_argument("--poll-interval", type=float, default=1.0)
     parser.add_argument("--max-backoff", type=float, default=30.0)
     parser.add_argument("--lease", type=float, default=120.0, help="claim lease, seconds")
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         outbox,
         destinations,
         worker_id=args.worker_id,
+        batch_size=args.batch_size,
         poll_interval_s=args.poll_interval,
         max_backoff_s=args.max_backoff,
     )

@@ -14,7 +14,7 @@ from pacs_servers import Orthanc, orthanc_server, postgres_cluster
 from pydicom.dataset import Dataset
 
 from app.pacs.objects import ResultFacts, build_heatmap_sc, build_sr, encode
-from app.pacs.outbox import Outbox, ResultObject
+from app.pacs.outbox import Delivery, Outbox, ResultObject
 from app.pacs.uids import result_key
 from tests.dicom_factory import CR_STORAGE, DX_STORAGE, make_dataset, ramp
 
@@ -131,6 +131,23 @@ def enqueue_answer(
         now=now,
     )
     return objects
+
+
+def as_deliveries(objects: list[ResultObject], destination: str) -> list[Delivery]:
+    return [
+        Delivery(
+            id=i,
+            destination=destination,
+            kind=o.kind,
+            sop_class_uid=o.sop_class_uid,
+            sop_instance_uid=o.sop_instance_uid,
+            payload=o.payload,
+            attempts=1,
+            created_at=0.0,
+            lease_owner="test",
+        )
+        for i, o in enumerate(objects)
+    ]
 
 
 @pytest.fixture(scope="session")

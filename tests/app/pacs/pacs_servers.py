@@ -65,6 +65,7 @@ class Orthanc:
         self.binary = require_tool("Orthanc", "orthanc")
         require_tool(DICOMWEB_PLUGIN, "orthanc-dicomweb")
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.config = workdir / "orthanc.json"

@@ -17,6 +17,7 @@ import pydicom
 import pytest
 from conftest import (
     answer_json,
+    as_deliveries,
     enqueue_answer,
     factory_source,
     load_source,
@@ -34,26 +35,9 @@ from app.pacs.delivery import (
     parse_retry_after,
 )
 from app.pacs.objects import ResultFacts
-from app.pacs.outbox import Delivery, Outbox, ResultObject
+from app.pacs.outbox import Outbox, ResultObject
 
 T0 = 1_800_000_000.0
-
-
-def as_deliveries(objects: list[ResultObject], destination: str) -> list[Delivery]:
-    return [
-        Delivery(
-            id=i,
-            destination=destination,
-            kind=o.kind,
-            sop_class_uid=o.sop_class_uid,
-            sop_instance_uid=o.sop_instance_uid,
-            payload=o.payload,
-            attempts=1,
-            created_at=T0,
-            lease_owner="test",
-        )
-        for i, o in enumerate(objects)
-    ]
 
 
 def check_in_orthanc(orthanc: Orthanc, source: Dataset, facts: ResultFacts, sop_uid: str) -> None:
