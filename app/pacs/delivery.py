@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import io
+import json
 import logging
 import random
 import re
@@ -20,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
+from xml.etree import ElementTree
 
 import httpx
 import pydicom
@@ -72,22 +74,68 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return min(max(0.0, when.timestamp() - at), MAX_RETRY_AFTER_S)
 
 
-def _instance_uids(body: Any, sequence_tag: str) -> dict[str, int | None]:
+def _values(container: Any, tag: str) -> list[Any]:
+    element = container.get(tag) if isinstance(container, dict) else None
+    values = element.get("Value") if isinstance(element, dict) else None
+    return values if isinstance(values, list) else []
+
+
+def _json_instances(body: Any, sequence_tag: str) -> dict[str, int | None]:
     """SOP Instance UID -> FailureReason (if any) for the items of one response sequence."""
     found: dict[str, int | None] = {}
-    if not isinstance(body, dict):
-        return found
-    items = body.get(sequence_tag, {}).get("Value", [])
-    for item in items if isinstance(items, list) else []:
-        if not isinstance(item, dict):
-            continue
-        uids = item.get(_REFERENCED_SOP_INSTANCE_UID, {}).get("Value", [])
-        reasons = item.get(_FAILURE_REASON, {}).get("Value", [])
+    for item in _values(body, sequence_tag):
+        reasons = _values(item, _FAILURE_REASON)
         reason = reasons[0] if reasons and isinstance(reasons[0], int) else None
-        for uid in uids if isinstance(uids, list) else []:
+        for uid in _values(item, _REFERENCED_SOP_INSTANCE_UID):
             if isinstance(uid, str):
                 found[uid] = reason
     return found
+
+
+def _xml_instances(root: ElementTree.Element, sequence_tag: str) -> dict[str, int | None]:
+    """The same from a PS3.19 Native DICOM Model answer (servers that reply only in XML)."""
+    found: dict[str, int | None] = {}
+    # `{*}`: any namespace (the model's is http://dicom.nema.org/PS3.19/models/NativeDICOM)
+    for sequence in root.findall(f"{{*}}DicomAttribute[@tag='{sequence_tag}']"):
+        for item in sequence.findall("{*}Item"):
+            uids = item.findall(
+                f"{{*}}DicomAttribute[@tag='{_REFERENCED_SOP_INSTANCE_UID}']/{{*}}Value"
+            )
+            reasons = item.findall(f"{{*}}DicomAttribute[@tag='{_FAILURE_REASON}']/{{*}}Value")
+            reason_text = (reasons[0].text or "").strip() if reasons else ""
+            reason = int(reason_text) if reason_text.isdigit() else None
+            for uid in uids:
+                if uid.text:
+                    found[uid.text.strip()] = reason
+    return found
+
+
+def _store_response(
+    response: httpx.Response,
+) -> tuple[dict[str, int | None], dict[str, int | None]]:
+    """(stored, failed) instances of a Store Instances Response in JSON or XML."""
+    body = response.content
+    if not body.strip():
+        return {}, {}
+    if body.lstrip()[:1] == b"<":
+        try:
+            root = ElementTree.fromstring(body)
+        except ElementTree.ParseError:
+            return {}, {}
+        return (
+            _xml_instances(root, _REFERENCED_SOP_SEQUENCE),
+            _xml_instances(root, _FAILED_SOP_SEQUENCE),
+        )
+    try:
+        parsed: Any = json.loads(body)
+    except ValueError:
+        return {}, {}
+    if isinstance(parsed, list) and parsed:
+        parsed = parsed[0]
+    return (
+        _json_instances(parsed, _REFERENCED_SOP_SEQUENCE),
+        _json_instances(parsed, _FAILED_SOP_SEQUENCE),
+    )
 
 
 class StowRsDestination:
@@ -108,9 +156,12 @@ class StowRsDestination:
         auth_header: str | None = None,
         timeout_s: float = 30.0,
         connect_timeout_s: float = 5.0,
+        accept: str = "application/dicom+json, application/dicom+xml;q=0.9",
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # JSON preferred; some archives (dcm4chee) answer only in XML
+        self.accept = accept
         self.name = name or f"stow:{self.base_url}"
         self._auth_header = auth_header
         self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
@@ -132,7 +183,10 @@ class StowRsDestination:
         if not deliveries:
             return []
         body, content_type = self._body(deliveries)
-        headers = {"Content-Type": content_type, "Accept": "application/dicom+json"}
+        headers = {
+            "Content-Type": content_type,
+            "Accept": self.accept,
+        }
         if self._auth_header:
             headers["Authorization"] = self._auth_header
         try:
@@ -140,12 +194,7 @@ class StowRsDestination:
                 response = client.post(f"{self.base_url}/studies", content=body, headers=headers)
         except httpx.HTTPError as error:
             return [Outcome("retry", type(error).__name__)] * len(deliveries)
-        try:
-            parsed: Any = response.json()
-        except ValueError:
-            parsed = None
-        stored = _instance_uids(parsed, _REFERENCED_SOP_SEQUENCE)
-        failed = _instance_uids(parsed, _FAILED_SOP_SEQUENCE)
+        stored, failed = _store_response(response)
         status = response.status_code
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         outcomes = []

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -22,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
+from app.pacs.outbox import ResultObject
 from app.pacs.uids import device_uid, result_instance_uid, result_series_uid
 
 # highdicom logs the UIDs of the data sets it copies from at INFO; those are study header values.
@@ -66,6 +68,30 @@ class ResultFacts:
     def positive(self) -> bool:
         """The finding at the operating point, from the answer's label (not re-derived)."""
         return self.label == self.positive_class
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any], positive_class: str) -> ResultFacts:
+        """The facts of a `/predict` JSON answer (`PredictionResponse.model_dump()`).
+
+        `positive_class` is the model contract's `decision.positive_class`. The CAM grid is taken
+        when the answer carries an explanation of that class.
+        """
+        model = answer["model"]
+        explanation = answer.get("explanation") or {}
+        grid = (
+            explanation.get("grid") if explanation.get("target_class") == positive_class else None
+        )
+        return cls(
+            label=str(answer["label"]),
+            probabilities={str(k): float(v) for k, v in answer["probabilities"].items()},
+            positive_class=positive_class,
+            threshold=float(answer["threshold"]),
+            model_name=str(model["name"]),
+            model_version=str(model["version"]),
+            model_sha256=str(model["sha256"]),
+            disclaimer=str(answer["disclaimer"]),
+            cam_grid=grid,
+        )
 
     def __post_init__(self) -> None:
         if self.positive_class not in self.probabilities:
@@ -444,3 +470,22 @@ def encode(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def render_objects(
+    source: Dataset, facts: ResultFacts, image_u8: np.ndarray | None = None
+) -> list[ResultObject]:
+    """The encoded objects of one answer, ready for `Outbox.enqueue`: the SR always, the heat-map
+    SC when the answer has a CAM grid and the grey image it was computed on is given."""
+    objects = [build_sr(source, facts)]
+    if facts.cam_grid is not None and image_u8 is not None:
+        objects.append(build_heatmap_sc(source, facts, image_u8))
+    return [
+        ResultObject(
+            kind="sr" if ds.SOPClassUID != SECONDARY_CAPTURE else "sc",
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            payload=encode(ds),
+        )
+        for ds in objects
+    ]

@@ -67,11 +67,19 @@ def check_in_orthanc(orthanc: Orthanc, source: Dataset, facts: ResultFacts, sop_
         assert stored.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
 
 
-@pytest.mark.parametrize("source_name", ["factory_dx", "rg1_cr"])
-def test_stow_rs_stores_sr_and_sc_in_the_source_study(orthanc: Orthanc, source_name: str) -> None:
+@pytest.mark.parametrize(
+    ("source_name", "accept"),
+    [("factory_dx", None), ("rg1_cr", None), ("factory_cr", "application/dicom+xml")],
+)
+def test_stow_rs_stores_sr_and_sc_in_the_source_study(
+    orthanc: Orthanc, source_name: str, accept: str | None
+) -> None:
     source, facts = load_source(source_name), make_facts()
+    if source_name == "factory_cr":
+        source = factory_source("CR", index=10)
     objects = result_objects(source, facts)
-    outcomes = StowRsDestination(orthanc.dicomweb).send(as_deliveries(objects, "stow"))
+    destination = StowRsDestination(orthanc.dicomweb, **({"accept": accept} if accept else {}))
+    outcomes = destination.send(as_deliveries(objects, "stow"))
     assert [o.verdict for o in outcomes] == ["stored", "stored"], outcomes
     for obj in objects:
         check_in_orthanc(orthanc, source, facts, obj.sop_instance_uid)
@@ -110,11 +118,14 @@ def test_stow_rs_to_a_closed_port_is_retried() -> None:
     assert {(o.verdict, o.summary) for o in outcomes} == {("retry", "ConnectError")}
 
 
-def test_stow_rs_judges_each_instance_not_the_status(orthanc: Orthanc) -> None:
+@pytest.mark.parametrize("accept", ["application/dicom+json", "application/dicom+xml"])
+def test_stow_rs_judges_each_instance_not_the_status(orthanc: Orthanc, accept: str) -> None:
     """Orthanc answers 400 to a request with one unreadable part while storing the good one."""
-    good = result_objects(factory_source(index=14), make_facts())[0]
+    index = 14 if accept.endswith("json") else 16
+    good = result_objects(factory_source(index=index), make_facts())[0]
     garbage = ResultObject("sr", good.sop_class_uid, "2.25.1234", b"not a DICOM file")
-    outcomes = StowRsDestination(orthanc.dicomweb).send(as_deliveries([good, garbage], "stow"))
+    destination = StowRsDestination(orthanc.dicomweb, accept=accept)
+    outcomes = destination.send(as_deliveries([good, garbage], "stow"))
     assert outcomes[0].verdict == "stored"
     assert (outcomes[1].verdict, outcomes[1].summary) == ("failed", "http 400 instance not stored")
     assert len(orthanc.find_instance(good.sop_instance_uid)) == 1

@@ -19,10 +19,12 @@ from pydicom.uid import ExplicitVRLittleEndian
 from app.pacs.objects import (
     COMPREHENSIVE_3D_SR,
     SECONDARY_CAPTURE,
+    ResultFacts,
     build_heatmap_sc,
     build_sr,
     encode,
     render_heatmap,
+    render_objects,
 )
 from app.pacs.uids import device_uid, result_instance_uid, result_series_uid
 
@@ -216,3 +218,41 @@ def test_dsrdump_reads_the_sr(tmp_path: Path) -> None:
     assert re.search(r'NUM:\(122411,DCM,"Threshold Value"\)="0\.43"', tree), tree
     assert '(126000,DCM,"Imaging Measurement Report")' in tree
     assert "POLYLINE" in tree
+
+
+ANSWER = {
+    "label": "PNEUMONIA",
+    "probabilities": {"NORMAL": 0.08, "PNEUMONIA": 0.92},
+    "threshold": 0.43,
+    "model": {"name": "pneumonia_cxr", "version": "1.0.0", "sha256": MODEL_SHA256},
+    "execution_provider": "CPUExecutionProvider",
+    "request_id": "0b9f6c1e2d7a4f0c9a8b7c6d5e4f3a2b",
+    "disclaimer": DISCLAIMER,
+    "explanation": {"method": "CAM", "target_class": "PNEUMONIA", "grid": [[0.0, 1.0], [0.5, 0.2]]},
+}
+
+
+def test_facts_from_a_predict_answer_and_the_objects_render_it(tmp_path: Path) -> None:
+    facts = ResultFacts.from_answer(ANSWER, positive_class="PNEUMONIA")
+    assert facts.positive and facts.positive_probability == 0.92 and facts.threshold == 0.43
+    assert facts.cam_grid == [[0.0, 1.0], [0.5, 0.2]]
+    assert (facts.model_name, facts.model_version, facts.model_sha256) == (
+        "pneumonia_cxr",
+        "1.0.0",
+        MODEL_SHA256,
+    )
+    source = factory_source(index=40)
+    objects = render_objects(source, facts, grey_u8())
+    assert [o.kind for o in objects] == ["sr", "sc"]
+    assert [o.sop_class_uid for o in objects] == [COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE]
+    sr_path = tmp_path / "sr.dcm"
+    sr_path.write_bytes(objects[0].payload)
+    group = hd.sr.srread(sr_path).content.get_image_measurement_groups()[0]
+    probability = group.get_measurements(name=pydicom.sr.codedict.codes.DCM.Probability)[0]
+    assert probability.value == pytest.approx(0.92)
+    # no explanation in the answer: the SR alone, and no heat map can be drawn
+    plain = ResultFacts.from_answer({**ANSWER, "explanation": None}, positive_class="PNEUMONIA")
+    assert plain.cam_grid is None
+    assert [o.kind for o in render_objects(source, plain, grey_u8())] == ["sr"]
+    with pytest.raises(ValueError):
+        build_heatmap_sc(source, plain, grey_u8())

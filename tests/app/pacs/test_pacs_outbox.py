@@ -184,3 +184,27 @@ def test_two_workers_racing_on_postgresql_deliver_each_object_once(postgres_url:
     finally:
         for box in boxes:
             box.close()
+
+
+def test_worker_settles_and_purges_after_the_retention(outbox_factory: OutboxFactory) -> None:
+    box = outbox_factory()
+    objects = enqueue_answer(box, factory_source(index=60), make_facts(), [DEST], now=T0)
+    log: list[str] = []
+    clock = [T0]
+    worker = DeliveryWorker(
+        box,
+        [RecordingDestination(DEST, log, threading.Lock())],
+        retention_s=3600.0,
+        purge_every_s=60.0,
+        clock=lambda: clock[0],
+    )
+    assert worker.run_once() == 2
+    assert sorted(log) == sorted(o.sop_instance_uid for o in objects)
+    assert box.stats(now=T0).counts == {("delivered", DEST): 2}
+    clock[0] = T0 + 1800  # within the retention: kept
+    assert worker.run_once() == 0
+    assert box.result(objects[0].sop_instance_uid) is not None
+    clock[0] = T0 + 3700
+    assert worker.run_once() == 0
+    assert box.result(objects[0].sop_instance_uid) is None
+    assert box.stats(now=clock[0]).counts == {}
