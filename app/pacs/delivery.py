@@ -282,6 +282,16 @@ class DimseDestination:
         except (OSError, RuntimeError, ValueError) as error:
             return [Outcome("retry", type(error).__name__)] * len(deliveries)
         if not assoc.is_established:
+            refused = {cx.abstract_syntax for cx in assoc.rejected_contexts}
+            if assoc.is_aborted and refused and not assoc.accepted_contexts:
+                # the peer accepted none of the proposed SOP classes: the association is aborted
+                # by pynetdicom, and sending again would change nothing
+                return [
+                    Outcome("failed", "sop class not accepted")
+                    if d.sop_class_uid in refused
+                    else Outcome("retry", "association failed")
+                    for d in deliveries
+                ]
             summary = "association rejected" if assoc.is_rejected else "association failed"
             return [Outcome("retry", summary)] * len(deliveries)
         outcomes: list[Outcome] = []

@@ -13,7 +13,7 @@ import io
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import highdicom as hd
 import numpy as np
@@ -24,12 +24,14 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from app.pacs.outbox import ResultObject
-from app.pacs.uids import device_uid, result_instance_uid, result_series_uid
+from app.pacs.uids import ObjectKind, device_uid, result_instance_uid, result_series_uid
 
 # highdicom logs the UIDs of the data sets it copies from at INFO; those are study header values.
 logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
+SrClass = Literal["comprehensive-3d", "enhanced"]
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 # SNOMED CT 233604007 "Pneumonia (disorder)"; not in pydicom's code dictionary.
@@ -230,8 +232,11 @@ def build_sr(
     *,
     series_number: int = SR_SERIES_NUMBER,
     institution_name: str | None = None,
+    sr_class: SrClass = "comprehensive-3d",
 ) -> Dataset:
-    """A TID 1500 Measurement Report (Comprehensive 3D SR) of the answer for `source`.
+    """A TID 1500 Measurement Report of the answer for `source`: Comprehensive 3D SR (what IHE AIR
+    names), or Enhanced SR for a PACS that does not take 88.34 (the content has only 2-D SCOORDs,
+    so it fits either).
 
     One whole-image measurement group (TID 1501): finding Pneumonia, a qualitative evaluation
     Pneumonia = Present/Absent at the operating point, the calibrated probability (DCM 122157) and
@@ -239,6 +244,7 @@ def build_sr(
     planar ROI group (TID 1410) outlines the hottest cell so that viewers can draw it.
     """
     source_uid = str(source.SOPInstanceUID)
+    kind: ObjectKind = "sr" if sr_class == "comprehensive-3d" else "sr-enhanced"
     algorithm = _algorithm(facts)
     present = codes.DCM.Present if facts.positive else codes.DCM.Absent
     probability = round(float(facts.positive_probability), 6)
@@ -261,7 +267,7 @@ def build_sr(
     def evaluation() -> list[hd.sr.QualitativeEvaluation]:
         return [hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=present)]
 
-    group_uid = result_instance_uid(source_uid, facts.model_sha256, "sr") + ".1"
+    group_uid = result_instance_uid(source_uid, facts.model_sha256, kind) + ".1"
     groups: list[
         hd.sr.MeasurementsAndQualitativeEvaluations
         | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
@@ -313,12 +319,13 @@ def build_sr(
         referenced_images=[_library_view(source)],
     )
     evidence = _evidence_view(source)
-    sr = hd.sr.Comprehensive3DSR(
+    document = hd.sr.Comprehensive3DSR if sr_class == "comprehensive-3d" else hd.sr.EnhancedSR
+    sr = document(
         evidence=[_builder_view(evidence)],
         content=report[0],
         series_instance_uid=result_series_uid(source_uid, facts.model_sha256, "sr"),
         series_number=series_number,
-        sop_instance_uid=result_instance_uid(source_uid, facts.model_sha256, "sr"),
+        sop_instance_uid=result_instance_uid(source_uid, facts.model_sha256, kind),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
@@ -472,17 +479,28 @@ def encode(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
+_KIND_OF_CLASS: dict[str, ObjectKind] = {
+    COMPREHENSIVE_3D_SR: "sr",
+    ENHANCED_SR: "sr-enhanced",
+    SECONDARY_CAPTURE: "sc",
+}
+
+
 def render_objects(
-    source: Dataset, facts: ResultFacts, image_u8: np.ndarray | None = None
+    source: Dataset,
+    facts: ResultFacts,
+    image_u8: np.ndarray | None = None,
+    *,
+    sr_class: SrClass = "comprehensive-3d",
 ) -> list[ResultObject]:
     """The encoded objects of one answer, ready for `Outbox.enqueue`: the SR always, the heat-map
     SC when the answer has a CAM grid and the grey image it was computed on is given."""
-    objects = [build_sr(source, facts)]
+    objects = [build_sr(source, facts, sr_class=sr_class)]
     if facts.cam_grid is not None and image_u8 is not None:
         objects.append(build_heatmap_sc(source, facts, image_u8))
     return [
         ResultObject(
-            kind="sr" if ds.SOPClassUID != SECONDARY_CAPTURE else "sc",
+            kind=_KIND_OF_CLASS[str(ds.SOPClassUID)],
             sop_class_uid=str(ds.SOPClassUID),
             sop_instance_uid=str(ds.SOPInstanceUID),
             payload=encode(ds),

@@ -34,7 +34,7 @@ from app.pacs.delivery import (
     StowRsDestination,
     parse_retry_after,
 )
-from app.pacs.objects import ResultFacts
+from app.pacs.objects import ResultFacts, render_objects
 from app.pacs.outbox import Outbox, ResultObject
 
 T0 = 1_800_000_000.0
@@ -243,3 +243,48 @@ def test_worker_delivers_20_results_and_reports_latency(
     finally:
         worker.stop(timeout_s=10)
         box.close()
+
+
+@pytest.fixture
+def enhanced_sr_only_scp() -> Iterator[tuple[int, list[Dataset]]]:
+    """A pynetdicom storage SCP on loopback that accepts Enhanced SR and nothing else, like a PACS
+    that predates Comprehensive 3D SR."""
+    from pynetdicom import AE
+    from pynetdicom import events as evts
+    from pynetdicom.sop_class import EnhancedSRStorage
+
+    received: list[Dataset] = []
+
+    def on_store(event: evts.Event) -> int:
+        received.append(event.dataset)
+        return 0x0000
+
+    ae = AE(ae_title="OLD_PACS")
+    ae.add_supported_context(EnhancedSRStorage)
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evts.EVT_C_STORE, on_store)]
+    )
+    try:
+        yield port, received
+    finally:
+        server.shutdown()
+
+
+def test_dimse_peer_without_3d_sr_refuses_it_and_takes_the_enhanced_sr(
+    enhanced_sr_only_scp: tuple[int, list[Dataset]],
+) -> None:
+    port, received = enhanced_sr_only_scp
+    source, facts = factory_source(index=17), make_facts()
+    destination = DimseDestination.parse(f"OLD_PACS@127.0.0.1:{port}", calling_ae_title="CXR_AI")
+    comprehensive = render_objects(source, facts)
+    outcomes = destination.send(as_deliveries(comprehensive, destination.name))
+    assert [(o.verdict, o.summary) for o in outcomes] == [("failed", "sop class not accepted")]
+    assert received == []
+    enhanced = render_objects(source, facts, sr_class="enhanced")
+    assert enhanced[0].sop_class_uid == "1.2.840.10008.5.1.4.1.1.88.22"
+    assert enhanced[0].sop_instance_uid != comprehensive[0].sop_instance_uid
+    outcomes = destination.send(as_deliveries(enhanced, destination.name))
+    assert [(o.verdict, o.summary) for o in outcomes] == [("stored", "dimse status 0x0000")]
+    assert [ds.SOPInstanceUID for ds in received] == [enhanced[0].sop_instance_uid]
+    assert received[0].StudyInstanceUID == source.StudyInstanceUID

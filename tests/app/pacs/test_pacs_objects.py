@@ -191,15 +191,20 @@ def test_heatmap_text_is_really_burned_in() -> None:
     assert (legend[..., 0].astype(int) - legend[..., 2]).max() > 150
 
 
-@pytest.mark.parametrize("kind", ["sr", "sc"])
+@pytest.mark.parametrize("kind", ["sr", "sr-enhanced", "sc"])
 def test_dciodvfy_reports_no_error(source: Dataset, kind: str, tmp_path: Path) -> None:
     dciodvfy = require_tool("dciodvfy", "dicom3tools")
     facts = make_facts()
-    built = build_sr(source, facts) if kind == "sr" else build_heatmap_sc(source, facts, grey_u8())
+    if kind == "sc":
+        built = build_heatmap_sc(source, facts, grey_u8())
+    else:
+        built = build_sr(
+            source, facts, sr_class="enhanced" if kind == "sr-enhanced" else "comprehensive-3d"
+        )
     path = _roundtrip(built, tmp_path / f"{kind}.dcm")
     run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
     output = run.stdout + run.stderr
-    expected_iod = "Comprehensive3DSR" if kind == "sr" else "SCImage"
+    expected_iod = {"sr": "Comprehensive3DSR", "sr-enhanced": "EnhancedSR", "sc": "SCImage"}[kind]
     assert expected_iod in output
     assert [line for line in output.splitlines() if line.startswith("Error")] == []
 
@@ -256,3 +261,24 @@ def test_facts_from_a_predict_answer_and_the_objects_render_it(tmp_path: Path) -
     assert [o.kind for o in render_objects(source, plain, grey_u8())] == ["sr"]
     with pytest.raises(ValueError):
         build_heatmap_sc(source, plain, grey_u8())
+
+
+def test_building_logs_and_warns_nothing_from_the_header(
+    caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    """highdicom quotes odd person names in warnings and source UIDs in INFO logs; neither may
+    reach the service's logs (RG1's referring physician is the one-word name "ward")."""
+    source = load_source("rg1_cr")
+    caplog.set_level("DEBUG")
+    for built in (
+        build_sr(source, make_facts()),
+        build_heatmap_sc(source, make_facts(), grey_u8()),
+    ):
+        assert built.ReferringPhysicianName == "ward"  # the real value is still copied
+    header_values = [str(source.PatientName), str(source.PatientID), "ward"]
+    header_values += [str(source.SOPInstanceUID), str(source.StudyInstanceUID)]
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= 20] + [
+        str(w.message) for w in recwarn
+    ]
+    for value in header_values:
+        assert not any(value in line for line in logged), value
