@@ -15,7 +15,7 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
-from conftest import (
+from pacs_results import (
     answer_json,
     as_deliveries,
     enqueue_answer,

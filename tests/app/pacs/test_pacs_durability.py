@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import (
+from pacs_results import (
     as_deliveries,
     enqueue_answer,
     factory_source,

@@ -11,7 +11,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from conftest import DISCLAIMER, MODEL_SHA256, factory_source, grey_u8, load_source, make_facts
+from pacs_results import DISCLAIMER, MODEL_SHA256, factory_source, grey_u8, load_source, make_facts
 from pacs_servers import require_tool
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian

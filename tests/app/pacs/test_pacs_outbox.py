@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import enqueue_answer, factory_source, make_facts
+from pacs_results import enqueue_answer, factory_source, make_facts
 
 from app.pacs.delivery import DeliveryWorker, Outcome
 from app.pacs.outbox import SQLITE_FILE, Delivery, Outbox
