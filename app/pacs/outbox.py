@@ -140,7 +140,7 @@ class _Sqlite:
     dialect: Literal["sqlite", "postgresql"] = "sqlite"
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not path.exists():
             # created 0600 before SQLite opens it: result JSON and DICOM objects carry patient data
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -205,15 +205,24 @@ class _Postgres:
     dialect: Literal["sqlite", "postgresql"] = "postgresql"
 
     def __init__(self, url: str) -> None:
+        self._url = url
+        self._connection = self._connect()
+        self._lock = threading.Lock()
+
+    def _connect(self) -> Any:
         import psycopg
 
-        self._connection = psycopg.connect(url, autocommit=True, connect_timeout=10)
-        self._lock = threading.Lock()
+        return psycopg.connect(self._url, autocommit=True, connect_timeout=10)
 
     @contextmanager
     def transaction(self) -> Iterator[_QmarkCursor]:
-        with self._lock, self._connection.transaction():
-            yield _QmarkCursor(self._connection.cursor(), "%s")
+        with self._lock:
+            # after a database restart or a network cut the connection is broken for good: the
+            # failed call raised to its caller, the next one gets a new connection
+            if self._connection.closed or self._connection.broken:
+                self._connection = self._connect()
+            with self._connection.transaction():
+                yield _QmarkCursor(self._connection.cursor(), "%s")
 
     def close(self) -> None:
         with self._lock:

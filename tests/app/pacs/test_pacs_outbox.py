@@ -208,3 +208,23 @@ def test_worker_settles_and_purges_after_the_retention(outbox_factory: OutboxFac
     assert worker.run_once() == 0
     assert box.result(objects[0].sop_instance_uid) is None
     assert box.stats(now=clock[0]).counts == {}
+
+
+def test_postgresql_outbox_reconnects_after_its_connection_is_cut(postgres_url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute("DROP TABLE IF EXISTS pacs_deliveries, pacs_objects, pacs_results")
+    box = Outbox.open(url=postgres_url)
+    try:
+        enqueue_answer(box, factory_source(index=70), make_facts(), [DEST], now=T0)
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE pid <> pg_backend_pid() AND datname = current_database()"
+            )
+        with pytest.raises(psycopg.OperationalError):
+            box.stats(now=T0)
+        assert box.stats(now=T0).counts == {("pending", DEST): 2}
+    finally:
+        box.close()
