@@ -1,0 +1,459 @@
+"""Sending result objects to a PACS (DICOMweb STOW-RS or DIMSE C-STORE) from the outbox.
+
+A destination sends a batch of objects and says, per object, whether it was stored, should be
+retried (and when) or failed for good. `DeliveryWorker` is the loop around it: claim due
+deliveries from the outbox, send them, settle them. Its log lines name the destination, the outcome
+and the attempt count, never a UID or any header value.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import io
+import json
+import logging
+import random
+import re
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+from xml.etree import ElementTree
+
+import httpx
+import pydicom
+
+from app.pacs.outbox import Delivery, Outbox
+
+logger = logging.getLogger("app.pacs.delivery")
+
+Verdict = Literal["stored", "retry", "failed"]
+
+# Store Instances Response attributes (PS3.18 Annex I) in the DICOM JSON model
+_FAILED_SOP_SEQUENCE = "00081198"
+_REFERENCED_SOP_SEQUENCE = "00081199"
+_REFERENCED_SOP_INSTANCE_UID = "00081155"
+_FAILURE_REASON = "00081197"
+_RETRYABLE_HTTP = frozenset({408, 429, 500, 502, 503, 504})
+_PERMANENT_HTTP = frozenset({400, 404, 405, 409, 413, 415})
+MAX_RETRY_AFTER_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one object. `summary` is a status code or exception class only."""
+
+    verdict: Verdict
+    summary: str
+    retry_after_s: float | None = None
+
+
+class Destination(Protocol):
+    name: str
+
+    def send(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
+        """One outcome per delivery, in order. Must not raise for network or peer failures."""
+        ...
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), bounded."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER_S)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    at = time.time() if now is None else now
+    return min(max(0.0, when.timestamp() - at), MAX_RETRY_AFTER_S)
+
+
+def _values(container: Any, tag: str) -> list[Any]:
+    element = container.get(tag) if isinstance(container, dict) else None
+    values = element.get("Value") if isinstance(element, dict) else None
+    return values if isinstance(values, list) else []
+
+
+def _json_instances(body: Any, sequence_tag: str) -> dict[str, int | None]:
+    """SOP Instance UID -> FailureReason (if any) for the items of one response sequence."""
+    found: dict[str, int | None] = {}
+    for item in _values(body, sequence_tag):
+        reasons = _values(item, _FAILURE_REASON)
+        reason = reasons[0] if reasons and isinstance(reasons[0], int) else None
+        for uid in _values(item, _REFERENCED_SOP_INSTANCE_UID):
+            if isinstance(uid, str):
+                found[uid] = reason
+    return found
+
+
+def _xml_instances(root: ElementTree.Element, sequence_tag: str) -> dict[str, int | None]:
+    """The same from a PS3.19 Native DICOM Model answer (servers that reply only in XML)."""
+    found: dict[str, int | None] = {}
+    # `{*}`: any namespace (the model's is http://dicom.nema.org/PS3.19/models/NativeDICOM)
+    for sequence in root.findall(f"{{*}}DicomAttribute[@tag='{sequence_tag}']"):
+        for item in sequence.findall("{*}Item"):
+            uids = item.findall(
+                f"{{*}}DicomAttribute[@tag='{_REFERENCED_SOP_INSTANCE_UID}']/{{*}}Value"
+            )
+            reasons = item.findall(f"{{*}}DicomAttribute[@tag='{_FAILURE_REASON}']/{{*}}Value")
+            reason_text = (reasons[0].text or "").strip() if reasons else ""
+            reason = int(reason_text) if reason_text.isdigit() else None
+            for uid in uids:
+                if uid.text:
+                    found[uid.text.strip()] = reason
+    return found
+
+
+def _store_response(
+    response: httpx.Response,
+) -> tuple[dict[str, int | None], dict[str, int | None]]:
+    """(stored, failed) instances of a Store Instances Response in JSON or XML."""
+    body = response.content
+    if not body.strip():
+        return {}, {}
+    if body.lstrip()[:1] == b"<":
+        try:
+            root = ElementTree.fromstring(body)
+        except ElementTree.ParseError:
+            return {}, {}
+        return (
+            _xml_instances(root, _REFERENCED_SOP_SEQUENCE),
+            _xml_instances(root, _FAILED_SOP_SEQUENCE),
+        )
+    try:
+        parsed: Any = json.loads(body)
+    except ValueError:
+        return {}, {}
+    if isinstance(parsed, list) and parsed:
+        parsed = parsed[0]
+    return (
+        _json_instances(parsed, _REFERENCED_SOP_SEQUENCE),
+        _json_instances(parsed, _FAILED_SOP_SEQUENCE),
+    )
+
+
+class StowRsDestination:
+    """DICOMweb STOW-RS: `POST {base_url}/studies`, one PS3.10 instance per multipart part.
+
+    Success is decided per instance: stored only when the response's ReferencedSOPSequence lists
+    our SOP Instance UID (Orthanc has answered 409 and 400 while storing one of two instances, and
+    200 while storing none). Otherwise 408/429/5xx and network errors are retried (honouring
+    Retry-After), as is a FailureReason of 0xA7xx (out of resources); 400/404/409/413/415 and
+    other FailureReasons are permanent.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        name: str | None = None,
+        auth_header: str | None = None,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float = 5.0,
+        accept: str = "application/dicom+json, application/dicom+xml;q=0.9",
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        # JSON preferred; some archives (dcm4chee) answer only in XML
+        self.accept = accept
+        self.name = name or f"stow:{self.base_url}"
+        self._auth_header = auth_header
+        self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self._transport = transport
+
+    def _body(self, deliveries: Sequence[Delivery]) -> tuple[bytes, str]:
+        boundary = uuid.uuid4().hex
+        parts = []
+        for delivery in deliveries:
+            parts.append(
+                f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
+                + delivery.payload
+                + b"\r\n"
+            )
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode("ascii")
+        return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+    def send(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
+        if not deliveries:
+            return []
+        body, content_type = self._body(deliveries)
+        headers = {
+            "Content-Type": content_type,
+            "Accept": self.accept,
+        }
+        if self._auth_header:
+            headers["Authorization"] = self._auth_header
+        try:
+            with httpx.Client(timeout=self._timeout, transport=self._transport) as client:
+                response = client.post(f"{self.base_url}/studies", content=body, headers=headers)
+        except httpx.HTTPError as error:
+            return [Outcome("retry", type(error).__name__)] * len(deliveries)
+        stored, failed = _store_response(response)
+        status = response.status_code
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        outcomes = []
+        for delivery in deliveries:
+            uid = delivery.sop_instance_uid
+            if uid in stored:
+                outcomes.append(Outcome("stored", f"http {status}"))
+            elif status in _RETRYABLE_HTTP or status in (401, 403):
+                # 401/403: a credential being rotated; bounded by the outbox's give-up age
+                outcomes.append(Outcome("retry", f"http {status}", retry_after))
+            elif uid in failed:
+                reason = failed[uid]
+                summary = f"http {status} failure reason " + (
+                    f"0x{reason:04X}" if reason is not None else "none"
+                )
+                resources = reason is not None and (reason & 0xFF00) == 0xA700
+                outcomes.append(Outcome("retry" if resources else "failed", summary, retry_after))
+            elif status in _PERMANENT_HTTP or 200 <= status < 300:
+                outcomes.append(Outcome("failed", f"http {status} instance not stored"))
+            else:
+                outcomes.append(Outcome("retry", f"http {status}", retry_after))
+        return outcomes
+
+
+_AE_TITLE = re.compile(r"^[ -~]{1,16}$")
+
+
+class DimseDestination:
+    """DIMSE C-STORE to `AET@host:port`: one fresh association per batch, opened and released by
+    the calling thread (pynetdicom associations are not shared across threads).
+
+    Per object: status 0x0000 and warnings (0xB000, 0xB006, 0xB007) are stored; 0xA7xx (out of
+    resources) and no answer (timeout, abort) are retried; other failures, and a SOP class the peer
+    did not accept, are permanent. A refused or failed association is retried.
+    """
+
+    def __init__(
+        self,
+        called_ae_title: str,
+        host: str,
+        port: int,
+        *,
+        calling_ae_title: str = "PNEUMONIA_AI",
+        name: str | None = None,
+        acse_timeout_s: float = 15.0,
+        dimse_timeout_s: float = 30.0,
+        network_timeout_s: float = 30.0,
+        connection_timeout_s: float = 5.0,
+    ) -> None:
+        for title in (called_ae_title, calling_ae_title):
+            if not _AE_TITLE.match(title) or "\\" in title or not title.strip():
+                raise ValueError("AE titles are 1-16 printable ASCII characters, no backslash")
+        self.called_ae_title = called_ae_title
+        self.host = host
+        self.port = port
+        self.calling_ae_title = calling_ae_title
+        self.name = name or f"dimse:{called_ae_title}@{host}:{port}"
+        self._timeouts = (acse_timeout_s, dimse_timeout_s, network_timeout_s, connection_timeout_s)
+
+    @classmethod
+    def parse(cls, spec: str, **options: Any) -> DimseDestination:
+        """`AET@host:port`, e.g. `ORTHANC@127.0.0.1:4242`."""
+        match = re.fullmatch(r"([^@]{1,16})@([^:@\s]+|\[[0-9a-fA-F:]+\]):([0-9]{1,5})", spec)
+        if match is None:
+            raise ValueError("a DIMSE destination is written AET@host:port")
+        port = int(match.group(3))
+        if not 0 < port < 65536:
+            raise ValueError("the port must be 1-65535")
+        return cls(match.group(1), match.group(2).strip("[]"), port, **options)
+
+    def send(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
+        if not deliveries:
+            return []
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+        from pynetdicom import AE
+
+        ae = AE(ae_title=self.calling_ae_title)
+        ae.acse_timeout, ae.dimse_timeout, ae.network_timeout, ae.connection_timeout = (
+            self._timeouts
+        )
+        for sop_class in dict.fromkeys(d.sop_class_uid for d in deliveries):
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        try:
+            assoc = ae.associate(self.host, self.port, ae_title=self.called_ae_title)
+        except (OSError, RuntimeError, ValueError) as error:
+            return [Outcome("retry", type(error).__name__)] * len(deliveries)
+        if not assoc.is_established:
+            refused = {cx.abstract_syntax for cx in assoc.rejected_contexts}
+            if assoc.is_aborted and refused and not assoc.accepted_contexts:
+                # the peer accepted none of the proposed SOP classes: the association is aborted
+                # by pynetdicom, and sending again would change nothing
+                return [
+                    Outcome("failed", "sop class not accepted")
+                    if d.sop_class_uid in refused
+                    else Outcome("retry", "association failed")
+                    for d in deliveries
+                ]
+            summary = "association rejected" if assoc.is_rejected else "association failed"
+            return [Outcome("retry", summary)] * len(deliveries)
+        outcomes: list[Outcome] = []
+        try:
+            for delivery in deliveries:
+                outcomes.append(self._store(assoc, delivery))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            else:
+                assoc.abort()
+        return outcomes
+
+    @staticmethod
+    def _store(assoc: Any, delivery: Delivery) -> Outcome:
+        accepted = {
+            cx.abstract_syntax for cx in assoc.accepted_contexts if cx.abstract_syntax is not None
+        }
+        if delivery.sop_class_uid not in accepted:
+            return Outcome("failed", "sop class not accepted")
+        if not assoc.is_established:
+            return Outcome("retry", "association lost")
+        dataset = pydicom.dcmread(io.BytesIO(delivery.payload))
+        try:
+            status = assoc.send_c_store(dataset)
+        except (OSError, RuntimeError, ValueError, AttributeError) as error:
+            return Outcome("retry", type(error).__name__)
+        code = getattr(status, "Status", None)
+        if code is None:
+            return Outcome("retry", "no dimse response")
+        code = int(code)
+        summary = f"dimse status 0x{code:04X}"
+        if code == 0x0000 or code in (0xB000, 0xB006, 0xB007):
+            return Outcome("stored", summary)
+        if (code & 0xFF00) == 0xA700:
+            return Outcome("retry", summary)
+        return Outcome("failed", summary)
+
+
+class DeliveryWorker:
+    """A thread that drains the outbox into its destinations until `stop()`.
+
+    Backoff after the n-th failed attempt: `base_backoff_s * 2**(n-1)`, jittered by up to a tenth,
+    capped at `max_backoff_s`; a Retry-After from the peer takes precedence when longer (bounded
+    by an hour). Deliveries for a destination this worker does not know are left to others.
+    Delivered rows are purged once `retention_s` has passed, checked every `purge_every_s`.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        destinations: Sequence[Destination],
+        *,
+        worker_id: str | None = None,
+        batch_size: int = 16,
+        poll_interval_s: float = 1.0,
+        base_backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        retention_s: float = 7 * 24 * 3600.0,
+        purge_every_s: float = 600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.outbox = outbox
+        self.destinations: Mapping[str, Destination] = {d.name: d for d in destinations}
+        self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
+        self.batch_size = batch_size
+        self.poll_interval_s = poll_interval_s
+        self.base_backoff_s = base_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.retention_s = retention_s
+        self.purge_every_s = purge_every_s
+        self._clock = clock
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_purge = 0.0
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def backoff_s(self, attempts: int, retry_after_s: float | None = None) -> float:
+        delay = min(self.max_backoff_s, self.base_backoff_s * 2.0 ** max(0, attempts - 1))
+        delay = min(self.max_backoff_s, delay * (1.0 + random.uniform(0.0, 0.1)))
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, MAX_RETRY_AFTER_S))
+        return delay
+
+    def run_once(self) -> int:
+        """One claim-send-settle round; returns how many deliveries it handled."""
+        now = self._clock()
+        claimed = self.outbox.claim(self.worker_id, now=now, limit=self.batch_size)
+        mine = [d for d in claimed if d.destination in self.destinations]
+        # A row for a destination this process has no configuration for: hand it back at once.
+        for delivery in claimed:
+            if delivery.destination not in self.destinations:
+                self.outbox.mark_retry(delivery, self.poll_interval_s, "unknown destination")
+        by_destination: dict[str, list[Delivery]] = defaultdict(list)
+        for delivery in mine:
+            by_destination[delivery.destination].append(delivery)
+        for name, batch in by_destination.items():
+            try:
+                outcomes = self.destinations[name].send(batch)
+            except Exception as error:  # a destination bug must not kill the worker
+                outcomes = [Outcome("retry", type(error).__name__)] * len(batch)
+            if len(outcomes) != len(batch):
+                outcomes = [Outcome("retry", "destination returned wrong count")] * len(batch)
+            for delivery, outcome in zip(batch, outcomes, strict=True):
+                self._settle(name, delivery, outcome)
+        if now - self._last_purge >= self.purge_every_s:
+            self._last_purge = now
+            self.outbox.purge_delivered(self.retention_s, now=now)
+        return len(mine)
+
+    def _settle(self, name: str, delivery: Delivery, outcome: Outcome) -> None:
+        now = self._clock()
+        state: str
+        if outcome.verdict == "stored":
+            self.outbox.mark_delivered(delivery, now=now)
+            state = "delivered"
+        elif outcome.verdict == "failed":
+            self.outbox.mark_failed(delivery, outcome.summary, now=now)
+            state = "failed"
+        else:
+            delay = self.backoff_s(delivery.attempts, outcome.retry_after_s)
+            state = self.outbox.mark_retry(delivery, delay, outcome.summary, now=now)
+            if state == "pending":
+                state = "retry"
+        self.counts[state] += 1
+        log = logger.warning if state == "failed" else logger.info
+        log(
+            "pacs delivery destination=%s kind=%s outcome=%s status=%s attempts=%d",
+            name,
+            delivery.kind,
+            state,
+            outcome.summary,
+            delivery.attempts,
+        )
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                handled = self.run_once()
+            except Exception as error:  # e.g. the database briefly unreachable
+                logger.warning("pacs delivery round failed: %s", type(error).__name__)
+                handled = 0
+            if handled < self.batch_size:
+                self._wake.wait(self.poll_interval_s)
+                self._wake.clear()
+
+    def wake(self) -> None:
+        """Start the next round now (call after `Outbox.enqueue`) instead of at the next poll."""
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the worker is already started")
+        self._thread = threading.Thread(target=self._loop, name="pacs-delivery", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Ask the loop to stop and wait up to `timeout_s`; True when it has stopped."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()

@@ -1,0 +1,509 @@
+"""DICOM renderings of one prediction: a TID 1500 Structured Report and a heat-map SC image.
+
+The JSON answer is the source of truth; each object here renders the same facts (`ResultFacts`):
+the same calibrated probability, operating threshold, model identity and research-use disclaimer.
+Both objects join the source image's study (its patient and study modules are copied from it) in
+series of their own, with UIDs from `app.pacs.uids` so that the same image read by the same model
+always gives the same instances.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from app.pacs.outbox import ResultObject
+from app.pacs.uids import ObjectKind, device_uid, result_instance_uid, result_series_uid
+
+# highdicom logs the UIDs of the data sets it copies from at INFO; those are study header values.
+logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
+SrClass = Literal["comprehensive-3d", "enhanced"]
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+# SNOMED CT 233604007 "Pneumonia (disorder)"; not in pydicom's code dictionary.
+PNEUMONIA = hd.sr.CodedConcept(value="233604007", scheme_designator="SCT", meaning="Pneumonia")
+# IHE AIR's Purpose of Reference for the algorithm in Contributing Equipment (a placeholder code
+# the profile defines until a standard one exists).
+PROCESSING_ALGORITHM = hd.sr.CodedConcept(
+    value="Newcode1", scheme_designator="99IHE", meaning="Processing Algorithm"
+)
+SR_SERIES_DESCRIPTION = "AI RESULT - RESEARCH USE ONLY"
+SC_SERIES_DESCRIPTION = "AI HEAT MAP - RESEARCH USE ONLY"
+SR_SERIES_NUMBER = 901
+SC_SERIES_NUMBER = 902
+MANUFACTURER = "pneumonia-screening"
+
+
+@dataclass(frozen=True)
+class ResultFacts:
+    """What the JSON answer says, in the terms the DICOM objects need."""
+
+    label: str
+    probabilities: dict[str, float]
+    positive_class: str
+    threshold: float
+    model_name: str
+    model_version: str
+    model_sha256: str
+    disclaimer: str
+    cam_grid: Sequence[Sequence[float]] | None = field(default=None)
+
+    @property
+    def positive_probability(self) -> float:
+        return self.probabilities[self.positive_class]
+
+    @property
+    def positive(self) -> bool:
+        """The finding at the operating point, from the answer's label (not re-derived)."""
+        return self.label == self.positive_class
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any], positive_class: str) -> ResultFacts:
+        """The facts of a `/predict` JSON answer (`PredictionResponse.model_dump()`).
+
+        `positive_class` is the model contract's `decision.positive_class`. The CAM grid is taken
+        when the answer carries an explanation of that class.
+        """
+        model = answer["model"]
+        explanation = answer.get("explanation") or {}
+        grid = (
+            explanation.get("grid") if explanation.get("target_class") == positive_class else None
+        )
+        return cls(
+            label=str(answer["label"]),
+            probabilities={str(k): float(v) for k, v in answer["probabilities"].items()},
+            positive_class=positive_class,
+            threshold=float(answer["threshold"]),
+            model_name=str(model["name"]),
+            model_version=str(model["version"]),
+            model_sha256=str(model["sha256"]),
+            disclaimer=str(answer["disclaimer"]),
+            cam_grid=grid,
+        )
+
+    def __post_init__(self) -> None:
+        if self.positive_class not in self.probabilities:
+            raise ValueError("positive_class is not one of the probabilities' classes")
+        if self.label not in self.probabilities:
+            raise ValueError("label is not one of the probabilities' classes")
+        if self.cam_grid is not None:
+            grid = np.asarray(self.cam_grid, dtype=np.float64)
+            if grid.ndim != 2 or grid.size == 0 or not np.all(np.isfinite(grid)):
+                raise ValueError("cam_grid must be a non-empty 2-D grid of finite numbers")
+
+
+def _algorithm(facts: ResultFacts) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=facts.model_name,
+        version=facts.model_version,
+        parameters=[f"onnx sha256={facts.model_sha256}"],
+        family=codes.cid7162.ArtificialIntelligence,
+    )
+
+
+def _contributing_equipment(facts: ResultFacts) -> hd.ContributingEquipment:
+    equipment = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=facts.model_name[:64],
+        software_versions=facts.model_version[:64],
+        contribution_description=facts.disclaimer[:1024],
+    )
+    # highdicom accepts only CID 7005 purposes; IHE AIR names its own code for an algorithm.
+    equipment.PurposeOfReferenceCodeSequence = [PROCESSING_ALGORITHM]
+    # highdicom has no argument for it; IHE AIR asks for a Device UID that changes with the model.
+    equipment.DeviceUID = device_uid(facts.model_sha256)
+    return equipment
+
+
+def _library_view(source: Dataset) -> Dataset:
+    """The header fields the SR's Image Library describes, without pixels.
+
+    The projection-radiography descriptors (TID 1603) need Patient Orientation and Imager Pixel
+    Spacing, both Type 3 in CR and often missing (the pydicom-data CR has neither). Without them the
+    library entry keeps only the TID 1602 items (modality from the SOP class, rows, columns):
+    nothing is invented. highdicom picks the projection descriptors by the Modality attribute, so
+    the view then carries "OT" there while the coded modality still comes from the SOP class.
+    """
+    view = Dataset()
+    for keyword in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "Rows",
+        "Columns",
+        "PatientOrientation",
+        "ImagerPixelSpacing",
+        "FrameOfReferenceUID",
+    ):
+        if keyword in source:
+            setattr(view, keyword, source[keyword].value)
+    spacing = view.get("ImagerPixelSpacing")
+    has_projection = (
+        "PatientOrientation" in view
+        and len(view.PatientOrientation) == 2
+        and spacing is not None
+        and len(spacing) == 2
+    )
+    if not has_projection:
+        view.Modality = "OT"
+    return view
+
+
+# Type 2 attributes of the Patient and General Study modules: highdicom reads them all from the
+# evidence; an absent one becomes present and empty, which is what Type 2 means.
+_TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def _evidence_view(source: Dataset) -> Dataset:
+    """The source's header without its pixels, Type 2 patient/study attributes present."""
+    view = Dataset()
+    for element in source:
+        if element.tag.group < 0x7FE0:
+            view.add(element)
+    for keyword in _TYPE2_PATIENT_STUDY:
+        if keyword not in view:
+            setattr(view, keyword, "")
+    return view
+
+
+def _builder_view(evidence: Dataset) -> Dataset:
+    """`evidence` with its person names emptied, for highdicom's constructors.
+
+    highdicom warns about unusual person names and quotes them in the warning, which would put a
+    patient's or physician's name into the logs. The constructors get empty names; the real
+    modules are copied onto the finished object afterwards.
+    """
+    view = Dataset()
+    for element in evidence:
+        if element.VR == "PN":
+            view.add_new(element.tag, "PN", "")
+        else:
+            view.add(element)
+    return view
+
+
+def _hottest_cell_polygon(grid: Sequence[Sequence[float]], rows: int, columns: int) -> np.ndarray:
+    """Closed polyline (column, row pixel coordinates) around the CAM grid's hottest cell.
+
+    The model input is the whole image resized without keeping the aspect ratio, so a grid cell
+    maps onto the image by plain scaling.
+    """
+    cam = np.asarray(grid, dtype=np.float64)
+    r, c = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    cell_h, cell_w = rows / cam.shape[0], columns / cam.shape[1]
+    top, left = r * cell_h, c * cell_w
+    bottom, right = min(top + cell_h, rows - 1.0), min(left + cell_w, columns - 1.0)
+    return np.array(
+        [[left, top], [right, top], [right, bottom], [left, bottom], [left, top]],
+        dtype=np.float32,
+    )
+
+
+def build_sr(
+    source: Dataset,
+    facts: ResultFacts,
+    *,
+    series_number: int = SR_SERIES_NUMBER,
+    institution_name: str | None = None,
+    sr_class: SrClass = "comprehensive-3d",
+) -> Dataset:
+    """A TID 1500 Measurement Report of the answer for `source`: Comprehensive 3D SR (what IHE AIR
+    names), or Enhanced SR for a PACS that does not take 88.34 (the content has only 2-D SCOORDs,
+    so it fits either).
+
+    One whole-image measurement group (TID 1501): finding Pneumonia, a qualitative evaluation
+    Pneumonia = Present/Absent at the operating point, the calibrated probability (DCM 122157) and
+    the threshold (DCM 122411), with the algorithm's name, version and sha256. With a CAM grid a
+    planar ROI group (TID 1410) outlines the hottest cell so that viewers can draw it.
+    """
+    source_uid = str(source.SOPInstanceUID)
+    kind: ObjectKind = "sr" if sr_class == "comprehensive-3d" else "sr-enhanced"
+    algorithm = _algorithm(facts)
+    present = codes.DCM.Present if facts.positive else codes.DCM.Absent
+    probability = round(float(facts.positive_probability), 6)
+
+    def measurements() -> list[hd.sr.Measurement]:
+        return [
+            hd.sr.Measurement(
+                name=codes.DCM.Probability,
+                value=probability,
+                unit=codes.UCUM.NoUnits,
+                algorithm_id=algorithm,
+            ),
+            hd.sr.Measurement(
+                name=codes.DCM.ThresholdValue,
+                value=round(float(facts.threshold), 6),
+                unit=codes.UCUM.NoUnits,
+            ),
+        ]
+
+    def evaluation() -> list[hd.sr.QualitativeEvaluation]:
+        return [hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=present)]
+
+    group_uid = result_instance_uid(source_uid, facts.model_sha256, kind) + ".1"
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    ] = [
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=group_uid, identifier="pneumonia classification"
+            ),
+            finding_type=PNEUMONIA,
+            algorithm_id=algorithm,
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+            measurements=measurements(),
+            qualitative_evaluations=evaluation(),
+        )
+    ]
+    if facts.cam_grid is not None:
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=group_uid[:-1] + "2", identifier="class activation map peak"
+                ),
+                finding_type=PNEUMONIA,
+                algorithm_id=algorithm,
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                    graphic_data=_hottest_cell_polygon(
+                        facts.cam_grid, int(source.Rows), int(source.Columns)
+                    ),
+                    source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+                ),
+                measurements=measurements(),
+                qualitative_evaluations=evaluation(),
+            )
+        )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(facts.model_sha256),
+            name=facts.model_name[:64],
+            manufacturer_name=MANUFACTURER,
+            model_name=facts.model_name[:64],
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.cid100.ImagingProcedure,
+        imaging_measurements=groups,
+        title=codes.cid7021.ImagingMeasurementReport,
+        referenced_images=[_library_view(source)],
+    )
+    evidence = _evidence_view(source)
+    document = hd.sr.Comprehensive3DSR if sr_class == "comprehensive-3d" else hd.sr.EnhancedSR
+    sr = document(
+        evidence=[_builder_view(evidence)],
+        content=report[0],
+        series_instance_uid=result_series_uid(source_uid, facts.model_sha256, "sr"),
+        series_number=series_number,
+        sop_instance_uid=result_instance_uid(source_uid, facts.model_sha256, kind),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        institution_name=institution_name,
+        contributing_equipment=[_contributing_equipment(facts)],
+        series_description=SR_SERIES_DESCRIPTION,
+    )
+    # the whole Patient, General Study and Patient Study modules, not only highdicom's selection
+    sr.copy_patient_and_study_information(evidence)
+    return _explicit_le(sr)
+
+
+def _explicit_le(ds: Dataset) -> Dataset:
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+# The colour ramp of the heat map and its legend: dark blue (no evidence) to red (most evidence),
+# through cyan and yellow; anchors at 0, 1/3, 2/3 and 1.
+_RAMP = np.array([[0, 0, 160], [0, 200, 255], [255, 230, 0], [220, 0, 0]], dtype=np.float64)
+
+
+def _colour(values: np.ndarray) -> np.ndarray:
+    scaled = np.clip(values, 0.0, 1.0) * (len(_RAMP) - 1)
+    low = np.minimum(np.floor(scaled).astype(int), len(_RAMP) - 2)
+    frac = (scaled - low)[..., None]
+    return np.asarray(_RAMP[low] * (1.0 - frac) + _RAMP[low + 1] * frac, dtype=np.float64)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> list[str]:
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        trial = f"{current} {word}".strip()
+        if current and font.getlength(trial) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = trial
+    if current:
+        lines.append(current)
+    return lines
+
+
+def render_heatmap(image_u8: np.ndarray, facts: ResultFacts, opacity: float = 0.45) -> np.ndarray:
+    """RGB pixels: the CAM over the grey image, a colour legend, the result and the disclaimer."""
+    if image_u8.dtype != np.uint8 or image_u8.ndim != 2:
+        raise ValueError("image_u8 must be a 2-D uint8 grey image")
+    if facts.cam_grid is None:
+        raise ValueError("a heat map needs the answer's CAM grid")
+    rows, columns = image_u8.shape
+    grid = np.asarray(facts.cam_grid, dtype=np.float32)
+    cam = np.asarray(
+        Image.fromarray(grid, mode="F").resize((columns, rows), Image.Resampling.BILINEAR)
+    )
+    grey = np.repeat(image_u8[..., None].astype(np.float64), 3, axis=2)
+    blended = grey * (1.0 - opacity) + _colour(cam.astype(np.float64)) * opacity
+    canvas = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), mode="RGB")
+
+    draw = ImageDraw.Draw(canvas)
+    unit = max(10, min(rows, columns) // 40)
+    font = _font(unit)
+    margin = unit
+    # legend: a vertical bar at the right edge, "1" (most evidence) at the top
+    bar_w, bar_h = unit, max(4 * unit, rows // 3)
+    x0, y0 = columns - margin - bar_w - 3 * unit, margin
+    ramp = _colour(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(bar_w, axis=1)
+    canvas.paste(Image.fromarray(ramp.astype(np.uint8), mode="RGB"), (x0, y0))
+    draw.rectangle((x0 - 1, y0 - 1, x0 + bar_w, y0 + bar_h), outline=(255, 255, 255))
+    draw.text((x0 + bar_w + unit // 3, y0), "high", fill=(255, 255, 255), font=font)
+    draw.text((x0 + bar_w + unit // 3, y0 + bar_h - unit), "low", fill=(255, 255, 255), font=font)
+    # result line at the top left, disclaimer at the bottom over a dark band
+    verdict = "present" if facts.positive else "absent"
+    headline = (
+        f"AI: {facts.positive_class} {verdict} (p={facts.positive_probability:.3f}, "
+        f"threshold {facts.threshold:.3f}) {facts.model_name} {facts.model_version}"
+    )
+    text_width = max(unit * 10, x0 - 2 * margin)
+    for i, line in enumerate(_wrap(headline, font, text_width)):
+        draw.text((margin, margin + i * (unit + 4)), line, fill=(255, 255, 255), font=font)
+    lines = _wrap(facts.disclaimer, font, columns - 2 * margin)
+    band = len(lines) * (unit + 4) + margin
+    draw.rectangle((0, rows - band, columns, rows), fill=(0, 0, 0))
+    for i, line in enumerate(lines):
+        top = rows - band + margin // 2 + i * (unit + 4)
+        draw.text((margin, top), line, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)
+
+
+def build_heatmap_sc(
+    source: Dataset,
+    facts: ResultFacts,
+    image_u8: np.ndarray,
+    *,
+    series_number: int = SC_SERIES_NUMBER,
+) -> Dataset:
+    """A Secondary Capture of the heat map burned in over `image_u8` (the image as the model saw
+    it, at any size), with its legend and the disclaimer; BurnedInAnnotation YES."""
+    source_uid = str(source.SOPInstanceUID)
+    pixels = render_heatmap(image_u8, facts)
+    orientation = source.get("PatientOrientation")
+    evidence = _evidence_view(source)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=_builder_view(evidence),
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=result_series_uid(source_uid, facts.model_sha256, "sc"),
+        series_number=series_number,
+        sop_instance_uid=result_instance_uid(source_uid, facts.model_sha256, "sc"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        patient_orientation=(
+            (str(orientation[0]), str(orientation[1]))
+            if orientation is not None and len(orientation) == 2
+            else ("L", "F")
+        ),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[_contributing_equipment(facts)],
+        series_description=SC_SERIES_DESCRIPTION,
+    )
+    sc.copy_patient_and_study_information(evidence)
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = facts.disclaimer[:10240]
+    # dciodvfy's Type 2C rule on the General Series Laterality needs Body Part Examined present.
+    sc.BodyPartExamined = source.get("BodyPartExamined", "CHEST")
+    sc.DerivationDescription = "Class activation map of the AI result, burned in"
+    sc.SourceImageSequence = [_reference(source)]
+    return _explicit_le(sc)
+
+
+def _reference(source: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    return item
+
+
+def encode(ds: Dataset) -> bytes:
+    """PS3.10 file bytes (preamble, file meta, data set) in the data set's transfer syntax."""
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+_KIND_OF_CLASS: dict[str, ObjectKind] = {
+    COMPREHENSIVE_3D_SR: "sr",
+    ENHANCED_SR: "sr-enhanced",
+    SECONDARY_CAPTURE: "sc",
+}
+
+
+def render_objects(
+    source: Dataset,
+    facts: ResultFacts,
+    image_u8: np.ndarray | None = None,
+    *,
+    sr_class: SrClass = "comprehensive-3d",
+) -> list[ResultObject]:
+    """The encoded objects of one answer, ready for `Outbox.enqueue`: the SR always, the heat-map
+    SC when the answer has a CAM grid and the grey image it was computed on is given."""
+    objects = [build_sr(source, facts, sr_class=sr_class)]
+    if facts.cam_grid is not None and image_u8 is not None:
+        objects.append(build_heatmap_sc(source, facts, image_u8))
+    return [
+        ResultObject(
+            kind=_KIND_OF_CLASS[str(ds.SOPClassUID)],
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            payload=encode(ds),
+        )
+        for ds in objects
+    ]

@@ -1,0 +1,284 @@
+"""The result objects: deterministic UIDs, the SR's content read back by highdicom and DCMTK, the
+heat map's pixels, and dciodvfy on every object built from every kind of source."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pacs_results import DISCLAIMER, MODEL_SHA256, factory_source, grey_u8, load_source, make_facts
+from pacs_servers import require_tool
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from app.pacs.objects import (
+    COMPREHENSIVE_3D_SR,
+    SECONDARY_CAPTURE,
+    ResultFacts,
+    build_heatmap_sc,
+    build_sr,
+    encode,
+    render_heatmap,
+    render_objects,
+)
+from app.pacs.uids import device_uid, result_instance_uid, result_series_uid
+
+PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+    "StudyDescription",
+)
+
+
+def test_result_uids_are_deterministic_distinct_and_valid() -> None:
+    a = result_instance_uid("1.2.3.4", MODEL_SHA256, "sr")
+    assert a == result_instance_uid("1.2.3.4", MODEL_SHA256, "sr")
+    others = {
+        result_instance_uid("1.2.3.5", MODEL_SHA256, "sr"),
+        result_instance_uid("1.2.3.4", "0" * 64, "sr"),
+        result_instance_uid("1.2.3.4", MODEL_SHA256, "sc"),
+        result_series_uid("1.2.3.4", MODEL_SHA256, "sr"),
+        device_uid(MODEL_SHA256),
+    }
+    assert a not in others and len(others) == 5
+    for uid in (a, *others):
+        assert re.fullmatch(r"2\.25\.[1-9][0-9]*", uid) and len(uid) <= 64
+        assert int(uid[5:]) < 2**128
+    with pytest.raises(ValueError):
+        result_instance_uid("1.2.03", MODEL_SHA256, "sr")
+    with pytest.raises(ValueError):
+        result_instance_uid("1.2.3", "ABC", "sr")
+
+
+def _roundtrip(ds: Dataset, path: Path) -> Path:
+    path.write_bytes(encode(ds))
+    return path
+
+
+def test_sr_renders_the_answer_in_the_source_study(source: Dataset, tmp_path: Path) -> None:
+    facts = make_facts()
+    sr_path = _roundtrip(build_sr(source, facts), tmp_path / "sr.dcm")
+    sr = pydicom.dcmread(sr_path)
+    assert sr.SOPClassUID == COMPREHENSIVE_3D_SR
+    assert sr.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert sr.Modality == "SR"
+    assert "RESEARCH USE ONLY" in sr.SeriesDescription
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sr.SOPInstanceUID == result_instance_uid(source.SOPInstanceUID, MODEL_SHA256, "sr")
+    for keyword in PATIENT_STUDY:
+        assert sr.get(keyword, "") == source.get(keyword, ""), keyword
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    algorithms = [
+        item
+        for item in sr.ContributingEquipmentSequence
+        if item.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"
+    ]
+    assert len(algorithms) == 1
+    equipment = algorithms[0]
+    assert equipment.DeviceUID == device_uid(MODEL_SHA256)
+    assert equipment.SoftwareVersions == facts.model_version
+    assert equipment.ContributionDescription == DISCLAIMER
+
+    doc = hd.sr.srread(sr_path)
+    groups = doc.content.get_image_measurement_groups()
+    assert len(groups) == 1
+    group = groups[0]
+    assert group.finding_type.value == "233604007" and group.finding_type.scheme_designator == "SCT"
+    probability = group.get_measurements(name=pydicom.sr.codedict.codes.DCM.Probability)[0]
+    assert probability.value == pytest.approx(facts.positive_probability, abs=1e-6)
+    threshold = group.get_measurements(name=pydicom.sr.codedict.codes.DCM.ThresholdValue)[0]
+    assert threshold.value == pytest.approx(facts.threshold, abs=1e-6)
+    evaluations = [e for e in group.get_qualitative_evaluations() if e.name.value == "233604007"]
+    assert [e.value.value for e in evaluations] == ["121053"]  # Present
+    texts = {
+        item.ConceptNameCodeSequence[0].CodeValue: str(item.TextValue)
+        for item in group[0].ContentSequence
+        if "TextValue" in item
+    }
+    # Algorithm Name, Version and Parameters (the model's sha256)
+    assert texts["111001"] == facts.model_name
+    assert texts["111003"] == facts.model_version
+    assert MODEL_SHA256 in texts["111002"]
+    source_ref = group.source_images[0].referenced_sop_instance_uid
+    assert source_ref == source.SOPInstanceUID
+    rois = doc.content.get_planar_roi_measurement_groups()
+    assert len(rois) == 1 and rois[0].roi is not None
+    # Image Library entry for the source
+    library = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    assert len(library) == 1
+
+
+def test_sr_codes_absent_below_the_threshold(tmp_path: Path) -> None:
+    facts = make_facts(probability=0.2113, threshold=0.43)
+    assert facts.label == "NORMAL"
+    doc = hd.sr.srread(_roundtrip(build_sr(factory_source(), facts), tmp_path / "sr.dcm"))
+    group = doc.content.get_image_measurement_groups()[0]
+    evaluations = [e for e in group.get_qualitative_evaluations() if e.name.value == "233604007"]
+    assert [e.value.value for e in evaluations] == ["121054"]  # Absent
+    probability = group.get_measurements(name=pydicom.sr.codedict.codes.DCM.Probability)[0]
+    assert probability.value == pytest.approx(0.2113, abs=1e-6)
+
+
+def test_rebuilding_gives_the_same_uids_and_another_model_new_ones() -> None:
+    source = factory_source()
+    first, again = build_sr(source, make_facts()), build_sr(source, make_facts(probability=0.9))
+    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (
+        again.SOPInstanceUID,
+        again.SeriesInstanceUID,
+    )
+    other = build_sr(source, make_facts(model_sha256="1" * 64))
+    assert other.SOPInstanceUID != first.SOPInstanceUID
+    assert other.SeriesInstanceUID != first.SeriesInstanceUID
+
+
+def test_facts_refuse_an_inconsistent_answer() -> None:
+    with pytest.raises(ValueError):
+        make_facts(positive_class="COVID")
+    with pytest.raises(ValueError):
+        make_facts(cam_grid=[[float("nan")]])
+
+
+def test_heatmap_sc_burns_the_map_legend_and_disclaimer(source: Dataset, tmp_path: Path) -> None:
+    facts = make_facts()
+    image = grey_u8()
+    sc = pydicom.dcmread(_roundtrip(build_heatmap_sc(source, facts, image), tmp_path / "sc.dcm"))
+    assert sc.SOPClassUID == SECONDARY_CAPTURE
+    assert sc.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert sc.BurnedInAnnotation == "YES"
+    assert sc.PhotometricInterpretation == "RGB"
+    assert sc.StudyInstanceUID == source.StudyInstanceUID
+    assert sc.SeriesInstanceUID not in (
+        source.SeriesInstanceUID,
+        build_sr(source, facts).SeriesInstanceUID,
+    )
+    assert sc.SOPInstanceUID == result_instance_uid(source.SOPInstanceUID, MODEL_SHA256, "sc")
+    for keyword in PATIENT_STUDY:
+        assert sc.get(keyword, "") == source.get(keyword, ""), keyword
+    pixels = sc.pixel_array
+    assert pixels.shape == (*image.shape, 3)
+    # the hottest CAM cell (row 1, column 2 of 4x4) is red-dominant, the coldest blue-dominant
+    hot = pixels[int(1.5 * 224 / 4), int(2.5 * 224 / 4)].astype(int)
+    cold = pixels[int(3.5 * 224 / 4) - 40, int(0.5 * 224 / 4)].astype(int)
+    assert hot[0] > hot[2] + 60, hot
+    assert cold[2] > cold[0] + 30, cold
+    # the stored pixels are exactly the rendering (no lossy step on the way)
+    assert np.array_equal(render_heatmap(image, facts), pixels)
+
+
+def test_heatmap_text_is_really_burned_in() -> None:
+    facts = make_facts()
+    with_text = render_heatmap(grey_u8(), facts)
+    blank = render_heatmap(grey_u8(), make_facts(disclaimer="x"))
+    bottom = slice(-40, None)
+    # different disclaimer text changes the bottom band's pixels
+    assert not np.array_equal(with_text[bottom], blank[bottom])
+    # and the legend bar at the right edge holds the whole colour ramp, red at the top
+    legend = with_text[20:80, :, :]
+    assert (legend[..., 0].astype(int) - legend[..., 2]).max() > 150
+
+
+@pytest.mark.parametrize("kind", ["sr", "sr-enhanced", "sc"])
+def test_dciodvfy_reports_no_error(source: Dataset, kind: str, tmp_path: Path) -> None:
+    dciodvfy = require_tool("dciodvfy", "dicom3tools")
+    facts = make_facts()
+    if kind == "sc":
+        built = build_heatmap_sc(source, facts, grey_u8())
+    else:
+        built = build_sr(
+            source, facts, sr_class="enhanced" if kind == "sr-enhanced" else "comprehensive-3d"
+        )
+    path = _roundtrip(built, tmp_path / f"{kind}.dcm")
+    run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
+    output = run.stdout + run.stderr
+    expected_iod = {"sr": "Comprehensive3DSR", "sr-enhanced": "EnhancedSR", "sc": "SCImage"}[kind]
+    assert expected_iod in output
+    assert [line for line in output.splitlines() if line.startswith("Error")] == []
+
+
+def test_dsrdump_reads_the_sr(tmp_path: Path) -> None:
+    dsrdump = require_tool("dsrdump", "dcmtk")
+    source = load_source("rg1_cr")
+    path = _roundtrip(build_sr(source, make_facts()), tmp_path / "sr.dcm")
+    run = subprocess.run([dsrdump, "+Pc", str(path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    tree = run.stdout
+    assert "Comprehensive 3D SR Document" in tree
+    assert '(233604007,SCT,"Pneumonia")' in tree
+    assert '(121053,DCM,"Present")' in tree
+    assert re.search(r'NUM:\(122157,DCM,"Probability"\)="0\.8731"', tree), tree
+    assert re.search(r'NUM:\(122411,DCM,"Threshold Value"\)="0\.43"', tree), tree
+    assert '(126000,DCM,"Imaging Measurement Report")' in tree
+    assert "POLYLINE" in tree
+
+
+ANSWER = {
+    "label": "PNEUMONIA",
+    "probabilities": {"NORMAL": 0.08, "PNEUMONIA": 0.92},
+    "threshold": 0.43,
+    "model": {"name": "pneumonia_cxr", "version": "1.0.0", "sha256": MODEL_SHA256},
+    "execution_provider": "CPUExecutionProvider",
+    "request_id": "0b9f6c1e2d7a4f0c9a8b7c6d5e4f3a2b",
+    "disclaimer": DISCLAIMER,
+    "explanation": {"method": "CAM", "target_class": "PNEUMONIA", "grid": [[0.0, 1.0], [0.5, 0.2]]},
+}
+
+
+def test_facts_from_a_predict_answer_and_the_objects_render_it(tmp_path: Path) -> None:
+    facts = ResultFacts.from_answer(ANSWER, positive_class="PNEUMONIA")
+    assert facts.positive and facts.positive_probability == 0.92 and facts.threshold == 0.43
+    assert facts.cam_grid == [[0.0, 1.0], [0.5, 0.2]]
+    assert (facts.model_name, facts.model_version, facts.model_sha256) == (
+        "pneumonia_cxr",
+        "1.0.0",
+        MODEL_SHA256,
+    )
+    source = factory_source(index=40)
+    objects = render_objects(source, facts, grey_u8())
+    assert [o.kind for o in objects] == ["sr", "sc"]
+    assert [o.sop_class_uid for o in objects] == [COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE]
+    sr_path = tmp_path / "sr.dcm"
+    sr_path.write_bytes(objects[0].payload)
+    group = hd.sr.srread(sr_path).content.get_image_measurement_groups()[0]
+    probability = group.get_measurements(name=pydicom.sr.codedict.codes.DCM.Probability)[0]
+    assert probability.value == pytest.approx(0.92)
+    # no explanation in the answer: the SR alone, and no heat map can be drawn
+    plain = ResultFacts.from_answer({**ANSWER, "explanation": None}, positive_class="PNEUMONIA")
+    assert plain.cam_grid is None
+    assert [o.kind for o in render_objects(source, plain, grey_u8())] == ["sr"]
+    with pytest.raises(ValueError):
+        build_heatmap_sc(source, plain, grey_u8())
+
+
+def test_building_logs_and_warns_nothing_from_the_header(
+    caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    """highdicom quotes odd person names in warnings and source UIDs in INFO logs; neither may
+    reach the service's logs (RG1's referring physician is the one-word name "ward")."""
+    source = load_source("rg1_cr")
+    caplog.set_level("DEBUG")
+    for built in (
+        build_sr(source, make_facts()),
+        build_heatmap_sc(source, make_facts(), grey_u8()),
+    ):
+        assert built.ReferringPhysicianName == "ward"  # the real value is still copied
+    header_values = [str(source.PatientName), str(source.PatientID), "ward"]
+    header_values += [str(source.SOPInstanceUID), str(source.StudyInstanceUID)]
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= 20] + [
+        str(w.message) for w in recwarn
+    ]
+    for value in header_values:
+        assert not any(value in line for line in logged), value
