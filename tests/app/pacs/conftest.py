@@ -6,11 +6,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from pacs_results import SOURCES, load_source
-from pacs_servers import Orthanc, orthanc_server, postgres_cluster
 from pydicom.dataset import Dataset
 
 from app.pacs.outbox import Outbox
+from tests.app.pacs.pacs_results import SOURCES, load_source
+from tests.app.pacs.pacs_servers import Orthanc, orthanc_server, postgres_cluster
 
 
 @pytest.fixture(params=SOURCES)

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from app.pacs.objects import ResultFacts, build_heatmap_sc, build_sr, encode
 from app.pacs.outbox import Delivery, Outbox, ResultObject
 from app.pacs.uids import result_key
-from tests.dicom_factory import CR_STORAGE, DX_STORAGE, make_dataset, ramp
+from app.testing.dicom_files import CR_STORAGE, DX_STORAGE, make_dataset, ramp
 
 MODEL_SHA256 = "5f1d6a3c" * 8
 DISCLAIMER = (

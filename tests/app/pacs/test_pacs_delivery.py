@@ -15,16 +15,6 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
-from pacs_results import (
-    answer_json,
-    as_deliveries,
-    enqueue_answer,
-    factory_source,
-    load_source,
-    make_facts,
-    result_objects,
-)
-from pacs_servers import ORTHANC_AET, Orthanc, free_port
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -36,6 +26,16 @@ from app.pacs.delivery import (
 )
 from app.pacs.objects import ResultFacts, render_objects
 from app.pacs.outbox import Outbox, ResultObject
+from tests.app.pacs.pacs_results import (
+    answer_json,
+    as_deliveries,
+    enqueue_answer,
+    factory_source,
+    load_source,
+    make_facts,
+    result_objects,
+)
+from tests.app.pacs.pacs_servers import ORTHANC_AET, Orthanc, free_port
 
 T0 = 1_800_000_000.0
 

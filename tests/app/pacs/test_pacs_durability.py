@@ -12,7 +12,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pacs_results import (
+from app.pacs.delivery import StowRsDestination
+from app.pacs.outbox import Outbox
+from tests.app.pacs.pacs_results import (
     as_deliveries,
     enqueue_answer,
     factory_source,
@@ -20,10 +22,7 @@ from pacs_results import (
     make_facts,
     result_objects,
 )
-from pacs_servers import Orthanc
-
-from app.pacs.delivery import StowRsDestination
-from app.pacs.outbox import Outbox
+from tests.app.pacs.pacs_servers import Orthanc
 
 REPO = Path(__file__).resolve().parents[3]
 RESULTS = 10

@@ -11,8 +11,6 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pacs_results import DISCLAIMER, MODEL_SHA256, factory_source, grey_u8, load_source, make_facts
-from pacs_servers import require_tool
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -27,6 +25,15 @@ from app.pacs.objects import (
     render_objects,
 )
 from app.pacs.uids import device_uid, result_instance_uid, result_series_uid
+from tests.app.pacs.pacs_results import (
+    DISCLAIMER,
+    MODEL_SHA256,
+    factory_source,
+    grey_u8,
+    load_source,
+    make_facts,
+)
+from tests.app.pacs.pacs_servers import require_tool
 
 PATIENT_STUDY = (
     "PatientName",

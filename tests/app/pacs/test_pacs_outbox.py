@@ -12,10 +12,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from pacs_results import enqueue_answer, factory_source, make_facts
 
 from app.pacs.delivery import DeliveryWorker, Outcome
 from app.pacs.outbox import SQLITE_FILE, Delivery, Outbox
+from tests.app.pacs.pacs_results import enqueue_answer, factory_source, make_facts
 
 DEST = "stow:pacs-a"
 OTHER = "dimse:PACS_B"
