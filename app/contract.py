@@ -17,9 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
@@ -29,6 +27,12 @@ from pydantic import (
 # class activation maps, the last feature map), and `cam`, the dense head's weights. A version 2
 # file (one `output`) still loads, as a model without explanations.
 SCHEMA_VERSION = 3
+
+# Said by every answer and every result object, whatever the model.
+DISCLAIMER = (
+    "Research use only. This is not a medical device and must not be used for diagnosis or "
+    "treatment decisions; a qualified clinician must review every image."
+)
 SUPPORTED_SCHEMA_VERSIONS = (2, 3)
 
 
@@ -60,8 +64,11 @@ class OutputSpec(TensorSpec):
     """
 
     role: Literal["classifier", "cam_features"] = "classifier"
-    # Only the classifier's scores have a kind (default `logits`); a feature map has none.
-    kind: Literal["logits", "probabilities"] | None = None
+    # Only the classifier's scores have a kind (default `logits`); a feature map has none, and
+    # its serialisation has no `kind` key.
+    kind: Literal["logits", "probabilities"] | None = Field(
+        default=None, exclude_if=lambda value: value is None
+    )
     layout: Literal["NC", "NCHW", "NHWC"] = "NC"
 
     @model_validator(mode="after")
@@ -71,13 +78,6 @@ class OutputSpec(TensorSpec):
         if self.role != "classifier" and self.kind is not None:
             raise ValueError(f"a {self.role} output has no kind (got {self.kind!r})")
         return self
-
-    @model_serializer(mode="wrap")
-    def _without_empty_kind(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if data.get("kind") is None:
-            data.pop("kind", None)
-        return data
 
 
 class CamSpec(_Strict):

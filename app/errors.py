@@ -130,3 +130,25 @@ class DeadlineExceeded(ServiceError):
 
 class ModelLoadError(Exception):
     """Why a model cannot be served; its message becomes the not-ready reason."""
+
+
+class DeliveryNotConfigured(ServiceError):
+    """DICOM result objects were asked for, but this instance keeps no state to deliver them
+    from (`CXR_STATE_DIR` is not set)."""
+
+    status_code = HTTPStatus.NOT_IMPLEMENTED
+    code = "not_configured"
+
+
+class ResultNotFound(ServiceError):
+    """No result is stored for that SOP Instance UID (never produced, or purged after delivery)."""
+
+    status_code = HTTPStatus.NOT_FOUND
+    code = "result_not_found"
+
+
+class MalformedRequest(ServiceError):
+    """A DICOMweb request whose syntax is broken (STOW-RS answers 400 for it, per PS3.18)."""
+
+    status_code = HTTPStatus.BAD_REQUEST
+    code = "malformed_request"

@@ -11,25 +11,29 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI
 
+from app.contract import DISCLAIMER
 from app.errors import ModelLoadError
+from app.http import schemas
 from app.http.auth import ApiKeys, document_api_keys
 from app.http.docs import install_docs
 from app.http.draining import Drain, DrainMiddleware
 from app.http.errors import install_error_handlers
+from app.http.pacs import router as pacs_router
 from app.http.routes import router
-from app.http.schemas import DISCLAIMER
 from app.http.viewer import router as viewer_router
 from app.model.gpu import preload_cuda_libraries
 from app.model.loading import load_classifier
 from app.ops.memory import return_large_blocks_to_the_os
 from app.ops.metrics import ServiceMetrics
 from app.ops.observability import RequestContextMiddleware, configure_logging
-from app.serving.prediction import start_prediction
+from app.pacs.pipeline import ResultsPipeline
+from app.serving.prediction import Prediction, PredictionStep, start_prediction
 from app.serving.state import ServiceState
 from app.settings import Settings
 
@@ -56,7 +60,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.fail(str(exc))
         logger.error("model not ready", extra={"fields": {"reason": str(exc)}})
     else:
-        state.serve(start_prediction(classifier, settings, app.state.metrics))
+        step = start_prediction(classifier, settings, app.state.metrics)
+        try:
+            app.state.pipeline = await start_results_pipeline(settings, step)
+        except Exception as exc:  # a state dir, database or port that cannot be used
+            reason = f"DICOM networking could not start: {type(exc).__name__}: {exc}"[:300]
+            state.fail(reason)
+            logger.error("dicom networking not ready", extra={"fields": {"reason": reason}})
+            await step.aclose()
+        else:
+            state.serve(step)
         meta = classifier.metadata
         logger.info(
             "model ready",
@@ -71,14 +84,40 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             },
         )
     # SIGTERM: readiness 503 at once, serve on through the drain window, then uvicorn's shutdown.
+    # The C-STORE listener takes no new association from the signal on; running ones finish.
+    pipeline: ResultsPipeline | None = app.state.pipeline
+    if pipeline is not None:
+        drain.on_draining(lambda: pipeline.stop_listening(settings.drain_seconds))
     drain.install_signal_handlers(state)
     try:
         yield
     finally:
         state.begin_shutdown()
         logger.info("shutting down")
+        if pipeline is not None:
+            await pipeline.aclose(settings.drain_seconds)
+            app.state.pipeline = None
         if state.step is not None:
             await state.step.aclose()  # images already queued still get their answers
+
+
+async def start_results_pipeline(
+    settings: Settings, step: PredictionStep
+) -> ResultsPipeline | None:
+    """DICOM networking (results outbox and delivery, STOW-RS and C-STORE intake) when the
+    settings give it a state directory; None otherwise."""
+    if settings.state_dir is None:
+        return None
+    classifier = step.classifier
+
+    def shape_answer(prediction: Prediction, request_id: str) -> dict[str, Any]:
+        total_ms = round(prediction.decode_ms + prediction.inference_ms, 2)
+        answer = schemas.prediction_response(prediction, classifier, request_id, total_ms)
+        return answer.model_dump(mode="json")
+
+    pipeline = await anyio.to_thread.run_sync(ResultsPipeline, settings, step, shape_answer)
+    pipeline.start()
+    return pipeline
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -98,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     # Present before the lifespan runs, so probes answer 503 "model is loading" rather than fail.
     app.state.service = ServiceState()
+    app.state.pipeline = None
     app.state.drain = Drain(settings.drain_seconds, settings.retry_after_s)
     # Read here, not in the lifespan: a key file that cannot be used stops the process at once
     # rather than leaving it up and open.
@@ -105,12 +145,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     document_api_keys(app)
     metrics = app.state.metrics = ServiceMetrics()
     metrics.watch_service(lambda: app.state.service)
+    metrics.watch_pacs(lambda: app.state.pipeline)
     install_error_handlers(app)
     # The last added is the outermost: request ids, the access log and the request metrics wrap
     # the drain's 503s.
     app.add_middleware(DrainMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(router)
+    app.include_router(pacs_router)
     app.include_router(viewer_router)
     return app
 

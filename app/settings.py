@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from PIL import Image
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The directory that holds the `app` package: the repository checkout, or the copy of it that is
@@ -157,12 +157,129 @@ class Settings(BaseSettings):
         "`sha256sum` output works); `#` starts a comment. Read once at start-up.",
     )
 
+    # -- DICOM networking: result objects for PACS, their delivery, and DICOM intake ----------
+    state_dir: Path | None = Field(
+        default=None,
+        description="Directory for the durable state of DICOM networking: the results outbox "
+        "(SQLite, unless `state_url` is set) and the intake spool. Needed by `POST "
+        "/predict?deliver=true`, the STOW-RS endpoint and the C-STORE listener; mount a volume.",
+    )
+    state_url: SecretStr | None = Field(
+        default=None,
+        description="`postgresql://user:password@host/db` to keep the results outbox in "
+        "PostgreSQL, shared safely by several replicas (the intake spool stays in `state_dir`).",
+    )
+    results_dicomweb_url: str | None = Field(
+        default=None,
+        description="DICOMweb base URL of the PACS that receives the result objects by STOW-RS "
+        "(`{base}/studies`), e.g. `http://pacs:8042/dicom-web`.",
+    )
+    results_dicomweb_auth: SecretStr | None = Field(
+        default=None,
+        description="The `Authorization` header value for the STOW-RS destination, e.g. "
+        "`Bearer <token>` or `Basic <base64>`. Never logged.",
+    )
+    results_dimse: str | None = Field(
+        default=None,
+        description="`AET@host:port` of a DICOM node that receives the result objects by C-STORE.",
+    )
+    results_heatmap: bool = Field(
+        default=False,
+        description="Also send a Secondary Capture with the class activation map burned in (and "
+        "its legend and the disclaimer) beside each SR; `deliver=true` answers then carry the "
+        "`explanation` it was drawn from.",
+    )
+    results_max_backoff_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Longest wait between two delivery attempts to a destination that is down "
+        "(backoff doubles from 1 s up to this), so a PACS that comes back is served soon.",
+    )
+    results_give_up_after_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="Age after which an undelivered result stops being retried; it is then kept "
+        "as failed (visible in `/results/...` and the metrics), never dropped.",
+    )
+    results_retention_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="How long delivered results stay readable at `/results/...` before they are "
+        "purged from the outbox.",
+    )
+    dicom_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port of the DICOM C-STORE listener (SCP); unset: no listener.",
+    )
+    dicom_host: str = Field(
+        default="127.0.0.1",
+        description="Bind address of the C-STORE listener (`0.0.0.0` in the container).",
+    )
+    dicom_ae_title: str = Field(
+        default="CXR_AI",
+        min_length=1,
+        max_length=16,
+        description="AE title of the C-STORE listener, and the calling AE title of C-STORE "
+        "deliveries.",
+    )
+    dicom_allowed_aets: str | None = Field(
+        default=None,
+        description="Comma-separated calling AE titles the listener accepts associations from; "
+        "unset: any.",
+    )
+    dicom_max_associations: int = Field(
+        default=10, ge=1, le=256, description="Concurrent associations the listener accepts."
+    )
+    intake_max_pending: int = Field(
+        default=2000,
+        ge=1,
+        description="Images received by STOW-RS or C-STORE and not yet read that the spool holds; "
+        "past it, STOW-RS answers 503 (Retry-After) and C-STORE 0xA700 (out of resources).",
+    )
+    intake_max_pending_bytes: int = Field(
+        default=4096 * MiB,
+        ge=MiB,
+        description="Bytes of images the intake spool holds, with the same refusals past it.",
+    )
+
+    @model_validator(mode="after")
+    def _networking_needs_state(self) -> Settings:
+        wanted = [
+            name
+            for name in ("results_dicomweb_url", "results_dimse", "dicom_port")
+            if getattr(self, name) is not None
+        ]
+        if wanted and self.state_dir is None:
+            names = ", ".join(f"CXR_{name.upper()}" for name in wanted)
+            raise ValueError(f"{names} need CXR_STATE_DIR (where results and images are kept)")
+        return self
+
+    @property
+    def allowed_calling_aets(self) -> set[str] | None:
+        if self.dicom_allowed_aets is None:
+            return None
+        return {a.strip() for a in self.dicom_allowed_aets.split(",") if a.strip()} or None
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("api_keys", "api_keys_file", mode="before")
+    @field_validator(
+        "api_keys",
+        "api_keys_file",
+        "state_dir",
+        "state_url",
+        "results_dicomweb_url",
+        "results_dicomweb_auth",
+        "results_dimse",
+        "dicom_port",
+        "dicom_allowed_aets",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # Compose and Kubernetes pass an unset variable as "": that means "no keys", not ".".

@@ -11,12 +11,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from app.errors import InvalidRequest, ModelNotReady, Unauthorized
+from app.errors import DeliveryNotConfigured, InvalidRequest, ModelNotReady, Unauthorized
 from app.http.auth import API_KEY_HEADER, ApiKeys
 from app.http.uploads import Framing
 from app.model.classifier import Classifier
 from app.ops.metrics import ServiceMetrics
 from app.ops.observability import RequestContext, request_context
+from app.pacs.pipeline import ResultsPipeline
 from app.serving.prediction import PredictionStep
 from app.serving.state import ServiceState
 from app.settings import Settings
@@ -131,3 +132,28 @@ async def require_api_key(
 
 # For route decorators: `@router.get(..., dependencies=REQUIRE_API_KEY)`.
 REQUIRE_API_KEY = [Depends(require_api_key)]
+
+
+# -- DICOM networking ------------------------------------------------------------------------
+
+
+async def get_pipeline(request: Request, _: StepDep) -> ResultsPipeline:
+    """The results pipeline (outbox, intake spool), or 501 when this instance has no state dir."""
+    pipeline: ResultsPipeline | None = getattr(request.app.state, "pipeline", None)
+    if pipeline is None:
+        raise DeliveryNotConfigured(
+            "this instance keeps no DICOM results: set CXR_STATE_DIR (and a destination, "
+            "CXR_RESULTS_DICOMWEB_URL or CXR_RESULTS_DIMSE) to have them made and delivered"
+        )
+    return pipeline
+
+
+PipelineDep = Annotated[ResultsPipeline, Depends(get_pipeline)]
+
+
+async def get_optional_pipeline(request: Request) -> ResultsPipeline | None:
+    pipeline: ResultsPipeline | None = getattr(request.app.state, "pipeline", None)
+    return pipeline
+
+
+OptionalPipelineDep = Annotated[ResultsPipeline | None, Depends(get_optional_pipeline)]

@@ -57,6 +57,11 @@ class Drain:
         self._pending: set[anyio.CancelScope] = set()
         self._window: asyncio.Task[None] | None = None
         self._handed_over = False
+        self._on_draining: list[Callable[[], object]] = []
+
+    def on_draining(self, callback: Callable[[], object]) -> None:
+        """Run `callback` (blocking is fine: it runs in a worker thread) when draining begins."""
+        self._on_draining.append(callback)
 
     @property
     def pending(self) -> int:
@@ -107,7 +112,12 @@ class Drain:
 
             signal.signal(sig, handler)
 
+    def _begin_draining_callbacks(self) -> None:
+        for callback in self._on_draining:
+            asyncio.get_running_loop().run_in_executor(None, callback)
+
     def _open_window(self, server_handler: ServerSignalHandler, signum: int) -> None:
+        self._begin_draining_callbacks()
         logger.info(
             "draining",
             extra={

@@ -24,8 +24,10 @@ from app.http.deps import (
     ServiceStateDep,
     SettingsDep,
     StepDep,
+    get_pipeline,
 )
 from app.http.errors import error_responses
+from app.http.pacs import record_result, require_dicom_upload
 from app.http.schemas import (
     BatchPredictionResponse,
     LiveResponse,
@@ -69,7 +71,7 @@ _PREDICT_BODY = {
 }
 
 
-_PREDICT_ERRORS = error_responses(413, 415, 422, 429, 503)
+_PREDICT_ERRORS = error_responses(413, 415, 422, 429, 501, 503)
 
 
 @router.post(
@@ -99,6 +101,15 @@ async def predict(
         str | None,
         Query(description="The class to explain; by default the answer's label."),
     ] = None,
+    deliver: Annotated[
+        bool,
+        Query(
+            description="DICOM uploads only: also make the result objects (a TID 1500 SR in the "
+            "image's study, and the heat-map SC where configured), store them durably before "
+            "answering, and deliver them to the configured PACS; the answer carries `result`. "
+            "A JPEG/PNG gets 422; an instance without CXR_STATE_DIR 501."
+        ),
+    ] = False,
 ) -> PredictionResponse:
     """Classify one frontal chest X-ray as NORMAL or PNEUMONIA (research use only).
 
@@ -129,14 +140,21 @@ async def predict(
     the coloured map, and the two overlaid). Default answers do not compute it.
     """
     step.check_explanation_request(explain, explain_class)  # before the body is read
+    results = await get_pipeline(request, step) if deliver else None
+    explain = explain or (results is not None and results.explains)
     timer = context.timer
     with step.admit(1, declared_upload_bytes(framing, settings.max_upload_bytes)):
         reading = read_upload(request, framing, settings.max_upload_bytes)
         data = await _timed_read(timer, reading)
+        if results is not None:
+            require_dicom_upload(data)
         prediction = await step.predict(data, deadline, explain, explain_class, timer)
-    return schemas.prediction_response(
+    answer = schemas.prediction_response(
         prediction, step.classifier, context.request_id, timer.finish()
     )
+    if results is None:
+        return answer
+    return await record_result(results, data, answer, prediction)
 
 
 _BATCH_BODY = {

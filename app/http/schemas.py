@@ -3,11 +3,13 @@ that shape the serving stage's results into them, so that routes only route."""
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from app.contract import (
+    DISCLAIMER,
     Calibration,
     Decision,
     InputSpec,
@@ -20,12 +22,8 @@ from app.http.errors import ErrorDetail
 from app.imaging.dicom import DicomFindings
 from app.model.classifier import Classifier
 from app.model.explain import DEFAULT_OPACITY
+from app.pacs.outbox import DeliveryState, ResultObject
 from app.serving.prediction import Explained, Prediction
-
-DISCLAIMER = (
-    "Research use only. This is not a medical device and must not be used for diagnosis or "
-    "treatment decisions; a qualified clinician must review every image."
-)
 
 
 class ModelIdentity(BaseModel):
@@ -91,6 +89,43 @@ class Explanation(BaseModel):
     overlay_png: str = Field(description="Base64 PNG: the heat map laid over the input image.")
 
 
+class ResultObjectInfo(BaseModel):
+    kind: str = Field(description="`sr` (TID 1500 Comprehensive 3D SR) or `sc` (heat map).")
+    sop_class_uid: str
+    sop_instance_uid: str = Field(
+        description="Derived from the source image, the model and the kind: sending the same "
+        "image again yields the same objects."
+    )
+
+
+class DeliveryInfo(BaseModel):
+    destination: str = Field(description="`dicomweb` (STOW-RS) or `dimse` (C-STORE).")
+    kind: str
+    sop_instance_uid: str
+    state: str = Field(description="`pending` (queued or being retried), `delivered`, `failed`.")
+    attempts: int
+    last_error: str | None = Field(description="Status or error class of the last failure.")
+
+
+class ResultInfo(BaseModel):
+    """The DICOM result objects of one answer, and their delivery."""
+
+    source_sop_instance_uid: str
+    objects: list[ResultObjectInfo]
+    deliveries: list[DeliveryInfo] = Field(
+        description="One per object and configured destination; empty when none is configured "
+        "(the result is then only readable at `/results/...`)."
+    )
+
+
+class StoredResultResponse(BaseModel):
+    """A stored result: the answer the objects were made from, and their delivery states."""
+
+    answer: dict[str, Any] = Field(description="The JSON answer (as `POST /predict` gives it).")
+    result: ResultInfo
+    disclaimer: str = DISCLAIMER
+
+
 class PredictionResponse(BaseModel):
     label: str = Field(description="The class at the model's operating threshold.")
     probabilities: dict[str, float] = Field(
@@ -112,6 +147,13 @@ class PredictionResponse(BaseModel):
     )
     explanation: Explanation | None = Field(
         default=None, description="Present only when asked for with `explain=true`."
+    )
+    # Answers without `deliver=true` stay exactly what they were: no `result` key at all.
+    result: ResultInfo | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="Present only with `deliver=true`: the DICOM result objects made from this "
+        "answer and where they are being delivered.",
     )
     disclaimer: str = DISCLAIMER
 
@@ -273,4 +315,31 @@ def model_info(classifier: Classifier) -> ModelInfo:
         metrics=dict(meta.metrics),
         provenance=dict(meta.provenance),
         execution_provider=classifier.execution_provider,
+    )
+
+
+def result_info(
+    source_sop_instance_uid: str,
+    objects: Sequence[ResultObject],
+    deliveries: Sequence[DeliveryState],
+) -> ResultInfo:
+    return ResultInfo(
+        source_sop_instance_uid=source_sop_instance_uid,
+        objects=[
+            ResultObjectInfo(
+                kind=o.kind, sop_class_uid=o.sop_class_uid, sop_instance_uid=o.sop_instance_uid
+            )
+            for o in objects
+        ],
+        deliveries=[
+            DeliveryInfo(
+                destination=d.destination,
+                kind=d.kind,
+                sop_instance_uid=d.sop_instance_uid,
+                state=d.state,
+                attempts=d.attempts,
+                last_error=d.last_error,
+            )
+            for d in deliveries
+        ],
     )

@@ -162,6 +162,13 @@ class _FilePartCollector:
         }
 
 
+async def read_body(request: Request, framing: Framing, max_bytes: int) -> bytes:
+    """The whole body, whatever its media type (the caller checks it), at most `max_bytes`
+    (413 past it, declared or counted while streaming; chunked bodies are read the same way)."""
+    framing.refuse_declared_length(max_bytes)
+    return await _read_raw(_bounded(request, max_bytes))
+
+
 async def read_upload_parts(
     request: Request, framing: Framing, max_bytes: int, max_parts: int
 ) -> list[bytes]:

@@ -191,6 +191,17 @@ def _gate_intended_use(ds: FileDataset, rules: IntendedUse) -> str:
     return modality
 
 
+def intended_use_refusal(ds: Dataset, rules: IntendedUse) -> str | None:
+    """None when a header describes an image the model was made for (modality, SOP class, body
+    part, view), else the reason, fit to show (coded values only). For the DICOM intakes, which
+    gate on the header before they queue an instance; the pixels are checked when it is read."""
+    try:
+        _gate_intended_use(ds, rules)  # type: ignore[arg-type]
+    except NotIntendedUse as exc:
+        return exc.message
+    return None
+
+
 def _gate_pixels(ds: FileDataset, limits_max_pixels: int, min_side: int) -> None:
     if "PixelData" not in ds:
         other = next((k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds), None)

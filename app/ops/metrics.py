@@ -10,7 +10,7 @@ in a label value.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,7 +21,10 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from app.pacs.pipeline import ResultsPipeline
 from app.serving.prediction import PredictionStep
 from app.serving.state import ServiceState
 from app.serving.timing import PHASES
@@ -122,6 +125,10 @@ class ServiceMetrics:
         self.in_flight_limit.set_function(from_step(lambda s: s.admission.max_images))
         self.decode_budget_bytes.set_function(from_step(lambda s: s.decode_budget.reserved_bytes))
 
+    def watch_pacs(self, pipeline: Callable[[], ResultsPipeline | None]) -> None:
+        """Results and intake metrics, read from the current pipeline at scrape time."""
+        self.registry.register(_PacsCollector(pipeline))
+
     def model_loaded(self, name: str, version: str, sha256: str, provider: str) -> None:
         self.model.info(
             {"name": name, "version": version, "sha256": sha256, "execution_provider": provider}
@@ -129,3 +136,66 @@ class ServiceMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PacsCollector(Collector):
+    """DICOM networking, read at scrape time: the outbox by destination and state, delivery
+    attempts, the oldest undelivered result, and intake outcomes. Labels are closed sets:
+    destinations are `dicomweb`/`dimse`, states and outcomes are codes of ours."""
+
+    def __init__(self, pipeline: Callable[[], ResultsPipeline | None]) -> None:
+        self._pipeline = pipeline
+
+    def describe(self) -> list[Metric]:
+        return []  # collected lazily: the pipeline exists only once the model is ready
+
+    def collect(self) -> Iterator[Metric]:
+        pipeline = self._pipeline()
+        if pipeline is None:
+            return
+        queued = GaugeMetricFamily(
+            "cxr_results_deliveries",
+            "Result objects in the outbox, by destination and state (pending: queued or being "
+            "retried; delivered: kept until the retention passes; failed: given up, kept).",
+            labels=["destination", "state"],
+        )
+        stats = pipeline.outbox.stats()
+        for (state, destination), count in sorted(stats.counts.items()):
+            queued.add_metric([destination, state], count)
+        yield queued
+        oldest = GaugeMetricFamily(
+            "cxr_results_oldest_undelivered_age_seconds",
+            "Age of the oldest result object not yet delivered (0 when none is waiting).",
+        )
+        oldest.add_metric([], stats.oldest_pending_age_s or 0.0)
+        yield oldest
+        attempts = CounterMetricFamily(
+            "cxr_results_delivery_attempts",
+            "Delivery attempts by destination and outcome (delivered, retry, failed).",
+            labels=["destination", "outcome"],
+        )
+        if pipeline.worker is not None:
+            for (destination, outcome), count in sorted(
+                pipeline.worker.counts_by_destination.items()
+            ):
+                attempts.add_metric([destination, outcome], count)
+        yield attempts
+        intake = CounterMetricFamily(
+            "cxr_intake_instances",
+            "DICOM instances by intake (stow, dimse, predict) and outcome: stored/spooled, "
+            "recorded (result objects made), refused:<code>, ignored_* (C-STORE answered success "
+            "without a result: another SOP class, or not a frontal chest X-ray).",
+            labels=["intake", "outcome"],
+        )
+        for key, count in sorted(pipeline.stats.items()):
+            source, _, outcome = key.partition(":")
+            intake.add_metric([source, outcome], count)
+        if pipeline.listener is not None:
+            for name, count in sorted(pipeline.listener.stats.snapshot().items()):
+                intake.add_metric(["dimse", name], count)
+        yield intake
+        spool = GaugeMetricFamily(
+            "cxr_intake_spool_pending", "Received DICOM instances waiting to be read."
+        )
+        spool.add_metric([], pipeline.spool.pending_count())
+        yield spool

@@ -369,6 +369,8 @@ class DeliveryWorker:
         self._thread: threading.Thread | None = None
         self._last_purge = 0.0
         self.counts: dict[str, int] = defaultdict(int)
+        # (destination, outcome) -> attempts: delivered, retry, failed
+        self.counts_by_destination: dict[tuple[str, str], int] = defaultdict(int)
 
     def backoff_s(self, attempts: int, retry_after_s: float | None = None) -> float:
         delay = min(self.max_backoff_s, self.base_backoff_s * 2.0 ** max(0, attempts - 1))
@@ -418,6 +420,7 @@ class DeliveryWorker:
             if state == "pending":
                 state = "retry"
         self.counts[state] += 1
+        self.counts_by_destination[(name, state)] += 1
         log = logger.warning if state == "failed" else logger.info
         log(
             "pacs delivery destination=%s kind=%s outcome=%s status=%s attempts=%d",

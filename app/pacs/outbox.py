@@ -457,6 +457,16 @@ class Outbox:
             ],
         )
 
+    def objects(self, result_key: str) -> list[ResultObject]:
+        """The encoded objects stored for a result, in the order they were enqueued."""
+        with self._db.transaction() as cursor:
+            rows = cursor.execute(
+                "SELECT kind, sop_class_uid, sop_instance_uid, payload FROM pacs_objects "
+                "WHERE result_key = ? ORDER BY kind DESC",
+                (result_key,),
+            ).fetchall()
+        return [ResultObject(str(k), str(c), str(u), bytes(p)) for k, c, u, p in rows]
+
     def stats(self, now: float | None = None) -> OutboxStats:
         at = time.time() if now is None else now
         with self._db.transaction() as cursor:

@@ -73,6 +73,7 @@ MAX_INFLATED_BYTES = 256 * 1024 * 1024
 
 # FailureReason (0008,1197) values, PS3.18 Table I.2-2
 OUT_OF_RESOURCES = 0xA700
+MAX_BOUNDARY = 200
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STUDY_MISMATCH = 0xA901
 CANNOT_UNDERSTAND = 0xC000
@@ -153,8 +154,9 @@ def parse_content_type(value: str) -> str:
             f"only PS3.10 instances (type={DICOM_MEDIA_TYPE}) are accepted, not type={safe}"
         )
     boundary = params.get("boundary")
-    # RFC 2046: 1 to 70 characters, not ending in a space
-    if not boundary or len(boundary) > 70 or boundary.endswith(" "):
+    # RFC 2046 says 1 to 70 characters, not ending in a space; Orthanc's DICOMweb client (1.7)
+    # sends 73 (two UUIDs joined), so longer ones are taken, within reason.
+    if not boundary or len(boundary) > MAX_BOUNDARY or boundary.endswith(" "):
         raise MalformedRequest("the multipart Content-Type has no valid boundary parameter")
     return boundary
 

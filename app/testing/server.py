@@ -61,8 +61,10 @@ class ServiceProcess:
         uvicorn_args: Sequence[str] = (),
         app: str = "app.main:app",
         root: Path = PROJECT_ROOT,
+        port: int | None = None,
     ) -> ServiceProcess:
-        """Start the service found in `root` (the checkout by default) with `settings`."""
+        """Start the service found in `root` (the checkout by default) with `settings`, on
+        `port` (a free one by default)."""
         env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_")}
         env.update(settings)
         if root != PROJECT_ROOT:
@@ -71,7 +73,7 @@ class ServiceProcess:
             handle, name = tempfile.mkstemp(prefix="cxr-service-", suffix=".log")
             os.close(handle)
             log_path = Path(name)
-        port = free_port()
+        port = port or free_port()
         command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1"]
         started = time.perf_counter()
         with log_path.open("wb") as log:

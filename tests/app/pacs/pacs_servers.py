@@ -61,7 +61,7 @@ def _wait_until(check: Any, timeout_s: float, what: str) -> None:
 class Orthanc:
     """One Orthanc process over a storage directory that outlives restarts (`stop`/`start`)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra: dict[str, Any] | None = None) -> None:
         self.binary = require_tool("Orthanc", "orthanc")
         require_tool(DICOMWEB_PLUGIN, "orthanc-dicomweb")
         self.workdir = workdir
@@ -86,6 +86,7 @@ class Orthanc:
                     "Plugins": [str(DICOMWEB_PLUGIN)],
                     "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
                     "StableAge": 1,
+                    **(extra or {}),
                 }
             ),
             encoding="utf-8",
@@ -158,8 +159,11 @@ class Orthanc:
 
 
 @contextmanager
-def orthanc_server(workdir: Path, start: bool = True) -> Iterator[Orthanc]:
-    server = Orthanc(workdir)
+def orthanc_server(
+    workdir: Path, start: bool = True, extra: dict[str, Any] | None = None
+) -> Iterator[Orthanc]:
+    """Orthanc on loopback; `extra` adds configuration (peers, modalities) to the defaults."""
+    server = Orthanc(workdir, extra)
     if start:
         server.start()
     try:

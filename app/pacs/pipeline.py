@@ -1,0 +1,304 @@
+"""One durable pipeline from a DICOM X-ray to its result objects in the hospital's PACS.
+
+Three ways in, one way out:
+
+- `POST /predict?deliver=true`: the image has just been classified; `record` renders the result
+  objects (the SR, and the heat-map SC when configured) and puts them in the outbox before the
+  request is answered.
+- STOW-RS (`POST /dicomweb/studies`) and the C-STORE listener: an accepted instance is written to
+  the intake spool before its sender is told it was stored; `_read_spool` tasks then classify it
+  through the same prediction step as `/predict` (its admission limit, decode threads and batching
+  engine) and `record` it.
+- Out: the `DeliveryWorker` thread sends each object to every configured destination (STOW-RS,
+  C-STORE) until delivered or given up, and `GET /results/{SOPInstanceUID}` reads the outbox.
+
+The answer JSON is the source of truth; every object is a rendering of it (`app.pacs.objects`).
+A spooled image that turns out to be outside the model's intended use, or unreadable, is taken off
+the spool with no result and counted (`stats`); the senders were told "stored", which they were.
+Nothing here logs a header value: log lines carry outcome codes and counts only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from app.contract import ModelMetadata
+from app.errors import Overloaded, ServiceError
+from app.imaging.dicom import intended_use_refusal
+from app.pacs.delivery import DeliveryWorker, Destination, DimseDestination, StowRsDestination
+from app.pacs.objects import ResultFacts, render_objects
+from app.pacs.outbox import Outbox, ResultObject, StoredResult
+from app.pacs.scp import StorageListener
+from app.pacs.spool import Spool, SpoolEntry
+from app.pacs.uids import result_key
+from app.serving.prediction import Prediction, PredictionStep
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# What turns a prediction into the JSON answer (the HTTP layer's shaping, handed in by the
+# composition root so that this layer does not depend on HTTP): (prediction, request id) -> JSON.
+AnswerShaper = Callable[[Prediction, str], dict[str, Any]]
+
+DICOMWEB = "dicomweb"
+DIMSE = "dimse"
+# A C-STORE handler only writes the spool; readers look for new entries this often.
+_IDLE_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class RecordedResult:
+    """What the answer says about its result objects."""
+
+    result_key: str
+    source_sop_instance_uid: str
+    objects: list[ResultObject]
+    destinations: list[str]
+
+
+def destinations_from(settings: Settings) -> list[Destination]:
+    """The configured destinations, named by kind (the names are metric labels)."""
+    found: list[Destination] = []
+    if settings.results_dicomweb_url:
+        auth = settings.results_dicomweb_auth
+        found.append(
+            StowRsDestination(
+                settings.results_dicomweb_url,
+                name=DICOMWEB,
+                auth_header=auth.get_secret_value() if auth else None,
+            )
+        )
+    if settings.results_dimse:
+        found.append(
+            DimseDestination.parse(
+                settings.results_dimse, name=DIMSE, calling_ae_title=settings.dicom_ae_title
+            )
+        )
+    return found
+
+
+class ResultsPipeline:
+    """The outbox, its delivery worker, the intake spool and the C-STORE listener of one process.
+    Built by the lifespan once the model is ready; `start` on the serving event loop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        step: PredictionStep,
+        shape_answer: AnswerShaper,
+        destinations: list[Destination] | None = None,
+    ) -> None:
+        if settings.state_dir is None:
+            raise ValueError("the results pipeline needs CXR_STATE_DIR")
+        self.settings = settings
+        self.step = step
+        self.metadata: ModelMetadata = step.classifier.metadata
+        self._shape = shape_answer
+        state_dir = Path(settings.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        url = settings.state_url.get_secret_value() if settings.state_url else None
+        self.outbox = Outbox.open(state_dir, url, give_up_after_s=settings.results_give_up_after_s)
+        self.destinations = (
+            destinations if destinations is not None else destinations_from(settings)
+        )
+        self.worker = (
+            DeliveryWorker(
+                self.outbox,
+                self.destinations,
+                max_backoff_s=settings.results_max_backoff_s,
+                retention_s=settings.results_retention_s,
+                poll_interval_s=0.5,
+            )
+            if self.destinations
+            else None
+        )
+        self.spool = Spool(
+            state_dir / "intake", settings.intake_max_pending, settings.intake_max_pending_bytes
+        )
+        self.listener = (
+            StorageListener(
+                spool=self.spool,
+                gate=self.gate,
+                port=settings.dicom_port,
+                ae_title=settings.dicom_ae_title,
+                host=settings.dicom_host,
+                allowed_calling_aets=settings.allowed_calling_aets,
+                max_associations=settings.dicom_max_associations,
+            )
+            if settings.dicom_port is not None
+            else None
+        )
+        # Outcomes of spooled images and of `record`, by closed-set code (metric labels).
+        self.stats: Counter[str] = Counter()
+        self._readers: list[asyncio.Task[None]] = []
+        self._work = asyncio.Event()
+        self._closing = False
+
+    # -- life cycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Return interrupted spool entries to the queue, then start delivering, listening and
+        reading. Call on the event loop that serves requests."""
+        recovered = self.spool.recover()
+        if self.worker is not None:
+            self.worker.start()
+        if self.listener is not None:
+            self.listener.start()
+        readers = max(1, self.settings.decode_slots)
+        self._readers = [asyncio.create_task(self._read_spool()) for _ in range(readers)]
+        logger.info(
+            "dicom networking started",
+            extra={
+                "fields": {
+                    "destinations": [d.name for d in self.destinations],
+                    "dicom_listener": self.listener is not None,
+                    "spool_pending": self.spool.pending_count(),
+                    "spool_recovered": recovered,
+                }
+            },
+        )
+
+    def stop_listening(self, drain_s: float) -> None:
+        """Take no new associations; let running ones finish for up to `drain_s` (blocking)."""
+        if self.listener is not None:
+            self.listener.stop(drain_s)
+
+    async def aclose(self, drain_s: float = 5.0) -> None:
+        """Stop the intakes and the readers (what is spooled stays for the next start) and the
+        delivery worker (what is queued stays in the outbox)."""
+        self._closing = True
+        await asyncio.to_thread(self.stop_listening, drain_s)
+        for task in self._readers:
+            task.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.stop, 10.0)
+        self.outbox.close()
+
+    # -- intake ------------------------------------------------------------------------------------
+
+    def gate(self, ds: Dataset) -> str | None:
+        """The intakes' header gate: None for a frontal chest CR/DX, else a reason code."""
+        return (
+            None
+            if intended_use_refusal(ds, self.metadata.intended_use) is None
+            else ("not_intended_use")
+        )
+
+    def spooled(self) -> None:
+        """An intake put an instance on the spool: wake a reader (thread-safe)."""
+        self._loop().call_soon_threadsafe(self._work.set)
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        return self._readers[0].get_loop() if self._readers else asyncio.get_event_loop()
+
+    async def _read_spool(self) -> None:
+        while not self._closing:
+            entry = await asyncio.to_thread(self.spool.claim)
+            if entry is None:
+                self._work.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._work.wait(), _IDLE_POLL_S)
+                continue
+            await self._classify_spooled(entry)
+
+    async def _classify_spooled(self, entry: SpoolEntry) -> None:
+        data = await asyncio.to_thread(entry.read_data)
+        source = str(entry.meta.get("source", "intake"))
+        while True:
+            try:
+                with self.step.admit(1, len(data)):
+                    prediction = await self.step.predict(data, explain=self.explains, timer=None)
+                break
+            except Overloaded as exc:
+                # HTTP clients come first; the spool waits (it is on disk, and bounded).
+                await asyncio.sleep(exc.retry_after_s or 1)
+            except ServiceError as exc:
+                self.stats[f"{source}:refused:{exc.code}"] += 1
+                logger.info(
+                    "spooled image refused",
+                    extra={"fields": {"intake": source, "code": exc.code}},
+                )
+                await asyncio.to_thread(self.spool.done, entry)
+                return
+        answer = self._shape(prediction, f"{source}-{int(time.time() * 1000)}")
+        try:
+            await self.record(data, answer, prediction)
+        except Exception as exc:  # rendering a hostile header: no result, but the spool moves on
+            self.stats[f"{source}:failed:{type(exc).__name__}"] += 1
+            logger.warning(
+                "result objects could not be built",
+                extra={"fields": {"intake": source, "error": type(exc).__name__}},
+            )
+        else:
+            self.stats[f"{source}:recorded"] += 1
+        await asyncio.to_thread(self.spool.done, entry)
+
+    @property
+    def explains(self) -> bool:
+        """Whether answers that make result objects need their class activation map (the
+        heat-map Secondary Capture is configured and the model has one)."""
+        return self.settings.results_heatmap and self.step.classifier.explains
+
+    # -- results -----------------------------------------------------------------------------------
+
+    async def record(
+        self, data: bytes, answer: dict[str, Any], prediction: Prediction
+    ) -> RecordedResult:
+        """Render the answer's result objects and store them in the outbox for every destination;
+        returns once they are on disk (off the event loop)."""
+        recorded = await asyncio.to_thread(self._record, data, answer, prediction)
+        if self.worker is not None:
+            self.worker.wake()
+        return recorded
+
+    def _record(
+        self, data: bytes, answer: dict[str, Any], prediction: Prediction
+    ) -> RecordedResult:
+        source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        sop_uid = str(source.SOPInstanceUID)
+        facts = ResultFacts.from_answer(answer, self.metadata.decision.positive_class)
+        image = _explained_image(prediction)
+        objects = render_objects(source, facts, image)
+        key = result_key(sop_uid, self.metadata.sha256)
+        names = [d.name for d in self.destinations]
+        self.outbox.enqueue(key, objects, names, answer)
+        return RecordedResult(key, sop_uid, objects, names)
+
+    def result(self, source_sop_instance_uid: str) -> StoredResult | None:
+        """The stored answer and delivery states for a source image (by its SOP Instance UID) or
+        for one of the result objects (by theirs)."""
+        key = result_key(source_sop_instance_uid, self.metadata.sha256)
+        return self.outbox.result(key) or self.outbox.result(source_sop_instance_uid)
+
+    def payload(self, source_sop_instance_uid: str, kind: str) -> bytes | None:
+        """The encoded result object of `kind` ("sr", "sc") for a source image."""
+        stored = self.result(source_sop_instance_uid)
+        if stored is None:
+            return None
+        found = [o for o in self.outbox.objects(stored.result_key) if o.kind.startswith(kind)]
+        return found[0].payload if found else None
+
+
+def _explained_image(prediction: Prediction) -> np.ndarray | None:
+    """The 8-bit grey model input the answer's CAM was computed on, when it has one."""
+    if prediction.explanation is None:
+        return None
+    png = base64.b64decode(prediction.explanation.images.image_png)
+    with Image.open(io.BytesIO(png)) as image:
+        return np.asarray(image.convert("L"))
