@@ -17,9 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
@@ -60,8 +58,11 @@ class OutputSpec(TensorSpec):
     """
 
     role: Literal["classifier", "cam_features"] = "classifier"
-    # Only the classifier's scores have a kind (default `logits`); a feature map has none.
-    kind: Literal["logits", "probabilities"] | None = None
+    # Only the classifier's scores have a kind (default `logits`); a feature map has none, and
+    # its serialisation has no `kind` key.
+    kind: Literal["logits", "probabilities"] | None = Field(
+        default=None, exclude_if=lambda value: value is None
+    )
     layout: Literal["NC", "NCHW", "NHWC"] = "NC"
 
     @model_validator(mode="after")
@@ -71,13 +72,6 @@ class OutputSpec(TensorSpec):
         if self.role != "classifier" and self.kind is not None:
             raise ValueError(f"a {self.role} output has no kind (got {self.kind!r})")
         return self
-
-    @model_serializer(mode="wrap")
-    def _without_empty_kind(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if data.get("kind") is None:
-            data.pop("kind", None)
-        return data
 
 
 class CamSpec(_Strict):
