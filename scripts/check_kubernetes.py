@@ -2,12 +2,12 @@
 
     python scripts/check_kubernetes.py .k8s-ci/rendered/base.yaml .k8s-ci/rendered/gpu.yaml
 
-The JSON-schema validation (kubernetes-validate, run by scripts/kubernetes-check.sh) says that
-each object is well formed; this says that they fit together and fit the service: probes on the
-health endpoints, thread settings equal to the CPU limit, a shutdown budget that covers the preStop
-delay, the drain window and uvicorn's graceful timeout from the Dockerfile, the API-key file where
-the Secret is mounted, selectors that match the pods, a non-root read-only container, and for the
-GPU variant a GPU, the gpu image and CXR_PROVIDER=cuda. Exit status 1 on any failure.
+The JSON-schema validation (kubernetes-validate, run by scripts/kubernetes-check.sh) says that each
+object is well formed; this says that they fit together and fit the service: probes on the health
+endpoints, thread settings by the service's rule for the CPU limit, a shutdown budget that covers
+the preStop delay, the drain window and uvicorn's graceful timeout from the Dockerfile, the API-key
+file where the Secret is mounted, selectors that match the pods, a non-root read-only container, and
+for the GPU variant a GPU, the gpu image and CXR_PROVIDER=cuda. Exit status 1 on any failure.
 """
 
 from __future__ import annotations

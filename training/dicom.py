@@ -4,7 +4,8 @@ This is the training half of the contract's DICOM rule (`app.contract.DicomRende
 values -> modality LUT -> VOI (window, VOI LUT Sequence or full range) -> MONOCHROME1 / INVERSE
 polarity -> 8-bit grey. The service renders with its own code (`app.imaging.dicom`, a lookup table
 over every possible stored value); this one computes pixel by pixel, written separately on purpose,
-and `tests/contract/test_train_serve_parity.py` proves the two give the same 8-bit image on every case.
+and `tests/contract/test_train_serve_parity.py` proves the two give the same 8-bit image on every
+case.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def _dct_scaling_note(p: Preprocessing) -> str:
         f"A JPEG whose shorter side is at least {side} px is decoded at {scales} scale in the DCT\n"
         f"domain, keeping at least {rule.min_ratio}x the input size "
         f"(`preprocessing.jpeg_dct_scaling`), before the resize;\nPNG and DICOM are decoded at full "
-        "size. The README has how far this moves p(PNEUMONIA) on test X-rays\nupscaled to "
+        "size. docs/PERFORMANCE.md has how far this moves p(PNEUMONIA) on test X-rays\nupscaled to "
         "detector sizes against full-size decoding (`python -m training.full_resolution`)."
     )
 

@@ -50,7 +50,8 @@ DEFAULT_PREPROCESSING = Preprocessing(
     ),
     # A full-resolution JPEG (a 2500x2048 detector image) is decoded at half scale when its shorter
     # side keeps at least 4x the 224 px target. Quarter and eighth scales moved the model's answers
-    # on upscaled test images by more than 0.02 (README); 224 px inputs are not affected.
+    # on upscaled test images by more than 0.02 (docs/PERFORMANCE.md); 224 px inputs are not
+    # affected.
     jpeg_dct_scaling=JpegDctScaling(min_ratio=4, max_denominator=2),
 )
 

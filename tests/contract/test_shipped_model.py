@@ -122,7 +122,7 @@ def test_batched_answers_equal_single_image_answers_on_real_images(classifier) -
 def test_dct_scaling_keeps_full_resolution_answers_within_0_02(size: tuple[int, int]) -> None:
     """Real test X-rays upscaled to detector sizes: decoding them at the contract's DCT scale moves
     p(PNEUMONIA) by at most 0.02 against decoding them at full size (a sample here; the whole split
-    is in the README, from `python -m training.full_resolution`)."""
+    is in docs/PERFORMANCE.md, from `python -m training.full_resolution`)."""
     from training.data import load_kaggle_directory
     from training.full_resolution import compare_at_size
 

@@ -1,5 +1,5 @@
-"""The README's benchmark command still runs end to end (in miniature: short phases, a small
-burst), writes its JSON and markdown, and the service behaves under it: no 500s, no dropped
+"""The benchmark command (docs/PERFORMANCE.md) still runs end to end (in miniature: short phases,
+a small burst), writes its JSON and markdown, and the service behaves under it: no 500s, no dropped
 connections, a burst past the admission limit gets 429s, and the service is ready afterwards."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """DICOM uploads: every transfer syntax, every step of the display pipeline, the intended-use gate,
-and hostile files. Files are made by `tests.dicom_factory`; pydicom's own shipped files (written by
-other tools) are run through the whole service at the end."""
+and hostile files. Files are made by `app.testing.dicom_files`; pydicom's own shipped files (written
+by other tools) are run through the whole service at the end."""
 
 from __future__ import annotations
 

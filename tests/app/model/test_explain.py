@@ -222,3 +222,10 @@ def test_a_feature_map_output_with_a_kind_is_refused() -> None:
 def test_unknown_metadata_keys_are_refused() -> None:
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         ModelMetadata.model_validate(metadata_for(build_onnx(), thresold=0.4))
+
+
+def test_the_openapi_document_describes_the_outputs(cam_client) -> None:  # type: ignore[no-untyped-def]
+    """The served `outputs` keep a typed schema (a custom serializer would make it `object`)."""
+    schema = cam_client.get("/openapi.json").json()["components"]["schemas"]
+    spec = next(v for k, v in schema.items() if k.startswith("OutputSpec"))
+    assert {"name", "shape", "role", "kind", "layout"} <= set(spec["properties"])
