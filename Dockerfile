@@ -61,7 +61,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/srv/pneumonia \
-    CXR_MODEL_METADATA=/srv/pneumonia/models/pneumonia_cxr.json
+    CXR_MODEL_METADATA=/srv/pneumonia/models/pneumonia_cxr.json \
+    CXR_STATE_DIR=/var/lib/pneumonia \
+    CXR_DICOM_HOST=0.0.0.0
 
 COPY --from=builder /opt/venv /opt/venv
 
@@ -72,6 +74,9 @@ WORKDIR /srv/pneumonia
 COPY models/ ./models/
 COPY app/ ./app/
 RUN python -m compileall -q app
+# The one place the service writes: the DICOM results outbox and the intake spool
+# (CXR_STATE_DIR), owned by the service user; compose and Kubernetes mount a volume here.
+RUN mkdir -p /var/lib/pneumonia && chown 10001:10001 /var/lib/pneumonia && chmod 0700 /var/lib/pneumonia
 
 # Declared last: a new revision changes only this metadata, not the cached layers above.
 ARG RUNTIME_EXTRA=cpu
@@ -87,7 +92,8 @@ LABEL org.opencontainers.image.title="pneumonia-screening" \
       org.opencontainers.image.variant="${RUNTIME_EXTRA}"
 
 USER 10001:10001
-EXPOSE 8000
+# HTTP (the API, STOW-RS) and DICOM (the C-STORE listener, when CXR_DICOM_PORT is set)
+EXPOSE 8000 11112
 
 # Readiness, not liveness: 200 only once the model is loaded and a warm-up inference passed.
 # Stdlib Python because the image carries no curl; http.client rather than urllib so that a 503

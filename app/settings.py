@@ -26,6 +26,10 @@ MiB = 1024 * 1024
 # are process-global and not thread-safe) while decodes run concurrently.
 _PILLOW_PIXEL_CEILING = Image.MAX_IMAGE_PIXELS or 89_478_485
 
+# Settings a first reader needs, shown in the README's table (every setting is in
+# docs/DEPLOYMENT.md and .env.example).
+README = {"readme": True}
+
 Provider = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -43,22 +47,26 @@ class Settings(BaseSettings):
     )
 
     model_metadata: Path = Field(
+        json_schema_extra=README,
         default=Path("models/pneumonia_cxr.json"),
         description="Metadata JSON of the model to serve; its `onnx_file` is resolved next to it "
         "and its sha256 must match. A relative path is looked up in the working directory, then "
         "under the project root. Missing or invalid: live but not ready (503 with the reason).",
     )
     provider: Provider = Field(
+        json_schema_extra=README,
         default="auto",
         description="ONNX Runtime provider: `auto` (CUDA when the installed onnxruntime offers "
         "it, else CPU) | `cpu` | `cuda` (CUDA or not ready: never a silent fall back to CPU).",
     )
     max_upload_bytes: int = Field(
+        json_schema_extra=README,
         default=32 * MiB,
         gt=0,
         description="Largest accepted upload (413 above it), enforced while the body streams in.",
     )
     max_image_pixels: int = Field(
+        json_schema_extra=README,
         default=50_000_000,
         gt=0,
         le=_PILLOW_PIXEL_CEILING,
@@ -69,6 +77,7 @@ class Settings(BaseSettings):
         default=64, ge=1, description="Smallest accepted width or height in pixels (422 below it)."
     )
     outside_population: Literal["warn", "refuse"] = Field(
+        json_schema_extra=README,
         default="warn",
         description="A DICOM patient whose age is outside the model's training population: "
         "`warn` classifies it with a `warnings` entry, `refuse` answers 422 "
@@ -134,6 +143,7 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Bind address for `pneumonia-serve`.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port for `pneumonia-serve`.")
     log_level: LogLevel = Field(
+        json_schema_extra=README,
         default="INFO",
         description="DEBUG | INFO | WARNING | ERROR. Logs are JSON lines on stderr and never "
         "carry patient data, image content, file names or API keys.",
@@ -146,12 +156,14 @@ class Settings(BaseSettings):
         "stays open and requests are still served; what is unanswered at the end gets a 503.",
     )
     api_keys: SecretStr | None = Field(
+        json_schema_extra=README,
         default=None,
         description="Comma-separated API keys. When this or `api_keys_file` names at least one "
         "key, /predict and /model (and /metrics) need `Authorization: Bearer <key>` or "
         "`X-API-Key: <key>`; health probes and the docs stay open.",
     )
     api_keys_file: Path | None = Field(
+        json_schema_extra=README,
         default=None,
         description="File of SHA-256 hex digests of API keys, one per line (the first field; "
         "`sha256sum` output works); `#` starts a comment. Read once at start-up.",
@@ -159,17 +171,20 @@ class Settings(BaseSettings):
 
     # -- DICOM networking: result objects for PACS, their delivery, and DICOM intake ----------
     state_dir: Path | None = Field(
+        json_schema_extra=README,
         default=None,
         description="Directory for the durable state of DICOM networking: the results outbox "
         "(SQLite, unless `state_url` is set) and the intake spool. Needed by `POST "
         "/predict?deliver=true`, the STOW-RS endpoint and the C-STORE listener; mount a volume.",
     )
     state_url: SecretStr | None = Field(
+        json_schema_extra=README,
         default=None,
         description="`postgresql://user:password@host/db` to keep the results outbox in "
         "PostgreSQL, shared safely by several replicas (the intake spool stays in `state_dir`).",
     )
     results_dicomweb_url: str | None = Field(
+        json_schema_extra=README,
         default=None,
         description="DICOMweb base URL of the PACS that receives the result objects by STOW-RS "
         "(`{base}/studies`), e.g. `http://pacs:8042/dicom-web`.",
@@ -180,6 +195,7 @@ class Settings(BaseSettings):
         "`Bearer <token>` or `Basic <base64>`. Never logged.",
     )
     results_dimse: str | None = Field(
+        json_schema_extra=README,
         default=None,
         description="`AET@host:port` of a DICOM node that receives the result objects by C-STORE.",
     )
@@ -209,6 +225,7 @@ class Settings(BaseSettings):
         "purged from the outbox.",
     )
     dicom_port: int | None = Field(
+        json_schema_extra=README,
         default=None,
         ge=1,
         le=65535,
@@ -219,6 +236,7 @@ class Settings(BaseSettings):
         description="Bind address of the C-STORE listener (`0.0.0.0` in the container).",
     )
     dicom_ae_title: str = Field(
+        json_schema_extra=README,
         default="CXR_AI",
         min_length=1,
         max_length=16,

@@ -107,6 +107,12 @@ def check_variant(docs: list[Manifest], graceful_s: int) -> list[str]:
             f"Service targetPort {port['targetPort']} is not a container port",
         )
     expect(ports.get("http") == 8000, "container port `http` is not 8000 (the image's port)")
+    if env.get("CXR_DICOM_PORT") is not None:
+        expect(
+            str(ports.get("dicom")) == str(env["CXR_DICOM_PORT"]),
+            f"CXR_DICOM_PORT={env['CXR_DICOM_PORT']} but container port `dicom` is "
+            f"{ports.get('dicom')}",
+        )
 
     # Probes on the health endpoints.
     for probe, path in PROBES.items():

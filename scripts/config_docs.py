@@ -1,7 +1,8 @@
 """The configuration reference, generated from the field descriptions of `app.settings.Settings`.
 
-Writes `.env.example` and the settings tables in README.md and docs/DEPLOYMENT.md (between
-`<!-- settings:begin -->` and `<!-- settings:end -->`), so that the documentation says what the
+Writes `.env.example` and the settings tables in README.md (the settings marked for it) and
+docs/DEPLOYMENT.md (every setting), between
+`<!-- settings:begin -->` and `<!-- settings:end -->`, so that the documentation says what the
 code does. `--check` changes nothing and exits 1 when any of them differs (the tests run it).
 
     python scripts/config_docs.py [--check]
@@ -20,7 +21,9 @@ sys.path.insert(0, str(REPO_ROOT))
 from app.settings import Settings  # noqa: E402
 
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
-TABLE_FILES = (REPO_ROOT / "README.md", REPO_ROOT / "docs" / "DEPLOYMENT.md")
+README = REPO_ROOT / "README.md"
+# README: the settings a first reader needs (marked in app/settings.py); DEPLOYMENT: every one.
+TABLE_FILES = (README, REPO_ROOT / "docs" / "DEPLOYMENT.md")
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
 MiB = 1024 * 1024
 
@@ -56,9 +59,12 @@ def shown_default(default: Any) -> str:
     return text
 
 
-def fields() -> list[tuple[str, Any, str]]:
+def fields(readme_only: bool = False) -> list[tuple[str, Any, str]]:
     out = []
     for name, info in Settings.model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if readme_only and not extra.get("readme"):
+            continue
         description = " ".join((info.description or "").split())
         if not description:
             raise SystemExit(f"Settings.{name} has no description: add one in app/settings.py")
@@ -66,9 +72,9 @@ def fields() -> list[tuple[str, Any, str]]:
     return out
 
 
-def markdown_table() -> str:
+def markdown_table(readme_only: bool = False) -> str:
     rows = ["| variable | default | meaning |", "|---|---|---|"]
-    for name, default, description in fields():
+    for name, default, description in fields(readme_only):
         rows.append(f"| `{name}` | {shown_default(default)} | {description.replace('|', '/')} |")
     return "\n".join(rows)
 
@@ -92,9 +98,9 @@ def with_table(text: str, table: str, path: Path) -> str:
 
 
 def expected_files() -> dict[Path, str]:
-    table = markdown_table()
     files = {ENV_EXAMPLE: env_example()}
     for path in TABLE_FILES:
+        table = markdown_table(readme_only=path == README)
         files[path] = with_table(path.read_text(encoding="utf-8"), table, path)
     return files
 

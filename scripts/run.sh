@@ -55,4 +55,5 @@ say "docker compose up --build --wait (first build: a minute or two)"
 docker compose up --build --wait --wait-timeout 300 api \
     || die "the service did not become healthy; see: docker compose logs api"
 say "the service is up on http://127.0.0.1:$port (docs: http://127.0.0.1:$port/docs)"
+say "C-STORE listener: ${CXR_DICOM_AE_TITLE:-CXR_AI}@127.0.0.1:${CXR_DICOM_HOST_PORT:-11112}; STOW-RS: http://127.0.0.1:$port/dicomweb/studies"
 say "logs: docker compose logs -f api    stop: docker compose down"

@@ -18,5 +18,12 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]] || ! .venv/bin/python -c "impo
     .venv/bin/python -m pip install --quiet -e ".[cpu]"
     echo "$want" >"$stamp"
 fi
+# DICOM networking as in the container: results and received images kept in .state/, and the
+# C-STORE listener (AE title CXR_AI) on 127.0.0.1:11112 (CXR_DICOM_PORT= empty turns it off).
+export CXR_STATE_DIR="${CXR_STATE_DIR:-$PWD/.state}"
+export CXR_DICOM_PORT="${CXR_DICOM_PORT-11112}"
 echo "[serve] starting on http://${CXR_HOST:-127.0.0.1}:${CXR_PORT:-8000} (docs: /docs; Ctrl-C stops it)"
+if [[ -n $CXR_DICOM_PORT ]]; then
+    echo "[serve] C-STORE listener ${CXR_DICOM_AE_TITLE:-CXR_AI}@${CXR_DICOM_HOST:-127.0.0.1}:$CXR_DICOM_PORT; state in $CXR_STATE_DIR"
+fi
 exec .venv/bin/pneumonia-serve

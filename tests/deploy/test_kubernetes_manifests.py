@@ -106,6 +106,10 @@ def _unknown_setting(docs):
     set_env(docs, "CXR_INFERENCE_CONCURRENCY", "1")
 
 
+def _dicom_port_elsewhere(docs):
+    set_env(docs, "CXR_DICOM_PORT", "104")
+
+
 def _readiness_on_liveness(docs):
     api(docs)["readinessProbe"]["httpGet"]["path"] = "/health/live"
 
@@ -144,6 +148,7 @@ def _pdb_blocks_all(docs):
         (_threads_above_limit, "CXR_ORT_INTRA_OP_THREADS=8 but the decoders leave 1 of 2 CPUs"),
         (_decoders_above_limit, "CXR_DECODE_CONCURRENCY=4 but the CPU limit is 2"),
         (_unknown_setting, "settings the service does not have: ['CXR_INFERENCE_CONCURRENCY']"),
+        (_dicom_port_elsewhere, "CXR_DICOM_PORT=104 but container port `dicom` is 11112"),
         (_readiness_on_liveness, "readinessProbe must GET /health/ready"),
         (_root, "runAsUser is 0"),
         (_writable, "root file system is not read-only"),
