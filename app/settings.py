@@ -13,6 +13,7 @@ from typing import Literal
 
 from PIL import Image
 from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic.json_schema import JsonDict
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The directory that holds the `app` package: the repository checkout, or the copy of it that is
@@ -28,7 +29,7 @@ _PILLOW_PIXEL_CEILING = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 # Settings a first reader needs, shown in the README's table (every setting is in
 # docs/DEPLOYMENT.md and .env.example).
-README = {"readme": True}
+README: JsonDict = {"readme": True}
 
 Provider = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
