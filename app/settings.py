@@ -13,7 +13,7 @@ from typing import Literal
 
 from PIL import Image
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic.types import JsonDict
+from pydantic.config import JsonDict
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The directory that holds the `app` package: the repository checkout, or the copy of it that is
