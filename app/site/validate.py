@@ -31,8 +31,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from app.model import site_profile
 from app.site import analysis, metrics
-from app.site import profile as site_profile
 from app.site.cases import Case, Cases, CasesError, find_cases
 from app.site.fitting import FitError
 from app.site.report import render
