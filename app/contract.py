@@ -293,7 +293,7 @@ class ProbabilityReference(_Strict):
         values = np.asarray(p, dtype=np.float64)
         inner = np.unique(np.quantile(values, np.arange(1, n_bins) / n_bins))
         inner = inner[(inner > 0.0) & (inner < 1.0)]
-        edges = [0.0, *(round(float(e), 6) for e in inner), 1.0]
+        edges = [0.0, *(float(e) for e in inner), 1.0]
         edges = [e for i, e in enumerate(edges) if i == 0 or e > edges[i - 1]]
         counts = np.bincount(
             np.searchsorted(np.asarray(edges[1:-1]), values, side="right"),

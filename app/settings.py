@@ -160,8 +160,9 @@ class Settings(BaseSettings):
         default=None,
         description="A site profile (`site_profile.json` from `pneumonia-validate-site`): its "
         "recalibration is applied after the model's own calibration and its threshold gives the "
-        "label; answers and GET /model then carry `calibration`. Invalid, or fitted for another "
-        "model sha256: live but not ready (503 with the reason). Unset: the model's own threshold.",
+        "label; answers then carry `calibration` and GET /model `site_calibration`. Invalid, or "
+        "fitted for another model sha256: live but not ready (503 with the reason). Unset: the "
+        "model's own calibration and threshold.",
     )
     drift_window: int = Field(
         default=500,

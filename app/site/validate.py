@@ -237,9 +237,11 @@ def split_half(
     kind: str,
     created: str,
     name: str,
+    files: list[str],
 ) -> dict[str, Any]:
     """Fit a profile on half the patients, write it, load it back and check it on the other half's
-    served answers; then the same on `--split-repeats` other halvings, for their spread."""
+    served answers; then the same on `--split-repeats` other halvings, for their spread. `files`
+    names each case (as in `results.json`), so that the held-out half can be served again."""
     target, confidence = args.target_sensitivity, args.margin_confidence
 
     def one(seed: int) -> tuple[analysis.SiteFit, metrics.BoolArray, metrics.BoolArray]:
@@ -296,6 +298,7 @@ def split_half(
         "threshold": loaded.operating.threshold,
         "held_out": held,
         "acceptance": _acceptance(held, target),
+        "held_out_files": [files[i] for i in np.flatnonzero(check_half)],
     }
     runs = []
     for seed in range(args.seed + 1, args.seed + 1 + max(args.split_repeats, 0)):
@@ -497,7 +500,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.evaluate_split:
         results["split_half"] = split_half(
-            labels, p, patients, n_patients, served, args, cases.kind, created, name
+            labels,
+            p,
+            patients,
+            n_patients,
+            served,
+            args,
+            cases.kind,
+            created,
+            name,
+            [cases.cases[i].name for i in ok],
         )
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     (args.out / "report.html").write_text(render(results), encoding="utf-8")
