@@ -8,8 +8,8 @@ DATA is a Kaggle-style folder (NORMAL/, PNEUMONIA/, nested sub-folders become su
 folder of DICOM files with labels.csv (see `app.site.cases`). Every image goes through the
 service's HTTP contract exactly as a client sends it: to the real app built in this process from
 `--model`, or to a running service at `--service`. Writes OUT/report.html (one self-contained
-page), OUT/site_profile.json (see `app.site.profile`) and OUT/results.json (every figure and each
-image's answer; patient keys are salted hashes, no header value is written).
+page), OUT/site_profile.json (see `app.model.site_profile`) and OUT/results.json (every figure
+and each image's answer; patient keys are salted hashes, no header value is written).
 
 `--evaluate-split` also fits a profile on half the patients and checks it on the other half
 (OUT/split_half/site_profile.json), the acceptance check of this procedure: ECE <= 0.05,
