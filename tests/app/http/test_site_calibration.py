@@ -211,6 +211,7 @@ def test_a_missing_profile_file_keeps_the_service_not_ready(
 ) -> None:
     with serve(model_path, tmp_path / "absent.json") as client:
         ready = client.get("/health/ready")
+        metrics = client.get("/metrics").text
     assert ready.status_code == 503
     assert "cannot read site profile" in ready.json()["error"]["message"]
-    assert client.app.state.metrics is not None  # metrics still answer (cxr_ready 0)
+    assert "\ncxr_ready 0.0\n" in metrics
