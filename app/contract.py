@@ -7,6 +7,7 @@ preprocessing choice the service must reproduce lives here rather than in consta
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -252,6 +253,69 @@ class IntendedUse(_Strict):
     training_population: Population
 
 
+class ProbabilityReference(_Strict):
+    """The distribution of the calibrated probability of the positive class on a reference split
+    (the validation split, written by `training.export`): what drift scores compare answers with.
+
+    Bin i holds p with bin_edges[i] <= p < bin_edges[i + 1] (the last bin also holds 1.0);
+    `fractions[i]` is the share of the reference images in bin i. The edges are the reference's
+    own deciles (`from_probabilities`), so that every bin starts with about a tenth of the images.
+    """
+
+    split: str = Field(min_length=1, description="The split the fractions were measured on.")
+    n_images: int = Field(ge=1)
+    bin_edges: list[float] = Field(min_length=3)
+    fractions: list[float] = Field(min_length=2)
+    computed_with: str = Field(min_length=1, description="How the probabilities were obtained.")
+
+    @model_validator(mode="after")
+    def _a_distribution(self) -> ProbabilityReference:
+        edges = self.bin_edges
+        if edges[0] != 0.0 or edges[-1] != 1.0:
+            raise ValueError("bin_edges must run from 0.0 to 1.0")
+        if any(b <= a for a, b in itertools.pairwise(edges)):
+            raise ValueError("bin_edges must increase strictly")
+        if len(self.fractions) != len(edges) - 1:
+            raise ValueError(f"{len(edges) - 1} bins need as many fractions")
+        if any(not 0.0 <= f <= 1.0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
+            raise ValueError("fractions must be in [0, 1] and sum to 1")
+        return self
+
+    def bin_of(self, p: np.ndarray) -> np.ndarray:
+        """The bin index of each probability (the rule in the class docstring)."""
+        return np.searchsorted(np.asarray(self.bin_edges[1:-1]), np.asarray(p), side="right")
+
+    @classmethod
+    def from_probabilities(
+        cls, p: np.ndarray, split: str, computed_with: str, n_bins: int = 10
+    ) -> ProbabilityReference:
+        """Decile bins of `p` and the share of `p` in each (bins that would be empty are merged)."""
+        values = np.asarray(p, dtype=np.float64)
+        inner = np.unique(np.quantile(values, np.arange(1, n_bins) / n_bins))
+        inner = inner[(inner > 0.0) & (inner < 1.0)]
+        edges = [0.0, *(float(e) for e in inner), 1.0]
+        edges = [e for i, e in enumerate(edges) if i == 0 or e > edges[i - 1]]
+        counts = np.bincount(
+            np.searchsorted(np.asarray(edges[1:-1]), values, side="right"),
+            minlength=len(edges) - 1,
+        )
+        fractions = [round(float(c) / len(values), 6) for c in counts]
+        fractions[int(np.argmax(counts))] += round(1.0 - sum(fractions), 6)  # rounding remainder
+        return cls(
+            split=split,
+            n_images=len(values),
+            bin_edges=edges,
+            fractions=fractions,
+            computed_with=computed_with,
+        )
+
+
+class Monitoring(_Strict):
+    """What the service needs to watch its answers for drift."""
+
+    reference: ProbabilityReference
+
+
 class ModelMetadata(_Strict):
     schema_version: int = SCHEMA_VERSION
     name: str
@@ -266,6 +330,9 @@ class ModelMetadata(_Strict):
     calibration: Calibration = Calibration()
     intended_use: IntendedUse
     cam: CamSpec | None = None
+    # Optional within schema 3: a model exported before drift monitoring has no reference, and
+    # its drift score is then not computed.
+    monitoring: Monitoring | None = None
     metrics: dict[str, object] = Field(default_factory=dict)
     provenance: dict[str, object] = Field(default_factory=dict)
 

@@ -169,6 +169,28 @@ class Settings(BaseSettings):
         description="File of SHA-256 hex digests of API keys, one per line (the first field; "
         "`sha256sum` output works); `#` starts a comment. Read once at start-up.",
     )
+    site_profile: Path | None = Field(
+        default=None,
+        description="A site profile (`site_profile.json` from `pneumonia-validate-site`): its "
+        "recalibration is applied after the model's own calibration and its threshold gives the "
+        "label; answers then carry `calibration` and GET /model `site_calibration`. Invalid, or "
+        "fitted for another model sha256: live but not ready (503 with the reason). Unset: the "
+        "model's own calibration and threshold.",
+    )
+    drift_window: int = Field(
+        default=500,
+        ge=10,
+        le=100_000,
+        description="Answers in the sliding window over which /metrics scores drift "
+        "(`cxr_drift_psi`: the population stability index of P(positive) against the model's "
+        "validation reference).",
+    )
+
+    @field_validator("site_profile", mode="before")
+    @classmethod
+    def _empty_profile_is_unset(cls, value: object) -> object:
+        # As for the key file: an unset variable passed on as "" means no profile.
+        return None if isinstance(value, str) and not value.strip() else value
 
     # -- DICOM networking: result objects for PACS, their delivery, and DICOM intake ----------
     state_dir: Path | None = Field(

@@ -26,6 +26,7 @@ from training.cam import attach_cam_output
 from training.data import CLASSES, file_sha256, read_split
 from training.dataset import load_images
 from training.intended_use import PAEDIATRIC_CHEST_XRAY
+from training.monitoring import reference_block
 from training.preprocessing import scale
 
 # What of a run's summary.json the metadata keeps under provenance.training.
@@ -206,6 +207,10 @@ def export_run(
         final = out_dir / f"{name}.onnx"
         shutil.move(str(staged), final)
     meta = build_metadata(name, version, final, summary, parity, spec, cam)
+    # The drift reference: the calibrated P(positive) distribution on the whole validation split.
+    val_all = read_split(run / "split.csv")["val"]
+    meta["monitoring"] = reference_block(final, ModelMetadata.model_validate(meta), val_all)
+    ModelMetadata.model_validate(meta)
     meta_path = out_dir / f"{name}.json"
     meta_path.write_text(dump_metadata(meta))
     shutil.copyfile(run / "split.csv", out_dir / f"{name}.split.csv")

@@ -135,6 +135,9 @@ async def predict(
     retry after `Retry-After` seconds), 503 model not ready, or `deadline_exceeded` (with
     `Retry-After`).
 
+    With a site profile (`CXR_SITE_PROFILE`) the label applies the site's threshold to the site's
+    recalibration of that probability instead, and the answer says so in `calibration`.
+
     With `explain=true` the answer also carries `explanation`: the class activation map of the
     label (or of `explain_class`), exact for this model, as a grid and as PNG pictures (the input,
     the coloured map, and the two overlaid). Default answers do not compute it.
@@ -290,7 +293,8 @@ router.add_api_route("/health/ready", ready, methods=["HEAD"], include_in_schema
 )
 async def model_info(classifier: ClassifierDep) -> ModelInfo:
     """The served model's metadata: classes in output order, input contract, preprocessing,
-    operating threshold, calibration, metrics and provenance, plus the active execution provider."""
+    operating threshold, calibration, metrics and provenance, plus the active execution provider,
+    and `site_calibration` when a site profile is loaded."""
     return schemas.model_info(classifier)
 
 
@@ -304,6 +308,8 @@ async def model_info(classifier: ClassifierDep) -> ModelInfo:
 async def metrics(service_metrics: MetricsDep) -> Response:
     """Prometheus metrics (text exposition format): requests by route, status and error code;
     per-phase latency histograms; batch sizes; queue depth; images in flight and the admission
-    limit; decode memory reserved; model identity; readiness. Answers whether or not the model
-    is ready, and is never refused for overload."""
+    limit; decode memory reserved; model identity; readiness; and for drift, answers by label,
+    P(positive), input statistics on fixed label sets and the drift score against the model's
+    validation reference. Answers whether or not the model is ready, and is never refused for
+    overload."""
     return Response(service_metrics.exposition(), media_type=METRICS_CONTENT_TYPE)

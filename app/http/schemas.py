@@ -22,6 +22,7 @@ from app.http.errors import ErrorDetail
 from app.imaging.dicom import DicomFindings
 from app.model.classifier import Classifier
 from app.model.explain import DEFAULT_OPACITY
+from app.model.site_profile import SiteProfile
 from app.pacs.outbox import DeliveryState, ResultObject
 from app.serving.prediction import Explained, Prediction
 
@@ -126,13 +127,52 @@ class StoredResultResponse(BaseModel):
     disclaimer: str = DISCLAIMER
 
 
+def _absent_when_none(value: object) -> bool:
+    return value is None
+
+
+class SiteCalibrationInfo(BaseModel):
+    """The site profile (`CXR_SITE_PROFILE`) that produced the label: its recalibration of the
+    model's calibrated probability of the positive class, p' = sigmoid(slope * logit(p) +
+    intercept), and its threshold on p'."""
+
+    profile: str = Field(description="The profile's name, as `pneumonia-validate-site` wrote it.")
+    sha256: str = Field(
+        description="sha256 of the profile's canonical JSON (sorted keys, no spaces)."
+    )
+    method: Literal["platt", "temperature"] = Field(
+        description="`platt`: slope and intercept fitted; `temperature`: the slope only."
+    )
+    slope: float
+    intercept: float
+    threshold: float = Field(
+        description="Operating threshold on the site's probability of `positive_class`."
+    )
+    positive_class: str
+    target_sensitivity: float = Field(description="The sensitivity the threshold was chosen for.")
+    model_threshold: float = Field(
+        description="The model's own threshold (`decision.threshold`), not applied."
+    )
+
+
+class AnswerCalibration(SiteCalibrationInfo):
+    model_probabilities: dict[str, float] = Field(
+        description="The model's own calibrated probabilities, before the site's recalibration."
+    )
+
+
 class PredictionResponse(BaseModel):
-    label: str = Field(description="The class at the model's operating threshold.")
+    label: str = Field(
+        description="The class at the operating threshold (the site profile's, when one is loaded)."
+    )
     probabilities: dict[str, float] = Field(
-        description="Calibrated probability per class, in the model's class order; sums to 1."
+        description="Calibrated probability per class, in the model's class order; sums to 1. "
+        "With a site profile, the site's: the positive class's recalibrated probability, the "
+        "other classes sharing the rest in the model's proportions (two classes: 1 - p')."
     )
     threshold: float = Field(
-        description="Operating threshold on the positive class's calibrated probability."
+        description="Operating threshold on the positive class's probability in `probabilities` "
+        "(the site profile's, when one is loaded)."
     )
     model: ModelIdentity
     execution_provider: str = Field(description="The ONNX Runtime provider that ran the model.")
@@ -151,9 +191,15 @@ class PredictionResponse(BaseModel):
     # Answers without `deliver=true` stay exactly what they were: no `result` key at all.
     result: ResultInfo | None = Field(
         default=None,
-        exclude_if=lambda value: value is None,
+        exclude_if=_absent_when_none,
         description="Present only with `deliver=true`: the DICOM result objects made from this "
         "answer and where they are being delivered.",
+    )
+    calibration: AnswerCalibration | None = Field(
+        default=None,
+        exclude_if=_absent_when_none,
+        description="Present only when a site profile is loaded: the profile, recalibration and "
+        "threshold that produced `label` and `probabilities`, and the model's own probabilities.",
     )
     disclaimer: str = DISCLAIMER
 
@@ -224,6 +270,14 @@ class ModelInfo(BaseModel):
     metrics: dict[str, object]
     provenance: dict[str, object]
     execution_provider: str
+    # `calibration` above is the model's own (its temperature); this one, when a site profile is
+    # loaded, is applied after it and gives the label.
+    site_calibration: SiteCalibrationInfo | None = Field(
+        default=None,
+        exclude_if=_absent_when_none,
+        description="Present only when a site profile is loaded: the site's recalibration, applied "
+        "after `calibration`, and the threshold that gives the label instead of `decision`'s.",
+    )
     disclaimer: str = DISCLAIMER
 
 
@@ -241,7 +295,7 @@ def prediction_response(
     return PredictionResponse(
         label=prediction.label,
         probabilities=prediction.probabilities,
-        threshold=classifier.metadata.decision.threshold,
+        threshold=classifier.threshold,
         model=model_identity(classifier),
         execution_provider=classifier.execution_provider,
         request_id=request_id,
@@ -253,6 +307,33 @@ def prediction_response(
         explanation=explanation(prediction.explanation, classifier)
         if prediction.explanation
         else None,
+        calibration=answer_calibration(classifier, prediction),
+    )
+
+
+def site_calibration(classifier: Classifier) -> SiteCalibrationInfo | None:
+    profile: SiteProfile | None = classifier.site_profile
+    if profile is None:
+        return None
+    return SiteCalibrationInfo(
+        profile=profile.name,
+        sha256=profile.sha256,
+        method=profile.recalibration.method,
+        slope=profile.recalibration.slope,
+        intercept=profile.recalibration.intercept,
+        threshold=profile.operating.threshold,
+        positive_class=profile.operating.positive_class,
+        target_sensitivity=profile.operating.target_sensitivity,
+        model_threshold=classifier.metadata.decision.threshold,
+    )
+
+
+def answer_calibration(classifier: Classifier, prediction: Prediction) -> AnswerCalibration | None:
+    info = site_calibration(classifier)
+    if info is None or prediction.model_probabilities is None:
+        return None
+    return AnswerCalibration(
+        **info.model_dump(), model_probabilities=prediction.model_probabilities
     )
 
 
@@ -315,6 +396,7 @@ def model_info(classifier: Classifier) -> ModelInfo:
         metrics=dict(meta.metrics),
         provenance=dict(meta.provenance),
         execution_provider=classifier.execution_provider,
+        site_calibration=site_calibration(classifier),
     )
 
 

@@ -114,6 +114,9 @@ class DicomFindings:
     transfer_syntax: str
     window: AppliedWindow
     warnings: list[str] = field(default_factory=list)
+    # The equipment's Manufacturer as recorded (not a patient value); only the metrics read it,
+    # and they count it under a fixed list of names (`app.ops.drift`), never as sent.
+    manufacturer: str | None = None
 
 
 def _code(value: object) -> str:
@@ -561,6 +564,7 @@ class OpenedDicom:
             transfer_syntax=str(syntax),
             window=window,
             warnings=[*notes, *population],
+            manufacturer=str(ds.get("Manufacturer", "") or "").strip()[:64] or None,
         )
         return RenderedDicom(Image.fromarray(grey), findings)
 

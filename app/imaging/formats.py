@@ -97,7 +97,7 @@ def _pillow_opener(pillow_format: str) -> Opener:
                 image.getexif()
             except Exception as exc:
                 raise failure(exc) from exc
-            return DecodedImage(image, pillow_format)
+            return DecodedImage(image, pillow_format, stored_size=(width, height))
 
         return OpenedUpload(pillow_format, cost, decode)
 

@@ -29,6 +29,8 @@ class DecodedImage:
     image: Image.Image
     format: str
     dicom: DicomFindings | None = None
+    # Width and height as stored, when the decode is smaller (a JPEG decoded at a reduced scale).
+    stored_size: tuple[int, int] | None = None
 
 
 # Exceptions Pillow's decoders are known to raise on malformed or hostile input.

@@ -1,8 +1,9 @@
 """The model as the service runs it: one validated ONNX Runtime session and its contract.
 
 `Classifier` turns upload bytes into the model's input by the contract's rules (`app.imaging`),
-runs the session, applies the contract's calibration and decision rule, and computes exact class
-activation maps. `app.model.loading` builds it; nothing here decides whether it may serve.
+runs the session, applies the contract's calibration and decision rule (or, with a site profile,
+the site's recalibration and threshold on top of the contract's calibration), and computes exact
+class activation maps. `app.model.loading` builds it; nothing here decides whether it may serve.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from app.imaging.formats import OpenedUpload, open_upload
 from app.imaging.preprocessing import jpeg_scale_denominator, to_model_input
 from app.imaging.types import DECODER_ERRORS, DecodeLimits
 from app.model.explain import ClassActivationMap, class_activation_map
+from app.model.site_profile import SiteProfile
 
 # Warm-up probabilities must sum to 1 within float32 rounding.
 _SUM_TOLERANCE = 1e-4
@@ -40,6 +42,8 @@ class PreparedImage:
 
     tensor: np.ndarray  # (1, H, W, C) float32
     dicom: DicomFindings | None = None
+    format: str = ""  # JPEG, PNG or DICOM
+    stored_size: tuple[int, int] | None = None  # width, height as stored in the file
 
     @property
     def warnings(self) -> list[str]:
@@ -60,8 +64,11 @@ class Classifier:
         metadata: ModelMetadata,
         limits: DecodeLimits,
         refuse_outside_population: bool = False,
+        site_profile: SiteProfile | None = None,
     ) -> None:
         self.metadata = metadata
+        # A site's recalibration and threshold, applied after the contract's calibration.
+        self.site_profile = site_profile
         self.execution_provider: str = session.get_providers()[0]
         self._session = session
         # Large JPEGs are decoded at the reduced scale the contract prescribes.
@@ -94,7 +101,9 @@ class Classifier:
         except DECODER_ERRORS as exc:
             # A fully decoded image can still carry an EXIF block or mode Pillow chokes on.
             raise InvalidImage(f"the image could not be preprocessed: {exc}") from exc
-        return PreparedImage(tensor, decoded.dicom)
+        return PreparedImage(
+            tensor, decoded.dicom, decoded.format, decoded.stored_size or decoded.image.size
+        )
 
     def preprocess(self, data: bytes) -> np.ndarray:
         """Upload bytes -> model input (1, H, W, C) float32, or a 415/422 domain error."""
@@ -135,9 +144,32 @@ class Classifier:
         return probabilities, cam
 
     def label_for(self, probabilities: np.ndarray) -> str:
-        """The class at the operating point (the contract's rule: the positive class when its
-        calibrated probability reaches the metadata's threshold, else the likeliest other)."""
-        return self.metadata.label_at_operating_point(probabilities)
+        """The class at the operating point for one image's calibrated probabilities (the
+        contract's rule: the positive class when its calibrated probability reaches the metadata's
+        threshold, else the likeliest other). With a site profile, the same rule on the site's
+        probabilities (`answer_probabilities`) with the site's threshold."""
+        if self.site_profile is None:
+            return self.metadata.label_at_operating_point(probabilities)
+        site = self.answer_probabilities(probabilities)
+        positive = self.metadata.positive_index
+        if site[positive] >= self.site_profile.operating.threshold:
+            return self.metadata.decision.positive_class
+        others = [i for i in range(len(self.metadata.classes)) if i != positive]
+        return self.metadata.classes[max(others, key=lambda i: site[i])]
+
+    def answer_probabilities(self, probabilities: np.ndarray) -> np.ndarray:
+        """The probabilities an answer reports, from the model's calibrated ones: those same ones,
+        or with a site profile the site's (`SiteProfile.site_probabilities`)."""
+        if self.site_profile is None:
+            return probabilities
+        return self.site_profile.site_probabilities(probabilities, self.metadata.positive_index)
+
+    @property
+    def threshold(self) -> float:
+        """The threshold that gives the label: the site profile's, else the metadata's."""
+        if self.site_profile is not None:
+            return self.site_profile.operating.threshold
+        return self.metadata.decision.threshold
 
     def warm_up(self) -> None:
         """Run one mid-grey image through preprocessing and the session; raise if it misbehaves."""

@@ -3,8 +3,9 @@
 It returns one only when the metadata validates, the ONNX file's sha256 matches it, the session's
 inputs and outputs agree with it, the requested execution provider is really the active one, and a
 warm-up inference yields finite probabilities that sum to 1 (and, for a model that explains, the
-CAM weights reproduce its logits). Anything else raises `ModelLoadError`, whose message the
-readiness probe reports verbatim.
+CAM weights reproduce its logits), and, where `CXR_SITE_PROFILE` names a site profile, that profile
+is valid and was fitted for this very ONNX file and decision. Anything else raises
+`ModelLoadError`, whose message the readiness probe reports verbatim.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from app.contract import ModelMetadata, TensorSpec, load_metadata
 from app.errors import ModelLoadError
 from app.imaging.types import DecodeLimits
 from app.model.classifier import Classifier
+from app.model.site_profile import ProfileError, SiteProfile
+from app.model.site_profile import load as load_site_profile
 from app.settings import Provider, Settings
 
 logger = logging.getLogger(__name__)
@@ -114,6 +117,27 @@ def _read_metadata(path: Path) -> ModelMetadata:
         raise ModelLoadError(f"model metadata {path} could not be read: {exc}") from exc
 
 
+def read_site_profile(settings: Settings, metadata: ModelMetadata) -> SiteProfile | None:
+    """The site profile the settings name, checked against the model to serve; None without one.
+
+    Refused (`ModelLoadError`) when it cannot be read or is invalid, when it was fitted for another
+    ONNX file (its `model.sha256`), or when it decides for another positive class.
+    """
+    if settings.site_profile is None:
+        return None
+    try:
+        profile = load_site_profile(settings.site_profile.expanduser())
+        profile.check_model(metadata.sha256)
+    except ProfileError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    if profile.operating.positive_class != metadata.decision.positive_class:
+        raise ModelLoadError(
+            f"site profile {profile.name!r} decides for {profile.operating.positive_class!r}, "
+            f"the model for {metadata.decision.positive_class!r}"
+        )
+    return profile
+
+
 def installed_runtimes() -> list[str]:
     """The ONNX Runtime distributions installed. Both ship the same `onnxruntime` module, so with
     two of them whichever was installed last silently owns it (the `cpu`/`gpu` extras exclude
@@ -150,6 +174,8 @@ def load_classifier(settings: Settings) -> Classifier:
             f"sha256 of {onnx_path.name} is {digest}, metadata says {metadata.sha256}"
         )
 
+    site_profile = read_site_profile(settings, metadata)  # before the slow session build
+
     providers = select_providers(settings.provider, ort.get_available_providers())
     try:
         session = ort.InferenceSession(
@@ -174,6 +200,7 @@ def load_classifier(settings: Settings) -> Classifier:
         metadata,
         limits,
         refuse_outside_population=settings.outside_population == "refuse",
+        site_profile=site_profile,
     )
     classifier.warm_up()
     return classifier

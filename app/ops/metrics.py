@@ -24,8 +24,10 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.contract import ProbabilityReference
+from app.ops.drift import DriftMetrics
 from app.pacs.pipeline import ResultsPipeline
-from app.serving.prediction import PredictionStep
+from app.serving.prediction import PredictionStep, ServedAnswer
 from app.serving.state import ServiceState
 from app.serving.timing import PHASES
 
@@ -89,6 +91,7 @@ class ServiceMetrics:
         self.ready = Gauge("cxr_ready", "1 when /health/ready answers 200, else 0.", registry=r)
         for phase in PHASES:  # every phase series exists from the first scrape
             self.phase_seconds.labels(phase)
+        self.drift = DriftMetrics(r)  # answers, inputs and the drift score (`app.ops.drift`)
 
     # -- reporting --------------------------------------------------------------------------------
 
@@ -133,6 +136,15 @@ class ServiceMetrics:
         self.model.info(
             {"name": name, "version": version, "sha256": sha256, "execution_provider": provider}
         )
+
+    def drift_reference(
+        self, reference: ProbabilityReference | None, window: int, classes: list[str]
+    ) -> None:
+        self.drift.use_reference(reference, window, classes)
+
+    def answered(self, answer: ServedAnswer) -> None:
+        """`AnswerObserver`: one image answered."""
+        self.drift.answered(answer)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,7 +4,9 @@ The routes call `PredictionStep.predict` once per image and only shape HTTP arou
 that happens to an image (the decode threads and their memory budget, the batching engine,
 deadlines, per-phase timing) happens here. Admission (how many images may be in flight) is here
 too, so that every intake refuses overload the same way. What the step observes goes out through
-the `StepObserver` protocol (the metrics implement it), never by importing the metrics.
+the `StepObserver` protocol (the metrics implement it), never by importing the metrics: phases,
+model runs, and for drift monitoring each answer's probability, label and input statistics
+(`ServedAnswer`, which carries no identifier and no header value but the equipment's maker).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from app.contract import ProbabilityReference
 from app.errors import DeadlineExceeded, ExplanationUnavailable, InvalidRequest
 from app.imaging.dicom import DicomFindings
 from app.imaging.formats import OpenedUpload
@@ -32,8 +35,35 @@ from app.settings import Settings
 R = TypeVar("R")
 
 
-class StepObserver(PhaseObserver, BatchObserver, Protocol):
-    """Everything the prediction step reports: phases, model runs, the model it serves."""
+@dataclass(frozen=True)
+class ServedAnswer:
+    """What drift monitoring sees of one answer: no identifier, no patient value, no pixels."""
+
+    label: str
+    p_positive: float  # as answered (the site's, where a site profile is loaded)
+    model_p_positive: float  # the model's own calibrated one, comparable with its reference
+    input_mean: float  # of the model input, in 8-bit grey levels (0-255)
+    input_std: float
+    stored_size: tuple[int, int] | None  # width, height of the upload as stored
+    format: str  # JPEG, PNG, DICOM
+    modality: str | None = None  # DICOM Modality (gated to the intended use)
+    manufacturer: str | None = None  # DICOM Manufacturer as recorded; the metrics bound it
+
+
+class AnswerObserver(Protocol):
+    """Where answers go for drift monitoring (the metrics implement it)."""
+
+    def drift_reference(
+        self, reference: ProbabilityReference | None, window: int, classes: list[str]
+    ) -> None:
+        """A model started serving with this reference distribution (None: it has none)."""
+        ...
+
+    def answered(self, answer: ServedAnswer) -> None: ...
+
+
+class StepObserver(PhaseObserver, BatchObserver, AnswerObserver, Protocol):
+    """Everything the prediction step reports: phases, model runs, the model it serves, answers."""
 
     def model_loaded(self, name: str, version: str, sha256: str, provider: str) -> None: ...
 
@@ -42,13 +72,16 @@ class StepObserver(PhaseObserver, BatchObserver, Protocol):
 class Prediction:
     """The answer for one image, before HTTP shaping."""
 
-    probabilities: dict[str, float]  # calibrated, in the model's class order
+    probabilities: dict[str, float]  # as answered, in the model's class order
     label: str
     decode_ms: float
     inference_ms: float  # waiting for a model run plus the run itself
     dicom: DicomFindings | None = None
     warnings: list[str] = field(default_factory=list)
     explanation: Explained | None = None
+    # With a site profile: the model's own calibrated probabilities, before the site's
+    # recalibration (`probabilities` are then the site's). None without a profile.
+    model_probabilities: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -130,12 +163,12 @@ class PredictionStep:
             probabilities = (await self.engine.infer(prepared.tensor, deadline))[0]
         finished = time.perf_counter()
 
-        meta = self.classifier.metadata
-        return Prediction(
-            probabilities={
-                name: float(p) for name, p in zip(meta.classes, probabilities, strict=True)
-            },
-            label=self.classifier.label_for(probabilities),
+        classifier = self.classifier
+        meta = classifier.metadata
+        answered = classifier.answer_probabilities(probabilities)
+        prediction = Prediction(
+            probabilities=_by_class(meta.classes, answered),
+            label=classifier.label_for(probabilities),
             decode_ms=decode_ms,
             # Waiting for a model run plus the run. The histograms have the two apart (the engine
             # reports them per model run), so this figure goes to the answer and the log only.
@@ -143,6 +176,31 @@ class PredictionStep:
             dicom=prepared.dicom,
             warnings=prepared.warnings,
             explanation=explained,
+            model_probabilities=None
+            if classifier.site_profile is None
+            else _by_class(meta.classes, probabilities),
+        )
+        self.metrics.answered(self._served_answer(prepared, prediction, probabilities))
+        return prediction
+
+    def _served_answer(
+        self, prepared: PreparedImage, prediction: Prediction, model_probabilities: np.ndarray
+    ) -> ServedAnswer:
+        meta = self.classifier.metadata
+        spec = meta.preprocessing
+        # Back to 8-bit grey levels, so the figures do not depend on the model's input scaling.
+        grey = (prepared.tensor.astype(np.float64) - spec.offset) / spec.scale
+        dicom = prepared.dicom
+        return ServedAnswer(
+            label=prediction.label,
+            p_positive=prediction.probabilities[meta.decision.positive_class],
+            model_p_positive=float(model_probabilities[meta.positive_index]),
+            input_mean=float(grey.mean()),
+            input_std=float(grey.std()),
+            stored_size=prepared.stored_size,
+            format=prepared.format,
+            modality=dicom.modality if dicom else None,
+            manufacturer=dicom.manufacturer if dicom else None,
         )
 
     def _explain(self, tensor: np.ndarray, class_name: str | None) -> tuple[np.ndarray, Explained]:
@@ -171,6 +229,10 @@ class PredictionStep:
         return await asyncio.get_running_loop().run_in_executor(self._decoders, work, *args)
 
 
+def _by_class(classes: list[str], probabilities: np.ndarray) -> dict[str, float]:
+    return {name: float(p) for name, p in zip(classes, probabilities, strict=True)}
+
+
 def start_prediction(
     classifier: Classifier, settings: Settings, metrics: StepObserver
 ) -> PredictionStep:
@@ -185,4 +247,6 @@ def start_prediction(
     engine.start()
     meta = classifier.metadata
     metrics.model_loaded(meta.name, meta.version, meta.sha256, classifier.execution_provider)
+    reference = meta.monitoring.reference if meta.monitoring else None
+    metrics.drift_reference(reference, settings.drift_window, list(meta.classes))
     return PredictionStep(classifier, engine, settings, metrics)

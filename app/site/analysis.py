@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from app.model.site_profile import FloatArray, logit, sigmoid
 from app.site import metrics as m
 from app.site.fitting import Fit, FitError, fit_recalibration
-from app.site.profile import FloatArray, logit, sigmoid
 
 DEFAULT_FOLDS = 5
 DEFAULT_RESAMPLES = 1000

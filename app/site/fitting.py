@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.site.profile import FloatArray, logit
+from app.model.site_profile import FloatArray, logit
 
 # With two parameters, about ten events per parameter is the usual floor for a logistic fit that
 # does not overfit; we ask for 30 of the rarer class so that the intercept is estimated to within
@@ -39,7 +39,7 @@ class Fit:
     log_loss_after: float
 
     def apply(self, p: FloatArray) -> FloatArray:
-        from app.site.profile import recalibrate
+        from app.model.site_profile import recalibrate
 
         return recalibrate(np.asarray(p, dtype=np.float64), self.slope, self.intercept)
 

@@ -155,9 +155,12 @@ def predict(client: Poster, data: bytes, positive_class: str) -> Answer:
             continue
         if response.status_code == 200:
             body = response.json()
+            # A service with a site profile loaded answers the site's probabilities; the model's
+            # own are in `calibration`, and they are what a site is validated (again) on.
+            own = (body.get("calibration") or {}).get("model_probabilities")
             return Answer(
                 200,
-                p_positive=float(body["probabilities"][positive_class]),
+                p_positive=float((own or body["probabilities"])[positive_class]),
                 threshold=float(body["threshold"]),
                 model_sha256=str(body["model"]["sha256"]),
                 warnings=tuple(body.get("warnings") or ()),

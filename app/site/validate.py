@@ -8,8 +8,8 @@ DATA is a Kaggle-style folder (NORMAL/, PNEUMONIA/, nested sub-folders become su
 folder of DICOM files with labels.csv (see `app.site.cases`). Every image goes through the
 service's HTTP contract exactly as a client sends it: to the real app built in this process from
 `--model`, or to a running service at `--service`. Writes OUT/report.html (one self-contained
-page), OUT/site_profile.json (see `app.site.profile`) and OUT/results.json (every figure and each
-image's answer; patient keys are salted hashes, no header value is written).
+page), OUT/site_profile.json (see `app.model.site_profile`) and OUT/results.json (every figure
+and each image's answer; patient keys are salted hashes, no header value is written).
 
 `--evaluate-split` also fits a profile on half the patients and checks it on the other half
 (OUT/split_half/site_profile.json), the acceptance check of this procedure: ECE <= 0.05,
@@ -31,8 +31,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from app.model import site_profile
 from app.site import analysis, metrics
-from app.site import profile as site_profile
 from app.site.cases import Case, Cases, CasesError, find_cases
 from app.site.fitting import FitError
 from app.site.report import render
@@ -237,9 +237,11 @@ def split_half(
     kind: str,
     created: str,
     name: str,
+    files: list[str],
 ) -> dict[str, Any]:
     """Fit a profile on half the patients, write it, load it back and check it on the other half's
-    served answers; then the same on `--split-repeats` other halvings, for their spread."""
+    served answers; then the same on `--split-repeats` other halvings, for their spread. `files`
+    names each case (as in `results.json`), so that the held-out half can be served again."""
     target, confidence = args.target_sensitivity, args.margin_confidence
 
     def one(seed: int) -> tuple[analysis.SiteFit, metrics.BoolArray, metrics.BoolArray]:
@@ -296,6 +298,7 @@ def split_half(
         "threshold": loaded.operating.threshold,
         "held_out": held,
         "acceptance": _acceptance(held, target),
+        "held_out_files": [files[i] for i in np.flatnonzero(check_half)],
     }
     runs = []
     for seed in range(args.seed + 1, args.seed + 1 + max(args.split_repeats, 0)):
@@ -497,7 +500,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.evaluate_split:
         results["split_half"] = split_half(
-            labels, p, patients, n_patients, served, args, cases.kind, created, name
+            labels,
+            p,
+            patients,
+            n_patients,
+            served,
+            args,
+            cases.kind,
+            created,
+            name,
+            [cases.cases[i].name for i in ok],
         )
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     (args.out / "report.html").write_text(render(results), encoding="utf-8")

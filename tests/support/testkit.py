@@ -299,3 +299,48 @@ def uvicorn_serving_tiny_model(workdir: Path, **env: str) -> Iterator[tuple[str,
     settings = {**process_settings(workdir), **env}
     with UvicornProcess.serving(workdir / "server.log", settings) as server:
         yield server.base_url, server.process.pid
+
+
+def site_profile_for(
+    sha256: str,
+    *,
+    slope: float = 1.0,
+    intercept: float = 0.0,
+    threshold: float = 0.5,
+    name: str = "test-site",
+) -> dict[str, Any]:
+    """A valid site profile (the format of `app.model.site_profile`) for the model `sha256`:
+    p' = sigmoid(slope * logit(p) + intercept), PNEUMONIA when p' >= threshold."""
+    return {
+        "schema_version": 1,
+        "name": name,
+        "model": {"name": "tiny_cxr", "version": "0.0.1-test", "sha256": sha256},
+        "recalibration": {
+            "method": "platt",
+            "slope": slope,
+            "intercept": intercept,
+            "reason": "written by tests/support/testkit.py",
+            "fitted_on_images": 100,
+            "fitted_on_patients": 80,
+            "log_loss_before": 0.5,
+            "log_loss_after": 0.3,
+        },
+        "operating": {
+            "positive_class": "PNEUMONIA",
+            "threshold": threshold,
+            "target_sensitivity": 0.95,
+            "margin": "none: a test profile",
+            "margin_confidence": 0.9,
+            "shipped_threshold": 0.5,
+        },
+        "data": {
+            "n_images": 100,
+            "n_patients": 80,
+            "n_positive": 50,
+            "n_negative": 50,
+            "n_refused": 0,
+            "created": "2026-12-01T09:00:00+00:00",
+            "source": "kaggle",
+        },
+        "figures": {"auc": 0.9},
+    }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from app.model.site_profile import logit, sigmoid
 from app.site.fitting import (
     MIN_PER_CLASS_FOR_PLATT,
     FitError,
@@ -14,7 +15,6 @@ from app.site.fitting import (
     fit_temperature,
     log_loss,
 )
-from app.site.profile import logit, sigmoid
 
 
 def _synthetic(

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.site import profile
-from app.site.profile import ProfileError, ProfileModelMismatch
+from app.model import site_profile as profile
+from app.model.site_profile import ProfileError, ProfileModelMismatch
 
 SHA = "a" * 64
 

@@ -1,15 +1,17 @@
 """The site profile: a per-hospital recalibration and operating threshold for one exact model.
 
-`pneumonia-validate-site` writes it (`site_profile.json`) from a site's own labelled cases; the
-service loads it with `load(path)`, refuses it unless `check_model(sha256)` passes for the ONNX file
-it serves, and passes every answer's calibrated probability of the positive class through
-`apply(p_positive)`, after the model's own calibration, before the threshold is applied.
+`pneumonia-validate-site` (`app.site`) writes it (`site_profile.json`) from a site's own labelled
+cases. The service loads it at start-up when `CXR_SITE_PROFILE` names one (`app.model.loading`
+refuses to become ready unless `check_model(sha256)` passes for the ONNX file it serves) and passes
+every answer's calibrated probabilities through `site_probabilities`, after the model's own
+calibration: the label then comes from `operating.threshold` on the recalibrated probability.
 
 Recalibration is logistic on the logit: p' = sigmoid(slope * logit(p) + intercept) (Platt
 scaling), or with `intercept` fixed at 0 (temperature scaling, slope = 1/T). The format is strict:
 an unknown or missing key, or a value out of range, is refused rather than guessed at.
 
-Depends on pydantic and NumPy only, so that serving can import it without anything else.
+Depends on pydantic and NumPy only. It sits in the model layer so that the service may import it;
+the site-validation tool above it imports it from here.
 """
 
 from __future__ import annotations
@@ -134,6 +136,23 @@ class SiteProfile(_Strict):
     def is_positive(self, p_site: float) -> bool:
         """The site's decision rule on a recalibrated probability."""
         return p_site >= self.operating.threshold
+
+    def site_probabilities(self, probabilities: FloatArray, positive_index: int) -> FloatArray:
+        """One image's class probabilities (the model's calibrated ones, summing to 1) -> the
+        site's.
+
+        The positive class gets `apply(p)`; the other classes share what is left, 1 - p', in the
+        proportions the model gave them (for two classes: exactly 1 - p'), so that the answer still
+        sums to 1 and their order is unchanged. Should the model leave them nothing (p = 1), they
+        share 1 - p' equally.
+        """
+        p = np.asarray(probabilities, dtype=np.float64)
+        p_site = self.apply(float(p[positive_index]))
+        others = np.delete(p, positive_index)
+        rest = float(others.sum())
+        shares = others / rest if rest > 0.0 else np.full(others.shape, 1.0 / others.size)
+        result: FloatArray = np.insert(shares * (1.0 - p_site), positive_index, p_site)
+        return result
 
 
 def logit(p: float | FloatArray) -> FloatArray:
