@@ -479,3 +479,41 @@ def test_time_from_c_store_push_to_sr_in_the_pacs(loop, capsys: pytest.CaptureFi
         median_ms, max_ms = statistics.median(seconds) * 1000, max(seconds) * 1000
         print(f"\nC-STORE push -> SR in Orthanc, 20: median {median_ms:.0f} ms, max {max_ms:.0f}")
     assert len(seconds) == 20
+
+
+def test_with_the_heat_map_setting_the_sc_arrives_beside_the_sr(tmp_path: Path) -> None:
+    """`CXR_RESULTS_HEATMAP=true` on a model with class activation maps: the answer carries the
+    explanation, and the burned-in Secondary Capture goes to the PACS with the SR."""
+    import json
+
+    from tests.support.testkit import build_cam_onnx, cam_metadata_for
+
+    require_tool("Orthanc", "orthanc")
+    onnx_bytes, dense, bias = build_cam_onnx()
+    meta = cam_metadata_for(onnx_bytes, dense, bias)
+    model_dir = tmp_path / "cam-model"
+    model_dir.mkdir()
+    (model_dir / meta["onnx_file"]).write_bytes(onnx_bytes)
+    (model_dir / "cam.json").write_text(json.dumps(meta))
+    wiring = Loop(tmp_path)
+    with orthanc_server(tmp_path / "orthanc", extra=wiring.orthanc_extra) as orthanc:
+        settings = {
+            **wiring.settings(orthanc),
+            "CXR_MODEL_METADATA": str(model_dir / "cam.json"),
+            "CXR_RESULTS_HEATMAP": "true",
+        }
+        server = UvicornProcess.start(tmp_path / "cam-server.log", settings, port=wiring.http_port)
+        try:
+            server.wait_until_ready(60.0)
+            data, _ = chest()
+            body = predict(server, data).json()
+            assert body["explanation"]["target_class"] == body["label"]
+            kinds = {o["kind"]: o["sop_instance_uid"] for o in body["result"]["objects"]}
+            assert set(kinds) == {"sr", "sc"}
+            (sc_id,) = wait_for(lambda: orthanc.find_instance(kinds["sc"]), 30.0)
+            sc = pydicom.dcmread(io.BytesIO(orthanc.file(sc_id)))
+            assert sc.BurnedInAnnotation == "YES"
+            assert sc.StudyInstanceUID == _study_of(data)
+            wait_for(lambda: orthanc.find_instance(kinds["sr"]), 30.0)
+        finally:
+            server.kill()
