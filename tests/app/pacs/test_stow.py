@@ -364,7 +364,9 @@ def test_a_20_mib_body_of_two_instances_parses_in_well_under_a_second(sink: Spoo
     )
     elapsed = time.perf_counter() - start
     assert response.status == 200 and accepted == files
-    assert elapsed < 0.5, f"{elapsed:.3f} s for {len(body)} bytes"
+    # A copy per byte scanned would take minutes; 20 MiB parse in ~15 ms on an idle core, and the
+    # bound leaves room for a machine busy with other work.
+    assert elapsed < 2.0, f"{elapsed:.3f} s for {len(body)} bytes"
 
 
 def test_many_small_parts_scale_linearly() -> None:
@@ -374,5 +376,8 @@ def test_many_small_parts_scale_linearly() -> None:
         assert len(list(iter_parts(body, BOUNDARY))) == count
         return time.perf_counter() - start
 
-    small, large = timed(2000), timed(20000)
-    assert large < small * 10 * 3 + 0.05  # 10x the parts, well under 30x the time
+    # The best of three runs each, so that a busy machine does not decide it; quadratic parsing
+    # would take 100x the time for 10x the parts.
+    small = min(timed(2000) for _ in range(3))
+    large = min(timed(20000) for _ in range(3))
+    assert large < small * 10 * 5 + 0.05, (small, large)
