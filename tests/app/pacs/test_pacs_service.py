@@ -31,6 +31,16 @@ from tests.app.pacs.pacs_servers import Orthanc, free_port, orthanc_server, requ
 from tests.support.testkit import UvicornProcess, encode, process_settings, xray_like
 
 SENTINEL = "Sentinelpatient^Doe"
+# More of the patient and study modules, each with a value that must never leave the image.
+PATIENT_AND_STUDY_SENTINELS = {
+    "PatientBirthDate": "19010203",
+    "OtherPatientIDs": "SENTINEL-OTHER-0815",
+    "AccessionNumber": "SENTACC0421",
+    "StudyID": "SENTSTUDY9",
+    "StudyDescription": "SENTINEL STUDY DESCRIPTION",
+    "ReferringPhysicianName": "Sentineldoctor^Who",
+    "InstitutionName": "Sentinel Hospital",
+}
 SERVICE_AET = "CXR_AI"
 _UID_ROOT = "1.2.826.0.1.3680043.10.1003."
 _counter = iter(range(1, 10**6))
@@ -53,6 +63,8 @@ def chest(modality: str = "CR", **options: Any) -> tuple[bytes, str]:
     ds.SeriesInstanceUID = unique(3)
     ds.PatientName = SENTINEL
     ds.PatientID = "SENTINEL-ID-4711"
+    for keyword, value in PATIENT_AND_STUDY_SENTINELS.items():
+        setattr(ds, keyword, value)
     return factory.encode_dataset(ds, "explicit_le"), uid
 
 
@@ -283,12 +295,23 @@ def test_a_mixed_stow_body_is_answered_per_instance(loop) -> None:  # type: igno
 
 def test_metrics_and_logs_carry_no_patient_data(loop) -> None:  # type: ignore[no-untyped-def]
     _, _, server = loop
+    data, uid = chest()
+    assert predict(server, data).status_code == 200
+
+    def delivered() -> bool:
+        stored = httpx.get(f"{server.base_url}/results/{uid}", timeout=10.0).json()
+        return {d["state"] for d in stored["result"]["deliveries"]} == {"delivered"}
+
+    wait_for(delivered, 30.0)
     metrics = httpx.get(f"{server.base_url}/metrics", timeout=10.0).text
     assert 'cxr_results_deliveries{destination="dicomweb",state="delivered"}' in metrics
     assert "cxr_intake_instances_total" in metrics
-    for text in (metrics, server.log()):
+    results = httpx.get(f"{server.base_url}/results/1.2.3.4.5", timeout=10.0).text
+    for text in (metrics, server.log(), results):
         assert SENTINEL not in text and "Sentinelpatient" not in text
         assert "SENTINEL-ID-4711" not in text
+        for value in PATIENT_AND_STUDY_SENTINELS.values():
+            assert value not in text, value
 
 
 def test_nothing_is_lost_or_duplicated_across_a_pacs_outage_and_a_sigkill(
@@ -515,5 +538,29 @@ def test_with_the_heat_map_setting_the_sc_arrives_beside_the_sr(tmp_path: Path) 
             assert sc.BurnedInAnnotation == "YES"
             assert sc.StudyInstanceUID == _study_of(data)
             wait_for(lambda: orthanc.find_instance(kinds["sr"]), 30.0)
+        finally:
+            server.kill()
+
+
+def test_sigterm_stops_new_associations_while_http_still_drains(tmp_path: Path) -> None:
+    """After SIGTERM the listener takes no new association (a router sends elsewhere), while
+    HTTP keeps answering through the drain window."""
+    require_tool("Orthanc", "orthanc")
+    require_tool("echoscu", "dcmtk")
+    wiring = Loop(tmp_path)
+    with orthanc_server(tmp_path / "orthanc", extra=wiring.orthanc_extra) as orthanc:
+        settings = {**wiring.settings(orthanc), "CXR_DRAIN_SECONDS": "4"}
+        server = UvicornProcess.start(tmp_path / "drain.log", settings, port=wiring.http_port)
+        try:
+            server.wait_until_ready(60.0)
+            peer = ["-aec", SERVICE_AET, "127.0.0.1", str(wiring.dicom_port)]
+            assert run_tool(["echoscu", *peer]).returncode == 0
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            assert run_tool(["echoscu", *peer], timeout=20).returncode != 0
+            live = httpx.get(f"{server.base_url}/health/live", timeout=5.0)
+            ready = httpx.get(f"{server.base_url}/health/ready", timeout=5.0)
+            assert (live.status_code, ready.status_code) == (200, 503)
+            assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
         finally:
             server.kill()
