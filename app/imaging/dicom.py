@@ -43,8 +43,17 @@ from pydicom.encaps import generate_fragments
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
@@ -79,6 +88,25 @@ _PREFERRED_PLUGINS: dict[UID, str] = {
 _GREY = ("MONOCHROME1", "MONOCHROME2")
 _SAFE_CODE = re.compile(r"^[A-Za-z0-9 _\-.]{1,64}$")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_PIXEL_DATA = 0x7FE00010
+
+# Every transfer syntax the decoders read (each proven by the tests, exact or within the lossy
+# codecs' error); the C-STORE listener offers exactly these for CR and DX.
+DECODABLE_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ImplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+)
 
 
 @dataclass(frozen=True)
@@ -133,7 +161,13 @@ def _uid(dataset: Dataset, keyword: str) -> str | None:
 # -- 1. parsing --------------------------------------------------------------------------------
 
 
-def _read(data: bytes, policy: DicomPolicy) -> FileDataset:
+def read_part10(
+    data: bytes, max_inflated_bytes: int, *, stop_before_pixels: bool = False
+) -> FileDataset:
+    """Parse a PS3.10 file (its preamble, file meta and data set), optionally up to its pixel
+    data. A deflated data set is inflated here under `max_inflated_bytes` (pydicom's own reader
+    would inflate a 32 MiB upload into gigabytes): `ImageTooManyPixels` past it. The STOW-RS and
+    C-STORE intakes read headers with it too."""
     stream = io.BytesIO(data)
     preamble = read_preamble(stream, False)
     # pydicom's meta reader is the one `dcmread` uses; it leaves `stream` at the data set.
@@ -143,18 +177,27 @@ def _read(data: bytes, policy: DicomPolicy) -> FileDataset:
         raise InvalidImage("DICOM file meta information has no Transfer Syntax UID")
     if syntax != DeflatedExplicitVRLittleEndian:
         stream.seek(0)
-        return pydicom.dcmread(stream)
+        return pydicom.dcmread(stream, stop_before_pixels=stop_before_pixels)
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    inflated = inflater.decompress(stream.read(), policy.max_inflated_bytes)
+    inflated = inflater.decompress(stream.read(), max_inflated_bytes)
     if inflater.unconsumed_tail:
         raise ImageTooManyPixels(
-            f"the deflated DICOM data set inflates past {policy.max_inflated_bytes} bytes"
+            f"the deflated DICOM data set inflates past {max_inflated_bytes} bytes"
         )
-    body = read_dataset(io.BytesIO(inflated), is_implicit_VR=False, is_little_endian=True)
+    body = read_dataset(
+        io.BytesIO(inflated),
+        is_implicit_VR=False,
+        is_little_endian=True,
+        stop_when=(lambda tag, vr, length: tag == _PIXEL_DATA) if stop_before_pixels else None,
+    )
     return FileDataset(
         "", body, preamble=preamble, file_meta=file_meta, is_implicit_VR=False,
         is_little_endian=True,
     )  # fmt: skip
+
+
+def _read(data: bytes, policy: DicomPolicy) -> FileDataset:
+    return read_part10(data, policy.max_inflated_bytes)
 
 
 # -- 2. gating ---------------------------------------------------------------------------------

@@ -54,24 +54,10 @@ from typing import Any
 import pynetdicom
 import pynetdicom._config
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from app.imaging.dicom import DECODABLE_TRANSFER_SYNTAXES
 from app.pacs.spool import Spool, SpoolFull
 from app.pacs.stow import UnreadableInstance, read_instance_header
 
@@ -81,21 +67,6 @@ VERIFICATION = "1.2.840.10008.1.1"
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 INTAKE_SOP_CLASSES = (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION)
-DECODABLE_TRANSFER_SYNTAXES: tuple[str, ...] = (
-    ImplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    DeflatedExplicitVRLittleEndian,
-    RLELossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-)
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700

@@ -39,12 +39,10 @@ bytes handed to `accept`.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
 import warnings
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -52,10 +50,10 @@ from typing import Any
 
 import pydicom
 import pydicom.config
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.filereader import read_dataset, read_preamble
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.dataset import Dataset, FileDataset
 
+from app.errors import InvalidImage
+from app.imaging.dicom import read_part10
 from app.pacs.spool import Spool, SpoolFull
 
 # pydicom reports invalid values through `warnings` and its logger, quoting the value: that could
@@ -235,38 +233,14 @@ def iter_parts(body: bytes, boundary: str) -> Iterator[Part]:
 
 
 def read_instance_header(data: bytes, max_inflated_bytes: int = MAX_INFLATED_BYTES) -> FileDataset:
-    """The data set of a PS3.10 instance up to (not including) its pixel data.
-
-    Requires the preamble, the `DICM` prefix and a file meta group with a Transfer Syntax UID.
-    A deflated data set is inflated under `max_inflated_bytes`. Raises `UnreadableInstance`,
-    whose message names the fault, never a header value.
-    """
+    """The data set of a PS3.10 instance up to (not including) its pixel data, read as the
+    service reads uploads (`app.imaging.dicom.read_part10`: a deflated data set inflated under
+    `max_inflated_bytes`). Raises `UnreadableInstance`, whose message names the fault, never a
+    header value."""
     try:
-        stream = io.BytesIO(data)
-        preamble = read_preamble(stream, False)
-        file_meta: FileMetaDataset = pydicom.filereader._read_file_meta_info(stream)
-        syntax = file_meta.get("TransferSyntaxUID")
-        if syntax is None:
-            raise UnreadableInstance("the file meta information has no Transfer Syntax UID")
-        if syntax != DeflatedExplicitVRLittleEndian:
-            stream.seek(0)
-            return pydicom.dcmread(stream, stop_before_pixels=True)
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        inflated = inflater.decompress(stream.read(), max_inflated_bytes)
-        if inflater.unconsumed_tail:
-            raise UnreadableInstance(f"the deflated data set inflates past {max_inflated_bytes}")
-        body = read_dataset(
-            io.BytesIO(inflated),
-            is_implicit_VR=False,
-            is_little_endian=True,
-            stop_when=lambda tag, vr, length: tag == 0x7FE00010,
-        )
-        return FileDataset(
-            "", body, preamble=preamble, file_meta=file_meta, is_implicit_VR=False,
-            is_little_endian=True,
-        )  # fmt: skip
-    except UnreadableInstance:
-        raise
+        return read_part10(data, max_inflated_bytes, stop_before_pixels=True)
+    except InvalidImage as exc:
+        raise UnreadableInstance(exc.message) from exc
     except Exception as exc:
         # pydicom's messages may quote header values: name the type only.
         raise UnreadableInstance(f"not a readable PS3.10 instance ({type(exc).__name__})") from exc

@@ -3,19 +3,16 @@ ports, and the rule for system tools (skip here, fail under CI)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from pydicom.dataset import Dataset
 
 from app.testing import dicom_files as factory
+from tests.app.pacs.pacs_servers import require_tool as _require_tool
 
 LOOPBACK = "127.0.0.1"
 CR_STORAGE = factory.CR_STORAGE
@@ -60,21 +57,9 @@ def instance(
     return factory.encode_dataset(ds, syntax)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
 def require_tool(name: str) -> str:
     """The path of a system tool; a missing one skips the test, or fails it under CI."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (Debian: dcmtk / orthanc)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return _require_tool(name, "dcmtk / orthanc")
 
 
 def run_tool(args: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

@@ -42,11 +42,12 @@ def make_facts(
     return ResultFacts(**fields)  # type: ignore[arg-type]
 
 
-def rg1_path() -> Path:
-    """The real CR chest PA of pydicom-data (the `dev` extra), never downloaded."""
+def rg1_path(name: str = "RG1_UNCR.dcm") -> Path:
+    """The real CR chest PA of pydicom-data (the `dev` extra), never downloaded: uncompressed,
+    or `RG1_J2KR.dcm`, the same image in JPEG 2000 lossless."""
     from pydicom.data import get_testdata_file
 
-    found = get_testdata_file("RG1_UNCR.dcm", download=False)
+    found = get_testdata_file(name, download=False)
     if found is None:
         message = "pydicom-data is not installed (pip install -e .[dev])"
         if os.environ.get("CI"):

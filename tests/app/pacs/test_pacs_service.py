@@ -27,6 +27,7 @@ from pydicom.sr.codedict import codes
 
 from app.testing import dicom_files as factory
 from tests.app.pacs.intake_tools import instance, run_tool, storescu_config
+from tests.app.pacs.pacs_results import rg1_path
 from tests.app.pacs.pacs_servers import Orthanc, free_port, orthanc_server, require_tool
 from tests.support.testkit import UvicornProcess, encode, process_settings, xray_like
 
@@ -433,16 +434,8 @@ def test_the_real_jpeg_2000_cr_routed_by_orthanc_comes_back_with_its_sr(
 ) -> None:
     """pydicom-data's RG1_J2KR (a CR chest PA from another system, JPEG 2000 lossless): Orthanc
     forwards it as it is (the listener offers JPEG 2000) and the SR lands in its study."""
-    from pydicom.data import get_testdata_file
-
     _, orthanc, server = loop
-    found = get_testdata_file("RG1_J2KR.dcm", download=False)
-    if found is None:
-        message = "pydicom-data is not installed (pip install -e .[dev])"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    data = Path(str(found)).read_bytes()
+    data = rg1_path("RG1_J2KR.dcm").read_bytes()
     study = _study_of(data)
     for existing in srs_of_study(orthanc, study):  # a previous run's result, if any
         httpx.delete(f"{orthanc.url}/instances/{existing}", timeout=10.0)

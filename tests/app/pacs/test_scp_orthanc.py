@@ -19,7 +19,8 @@ from pydicom.data import get_testdata_file
 
 from app.pacs.scp import StorageListener
 from app.pacs.spool import Spool
-from tests.app.pacs.intake_tools import LOOPBACK, chest_gate, free_port, require_tool, wait_until
+from app.testing.server import free_port
+from tests.app.pacs.intake_tools import LOOPBACK, chest_gate, require_tool, wait_until
 
 JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
 
