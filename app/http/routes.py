@@ -6,6 +6,7 @@ engine), and shape the answer (`schemas`). Dependencies live in `deps`, the erro
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable
 from typing import Annotated, TypeVar
@@ -45,6 +46,8 @@ from app.serving.prediction import Prediction
 from app.serving.timing import RequestTimer
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -199,10 +202,8 @@ async def predict_batch(
             return_exceptions=True,
         )
     del parts
-    for outcome in outcomes:
-        if not isinstance(outcome, Prediction | ServiceError):
-            raise outcome  # a bug, not a bad image: the handler logs it and answers 500
-    context.fields.update(images=len(outcomes))
+    answers = [_part_answer(outcome) for outcome in outcomes]
+    context.fields.update(images=len(answers))
     total_ms = timer.finish()
     results = [
         schemas.batch_item(
@@ -212,8 +213,7 @@ async def predict_batch(
             if isinstance(outcome, Prediction)
             else None,
         )
-        for index, outcome in enumerate(outcomes)
-        if isinstance(outcome, Prediction | ServiceError)
+        for index, outcome in enumerate(answers)
     ]
     return BatchPredictionResponse(
         results=results,
@@ -221,6 +221,18 @@ async def predict_batch(
         execution_provider=step.classifier.execution_provider,
         request_id=context.request_id,
     )
+
+
+def _part_answer(outcome: Prediction | BaseException) -> Prediction | ServiceError:
+    """One part's answer. Anything but a `ServiceError` is a bug, not a bad image: logged with its
+    traceback and answered as that part's 500, so the other parts keep their answers and the
+    connection stays open."""
+    if isinstance(outcome, Prediction | ServiceError):
+        return outcome
+    if not isinstance(outcome, Exception):
+        raise outcome  # cancellation and the like end the request
+    logger.error("unhandled error in a batch part", exc_info=outcome)
+    return ServiceError("internal server error")
 
 
 async def _timed_read(timer: RequestTimer, reading: Awaitable[T]) -> T:

@@ -56,6 +56,7 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from app.imaging.boundary import PASS_THROUGH
 from app.pacs.spool import Spool, SpoolFull
 
 # pydicom reports invalid values through `warnings` and its logger, quoting the value: that could
@@ -248,26 +249,44 @@ def read_instance_header(data: bytes, max_inflated_bytes: int = MAX_INFLATED_BYT
             raise UnreadableInstance("the file meta information has no Transfer Syntax UID")
         if syntax != DeflatedExplicitVRLittleEndian:
             stream.seek(0)
-            return pydicom.dcmread(stream, stop_before_pixels=True)
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        inflated = inflater.decompress(stream.read(), max_inflated_bytes)
-        if inflater.unconsumed_tail:
-            raise UnreadableInstance(f"the deflated data set inflates past {max_inflated_bytes}")
-        body = read_dataset(
-            io.BytesIO(inflated),
-            is_implicit_VR=False,
-            is_little_endian=True,
-            stop_when=lambda tag, vr, length: tag == 0x7FE00010,
-        )
-        return FileDataset(
-            "", body, preamble=preamble, file_meta=file_meta, is_implicit_VR=False,
-            is_little_endian=True,
-        )  # fmt: skip
+            header = pydicom.dcmread(stream, stop_before_pixels=True)
+        else:
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            inflated = inflater.decompress(stream.read(), max_inflated_bytes)
+            if inflater.unconsumed_tail:
+                raise UnreadableInstance(
+                    f"the deflated data set inflates past {max_inflated_bytes}"
+                )
+            body = read_dataset(
+                io.BytesIO(inflated),
+                is_implicit_VR=False,
+                is_little_endian=True,
+                stop_when=lambda tag, vr, length: tag == 0x7FE00010,
+            )
+            header = FileDataset(
+                "", body, preamble=preamble, file_meta=file_meta, is_implicit_VR=False,
+                is_little_endian=True,
+            )  # fmt: skip
+        _convert_every_element(header)
+        return header
     except UnreadableInstance:
         raise
-    except Exception as exc:
+    except BaseException as exc:
+        # Whatever the parser raises (PanicException included) is this instance's fault, never
+        # the request's or the association's; only what ends the process passes.
+        if isinstance(exc, PASS_THROUGH):
+            raise
         # pydicom's messages may quote header values: name the type only.
-        raise UnreadableInstance(f"not a readable PS3.10 instance ({type(exc).__name__})") from exc
+        raise UnreadableInstance(f"not a readable PS3.10 instance ({type(exc).__name__})") from None
+
+
+def _convert_every_element(header: FileDataset) -> None:
+    """Convert every element now, in sequences too. pydicom converts a raw value on its first
+    access, so an element with a corrupted VR or value would otherwise raise in whoever reads it
+    first (the gate, the UID check, the spool), long after the header was called readable."""
+    for dataset in (header.file_meta, header):
+        for _ in dataset.iterall():
+            pass
 
 
 def _uid(ds: Dataset, keyword: str) -> str | None:
