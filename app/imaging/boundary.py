@@ -43,8 +43,9 @@ def as_invalid_image(exc: BaseException, what: str) -> InvalidImage:
     and the exception's type name, never its message."""
     if isinstance(exc, InvalidImage):
         return exc
-    # Type only in the log too: the message may quote a header value.
-    logger.info("upload refused by the imaging boundary", extra={"fields": {
+    # Logged so that a new failure mode of a library gets noticed; the type only, as the message
+    # may quote a header value.
+    logger.warning("upload refused by the imaging boundary", extra={"fields": {
         "stage": what, "error": type(exc).__name__,
     }})  # fmt: skip
     return InvalidImage(f"{what} ({type(exc).__name__})")

@@ -469,6 +469,10 @@ def render_dicom(
     shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
     if photometric == "MONOCHROME1" or shape == "INVERSE":
         v = 1.0 - v
+    if not np.isfinite(v).all():
+        # Only absurd values (a rescale or window of +-inf, or near the float limits) get here;
+        # NaN cast to uint8 would be an arbitrary grey, answered as if it were the image.
+        raise InvalidImage("the DICOM rescale and window values do not give a finite image")
     table = np.rint(v * 255.0).astype(np.uint8)
     table[padding] = rule.padding_value
     return table[index], window, notes
