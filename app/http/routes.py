@@ -100,7 +100,10 @@ async def predict(
     ] = False,
     explain_class: Annotated[
         str | None,
-        Query(description="The class to explain; by default the answer's label."),
+        Query(
+            description="The class to explain, one of the model's classes (`GET /model` lists "
+            "them; the enum here is the served model's); by default the answer's label."
+        ),
     ] = None,
 ) -> PredictionResponse:
     """Classify one frontal chest X-ray as NORMAL or PNEUMONIA (research use only).
