@@ -9,9 +9,11 @@ service already running on the loopback instead), then sends mutants `0..N-1` of
 of `POST /predict`, every `--batch-every`-th request a `POST /predict/batch` of `--batch-size`
 fuzzed parts. Counted: the status of every answer and of every batch part, answers with
 `Connection: close`, and connections that broke (a reset, a closed socket, no answer within
-`--timeout`). A 429/503 (the service full) is retried on a new attempt up to 3 times. Each mutant
-that drew a 5xx or broke a connection is named by its id (`seed/index`: `app.testing.fuzz.mutant`
-rebuilds it) and, with `--save`, written there as a file, ready to become a regression test.
+`--timeout`; the request named is the one that found the connection broken, which after a 500
+is usually the next one on it). A 429/503 (the service full) is retried up to 3 times. Each
+mutant that drew a 5xx or broke a connection is named by its id (`seed/index`:
+`app.testing.fuzz.mutant` rebuilds it) and, with `--save`, written there as a file, ready to become
+a regression test.
 Afterwards the service must still be ready, and its log is searched for unhandled errors.
 Loopback only; bounded by the mutant count and `--max-seconds`.
 """
@@ -199,6 +201,22 @@ def fuzz_over_http(
     }
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """One paragraph for a report."""
+    parts = result["batch_part_statuses"]
+    return (
+        f"Fuzzed DICOM ({result['mutants_sent']} mutants of seed {result['seed']}, "
+        f"{result['requests'].get('single', 0)} to `/predict` and "
+        f"{result['requests'].get('batch', 0)} `/predict/batch` requests of "
+        f"{result['batch']['size']} parts, {result['concurrency']} keep-alive connections, "
+        f"{result['elapsed_s']} s): **{result['five_xx']} x 5xx, "
+        f"{result['dropped_connections']} dropped connections**; answers "
+        f"{', '.join(f'{k}: {v}' for k, v in result['statuses'].items())}; batch parts "
+        f"{', '.join(f'{k}: {v}' for k, v in parts.items())}; ready afterwards: "
+        f"{result.get('ready_after')}."
+    )
+
+
 def save_mutants(result: dict[str, Any], directory: Path) -> list[str]:
     """Write every mutant named in `five_xx_mutants` and `dropped` as `fuzz-<seed>-<index>.dcm`."""
     seeds = seed_files()
@@ -278,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
     print(text)
+    print(markdown(result))
     clean = result["five_xx"] == 0 and result["dropped_connections"] == 0
     return 0 if clean and result["ready_after"] == 200 else 1
 

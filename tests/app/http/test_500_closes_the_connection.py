@@ -60,3 +60,26 @@ def test_hostile_dicom_over_a_real_keep_alive_connection_is_422_and_keeps_it(
             assert response.getheader("connection") is None  # kept alive
         connection.close()
     assert "unhandled error" not in server.log()
+
+
+def test_the_fuzz_script_counts_no_5xx_and_no_dropped_connection(tmp_path: Path) -> None:
+    """`scripts/fuzz.py` in miniature against a real service on the tiny model (the long run is
+    the same command with 20,000+ mutants)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.support.testkit import write_model_dir
+
+    out = tmp_path / "fuzz.json"
+    done = subprocess.run(
+        [sys.executable, "scripts/fuzz.py", "--mutants", "300", "--seed", "11",
+         "--model", str(write_model_dir(tmp_path)), "--out", str(out)],
+        cwd=Path(__file__).resolve().parents[3], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["mutants_sent"] == 300
+    assert result["five_xx"] == 0 and result["dropped_connections"] == 0
+    assert result["requests"]["batch"] > 0 and result["batch_part_statuses"]["422"] > 0
+    assert result["ready_after"] == 200 and result["server_log_unhandled_errors"] == 0
