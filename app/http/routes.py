@@ -37,6 +37,7 @@ from app.http.schemas import (
 from app.http.uploads import (
     FILE_FIELD,
     RAW_CONTENT_TYPES,
+    BodyPace,
     declared_upload_bytes,
     read_upload,
     read_upload_parts,
@@ -72,7 +73,7 @@ _PREDICT_BODY = {
 }
 
 
-_PREDICT_ERRORS = error_responses(413, 415, 422, 429, 503)
+_PREDICT_ERRORS = error_responses(408, 413, 415, 422, 429, 503)
 
 
 @router.post(
@@ -124,11 +125,12 @@ async def predict(
 
     `label` applies the model's validated operating threshold to the calibrated probability of
     the positive class. An optional `X-Request-Timeout-Ms` header bounds how long the image may
-    wait for the model. Errors: 413 upload too large, 415 unsupported format, 422 undecodable / too
-    small / too many pixels / `not_intended_use` (another modality, body part or view, multi-frame,
-    colour, no pixel data) / `explanation_unavailable`, 429 `overloaded` (the service is full:
-    retry after `Retry-After` seconds), 503 model not ready, or `deadline_exceeded` (with
-    `Retry-After`).
+    wait for the model. Errors: 408 `body_too_slow` (the upload arrived slower than
+    `CXR_BODY_MIN_BYTES_PER_S`; the connection is closed), 413 upload too large, 415 unsupported
+    format, 422 undecodable / too small / too many pixels / `not_intended_use` (another modality,
+    body part or view, multi-frame, colour, no pixel data) / `explanation_unavailable`, 429
+    `overloaded` (the service is full: retry after `Retry-After` seconds), 503 model not ready, or
+    `deadline_exceeded` (with `Retry-After`).
 
     With `explain=true` the answer also carries `explanation`: the class activation map of the
     label (or of `explain_class`), exact for this model, as a grid and as PNG pictures (the input,
@@ -137,7 +139,8 @@ async def predict(
     step.check_explanation_request(explain, explain_class)  # before the body is read
     timer = context.timer
     with step.admit(1, declared_upload_bytes(framing, settings.max_upload_bytes)):
-        reading = read_upload(request, framing, settings.max_upload_bytes)
+        pace = BodyPace.from_settings(settings)
+        reading = read_upload(request, framing, settings.max_upload_bytes, pace)
         data = await _timed_read(timer, reading)
         prediction = await step.predict(data, deadline, explain, explain_class, timer)
     return schemas.prediction_response(
@@ -191,14 +194,16 @@ async def predict_batch(
     Each result has its own `status`: 200 with `prediction` (the same object `POST /predict`
     returns), or the error status with `error` (`{"code", "message"}`), so one undecodable or
     refused image does not fail the others. The whole request is refused only for what concerns
-    all of it: 413 when the body passes `CXR_MAX_UPLOAD_BYTES` in all, 415 when it is not
-    multipart, 422 for no `file` field or more than `CXR_MAX_IMAGES_PER_REQUEST`, 429 when the
-    service cannot take that many images now, 503 when not ready.
+    all of it: 408 when the body arrives too slowly, 413 when the body passes
+    `CXR_MAX_UPLOAD_BYTES` in all, 415 when it is not multipart, 422 for no `file` field or more
+    than `CXR_MAX_IMAGES_PER_REQUEST`, 429 when the service cannot take that many images now, 503
+    when not ready.
     """
     timer = context.timer
     with step.admit(1, declared_upload_bytes(framing, settings.max_upload_bytes)) as ticket:
         limits = (settings.max_upload_bytes, settings.max_images_per_request)
-        parts = await _timed_read(timer, read_upload_parts(request, framing, *limits))
+        pace = BodyPace.from_settings(settings)
+        parts = await _timed_read(timer, read_upload_parts(request, framing, *limits, pace))
         ticket.grow(len(parts) - 1)
         outcomes = await asyncio.gather(
             *(step.predict(part, deadline, timer=timer) for part in parts),
