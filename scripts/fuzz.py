@@ -146,9 +146,11 @@ def fuzz_over_http(
     batch_size: int = 8,
     timeout_s: float = 30.0,
     max_seconds: float = 1800.0,
+    seed_size: tuple[int, int] = (96, 80),
 ) -> dict[str, Any]:
-    """Send mutants 0..count-1 of `seed`; the counts as a JSON-able dict."""
-    seeds = seed_files()
+    """Send mutants 0..count-1 of `seed` (of seed files `seed_size` rows x columns); the counts as
+    a JSON-able dict."""
+    seeds = seed_files(*seed_size)
     tally = Tally()
     next_index = [0, 0]  # next mutant, next job
     plan_lock = threading.Lock()
@@ -198,6 +200,7 @@ def fuzz_over_http(
         "operators": dict(tally.operators.most_common()),
         "concurrency": concurrency,
         "batch": {"every": batch_every, "size": batch_size},
+        "seed_size": list(seed_size),
     }
 
 
@@ -219,7 +222,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def save_mutants(result: dict[str, Any], directory: Path) -> list[str]:
     """Write every mutant named in `five_xx_mutants` and `dropped` as `fuzz-<seed>-<index>.dcm`."""
-    seeds = seed_files()
+    seeds = seed_files(*result["seed_size"])
     ids = set(result["five_xx_mutants"])
     ids |= {i for entry in result["dropped"] for i in entry["mutants"].split(",")}
     directory.mkdir(parents=True, exist_ok=True)
@@ -253,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.add_argument("--max-seconds", type=float, default=1800.0)
+    p.add_argument("--seed-size", type=int, nargs=2, default=(96, 80), metavar=("ROWS", "COLUMNS"))
     p.add_argument("--model", type=Path, default=REPO_ROOT / "models" / "pneumonia_cxr.json")
     p.add_argument("--url", help="a service already running on the loopback (else one is started)")
     p.add_argument("--save", type=Path, help="write the mutants that drew a 5xx or broke here")
@@ -278,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = fuzz_over_http(
             host, port, args.mutants, args.seed, args.concurrency, args.batch_every,
-            args.batch_size, args.timeout, args.max_seconds,
+            args.batch_size, args.timeout, args.max_seconds, tuple(args.seed_size),
         )  # fmt: skip
         result["ready_after"] = _ready(host, port)
         if server is not None:
