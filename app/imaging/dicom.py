@@ -392,6 +392,8 @@ def _window_function(x: np.ndarray, c: float, w: float, function: str) -> np.nda
     if function == "LINEAR_EXACT":
         return None if w <= 0 else np.clip((x - c) / w + 0.5, 0.0, 1.0)
     if function == "LINEAR":
+        if w == 1:  # the standard's limit case: a threshold at c - 0.5 (no division by zero)
+            return np.where(x > c - 0.5, 1.0, 0.0)
         return None if w < 1 else np.clip((x - (c - 0.5)) / (w - 1.0) + 0.5, 0.0, 1.0)
     return None
 
@@ -469,10 +471,14 @@ def render_dicom(
     shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
     if photometric == "MONOCHROME1" or shape == "INVERSE":
         v = 1.0 - v
-    if not np.isfinite(v).all():
-        # Only absurd values (a rescale or window of +-inf, or near the float limits) get here;
-        # NaN cast to uint8 would be an arbitrary grey, answered as if it were the image.
-        raise InvalidImage("the DICOM rescale and window values do not give a finite image")
+    finite = np.isfinite(v)
+    if not finite.all():
+        # Only absurd values (a rescale near the float limits, a full range that overflows) get
+        # here. A NaN cast to uint8 would be an arbitrary grey, answered as if it were the image:
+        # refused when a pixel (other than padding) has such a value, else those entries unused.
+        if not (finite | padding)[index].all():
+            raise InvalidImage("the DICOM rescale and window values do not give a finite image")
+        v = np.where(finite, v, 0.0)
     table = np.rint(v * 255.0).astype(np.uint8)
     table[padding] = rule.padding_value
     return table[index], window, notes

@@ -164,3 +164,13 @@ def test_mutants_are_deterministic_and_differ_from_their_seed() -> None:
     assert first == again
     assert sum(data not in seeds.values() for data in first) >= 45
     assert np.unique([len(d) for d in first]).size > 10
+
+
+def test_a_one_wide_linear_window_is_a_threshold_not_a_refusal(classifier: Classifier) -> None:
+    """Window Width 1 is legal for LINEAR (PS3.3 C.11.2.1.2.1): a threshold at c - 0.5, which the
+    finite-rendering check must not refuse."""
+    stored = ramp()
+    decoded = classifier.open(make_dicom(stored, window=(2048.5, 1.0))).decode()
+    assert decoded.dicom is not None and decoded.dicom.window.source == "window"
+    expected = np.where(stored > 2048, 255, 0).astype(np.uint8)
+    assert np.array_equal(np.asarray(decoded.image), expected)
