@@ -76,6 +76,14 @@ class InvalidRequest(ServiceError):
     code = "invalid_request"
 
 
+class BodyTooSlow(ServiceError):
+    """The request body arrived slower than the minimum rate: answered at once, and the
+    connection closed (the rest of the body is never read)."""
+
+    status_code = HTTPStatus.REQUEST_TIMEOUT
+    code = "body_too_slow"
+
+
 class UnsupportedMediaType(ServiceError):
     """A format (detected from the bytes) or a request Content-Type the service does not take."""
 

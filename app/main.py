@@ -24,6 +24,7 @@ from app.http.auth import ApiKeys, document_api_keys
 from app.http.docs import install_docs
 from app.http.draining import Drain, DrainMiddleware
 from app.http.errors import install_error_handlers
+from app.http.openapi import document_limits
 from app.http.pacs import router as pacs_router
 from app.http.routes import router
 from app.http.viewer import router as viewer_router
@@ -143,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # rather than leaving it up and open.
     app.state.api_keys = ApiKeys.from_settings(settings)
     document_api_keys(app)
+    document_limits(app)
     metrics = app.state.metrics = ServiceMetrics()
     metrics.watch_service(lambda: app.state.service)
     metrics.watch_pacs(lambda: app.state.pipeline)

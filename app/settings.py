@@ -116,6 +116,19 @@ class Settings(BaseSettings):
         description="Admission limit on upload bytes held at once (declared Content-Length, or "
         "the upload limit for a body of unknown length); past it, 429.",
     )
+    body_read_initial_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds an upload body may take to start arriving; after them it must keep "
+        "up `CXR_BODY_MIN_BYTES_PER_S` on average, or the request is answered 408 and closed.",
+    )
+    body_min_bytes_per_s: int = Field(
+        default=16 * 1024,
+        ge=0,
+        description="Slowest average rate an upload body may arrive at (each byte received adds "
+        "1/rate s to `CXR_BODY_READ_INITIAL_S`); a slower sender gets 408 and the connection is "
+        "closed, so it cannot hold an admission slot. 0: no body deadline.",
+    )
     decode_memory_budget_bytes: int = Field(
         default=512 * MiB,
         ge=16 * MiB,

@@ -43,6 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import fuzz  # noqa: E402
 import loadgen  # noqa: E402
 
 from app.testing.server import ServiceProcess, http_status  # noqa: E402
@@ -351,6 +352,19 @@ def checkout(ref: str, into: Path) -> Path:
 # -- report ------------------------------------------------------------------------------------
 
 
+def fuzz_phase(metadata: Path, count: int, env: dict[str, str]) -> dict:
+    """`count` fuzzed DICOM uploads (single and batch) to a fresh service of this checkout."""
+    server = start_server(REPO_ROOT, metadata, env)
+    try:
+        server.wait_until_ready(120.0)
+        result = fuzz.fuzz_over_http("127.0.0.1", server.port, count, seed=1)
+        result["ready_after"] = http_status(server.port, "/health/ready", 10.0)
+        result["server_log_unhandled_errors"] = server.log().count("unhandled error")
+    finally:
+        server.kill()
+    return result
+
+
 def markdown(report: dict) -> str:
     best = report["in_process_limit"]
     limit = best["images_per_s"]
@@ -428,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet-load", type=float, default=0.5,
                    help="wait for the 1-min load average to drop below this first")  # fmt: skip
     p.add_argument("--max-wait", type=float, default=0.0, help="seconds to wait for quiet")
+    p.add_argument(
+        "--fuzz", type=int, default=0, metavar="N",
+        help="also send N fuzzed DICOM uploads (scripts/fuzz.py) to a fresh service",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "benchmark.json")
     args = p.parse_args(argv)
 
@@ -489,10 +507,15 @@ def main(argv: list[str] | None = None) -> int:
             if phase.startswith("jpeg c") and limit:
                 r["service_over_limit"] = round(r["ok_per_s"] / limit, 3)
 
+    if args.fuzz:
+        report["fuzz"] = fuzz_phase(args.model, args.fuzz, env)
+
     text = json.dumps(report, indent=2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
     table = markdown(report)
+    if "fuzz" in report:
+        table += "\n" + fuzz.markdown(report["fuzz"]) + "\n"
     args.out.with_suffix(".md").write_text(table)
     print(table)
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")

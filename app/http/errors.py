@@ -94,8 +94,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug, not bad input: log the traceback server-side, never send it to the client.
         logger.exception("unhandled error", exc_info=exc)
+        # Starlette raises the exception again once this answer is sent, and uvicorn then closes
+        # the socket: `Connection: close` says so, so a keep-alive client opens a new connection
+        # for its next request instead of writing it into one that is going away.
         return _answer(
-            request, HTTPStatus.INTERNAL_SERVER_ERROR, ServiceError.code, "internal server error"
+            request,
+            HTTPStatus.INTERNAL_SERVER_ERROR,
+            ServiceError.code,
+            "internal server error",
+            {"Connection": "close"},
         )
 
     app.add_exception_handler(ServiceError, on_service_error)

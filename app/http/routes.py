@@ -6,6 +6,7 @@ engine), and shape the answer (`schemas`). Dependencies live in `deps`, the erro
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable
 from typing import Annotated, TypeVar
@@ -38,6 +39,7 @@ from app.http.schemas import (
 from app.http.uploads import (
     FILE_FIELD,
     RAW_CONTENT_TYPES,
+    BodyPace,
     declared_upload_bytes,
     read_upload,
     read_upload_parts,
@@ -47,6 +49,8 @@ from app.serving.prediction import Prediction
 from app.serving.timing import RequestTimer
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -71,7 +75,7 @@ _PREDICT_BODY = {
 }
 
 
-_PREDICT_ERRORS = error_responses(413, 415, 422, 429, 501, 503)
+_PREDICT_ERRORS = error_responses(408, 413, 415, 422, 429, 501, 503)
 
 
 @router.post(
@@ -99,7 +103,10 @@ async def predict(
     ] = False,
     explain_class: Annotated[
         str | None,
-        Query(description="The class to explain; by default the answer's label."),
+        Query(
+            description="The class to explain, one of the model's classes (`GET /model` lists "
+            "them; the enum here is the served model's); by default the answer's label."
+        ),
     ] = None,
     deliver: Annotated[
         bool,
@@ -129,11 +136,12 @@ async def predict(
 
     `label` applies the model's validated operating threshold to the calibrated probability of
     the positive class. An optional `X-Request-Timeout-Ms` header bounds how long the image may
-    wait for the model. Errors: 413 upload too large, 415 unsupported format, 422 undecodable / too
-    small / too many pixels / `not_intended_use` (another modality, body part or view, multi-frame,
-    colour, no pixel data) / `explanation_unavailable`, 429 `overloaded` (the service is full:
-    retry after `Retry-After` seconds), 503 model not ready, or `deadline_exceeded` (with
-    `Retry-After`).
+    wait for the model. Errors: 408 `body_too_slow` (the upload arrived slower than
+    `CXR_BODY_MIN_BYTES_PER_S`; the connection is closed), 413 upload too large, 415 unsupported
+    format, 422 undecodable / too small / too many pixels / `not_intended_use` (another modality,
+    body part or view, multi-frame, colour, no pixel data) / `explanation_unavailable`, 429
+    `overloaded` (the service is full: retry after `Retry-After` seconds), 503 model not ready, or
+    `deadline_exceeded` (with `Retry-After`).
 
     With a site profile (`CXR_SITE_PROFILE`) the label applies the site's threshold to the site's
     recalibration of that probability instead, and the answer says so in `calibration`.
@@ -147,7 +155,8 @@ async def predict(
     explain = explain or (results is not None and results.explains)
     timer = context.timer
     with step.admit(1, declared_upload_bytes(framing, settings.max_upload_bytes)):
-        reading = read_upload(request, framing, settings.max_upload_bytes)
+        pace = BodyPace.from_settings(settings)
+        reading = read_upload(request, framing, settings.max_upload_bytes, pace)
         data = await _timed_read(timer, reading)
         if results is not None:
             require_dicom_upload(data)
@@ -206,24 +215,24 @@ async def predict_batch(
     Each result has its own `status`: 200 with `prediction` (the same object `POST /predict`
     returns), or the error status with `error` (`{"code", "message"}`), so one undecodable or
     refused image does not fail the others. The whole request is refused only for what concerns
-    all of it: 413 when the body passes `CXR_MAX_UPLOAD_BYTES` in all, 415 when it is not
-    multipart, 422 for no `file` field or more than `CXR_MAX_IMAGES_PER_REQUEST`, 429 when the
-    service cannot take that many images now, 503 when not ready.
+    all of it: 408 when the body arrives too slowly, 413 when the body passes
+    `CXR_MAX_UPLOAD_BYTES` in all, 415 when it is not multipart, 422 for no `file` field or more
+    than `CXR_MAX_IMAGES_PER_REQUEST`, 429 when the service cannot take that many images now, 503
+    when not ready.
     """
     timer = context.timer
     with step.admit(1, declared_upload_bytes(framing, settings.max_upload_bytes)) as ticket:
         limits = (settings.max_upload_bytes, settings.max_images_per_request)
-        parts = await _timed_read(timer, read_upload_parts(request, framing, *limits))
+        pace = BodyPace.from_settings(settings)
+        parts = await _timed_read(timer, read_upload_parts(request, framing, *limits, pace))
         ticket.grow(len(parts) - 1)
         outcomes = await asyncio.gather(
             *(step.predict(part, deadline, timer=timer) for part in parts),
             return_exceptions=True,
         )
     del parts
-    for outcome in outcomes:
-        if not isinstance(outcome, Prediction | ServiceError):
-            raise outcome  # a bug, not a bad image: the handler logs it and answers 500
-    context.fields.update(images=len(outcomes))
+    answers = [_part_answer(outcome) for outcome in outcomes]
+    context.fields.update(images=len(answers))
     total_ms = timer.finish()
     results = [
         schemas.batch_item(
@@ -233,8 +242,7 @@ async def predict_batch(
             if isinstance(outcome, Prediction)
             else None,
         )
-        for index, outcome in enumerate(outcomes)
-        if isinstance(outcome, Prediction | ServiceError)
+        for index, outcome in enumerate(answers)
     ]
     return BatchPredictionResponse(
         results=results,
@@ -242,6 +250,18 @@ async def predict_batch(
         execution_provider=step.classifier.execution_provider,
         request_id=context.request_id,
     )
+
+
+def _part_answer(outcome: Prediction | BaseException) -> Prediction | ServiceError:
+    """One part's answer. Anything but a `ServiceError` is a bug, not a bad image: logged with its
+    traceback and answered as that part's 500, so the other parts keep their answers and the
+    connection stays open."""
+    if isinstance(outcome, Prediction | ServiceError):
+        return outcome
+    if not isinstance(outcome, Exception):
+        raise outcome  # cancellation and the like end the request
+    logger.error("unhandled error in a batch part", exc_info=outcome)
+    return ServiceError("internal server error")
 
 
 async def _timed_read(timer: RequestTimer, reading: Awaitable[T]) -> T:

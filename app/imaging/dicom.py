@@ -67,8 +67,7 @@ from app.errors import (
     NotIntendedUse,
     OutsideTrainingPopulation,
 )
-
-logger = logging.getLogger(__name__)
+from app.imaging.boundary import guarded, image_boundary
 
 # pydicom reports invalid header values through `warnings` and its logger, quoting the value: that
 # would put a patient's name into the service's stderr. Validation is ours, so silence both.
@@ -450,6 +449,8 @@ def _window_function(x: np.ndarray, c: float, w: float, function: str) -> np.nda
     if function == "LINEAR_EXACT":
         return None if w <= 0 else np.clip((x - c) / w + 0.5, 0.0, 1.0)
     if function == "LINEAR":
+        if w == 1:  # the standard's limit case: a threshold at c - 0.5 (no division by zero)
+            return np.where(x > c - 0.5, 1.0, 0.0)
         return None if w < 1 else np.clip((x - (c - 0.5)) / (w - 1.0) + 0.5, 0.0, 1.0)
     return None
 
@@ -527,6 +528,14 @@ def render_dicom(
     shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
     if photometric == "MONOCHROME1" or shape == "INVERSE":
         v = 1.0 - v
+    finite = np.isfinite(v)
+    if not finite.all():
+        # Only absurd values (a rescale near the float limits, a full range that overflows) get
+        # here. A NaN cast to uint8 would be an arbitrary grey, answered as if it were the image:
+        # refused when a pixel (other than padding) has such a value, else those entries unused.
+        if not (finite | padding)[index].all():
+            raise InvalidImage("the DICOM rescale and window values do not give a finite image")
+        v = np.where(finite, v, 0.0)
     table = np.rint(v * 255.0).astype(np.uint8)
     table[padding] = rule.padding_value
     return table[index], window, notes
@@ -563,39 +572,24 @@ class OpenedDicom:
         syntax = self.transfer_syntax
         return not syntax.is_compressed and not syntax.is_deflated
 
+    @guarded("the DICOM image could not be decoded")
     def render(self, policy: DicomPolicy) -> RenderedDicom:
-        """Decode the pixels and render them by the contract's rule."""
+        """Decode the pixels and render them by the contract's rule; whatever goes wrong on the
+        way is `InvalidImage` (`app.imaging.boundary`)."""
         ds = self._ds
         syntax = self.transfer_syntax
         plugin = _PREFERRED_PLUGINS.get(syntax)
         if plugin is not None and plugin in get_decoder(syntax).available_plugins:
             ds.pixel_array_options(decoding_plugin=plugin)
-        try:
+        with image_boundary(f"the DICOM pixel data ({syntax.name}) could not be decoded"):
             stored = ds.pixel_array
-        except BaseException as exc:
-            # Compiled decoders written in Rust (pylibjpeg-rle) report a malformed stream as a PyO3
-            # PanicException, which derives from BaseException: still a property of the input.
-            if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
-                raise
-            logger.info(
-                "dicom pixel decode failed", extra={"fields": {"error": type(exc).__name__}}
-            )
-            raise InvalidImage(
-                f"the DICOM pixel data ({syntax.name}) could not be decoded ({type(exc).__name__})"
-            ) from exc
         if stored.shape != (ds.Rows, ds.Columns):
             raise InvalidImage(
                 f"the decoded DICOM pixels have shape {stored.shape}, not the header's "
                 f"{ds.Rows}x{ds.Columns}"
             )
-        try:
+        with image_boundary("the DICOM image could not be rendered"):
             grey, window, notes = render_dicom(ds, stored, policy.rendering)
-        except InvalidImage:
-            raise
-        except Exception as exc:
-            raise InvalidImage(
-                f"the DICOM image could not be rendered ({type(exc).__name__})"
-            ) from exc
         view = str(ds.get("ViewPosition", "") or "").strip().upper()
         population = [self._population_warning] if self._population_warning else []
         findings = DicomFindings(
@@ -613,22 +607,12 @@ class OpenedDicom:
 
 
 def open_dicom(data: bytes, max_pixels: int, min_side: int, policy: DicomPolicy) -> OpenedDicom:
-    """Parse and gate one DICOM upload (stages 1 and 2 of the module docstring)."""
-    try:
+    """Parse and gate one DICOM upload (stages 1 and 2 of the module docstring); whatever goes
+    wrong is a `ServiceError` (`app.imaging.boundary`)."""
+    with image_boundary("the upload looks like DICOM but its header could not be read"):
         ds = _read(data, policy)
-    except InvalidImage:
-        raise
-    except Exception as exc:
-        # pydicom's parser raises many types (and messages quote header values): name the type only.
-        raise InvalidImage(
-            f"the upload looks like DICOM but its header could not be read ({type(exc).__name__})"
-        ) from exc
-    try:
+    with image_boundary("the DICOM header is malformed"):  # a value of the wrong type or VR
         modality = _gate_intended_use(ds, policy.intended_use)
         _gate_pixels(ds, max_pixels, min_side)
         population_warning = _population_warning(ds, policy)
-    except InvalidImage:
-        raise
-    except Exception as exc:  # a header value of the wrong type or VR
-        raise InvalidImage(f"the DICOM header is malformed ({type(exc).__name__})") from exc
     return OpenedDicom(ds, modality, population_warning)

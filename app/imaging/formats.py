@@ -7,7 +7,8 @@ one more decoder in that registry (`app.imaging.dicom`); it needs the model's `D
 
 Everything here treats the input as hostile: dimensions are checked from the header before any
 pixel is decompressed, truncated files are errors (Pillow's `LOAD_TRUNCATED_IMAGES` stays False),
-and every exception the decoders raise becomes `InvalidImage` (422) instead of a 500.
+and every exception the decoders raise becomes `InvalidImage` (422) instead of a 500: `open_upload`
+and the `decode` it returns run inside the imaging stage's one boundary (`app.imaging.boundary`).
 
 An upload is handled in two steps, so that its header is parsed once: `open_upload` detects the
 format, reads and checks the header (for DICOM: parses and gates it) and says what decoding will
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from app.errors import ImageTooManyPixels, InvalidImage, UnsupportedMediaType
+from app.imaging.boundary import guarded, image_boundary
 from app.imaging.cost import dicom_decode_bytes, raster_decode_bytes
 from app.imaging.dicom import DicomPolicy, open_dicom
 from app.imaging.types import DECODER_ERRORS, DecodedImage, DecodeLimits, check_dimensions
@@ -172,7 +174,9 @@ def open_upload(
 
     Raises `UnsupportedMediaType` (415) for empty, unknown or unsupported formats, and
     `InvalidImage` (422) for a corrupt header, too many pixels or too small an image, and its
-    `NotIntendedUse` for a DICOM file outside the model's intended use.
+    `NotIntendedUse` for a DICOM file outside the model's intended use. Nothing else escapes,
+    here or from the returned `decode`: any other exception a parser or decoder raises becomes
+    `InvalidImage` naming its type (`app.imaging.boundary`).
     """
     if not data:
         raise UnsupportedMediaType(f"the upload is empty; {SUPPORTED_HINT}")
@@ -182,7 +186,11 @@ def open_upload(
     if fmt.opener is None:
         reason = fmt.refusal or f"{fmt.name} is not supported; {SUPPORTED_HINT}"
         raise UnsupportedMediaType(reason)
-    return fmt.opener(data, limits, dicom)
+    with image_boundary(f"the upload looks like {fmt.name} but its header could not be read"):
+        opened = fmt.opener(data, limits, dicom)
+    # The one boundary (`app.imaging.boundary`) around the decode as well, whatever the format.
+    decode = guarded(f"the upload looks like {fmt.name} but could not be decoded")(opened.decode)
+    return OpenedUpload(opened.format, opened.decode_bytes, decode)
 
 
 def decode_upload(

@@ -16,11 +16,12 @@ import onnxruntime as ort
 from PIL import Image
 
 from app.contract import ModelMetadata
-from app.errors import InvalidImage, ModelLoadError
+from app.errors import ModelLoadError
+from app.imaging.boundary import image_boundary
 from app.imaging.dicom import DicomFindings, DicomPolicy
 from app.imaging.formats import OpenedUpload, open_upload
 from app.imaging.preprocessing import jpeg_scale_denominator, to_model_input
-from app.imaging.types import DECODER_ERRORS, DecodeLimits
+from app.imaging.types import DecodeLimits
 from app.model.explain import ClassActivationMap, class_activation_map
 from app.model.site_profile import SiteProfile
 
@@ -96,11 +97,10 @@ class Classifier:
         domain error."""
         opened = self.open(upload) if isinstance(upload, bytes) else upload
         decoded = opened.decode()
-        try:
+        # A fully decoded image can still carry an EXIF block or mode Pillow chokes on: still the
+        # upload's fault, so the imaging stage's boundary holds here too.
+        with image_boundary("the image could not be preprocessed"):
             tensor = to_model_input(decoded.image, self.metadata.preprocessing)
-        except DECODER_ERRORS as exc:
-            # A fully decoded image can still carry an EXIF block or mode Pillow chokes on.
-            raise InvalidImage(f"the image could not be preprocessed: {exc}") from exc
         return PreparedImage(
             tensor, decoded.dicom, decoded.format, decoded.stored_size or decoded.image.size
         )

@@ -53,6 +53,7 @@ import pydicom.config
 from pydicom.dataset import Dataset, FileDataset
 
 from app.errors import InvalidImage
+from app.imaging.boundary import PASS_THROUGH
 from app.imaging.dicom import read_part10
 from app.pacs.spool import Spool, SpoolFull
 
@@ -238,12 +239,29 @@ def read_instance_header(data: bytes, max_inflated_bytes: int = MAX_INFLATED_BYT
     `max_inflated_bytes`). Raises `UnreadableInstance`, whose message names the fault, never a
     header value."""
     try:
-        return read_part10(data, max_inflated_bytes, stop_before_pixels=True)
+        header = read_part10(data, max_inflated_bytes, stop_before_pixels=True)
+        _convert_every_element(header)
+        return header
     except InvalidImage as exc:
         raise UnreadableInstance(exc.message) from exc
-    except Exception as exc:
+    except UnreadableInstance:
+        raise
+    except BaseException as exc:
+        # Whatever the parser raises (PanicException included) is this instance's fault, never
+        # the request's or the association's; only what ends the process passes.
+        if isinstance(exc, PASS_THROUGH):
+            raise
         # pydicom's messages may quote header values: name the type only.
-        raise UnreadableInstance(f"not a readable PS3.10 instance ({type(exc).__name__})") from exc
+        raise UnreadableInstance(f"not a readable PS3.10 instance ({type(exc).__name__})") from None
+
+
+def _convert_every_element(header: FileDataset) -> None:
+    """Convert every element now, in sequences too. pydicom converts a raw value on its first
+    access, so an element with a corrupted VR or value would otherwise raise in whoever reads it
+    first (the gate, the UID check, the spool), long after the header was called readable."""
+    for dataset in (header.file_meta, header):
+        for _ in dataset.iterall():
+            pass
 
 
 def _uid(ds: Dataset, keyword: str) -> str | None:
