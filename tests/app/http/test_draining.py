@@ -143,6 +143,8 @@ def _signal_under_load(
     settings = process_settings(
         workdir,
         busy_work=BUSY_WORK,
+        # one image per model run, so the queue drains one 0.3 s inference at a time
+        max_batch_size="1",
         log_level="info",
         drain_seconds=str(drain_seconds),
     )
