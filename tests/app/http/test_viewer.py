@@ -54,7 +54,9 @@ def test_a_test_x_ray_is_answered_with_its_heat_map(browser, service, tmp_path: 
     page = offline.page
     page.goto(f"{service.base_url}/", wait_until="load")  # the home page redirects here
     assert page.url.endswith("/viewer")
-    page.wait_for_function("document.getElementById('model').textContent.includes('1.')")
+    # A locator wait, not wait_for_function: a string predicate is evaluated with eval(), which
+    # the page's CSP (rightly) refuses whenever the first check is not already true.
+    page.locator("#model", has_text="1.").wait_for(timeout=20_000)
     assert "pneumonia_cxr" in page.inner_text("#model")
     _choose_and_wait(page, source)
 
