@@ -173,7 +173,8 @@ def _reduced_j2k_pixels(dataset: Any, spec: Preprocessing | None) -> np.ndarray 
     from PIL import ImageFile
     from pydicom.encaps import generate_frames
 
-    if spec is None or str(dataset.file_meta.TransferSyntaxUID) not in _JPEG_2000_SYNTAXES:
+    syntax = getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
+    if spec is None or str(syntax) not in _JPEG_2000_SYNTAXES:
         return None
     frame = next(generate_frames(dataset.PixelData, number_of_frames=1))
     facts = _codestream_facts(frame)
