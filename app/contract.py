@@ -171,10 +171,31 @@ class JpegDctScaling(_Strict):
     max_denominator: Literal[2, 4, 8] = 8
 
 
+class Jpeg2000Reduction(_Strict):
+    """Step 1 for a large JPEG 2000 DICOM frame: decode it at resolution level r, the codestream's
+    own wavelet approximation at 1/2**r per side (OpenJPEG's "reduce"), which skips the code-blocks
+    of the r finest resolutions, most of the decoding work for pixels the model never sees.
+
+    For a frame stored as W x H, r is the largest of 3, 2, 1 that is at most `max_level`, at most
+    the number of wavelet decomposition levels the codestream's main header gives (COD, or a COC
+    for its component), and satisfies `2**r * min_ratio * max(height, width) <= min(W, H)`; when
+    none qualifies the frame is decoded at full size. The rule applies only to a frame whose SIZ
+    describes one component of Bits Stored precision, signed as Pixel Representation says, with no
+    image offset; other frames are decoded at full size. The reduced frame is exactly
+    ceil(W / 2**r) x ceil(H / 2**r) stored values (anything else is refused), and the DICOM
+    rendering (`DicomRendering`, the full range included) applies to it unchanged. Other transfer
+    syntaxes, and JPEG and PNG uploads, are unaffected.
+    """
+
+    min_ratio: int = Field(ge=1)
+    max_level: Literal[1, 2, 3] = 1
+
+
 class Preprocessing(_Strict):
     """How an upload becomes the model input. Applied identically by training and serving.
 
-    1. Decode (a large JPEG at a reduced scale, by `jpeg_dct_scaling`); apply EXIF orientation.
+    1. Decode (a large JPEG at a reduced scale, by `jpeg_dct_scaling`; a large JPEG 2000 DICOM
+       frame at a reduced resolution level, by `dicom_j2k_reduction`); apply EXIF orientation.
     2. Bring to 8-bit grey: images with more than 8 bits per sample are linearly stretched from
        their own [min, max] to [0, 255] (`high_bit_depth: "minmax"`); 8-bit colour images go
        through the ITU-R 601-2 luma transform (Pillow's `convert("L")`); alpha is dropped.
@@ -197,6 +218,9 @@ class Preprocessing(_Strict):
     dicom: DicomRendering
     # None: every JPEG is decoded at full size (metadata written before this rule existed).
     jpeg_dct_scaling: JpegDctScaling | None = None
+    # None: every JPEG 2000 DICOM frame is decoded at full resolution (metadata written before
+    # this rule existed).
+    dicom_j2k_reduction: Jpeg2000Reduction | None = None
 
     @property
     def channels(self) -> int:

@@ -5,18 +5,23 @@ values -> modality LUT -> VOI (window, VOI LUT Sequence or full range) -> MONOCH
 polarity -> 8-bit grey. The service renders with its own code (`app.imaging.dicom`, a lookup table
 over every possible stored value); this one computes pixel by pixel, written separately on purpose,
 and `tests/contract/test_train_serve_parity.py` proves the two give the same 8-bit image on every
-case.
+case. A large JPEG 2000 frame is decoded at the contract's reduced resolution level
+(`app.contract.Jpeg2000Reduction`), also by this module's own reading of the codestream header.
 """
 
 from __future__ import annotations
 
+import io
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from app.contract import DicomRendering
+from app.contract import DicomRendering, Preprocessing
+
+_JPEG_2000_SYNTAXES = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
 
 
 def _lut(item: Any, pixel_representation: int) -> tuple[np.ndarray, int, int]:
@@ -109,8 +114,109 @@ def dicom_to_uint8(stored: np.ndarray, dataset: Any, rule: DicomRendering) -> np
     return grey
 
 
-def read_dicom_as_image(path: Path, rule: DicomRendering) -> Image.Image:
-    """Read a single-frame greyscale DICOM file into an 8-bit Pillow `L` image."""
+def _codestream_facts(frame: bytes) -> dict[str, int] | None:
+    """SIZ and COD/COC facts of a JPEG 2000 main header (first component), or None."""
+    import struct
+
+    start = frame.find(b"\xff\x4f\xff\x51", 0, 4096)  # SOC then SIZ
+    if start < 0 or len(frame) < start + 45:
+        return None
+    siz = start + 2
+    _, _, xsiz, ysiz, xosiz, yosiz, _, _, _, _, csiz = struct.unpack_from(
+        ">HHIIIIIIIIH", frame, siz + 2
+    )
+    facts = {
+        "width": xsiz - xosiz,
+        "height": ysiz - yosiz,
+        "origin": xosiz | yosiz,
+        "components": csiz,
+        "precision": (frame[siz + 40] & 0x7F) + 1,
+        "signed": frame[siz + 40] >> 7,
+    }
+    cod = coc = None
+    at = siz
+    for _ in range(256):
+        if at + 4 > len(frame) or frame[at] != 0xFF or frame[at + 1] == 0x90:  # 0x90: SOT
+            break
+        (size,) = struct.unpack_from(">H", frame, at + 2)
+        if size < 2:
+            return None
+        if frame[at + 1] == 0x52:  # COD: Lcod, Scod, progression, layers (2), MCT, levels
+            cod = frame[at + 9] if at + 10 <= len(frame) else None
+        if frame[at + 1] == 0x53:  # COC for component 0 overrides COD
+            wide = csiz >= 257
+            component = int.from_bytes(frame[at + 4 : at + 6 if wide else at + 5], "big")
+            level_at = at + (7 if wide else 6)
+            if component == 0 and level_at < len(frame):
+                coc = frame[level_at]
+        at += 2 + size
+    if cod is None:
+        return None
+    facts["levels"] = cod if coc is None else coc
+    return facts
+
+
+def contract_j2k_level(width: int, height: int, levels: int, spec: Preprocessing) -> int:
+    """The contract's resolution level for a JPEG 2000 frame (0: full resolution)."""
+    rule = spec.dicom_j2k_reduction
+    if rule is None:
+        return 0
+    fits = min(width, height) // (rule.min_ratio * max(spec.height, spec.width))
+    for level in (3, 2, 1):
+        if level <= rule.max_level and level <= levels and fits >= 2**level:
+            return level
+    return 0
+
+
+def _reduced_j2k_pixels(dataset: Any, spec: Preprocessing | None) -> np.ndarray | None:
+    """Stored values of a JPEG 2000 frame at the contract's level, or None (decode in full)."""
+    from PIL import ImageFile
+    from pydicom.encaps import generate_frames
+
+    syntax = getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
+    if spec is None or str(syntax) not in _JPEG_2000_SYNTAXES:
+        return None
+    frame = next(generate_frames(dataset.PixelData, number_of_frames=1))
+    facts = _codestream_facts(frame)
+    signed = int(dataset.get("PixelRepresentation", 0) or 0)
+    if (
+        facts is None
+        or facts["components"] != 1
+        or facts["origin"] != 0
+        or facts["precision"] != int(dataset.BitsStored)
+        or facts["signed"] != signed
+    ):
+        return None
+    level = contract_j2k_level(int(dataset.Columns), int(dataset.Rows), facts["levels"], spec)
+    if level == 0:
+        return None
+    width = math.ceil(int(dataset.Columns) / 2**level)
+    height = math.ceil(int(dataset.Rows) / 2**level)
+    image = Image.open(io.BytesIO(frame), formats=["JPEG2000"])
+    # Pillow's `reduce` would round the reduced size half up; OpenJPEG's is the ceiling.
+    codec, _, layers, fd, length = image.tile[0].args
+    image._size = (width, height)
+    image.tile = [
+        ImageFile._Tile("jpeg2k", (0, 0, width, height), 0, (codec, level, layers, fd, length))
+    ]
+    image.load()
+    raw = np.array(image, dtype=np.int64)
+    if raw.shape != (height, width):
+        raise ValueError(f"JPEG 2000 frame decoded to {raw.shape}, not {height}x{width}")
+    # Pillow scales samples up to fill 8 or 16 bits and offsets signed ones to unsigned.
+    container = 16 if image.mode == "I;16" else 8
+    values = raw // 2 ** (container - facts["precision"])
+    if signed:
+        values = values - 2 ** (facts["precision"] - 1)
+    kind = "int" if signed else "uint"
+    return values.astype(f"{kind}{int(dataset.BitsAllocated)}")
+
+
+def read_dicom_as_image(
+    path: Path, rule: DicomRendering, spec: Preprocessing | None = None
+) -> Image.Image:
+    """Read a single-frame greyscale DICOM file into an 8-bit Pillow `L` image. With `spec`, a
+    large JPEG 2000 frame is decoded at the contract's reduced level (`dicom_j2k_reduction`)."""
     import pydicom
 
     dataset = pydicom.dcmread(str(path))
@@ -119,7 +225,8 @@ def read_dicom_as_image(path: Path, rule: DicomRendering) -> Image.Image:
         "MONOCHROME2",
     ):
         raise ValueError(f"{Path(path).name}: not a greyscale (MONOCHROME1/2) image")
-    pixels = dataset.pixel_array
+    reduced = _reduced_j2k_pixels(dataset, spec)
+    pixels = dataset.pixel_array if reduced is None else reduced
     if pixels.ndim != 2:
         raise ValueError(f"{Path(path).name}: expected one frame, got shape {pixels.shape}")
     return Image.fromarray(dicom_to_uint8(pixels, dataset, rule), mode="L")

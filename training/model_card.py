@@ -29,8 +29,24 @@ def _dct_scaling_note(p: Preprocessing) -> str:
         f"A JPEG whose shorter side is at least {side} px is decoded at {scales} scale in the DCT\n"
         f"domain, keeping at least {rule.min_ratio}x the input size "
         f"(`preprocessing.jpeg_dct_scaling`), before the resize;\nPNG and DICOM are decoded at full "
-        "size. docs/PERFORMANCE.md has how far this moves p(PNEUMONIA) on test X-rays\nupscaled to "
+        f"size{' (large JPEG 2000 frames excepted, below)' if p.dicom_j2k_reduction else ''}. "
+        "docs/PERFORMANCE.md has how far this moves p(PNEUMONIA) on test X-rays\nupscaled to "
         "detector sizes against full-size decoding (`python -m training.full_resolution`)."
+    )
+
+
+def _j2k_reduction_note(p: Preprocessing) -> str:
+    rule = p.dicom_j2k_reduction
+    if rule is None:
+        return ""
+    side = 2 * rule.min_ratio * max(p.height, p.width)
+    levels = " or ".join(f"1/{2**r}" for r in (1, 2, 3) if r <= rule.max_level)
+    return (
+        f"\nA JPEG 2000 DICOM frame whose shorter side is at least {side} px is decoded at {levels}"
+        f" per side\nfrom the codestream's own wavelet levels, keeping at least {rule.min_ratio}x "
+        "the input size\n(`preprocessing.dicom_j2k_reduction`), then rendered as below; "
+        "docs/PERFORMANCE.md has how far\nthis moves p(PNEUMONIA) on test X-rays upscaled and "
+        "stored as 12-bit JPEG 2000 DICOM.\n"
     )
 
 
@@ -172,7 +188,7 @@ Decode, apply EXIF orientation, convert to 8-bit grey ({p.color_mode}; >8-bit im
 min-max), resize to {p.width}x{p.height} with the `{p.resize_filter}` filter ignoring aspect ratio,
 value * {p.scale:.8f} + {p.offset}. Per-image standardisation happens inside the graph.
 {_dct_scaling_note(p)}
-
+{_j2k_reduction_note(p)}
 DICOM images are first rendered to 8-bit grey by the display pipeline (metadata
 `preprocessing.dicom`): modality LUT (rescale or LUT sequence), then VOI from the first of
 {", ".join(f"`{s}`" for s in dicom.voi_order)} that the file offers (window number

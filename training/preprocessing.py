@@ -118,7 +118,7 @@ def load_image(path: Path, spec: Preprocessing = DEFAULT_PREPROCESSING) -> np.nd
     if path.suffix.lower() == ".dcm":
         from training.dicom import read_dicom_as_image
 
-        return image_to_array(read_dicom_as_image(path, spec.dicom), spec)
+        return image_to_array(read_dicom_as_image(path, spec.dicom, spec), spec)
     with Image.open(path) as image:
         decode_at_contract_scale(image, spec)
         image.load()

@@ -9,10 +9,11 @@ Three stages, each refusing what it cannot vouch for:
    sample, integer pixels, and the same pixel-count and side limits as JPEG/PNG. The compressed
    frame's own dimensions must agree with Rows/Columns, so a codestream cannot allocate more than
    the header admitted.
-3. Decode the pixels (pydicom with the pylibjpeg plugins) and render them with the contract's
-   `DicomRendering`: modality LUT, VOI, polarity, 8 bits. The pipeline is evaluated once per
-   possible stored value into a lookup table, then applied with one indexing pass, so a 12-bit
-   2500x2048 image never exists as a float64 copy.
+3. Decode the pixels (pydicom with the pylibjpeg plugins; a large JPEG 2000 frame at the reduced
+   resolution level of the contract's `Jpeg2000Reduction`, with Pillow's OpenJPEG) and render them
+   with the contract's `DicomRendering`: modality LUT, VOI, polarity, 8 bits. The pipeline is
+   evaluated once per possible stored value into a lookup table, then applied with one indexing
+   pass, so a 12-bit 2500x2048 image never exists as a float64 copy.
 
 Patient data: nothing read from the header is logged or put into an error message except coded,
 non-identifying attributes that explain a refusal (Modality, SOP class, Body Part Examined, View
@@ -37,7 +38,7 @@ from datetime import date
 import numpy as np
 import pydicom
 import pydicom.config
-from PIL import Image
+from PIL import Image, ImageFile
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import generate_fragments
 from pydicom.filereader import read_dataset, read_preamble
@@ -117,6 +118,10 @@ class DicomPolicy:
     refuse_outside_population: bool = False
     # Ceiling for an inflated (Deflated Explicit VR Little Endian) data set, in bytes.
     max_inflated_bytes: int = 256 * 1024 * 1024
+    # The contract's JPEG 2000 reduction (`preprocessing.j2k_reduction_level` bound to the model's
+    # contract): stored width, height, the codestream's decomposition levels -> the resolution
+    # level r to decode at (0: full resolution). None: always full resolution.
+    j2k_level: Callable[[int, int, int], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -320,6 +325,101 @@ def _frame_header_size(fragment: bytes) -> tuple[int, int] | None:
             return rows, columns
         position += 2 + length
     return None
+
+
+@dataclass(frozen=True)
+class J2kMainHeader:
+    """What a JPEG 2000 codestream's main header (SIZ, COD, COC) says about its first component."""
+
+    rows: int
+    columns: int
+    offset: tuple[int, int]  # XOsiz, YOsiz
+    components: int
+    precision: int
+    signed: bool
+    decomposition_levels: int
+
+
+def j2k_main_header(frame: bytes) -> J2kMainHeader | None:
+    """The main header of a JPEG 2000 frame (a raw codestream or JP2-wrapped), or None when it has
+    no readable SIZ and COD. Reads marker segments from SIZ up to the first tile-part (SOT)."""
+    soc = frame.find(b"\xff\x4f\xff\x51", 0, 4096)
+    if soc < 0 or len(frame) < soc + 45:
+        return None
+    xsiz, ysiz, x0, y0 = struct.unpack(">IIII", frame[soc + 8 : soc + 24])
+    (components,) = struct.unpack(">H", frame[soc + 40 : soc + 42])
+    ssiz = frame[soc + 42]
+    levels: int | None = None
+    coc_levels: int | None = None
+    position = soc + 2
+    for _ in range(256):  # main headers have a handful of segments
+        if position + 4 > len(frame) or frame[position] != 0xFF:
+            return None
+        marker = frame[position + 1]
+        if marker == 0x90:  # SOT: the main header ends
+            break
+        (length,) = struct.unpack(">H", frame[position + 2 : position + 4])
+        if length < 2 or position + 2 + length > len(frame):
+            return None
+        if marker == 0x52 and length >= 10:  # COD: Scod, SGcod (4 bytes), then SPcod's levels
+            levels = frame[position + 9]
+        elif marker == 0x53:  # COC: Ccoc (1 byte below 257 components, else 2), Scoc, levels
+            index_bytes = 1 if components < 257 else 2
+            index = int.from_bytes(frame[position + 4 : position + 4 + index_bytes], "big")
+            if index == 0 and length >= 4 + index_bytes:
+                coc_levels = frame[position + 5 + index_bytes]
+        position += 2 + length
+    else:
+        return None
+    if levels is None:
+        return None
+    return J2kMainHeader(
+        rows=ysiz - y0,
+        columns=xsiz - x0,
+        offset=(x0, y0),
+        components=components,
+        precision=(ssiz & 0x7F) + 1,
+        signed=bool(ssiz & 0x80),
+        decomposition_levels=coc_levels if coc_levels is not None else levels,
+    )
+
+
+def _single_frame(pixel_data: bytes) -> bytes:
+    items = generate_fragments(pixel_data)
+    next(items)  # the Basic Offset Table
+    return b"".join(items)
+
+
+def _decode_j2k_at_level(frame: bytes, header: J2kMainHeader, level: int) -> np.ndarray:
+    """The stored values of a JPEG 2000 frame at resolution level `level`, by OpenJPEG (Pillow's
+    codec), refused unless exactly ceil(columns / 2**level) x ceil(rows / 2**level).
+
+    Pillow's own `reduce` rounds the reduced size half up, which is one pixel short of OpenJPEG's
+    ceil(W / 2**r) for some sides at r >= 2 (its decode then fails), so the tile is given the exact
+    size. Pillow returns each value offset by 2**(precision - 1) when signed and shifted left to
+    fill 8 or 16 bits; both are undone here."""
+    expected = (-(-header.columns >> level), -(-header.rows >> level))
+    with Image.open(io.BytesIO(frame), formats=["JPEG2000"]) as image:
+        tile = image.tile[0]
+        if not isinstance(tile.args, tuple) or len(tile.args) != 5:
+            raise InvalidImage("the JPEG 2000 frame has no codestream Pillow can decode")
+        codec, _, layers, fd, length = tile.args
+        image._size = expected
+        image.tile = [
+            ImageFile._Tile(tile.codec_name, (0, 0, *expected), tile.offset,
+                            (codec, level, layers, fd, length))
+        ]  # fmt: skip
+        image.load()
+        decoded = np.asarray(image)
+    if decoded.shape != (expected[1], expected[0]) or decoded.dtype.kind != "u":
+        raise InvalidImage(
+            f"the JPEG 2000 frame could not be decoded at resolution level {level} "
+            f"(got {decoded.shape}, not {expected[1]}x{expected[0]})"
+        )
+    values = decoded.astype(np.int32) >> (8 * decoded.dtype.itemsize - header.precision)
+    if header.signed:
+        values -= 1 << (header.precision - 1)
+    return values
 
 
 def _check_codestream_size(pixel_data: bytes, rows: int, columns: int) -> None:
@@ -548,6 +648,8 @@ def render_dicom(
 class RenderedDicom:
     image: Image.Image
     findings: DicomFindings
+    # Columns, Rows: the stored size, when the image was decoded smaller (JPEG 2000 reduction).
+    stored_size: tuple[int, int] | None = None
 
 
 class OpenedDicom:
@@ -578,16 +680,18 @@ class OpenedDicom:
         way is `InvalidImage` (`app.imaging.boundary`)."""
         ds = self._ds
         syntax = self.transfer_syntax
-        plugin = _PREFERRED_PLUGINS.get(syntax)
-        if plugin is not None and plugin in get_decoder(syntax).available_plugins:
-            ds.pixel_array_options(decoding_plugin=plugin)
-        with image_boundary(f"the DICOM pixel data ({syntax.name}) could not be decoded"):
-            stored = ds.pixel_array
-        if stored.shape != (ds.Rows, ds.Columns):
-            raise InvalidImage(
-                f"the decoded DICOM pixels have shape {stored.shape}, not the header's "
-                f"{ds.Rows}x{ds.Columns}"
-            )
+        stored = self._reduced_j2k(policy)
+        if stored is None:
+            plugin = _PREFERRED_PLUGINS.get(syntax)
+            if plugin is not None and plugin in get_decoder(syntax).available_plugins:
+                ds.pixel_array_options(decoding_plugin=plugin)
+            with image_boundary(f"the DICOM pixel data ({syntax.name}) could not be decoded"):
+                stored = ds.pixel_array
+            if stored.shape != (ds.Rows, ds.Columns):
+                raise InvalidImage(
+                    f"the decoded DICOM pixels have shape {stored.shape}, not the header's "
+                    f"{ds.Rows}x{ds.Columns}"
+                )
         with image_boundary("the DICOM image could not be rendered"):
             grey, window, notes = render_dicom(ds, stored, policy.rendering)
         view = str(ds.get("ViewPosition", "") or "").strip().upper()
@@ -603,7 +707,36 @@ class OpenedDicom:
             warnings=[*notes, *population],
             manufacturer=str(ds.get("Manufacturer", "") or "").strip()[:64] or None,
         )
-        return RenderedDicom(Image.fromarray(grey), findings)
+        reduced = stored.shape != (ds.Rows, ds.Columns)
+        return RenderedDicom(
+            Image.fromarray(grey), findings, (ds.Columns, ds.Rows) if reduced else None
+        )
+
+    def _reduced_j2k(self, policy: DicomPolicy) -> np.ndarray | None:
+        """The stored values at the contract's reduced resolution level, or None where the rule
+        does not apply (`Jpeg2000Reduction`: then the frame is decoded at full size)."""
+        ds = self._ds
+        syntax = self.transfer_syntax
+        if policy.j2k_level is None or syntax not in (JPEG2000Lossless, JPEG2000):
+            return None
+        with image_boundary("the DICOM encapsulated pixel data has no readable frame"):
+            frame = _single_frame(ds.PixelData)
+        header = j2k_main_header(frame)
+        if (
+            header is None
+            or header.components != 1
+            or header.offset != (0, 0)
+            or header.precision != int(ds.BitsStored)
+            or header.signed != _signed(ds)
+        ):
+            return None
+        level = policy.j2k_level(int(ds.Columns), int(ds.Rows), header.decomposition_levels)
+        if level <= 0:
+            return None
+        with image_boundary(f"the DICOM pixel data ({syntax.name}) could not be decoded"):
+            values = _decode_j2k_at_level(frame, header, level)
+        dtype = f"{'i' if header.signed else 'u'}{int(ds.BitsAllocated) // 8}"
+        return values.astype(dtype)
 
 
 def open_dicom(data: bytes, max_pixels: int, min_side: int, policy: DicomPolicy) -> OpenedDicom:

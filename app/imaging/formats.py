@@ -139,7 +139,9 @@ def _dicom_opener(data: bytes, limits: DecodeLimits, policy: DicomPolicy | None)
 
     def decode() -> DecodedImage:
         rendered = opened.render(policy)
-        return DecodedImage(rendered.image, "DICOM", rendered.findings)
+        return DecodedImage(
+            rendered.image, "DICOM", rendered.findings, stored_size=rendered.stored_size
+        )
 
     return OpenedUpload("DICOM", cost, decode)
 

@@ -42,6 +42,20 @@ def jpeg_scale_denominator(width: int, height: int, spec: Preprocessing) -> int:
     return next((d for d in allowed if d * needed <= shorter), 1)
 
 
+def j2k_reduction_level(
+    width: int, height: int, decomposition_levels: int, spec: Preprocessing
+) -> int:
+    """The contract's resolution level for a JPEG 2000 frame stored as width x height whose
+    codestream has `decomposition_levels` wavelet levels: 3, 2, 1, or 0 (full resolution)."""
+    rule = spec.dicom_j2k_reduction
+    if rule is None:
+        return 0
+    needed = rule.min_ratio * max(spec.height, spec.width)
+    shorter = min(width, height)
+    allowed = (r for r in (3, 2, 1) if r <= min(rule.max_level, decomposition_levels))
+    return next((r for r in allowed if (needed << r) <= shorter), 0)
+
+
 def stretch_to_uint8(image: Image.Image) -> Image.Image:
     """Map a >8-bit image linearly from its own [min, max] to [0, 255] ("L" mode).
 

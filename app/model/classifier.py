@@ -20,7 +20,7 @@ from app.errors import ModelLoadError
 from app.imaging.boundary import image_boundary
 from app.imaging.dicom import DicomFindings, DicomPolicy
 from app.imaging.formats import OpenedUpload, open_upload
-from app.imaging.preprocessing import jpeg_scale_denominator, to_model_input
+from app.imaging.preprocessing import j2k_reduction_level, jpeg_scale_denominator, to_model_input
 from app.imaging.types import DecodeLimits
 from app.model.explain import ClassActivationMap, class_activation_map
 from app.model.site_profile import SiteProfile
@@ -83,6 +83,8 @@ class Classifier:
             refuse_outside_population=refuse_outside_population,
             # the largest legal 16-bit image plus room for its header
             max_inflated_bytes=limits.max_pixels * 2 + 16 * 1024 * 1024,
+            # Large JPEG 2000 frames are decoded at the reduced level the contract prescribes.
+            j2k_level=partial(j2k_reduction_level, spec=metadata.preprocessing),
         )
         spec = metadata.preprocessing
         self._input_shape = (spec.height, spec.width, spec.channels)

@@ -16,13 +16,13 @@ import pydicom
 import pytest
 from PIL import Image
 
-from app.contract import JpegDctScaling, Preprocessing
-from app.imaging.dicom import DicomPolicy
+from app.contract import Jpeg2000Reduction, JpegDctScaling, Preprocessing
+from app.imaging.dicom import DicomPolicy, j2k_main_header
 from app.imaging.formats import DecodeLimits, decode_upload
-from app.imaging.preprocessing import jpeg_scale_denominator, to_model_input
-from app.testing.dicom_files import SYNTAXES, make_dicom, ramp
+from app.imaging.preprocessing import j2k_reduction_level, jpeg_scale_denominator, to_model_input
+from app.testing.dicom_files import SYNTAXES, make_dataset, make_dicom, ramp
 from tests.support.realdata import DATA_DIR, requires_data
-from training.dicom import read_dicom_as_image
+from training.dicom import contract_j2k_level, read_dicom_as_image
 from training.intended_use import PAEDIATRIC_CHEST_XRAY
 from training.preprocessing import (
     DEFAULT_PREPROCESSING,
@@ -295,3 +295,184 @@ def test_dicom_rendering_agrees_with_pydicoms_reference_windowing() -> None:
         reference_8bit = np.rint(reference / 4095.0 * 255.0)
         ours = np.asarray(decode_upload(data, LIMITS, DICOM_POLICY).image).astype(np.float64)
         assert np.abs(ours - reference_8bit).max() <= 1, function
+
+
+# -- JPEG 2000 at a reduced resolution level: serving (`app.imaging.dicom`, its own header reader)
+# and training (`training.dicom`, another) pick the same level and give the same model input.
+
+# A 64 px target makes every level reachable with small, quick files (min_ratio 2: level 1 from a
+# 256 px shorter side, 2 from 512, 3 from 1024); the shipped-size contract is checked at 2500x2048.
+J2K_EVERY_LEVEL = DEFAULT_PREPROCESSING.model_copy(
+    update={
+        "height": 64,
+        "width": 64,
+        "dicom_j2k_reduction": Jpeg2000Reduction(min_ratio=2, max_level=3),
+    }
+)
+J2K_SHIPPED_SIZE = DEFAULT_PREPROCESSING.model_copy(
+    update={"dicom_j2k_reduction": Jpeg2000Reduction(min_ratio=2, max_level=2)}
+)
+
+
+def _j2k_policy(spec: Preprocessing) -> DicomPolicy:
+    return DicomPolicy(
+        rendering=spec.dicom,
+        intended_use=PAEDIATRIC_CHEST_XRAY,
+        j2k_level=partial(j2k_reduction_level, spec=spec),
+    )
+
+
+def _detector_image(columns: int, rows: int, seed: int = 0) -> np.ndarray:
+    """12-bit stored values with structure at every scale (a ramp, blobs and noise), so that a
+    lossy codec and each wavelet level have detail to lose."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (12, 10), dtype=np.uint8))
+    blobs = np.asarray(coarse.resize((columns, rows), Image.Resampling.BICUBIC), np.float64)
+    values = (
+        ramp(rows, columns, 2000).astype(np.float64) + blobs * 6 + rng.normal(0, 40, blobs.shape)
+    )
+    return np.clip(np.rint(values), 0, 4095).astype(np.uint16)
+
+
+def _j2k_both_sides(
+    data: bytes, spec: Preprocessing, tmp_path: Path
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    decoded = decode_upload(data, LIMITS, _j2k_policy(spec))
+    path = tmp_path / "frame.dcm"
+    path.write_bytes(data)
+    served = to_model_input(decoded.image, spec)
+    return served, _training_input(path, spec), decoded.image.size
+
+
+J2K_CASES = {
+    # (columns, rows) -> the level both sides must pick under J2K_EVERY_LEVEL
+    (300, 255): 0,  # the rule does not apply: decoded in full
+    (301, 256): 1,
+    (601, 513): 2,  # 513 = 4k + 1: Pillow's own rounding would be a pixel short
+    (1029, 1025): 3,  # 1025 = 8k + 1
+}
+
+
+@pytest.mark.parametrize("syntax", ["j2k_lossless", "j2k"])
+@pytest.mark.parametrize("size", list(J2K_CASES), ids=lambda s: f"{s[0]}x{s[1]}")
+def test_j2k_at_a_reduced_level_preprocesses_identically(
+    size: tuple[int, int], syntax: str, tmp_path: Path
+) -> None:
+    level = J2K_CASES[size]
+    data = make_dicom(_detector_image(*size), syntax, window=(2100.0, 3000.0), bits_stored=12)
+    served, trained, decoded_size = _j2k_both_sides(data, J2K_EVERY_LEVEL, tmp_path)
+    np.testing.assert_array_equal(served, trained)
+    assert decoded_size == (-(-size[0] >> level), -(-size[1] >> level))
+    assert len(np.unique(served)) > 32  # a real image, not a constant
+
+
+@pytest.mark.parametrize(
+    ("case", "stored", "options"),
+    [
+        ("signed", "signed", {"window": (0.0, 3000.0)}),
+        ("signed-full-range", "signed", {}),
+        ("8-bit", "eight", {"bits_stored": 8}),
+        ("monochrome1-padding", "twelve", {"photometric": "MONOCHROME1", "padding": (0, None)}),
+        ("voi-lut", "twelve", {"voi_lut": (0, 8, [v // 16 for v in range(4096)])}),
+    ],
+)
+def test_j2k_rendering_cases_at_a_reduced_level_preprocess_identically(
+    case: str, stored: str, options: dict, tmp_path: Path
+) -> None:
+    twelve = _detector_image(601, 513, seed=1)
+    twelve[:, :40] = 0  # a padded border
+    pixels = {
+        "twelve": twelve,
+        "signed": (twelve.astype(np.int32) - 2048).astype(np.int16),
+        "eight": (twelve >> 4).astype(np.uint8),
+    }[stored]
+    options = {"bits_stored": 12, **options}
+    data = make_dicom(pixels, "j2k_lossless", **options)
+    served, trained, decoded_size = _j2k_both_sides(data, J2K_EVERY_LEVEL, tmp_path)
+    np.testing.assert_array_equal(served, trained)
+    assert decoded_size == (151, 129)  # level 2
+    assert len(np.unique(served)) > 16
+
+
+def _j2k_frame_dicom(stored: np.ndarray, frame: bytes) -> bytes:
+    from pydicom.encaps import encapsulate
+
+    ds = make_dataset(stored, bits_stored=12, window=(2100.0, 3000.0))
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = SYNTAXES["j2k_lossless"]
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("resolutions", [2, 3])
+def test_the_level_never_exceeds_the_codestreams_own_decomposition_levels(
+    resolutions: int, tmp_path: Path
+) -> None:
+    """A frame with one (or two) wavelet levels is reduced by at most that many, on both sides."""
+    import imagecodecs
+
+    stored = _detector_image(1029, 1025)
+    frame = bytes(
+        imagecodecs.jpeg2k_encode(
+            stored, codecformat="J2K", resolutions=resolutions, bitspersample=12
+        )
+    )
+    header = j2k_main_header(frame)
+    assert header is not None and header.decomposition_levels == resolutions - 1
+    assert header.precision == 12 and not header.signed
+    served, trained, decoded_size = _j2k_both_sides(
+        _j2k_frame_dicom(stored, frame), J2K_EVERY_LEVEL, tmp_path
+    )
+    np.testing.assert_array_equal(served, trained)
+    level = resolutions - 1
+    assert decoded_size == (-(-1029 >> level), -(-1025 >> level))
+
+
+@pytest.mark.parametrize("syntax", ["j2k_lossless", "j2k"])
+def test_a_2500x2048_j2k_frame_is_reduced_identically_under_the_shipped_size_rule(
+    syntax: str, tmp_path: Path
+) -> None:
+    data = make_dicom(
+        _detector_image(2048, 2500, seed=2), syntax, window=(2100.0, 3000.0), bits_stored=12
+    )
+    served, trained, decoded_size = _j2k_both_sides(data, J2K_SHIPPED_SIZE, tmp_path)
+    np.testing.assert_array_equal(served, trained)
+    assert decoded_size == (512, 625)
+    assert served.shape == (1, 224, 224, 1)
+
+
+def test_j2k_reduction_really_changes_the_input_so_the_parity_tests_can_fail(
+    tmp_path: Path,
+) -> None:
+    """The reduced decode gives another tensor than the full one, and dropping the rule on
+    either side alone breaks parity."""
+    data = make_dicom(
+        _detector_image(601, 513), "j2k_lossless", window=(2100.0, 3000.0), bits_stored=12
+    )
+    full = J2K_EVERY_LEVEL.model_copy(update={"dicom_j2k_reduction": None})
+    reduced_served, reduced_trained, _ = _j2k_both_sides(data, J2K_EVERY_LEVEL, tmp_path)
+    full_served, full_trained, size = _j2k_both_sides(data, full, tmp_path)
+    assert size == (601, 513)
+    np.testing.assert_array_equal(full_served, full_trained)
+    assert not np.array_equal(reduced_served, full_served)
+    assert not np.array_equal(reduced_trained, full_trained)
+
+
+@pytest.mark.parametrize("spec", [J2K_EVERY_LEVEL, J2K_SHIPPED_SIZE, DEFAULT_PREPROCESSING])
+def test_both_sides_pick_the_same_j2k_level(spec: Preprocessing) -> None:
+    """The two implementations of the rule agree on every size around each level's edge and
+    every decomposition-level cap."""
+    rule = spec.dicom_j2k_reduction
+    needed = (rule.min_ratio if rule else 1) * max(spec.height, spec.width)
+    sides = sorted({max(1, (needed << r) + d) for r in range(5) for d in (-1, 0, 1)})
+    for shorter in sides:
+        for longer in (shorter, shorter + 777):
+            for levels in range(6):
+                for width, height in ((longer, shorter), (shorter, longer)):
+                    served = j2k_reduction_level(width, height, levels, spec)
+                    trained = contract_j2k_level(width, height, levels, spec)
+                    assert served == trained, (width, height, levels)
+                    assert served <= min(levels, rule.max_level if rule else 0)
+                    assert served == 0 or (needed << served) <= shorter

@@ -613,3 +613,73 @@ def test_a_real_cr_image_from_another_tool_is_read_as_a_viewer_would() -> None:
     reference = 255 - np.rint((windowed - low) / (high - low) * 255.0)
     assert np.abs(image - reference).max() <= 1
     assert image.std() > 5
+
+
+# -- JPEG 2000 at a reduced resolution level (the contract's `Jpeg2000Reduction`; the parity with
+# training is in tests/contract/test_train_serve_parity.py)
+
+REDUCING = DicomPolicy(
+    rendering=POLICY.rendering,
+    intended_use=POLICY.intended_use,
+    j2k_level=lambda width, height, levels: min(2, levels),
+)
+
+
+def _large_twelve_bit() -> np.ndarray:
+    rng = np.random.default_rng(5)
+    return np.clip(ramp(rows=513, columns=601) + rng.normal(0, 30, (513, 601)), 0, 4095).astype(
+        np.uint16
+    )
+
+
+@pytest.mark.parametrize("syntax", ["j2k_lossless", "j2k"])
+def test_a_reduced_j2k_frame_is_the_wavelet_approximation_at_the_stored_size(syntax: str) -> None:
+    stored = _large_twelve_bit()
+    data = make_dicom(stored, syntax, bits_stored=12)
+    decoded = decode_upload(data, LIMITS, REDUCING)
+    assert decoded.image.size == (151, 129) and decoded.stored_size == (601, 513)
+    # Close to the full decode averaged over 4x4 blocks (rendered by the full range of each).
+    full = grey(data).astype(np.float64)
+    blocks = np.pad(full, ((0, 3), (0, 3)), mode="edge")[:516, :604]
+    averaged = blocks.reshape(129, 4, 151, 4).mean(axis=(1, 3))
+    assert np.abs(np.asarray(decoded.image) - averaged)[2:-2, 2:-2].mean() < 3.0
+    assert decode_upload(data, LIMITS, POLICY).stored_size is None
+
+
+def test_a_j2k_frame_with_one_wavelet_level_is_reduced_by_one_at_most() -> None:
+    import imagecodecs
+
+    stored = _large_twelve_bit()
+    ds = make_dataset(stored, bits_stored=12)
+    ds.PixelData = encapsulate(
+        [
+            bytes(
+                imagecodecs.jpeg2k_encode(
+                    stored, codecformat="J2K", resolutions=2, bitspersample=12
+                )
+            )
+        ]
+    )
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = SYNTAXES["j2k_lossless"]
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    assert decode_upload(buffer.getvalue(), LIMITS, REDUCING).image.size == (301, 257)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_reduced_j2k_frame_that_does_not_decode_is_a_422(damage: str) -> None:
+    ds = pydicom.dcmread(
+        io.BytesIO(make_dicom(_large_twelve_bit(), "j2k_lossless", bits_stored=12))
+    )
+    frame = list(generate_fragments(ds.PixelData))[1]
+    rng = random.Random(damage)
+    # the main header stays whole, so that the rule applies and the reduced decode meets the damage
+    keep = frame.find(b"\xff\x90")
+    bad = frame[: len(frame) // 3] if damage == "truncated" else frame[:keep] + rng.randbytes(9000)
+    ds.PixelData = encapsulate([bad + b"\0" * (len(bad) % 2)])
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(InvalidImage) as excinfo:
+        decode_upload(buffer.getvalue(), LIMITS, REDUCING)
+    assert excinfo.value.status_code == 422

@@ -174,3 +174,40 @@ def test_a_one_wide_linear_window_is_a_threshold_not_a_refusal(classifier: Class
     assert decoded.dicom is not None and decoded.dicom.window.source == "window"
     expected = np.where(stored > 2048, 255, 0).astype(np.uint8)
     assert np.array_equal(np.asarray(decoded.image), expected)
+
+
+def test_fuzzed_j2k_frames_decoded_at_a_reduced_level_are_answered_or_refused() -> None:
+    """The reduced JPEG 2000 path (the contract's `dicom_j2k_reduction`: its own header reader,
+    Pillow's OpenJPEG) under 400 mutants of JPEG 2000 seeds: each is answered or refused with a
+    4xx, and the path really runs (answers decoded smaller than stored)."""
+    from app.contract import DicomRendering, IntendedUse
+    from app.imaging.dicom import DicomPolicy
+    from app.imaging.formats import DecodeLimits, decode_upload
+    from tests.support.testkit import DICOM_RENDERING, INTENDED_USE
+
+    policy = DicomPolicy(
+        rendering=DicomRendering.model_validate(DICOM_RENDERING),
+        intended_use=IntendedUse.model_validate(INTENDED_USE),
+        j2k_level=lambda width, height, levels: min(2, levels),
+    )
+    stored = ramp(rows=260, columns=300)
+    seeds = {
+        f"{syntax}_{photometric}": make_dicom(
+            stored.copy(), syntax, bits_stored=12, photometric=photometric
+        )
+        for syntax in ("j2k_lossless", "j2k")
+        for photometric in ("MONOCHROME2", "MONOCHROME1")
+    }
+    statuses: collections.Counter[str] = collections.Counter()
+    for made in mutants(seeds, FUZZ_SEED, 400):
+        try:
+            decoded = decode_upload(
+                made.data, DecodeLimits(max_pixels=50_000_000, min_side=64), policy
+            )
+            statuses["reduced" if decoded.stored_size is not None else "full"] += 1
+        except ServiceError as exc:
+            assert exc.status_code in (415, 422), (made.id, exc.status_code)
+            statuses[str(exc.status_code)] += 1
+        except BaseException as exc:
+            raise AssertionError(f"mutant {made.id} ({made.operators}) escaped: {exc!r}") from exc
+    assert statuses["reduced"] > 50 and statuses["422"] > 100, statuses

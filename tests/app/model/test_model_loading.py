@@ -241,3 +241,55 @@ def test_this_environment_has_exactly_one_runtime():
     from app.model.loading import installed_runtimes
 
     assert len(installed_runtimes()) == 1  # the cpu or the gpu extra, never both
+
+
+# ---- the JPEG 2000 reduction rule ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rule", "fragment"),
+    [
+        ({"min_ratio": 0, "max_level": 1}, "min_ratio"),
+        ({"min_ratio": 2, "max_level": 4}, "max_level"),
+        ({"min_ratio": 2, "max_level": 0}, "max_level"),
+        ({"min_ratio": 2, "max_level": 2, "levels": 3}, "levels"),
+        ({"max_level": 2}, "min_ratio"),
+    ],
+)
+def test_a_malformed_j2k_reduction_rule_is_refused(rule, fragment):
+    meta = {**VALID, "preprocessing": {**VALID["preprocessing"], "dicom_j2k_reduction": rule}}
+    with pytest.raises(ValidationError, match=fragment):
+        ModelMetadata.model_validate(meta)
+
+
+def test_metadata_without_the_j2k_rule_still_loads_and_decodes_at_full_resolution():
+    assert "dicom_j2k_reduction" not in VALID["preprocessing"]
+    assert ModelMetadata.model_validate(VALID).preprocessing.dicom_j2k_reduction is None
+
+
+@pytest.mark.parametrize(
+    ("rule", "decoded"), [(None, (1201, 1025)), ({"min_ratio": 2}, (601, 513))]
+)
+def test_the_classifier_decodes_j2k_dicom_at_its_contracts_level(tmp_path, rule, decoded):
+    """The service wires the model's rule into DICOM decoding: 1201x1025 at a 224 px input and
+    min_ratio 2 is reduced by one level (1025 >= 2 * 2 * 224); without the rule, not at all."""
+    from app.imaging.types import DecodeLimits
+    from app.model.classifier import Classifier
+    from app.testing.dicom_files import make_dicom, ramp
+
+    onnx_bytes = build_onnx()
+    meta = metadata_for(onnx_bytes)
+    if rule is not None:
+        meta["preprocessing"]["dicom_j2k_reduction"] = rule
+    session = ort.InferenceSession(onnx_bytes, providers=[CPU_PROVIDER])
+    classifier = Classifier(
+        session,
+        ModelMetadata.model_validate(meta),
+        DecodeLimits(max_pixels=50_000_000, min_side=64),
+    )
+    data = make_dicom(ramp(rows=1025, columns=1201), "j2k_lossless", bits_stored=12)
+    opened = classifier.open(data)
+    assert opened.decode().image.size == decoded
+    prepared = classifier.prepare(data)
+    assert prepared.stored_size == (1201, 1025)
+    assert prepared.tensor.shape == (1, 224, 224, 1)
