@@ -194,7 +194,7 @@ def _reduced_j2k_pixels(dataset: Any, spec: Preprocessing | None) -> np.ndarray 
     height = math.ceil(int(dataset.Rows) / 2**level)
     image = Image.open(io.BytesIO(frame), formats=["JPEG2000"])
     # Pillow's `reduce` would round the reduced size half up; OpenJPEG's is the ceiling.
-    codec, _, layers, fd, length = image.tile[0].args
+    codec, _, layers, fd, length = image.tile[0].args  # type: ignore[misc, str-unpack]
     image._size = (width, height)
     image.tile = [
         ImageFile._Tile("jpeg2k", (0, 0, width, height), 0, (codec, level, layers, fd, length))
