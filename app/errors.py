@@ -88,6 +88,14 @@ class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
 
+class UploadTooSlow(ServiceError):
+    """The body arrived slower than the minimum transfer rate: cut off, so that a slow sender
+    cannot hold what other uploads need (answered with `Connection: close`)."""
+
+    status_code = HTTPStatus.REQUEST_TIMEOUT
+    code = "upload_too_slow"
+
+
 class ModelNotReady(ServiceError):
     """No validated, warmed-up model is serving (still loading, broken, or shutting down)."""
 

@@ -20,12 +20,14 @@ from fastapi import FastAPI
 from app.contract import DISCLAIMER
 from app.errors import ModelLoadError
 from app.http import schemas
+from app.http.admission_gate import AdmissionGate
 from app.http.auth import ApiKeys, document_api_keys
 from app.http.docs import install_docs
 from app.http.draining import Drain, DrainMiddleware
 from app.http.errors import install_error_handlers
 from app.http.pacs import router as pacs_router
 from app.http.routes import router
+from app.http.slow_bodies import BodyPace
 from app.http.viewer import router as viewer_router
 from app.model.gpu import preload_cuda_libraries
 from app.model.loading import load_classifier
@@ -148,7 +150,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics.watch_pacs(lambda: app.state.pipeline)
     install_error_handlers(app)
     # The last added is the outermost: request ids, the access log and the request metrics wrap
-    # the drain's 503s.
+    # the drain's 503s and the admission gate's 429s and probe answers.
+    pace = BodyPace(settings.upload_grace_s, settings.upload_min_bytes_per_s)
+    app.add_middleware(AdmissionGate, pace=pace)
     app.add_middleware(DrainMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(router)

@@ -113,8 +113,29 @@ class Settings(BaseSettings):
     max_in_flight_upload_bytes: int = Field(
         default=96 * MiB,
         gt=0,
-        description="Admission limit on upload bytes held at once (declared Content-Length, or "
-        "the upload limit for a body of unknown length); past it, 429.",
+        description="Admission limit on upload bytes held at once: HTTP uploads are charged for "
+        "the bytes that have arrived, other intakes for what they hold; past it, 429.",
+    )
+    upload_min_bytes_per_s: int = Field(
+        default=16 * 1024,
+        ge=0,
+        description="Minimum transfer rate of an upload body, in bytes/s, after "
+        "CXR_UPLOAD_GRACE_S: a body that falls behind is cut off with 408 `upload_too_slow` and "
+        "the connection closed, so that slow senders cannot hold the service. 0: no minimum.",
+    )
+    upload_grace_s: float = Field(
+        default=2.0,
+        gt=0.0,
+        description="Seconds an upload body may take before CXR_UPLOAD_MIN_BYTES_PER_S applies "
+        "(a body of N bytes must be complete within this plus N / the rate).",
+    )
+    max_client_share: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="Share of CXR_MAX_IN_FLIGHT_IMAGES one client address may hold in uploads "
+        "(receiving or in flight); past it, 429. 1: no per-client limit. Behind a proxy or load "
+        "balancer every client has its address: keep 1 there.",
     )
     decode_memory_budget_bytes: int = Field(
         default=512 * MiB,

@@ -35,6 +35,7 @@ from app.http.schemas import (
     PredictionResponse,
     ReadyResponse,
 )
+from app.http.slow_bodies import held_upload
 from app.http.uploads import (
     FILE_FIELD,
     RAW_CONTENT_TYPES,
@@ -47,6 +48,10 @@ from app.serving.prediction import Prediction
 from app.serving.timing import RequestTimer
 
 T = TypeVar("T")
+
+# How long an upload whose body has arrived may wait for an image slot (the gate let it in when
+# there was room; in the meantime others took it) before it gets its 429.
+SLOT_WAIT_S = 1.0
 
 router = APIRouter()
 
@@ -146,9 +151,11 @@ async def predict(
     results = await get_pipeline(request, step) if deliver else None
     explain = explain or (results is not None and results.explains)
     timer = context.timer
-    with step.admit(1, declared_upload_bytes(framing, settings.max_upload_bytes)):
+    declared_upload_bytes(framing, settings.max_upload_bytes)  # 413 before the body is read
+    with held_upload(request, step.admission) as ticket:
         reading = read_upload(request, framing, settings.max_upload_bytes)
         data = await _timed_read(timer, reading)
+        await ticket.take_image(SLOT_WAIT_S)
         if results is not None:
             require_dicom_upload(data)
         prediction = await step.predict(data, deadline, explain, explain_class, timer)
@@ -211,9 +218,11 @@ async def predict_batch(
     service cannot take that many images now, 503 when not ready.
     """
     timer = context.timer
-    with step.admit(1, declared_upload_bytes(framing, settings.max_upload_bytes)) as ticket:
+    declared_upload_bytes(framing, settings.max_upload_bytes)  # 413 before the body is read
+    with held_upload(request, step.admission) as ticket:
         limits = (settings.max_upload_bytes, settings.max_images_per_request)
         parts = await _timed_read(timer, read_upload_parts(request, framing, *limits))
+        await ticket.take_image(SLOT_WAIT_S)
         ticket.grow(len(parts) - 1)
         outcomes = await asyncio.gather(
             *(step.predict(part, deadline, timer=timer) for part in parts),

@@ -19,6 +19,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from app.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from app.http.slow_bodies import incoming_chunks
 
 FILE_FIELD = "file"
 RAW_CONTENT_TYPES = frozenset(
@@ -97,7 +98,7 @@ def _too_large(limit: int) -> PayloadTooLarge:
 async def _bounded(request: Request, limit: int) -> AsyncIterator[bytes]:
     """The body's chunks, raising 413 as soon as their running total passes `limit`."""
     received = 0
-    async for chunk in request.stream():
+    async for chunk in incoming_chunks(request):  # held to the minimum rate, charged as it comes
         received += len(chunk)
         if received > limit:
             raise _too_large(limit)

@@ -6,6 +6,13 @@ Two gates, both sized in `Settings`:
 - `Admission` (event loop): images in flight and upload bytes in flight. A request that would pass
   either bound is refused at once, before its body is read, with 429 and `Retry-After` (Triton's
   `max_queue_size`, BentoML's `max_concurrency`). Health probes and /metrics never pass through it.
+  An HTTP upload is admitted in two steps (`receive`, then `UploadTicket.take_image`): while its
+  body arrives it holds only the bytes that have actually arrived, and takes an image slot once the
+  body is complete, so that a slow sender holds no slot. Uploads still receiving in their first
+  `PENDING_S` count against a bound of their own (as many as the image limit), so that the gate
+  cannot let through far more bodies than there are slots to take them; slower ones stop counting
+  (the minimum transfer rate cuts them off, `app.http.slow_bodies`). With a per-client share,
+  one client address may hold at most that fraction of the image limit in uploads.
 - `DecodeBudget` (decode threads): the memory that decodes in progress may hold, reserved from each
   image's header before its pixels are decompressed. A large image waits for room; small ones pass.
 
@@ -15,11 +22,17 @@ live objects.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from app.errors import Overloaded
+
+# How long a receiving upload counts as pending (against the bound on uploads let through).
+PENDING_S = 0.25
 
 
 class AdmissionTicket:
@@ -36,19 +49,165 @@ class AdmissionTicket:
         self.images += images
 
 
+class UploadTicket(AdmissionTicket):
+    """An HTTP upload from the moment its headers passed the gate: it holds the bytes that have
+    arrived (`charge`), then one image slot (`take_image`) once its body is complete."""
+
+    def __init__(self, admission: Admission, client: str | None) -> None:
+        super().__init__(admission, 0, 0)
+        self.client = client
+        self.started = time.monotonic()
+        self.pending = True  # counted in `Admission.pending`
+        self.body_complete = False
+        self.done = False
+
+    def charge(self, nbytes: int) -> None:
+        """`nbytes` more of the body arrived; `Overloaded` when the byte budget is spent."""
+        admission = self._admission
+        if (
+            admission.upload_bytes > self.upload_bytes
+            and admission.upload_bytes + nbytes > admission.max_upload_bytes
+        ):
+            raise admission.overloaded(
+                f"the service is receiving {admission.upload_bytes} bytes of uploads already "
+                f"(limit {admission.max_upload_bytes})"
+            )
+        admission.upload_bytes += nbytes
+        self.upload_bytes += nbytes
+
+    async def take_image(self, timeout_s: float) -> None:
+        """The body is complete: take one image slot, waiting up to `timeout_s` for one when all
+        are taken (the gate let this upload in when there was room), else `Overloaded`."""
+        self.body_complete = True
+        await self._admission._take_waiting(self, timeout_s)
+
+
 class Admission:
     """Bounded in-flight work. Single-threaded: call it on the event loop only."""
 
-    def __init__(self, max_images: int, max_upload_bytes: int, retry_after_s: int) -> None:
+    def __init__(
+        self,
+        max_images: int,
+        max_upload_bytes: int,
+        retry_after_s: int,
+        max_client_share: float = 1.0,
+    ) -> None:
         self.max_images = max_images
         self.max_upload_bytes = max_upload_bytes
         self.retry_after_s = retry_after_s
         self.images = 0
         self.upload_bytes = 0
+        self.pending = 0  # receiving uploads still in their first PENDING_S, or waiting for a slot
+        # With a share below 1, what one client address may hold (receiving or in flight).
+        self.max_per_client = (
+            max(1, int(max_images * max_client_share)) if max_client_share < 1.0 else None
+        )
+        self.per_client: dict[str, int] = {}
+        self._pending_order: deque[UploadTicket] = deque()
+        self._slot_waiters: deque[tuple[asyncio.Future[None], UploadTicket]] = deque()
+
+    def overloaded(self, reason: str) -> Overloaded:
+        return Overloaded(
+            f"{reason}; retry after {self.retry_after_s} s", retry_after_s=self.retry_after_s
+        )
+
+    def refusal(self, client: str | None = None) -> Overloaded | None:
+        """Why an upload from `client` would be refused now, from its headers alone (None: it may
+        come in). Costs a few comparisons: the gate asks it before anything else is done."""
+        if self.images >= self.max_images:
+            return self.overloaded(
+                f"the service is at capacity ({self.images} images in flight, limit "
+                f"{self.max_images})"
+            )
+        if self.pending >= self.max_images and self._age_pending() >= self.max_images:
+            return self.overloaded(f"{self.pending} uploads are arriving already")
+        if self.upload_bytes >= self.max_upload_bytes:
+            return self.overloaded(
+                f"the service is receiving {self.upload_bytes} bytes of uploads already "
+                f"(limit {self.max_upload_bytes})"
+            )
+        limit = self.max_per_client
+        if limit is not None and client is not None and self.per_client.get(client, 0) >= limit:
+            return self.overloaded(f"this client holds its share of the service ({limit} uploads)")
+        return None
+
+    @contextmanager
+    def receive(self, client: str | None = None) -> Iterator[UploadTicket]:
+        """Hold an upload from its headers on (see `UploadTicket`); everything it took is given
+        back when the block ends. Call `refusal` first: this does not refuse."""
+        ticket = UploadTicket(self, client)
+        self.pending += 1
+        self._pending_order.append(ticket)
+        if client is not None and self.max_per_client is not None:
+            self.per_client[client] = self.per_client.get(client, 0) + 1
+        try:
+            yield ticket
+        finally:
+            ticket.done = True
+            self._not_pending(ticket)
+            self.images -= ticket.images
+            self.upload_bytes -= ticket.upload_bytes
+            if client is not None and self.max_per_client is not None:
+                left = self.per_client[client] - 1
+                if left:
+                    self.per_client[client] = left
+                else:
+                    del self.per_client[client]
+            if ticket.images:
+                self._wake_waiters()
+
+    def _not_pending(self, ticket: UploadTicket) -> None:
+        if ticket.pending:
+            ticket.pending = False
+            self.pending -= 1
+
+    def _age_pending(self) -> int:
+        """Stop counting uploads that have been receiving for longer than PENDING_S (slow ones,
+        which the minimum transfer rate deals with); returns what is still pending."""
+        now = time.monotonic()
+        order = self._pending_order
+        while order:
+            head = order[0]
+            if head.pending and (head.body_complete or now - head.started < PENDING_S):
+                break
+            order.popleft()
+            self._not_pending(head)
+        return self.pending
+
+    async def _take_waiting(self, ticket: UploadTicket, timeout_s: float) -> None:
+        self._not_pending(ticket)
+        if self.images < self.max_images and not self._slot_waiters:
+            self.images += 1
+            ticket.images += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append((waiter, ticket))
+        try:
+            await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            if not ticket.images:
+                raise self.overloaded(
+                    f"the service is at capacity ({self.images} images in flight, limit "
+                    f"{self.max_images})"
+                ) from None
+        finally:
+            self._slot_waiters = deque(w for w in self._slot_waiters if w[0] is not waiter)
+
+    def _wake_waiters(self) -> None:
+        """Hand free slots to the uploads waiting for one, in order (the slot is the ticket's
+        from here on, so `receive` gives it back whatever becomes of the waiting task)."""
+        while self._slot_waiters and self.images < self.max_images:
+            waiter, ticket = self._slot_waiters.popleft()
+            if waiter.done() or ticket.done:
+                continue
+            self.images += 1
+            ticket.images += 1
+            waiter.set_result(None)
 
     @contextmanager
     def admit(self, images: int, upload_bytes: int) -> Iterator[AdmissionTicket]:
-        """Hold `images` and `upload_bytes` for the block, or raise `Overloaded` at once."""
+        """Hold `images` and `upload_bytes` for the block, or raise `Overloaded` at once (the
+        intakes that hold a whole upload before asking: DICOM networking, STOW-RS)."""
         self._take(images, upload_bytes)
         ticket = AdmissionTicket(self, images, upload_bytes)
         try:
@@ -56,20 +215,19 @@ class Admission:
         finally:
             self.images -= ticket.images
             self.upload_bytes -= ticket.upload_bytes
+            self._wake_waiters()
 
     def _take(self, images: int, upload_bytes: int) -> None:
         if self.images + images > self.max_images:
-            raise Overloaded(
+            raise self.overloaded(
                 f"the service is at capacity ({self.images} images in flight, limit "
-                f"{self.max_images}); retry after {self.retry_after_s} s",
-                retry_after_s=self.retry_after_s,
+                f"{self.max_images})"
             )
         # A request larger than the whole budget is still taken when nothing else is in flight.
         if self.upload_bytes and self.upload_bytes + upload_bytes > self.max_upload_bytes:
-            raise Overloaded(
+            raise self.overloaded(
                 f"the service is receiving {self.upload_bytes} bytes of uploads already (limit "
-                f"{self.max_upload_bytes}); retry after {self.retry_after_s} s",
-                retry_after_s=self.retry_after_s,
+                f"{self.max_upload_bytes})"
             )
         self.images += images
         self.upload_bytes += upload_bytes

@@ -109,6 +109,7 @@ class PredictionStep:
             max_images=settings.max_in_flight_images,
             max_upload_bytes=settings.max_in_flight_upload_bytes,
             retry_after_s=settings.retry_after_s,
+            max_client_share=settings.max_client_share,
         )
         self.decode_budget = DecodeBudget(settings.decode_memory_budget_bytes)
         # Decode threads: one per core keeps the cores busy without piling up decoded images. A

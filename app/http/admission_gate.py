@@ -1,0 +1,180 @@
+"""The admission gate: uploads refused from their headers alone, before routing, dependency
+resolution or a byte of the body, and health probes answered without either.
+
+When the service is full, closed-loop clients that ignore `Retry-After` (many HTTP clients and
+naive routers) come back at once. If each refusal cost a trip through the framework (routing,
+dependencies, the error handler) and the connection then had to swallow the unread body to be
+reused, refusals would take the cores the admitted uploads need, and goodput would collapse as
+load grows. So `AdmissionGate`, a pure ASGI middleware in front of the application:
+
+- for `POST` to the upload routes, asks `Admission.refusal` (a few comparisons); when full, it
+  answers 429 with `Retry-After` and `Connection: close` at once and never reads the body (the
+  server closes the connection instead of reading what the client still sends); otherwise it
+  opens the request's `UploadTicket` (bytes charged as they arrive, the image slot taken when the
+  body is complete) and the body's `BodyPace` for the route;
+- asks the server to close the connection after any answer sent before the body was read to its
+  end (413, 429, 408, an error), so that no connection is kept only to drain a body;
+- answers `GET`/`HEAD` `/health/live` and `/health/ready` itself, from the service state, with the
+  bodies the routes document (the routes stay for the OpenAPI document and for apps without the
+  gate): a probe costs no routing and no dependency resolution while uploads queue.
+
+It sits inside `RequestContextMiddleware` and `DrainMiddleware`, so its answers carry the request
+id, are counted and logged, and a draining instance still answers 503.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from http import HTTPStatus
+
+from starlette.requests import Request
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import ModelNotReady, Overloaded
+from app.http import schemas
+from app.http.slow_bodies import PACE_SCOPE_KEY, TICKET_SCOPE_KEY, BodyPace
+from app.http.uploads import Framing
+from app.ops.observability import request_context
+from app.serving.state import ServiceState
+
+UPLOAD_PATHS = frozenset({"/predict", "/predict/batch", "/dicomweb/studies"})
+UPLOAD_PREFIXES = ("/dicomweb/studies/",)
+LIVE_PATH = "/health/live"
+READY_PATH = "/health/ready"
+_JSON = (b"content-type", b"application/json")
+_CLOSE = (b"connection", b"close")
+
+
+def is_upload(scope: Scope) -> bool:
+    path: str = scope["path"]
+    return scope["method"] == "POST" and (path in UPLOAD_PATHS or path.startswith(UPLOAD_PREFIXES))
+
+
+class AdmissionGate:
+    """Pure ASGI middleware; see the module docstring. `pace` is the uploads' minimum rate."""
+
+    def __init__(self, app: ASGIApp, pace: BodyPace) -> None:
+        self.app = app
+        self.pace = pace
+        self._routes: dict[tuple[str, str], object] = {}
+        self._ready_body: tuple[object, bytes] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        if method in ("GET", "HEAD") and path in (LIVE_PATH, READY_PATH):
+            await self._probe(scope, send, path == READY_PATH)
+            return
+        if not is_upload(scope):
+            await self.app(scope, receive, send)
+            return
+        state: ServiceState = scope["app"].state.service
+        step = state.step
+        if step is None or state.unavailable_reason is not None:
+            await self._closing(scope, receive, send)  # the route answers 503 with the reason
+            return
+        admission = step.admission
+        client = scope["client"][0] if scope.get("client") else None
+        refused = admission.refusal(client)
+        if refused is not None and not self._too_large(scope):
+            await self._refuse(scope, send, refused)
+            return
+        with admission.receive(client) as ticket:
+            scope[TICKET_SCOPE_KEY] = ticket
+            scope[PACE_SCOPE_KEY] = self.pace
+            await self._closing(scope, receive, send)
+
+    async def _closing(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app; ask for `Connection: close` on an answer that starts before the body was
+        read to its end (the server would otherwise have to read the rest to reuse the
+        connection)."""
+        body_read = False
+
+        async def tracking_receive() -> Message:
+            nonlocal body_read
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_read = True
+            return message
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not body_read:
+                message = {**message, "headers": [*message.get("headers", []), _CLOSE]}
+            await send(message)
+
+        await self.app(scope, tracking_receive, closing_send)
+
+    def _too_large(self, scope: Scope) -> bool:
+        """A declared length no wait makes acceptable gets its 413 from the route, not a 429."""
+        settings = scope["app"].state.settings
+        framing = Framing.of(Request(scope))
+        limit = framing.body_limit(settings.max_upload_bytes)
+        return framing.declared_length is not None and framing.declared_length > limit
+
+    async def _refuse(self, scope: Scope, send: Send, refused: Overloaded) -> None:
+        self._name_route(scope)
+        request_context(Request(scope)).error_code = refused.code
+        body = json.dumps({"error": {"code": refused.code, "message": refused.message}}).encode()
+        headers = [
+            _JSON,
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(refused.retry_after_s or 1).encode()),
+            _CLOSE,
+        ]
+        await send({"type": "http.response.start", "status": 429, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _probe(self, scope: Scope, send: Send, readiness: bool) -> None:
+        self._name_route(scope)
+        status, body = int(HTTPStatus.OK), b'{"status":"alive"}'
+        if readiness:
+            status, body = self._readiness(scope)
+            if status != HTTPStatus.OK:
+                request_context(Request(scope)).error_code = ModelNotReady.code
+        headers = [_JSON, (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send(
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
+        )
+
+    def _readiness(self, scope: Scope) -> tuple[int, bytes]:
+        """The `/health/ready` answer by the one readiness rule (`ServiceState.not_ready_reason`),
+        the 200 body rendered once per classifier."""
+        state: ServiceState = scope["app"].state.service
+        reason = state.not_ready_reason
+        classifier = state.classifier
+        if reason is not None or classifier is None:
+            error = {"code": ModelNotReady.code, "message": reason or "model is not loaded"}
+            return HTTPStatus.SERVICE_UNAVAILABLE, json.dumps({"error": error}).encode()
+        cached = self._ready_body
+        if cached is None or cached[0] is not classifier:
+            answer = schemas.ReadyResponse(
+                model=schemas.model_identity(classifier),
+                execution_provider=classifier.execution_provider,
+            )
+            cached = self._ready_body = (classifier, answer.model_dump_json().encode())
+        return HTTPStatus.OK, cached[1]
+
+    def _name_route(self, scope: Scope) -> None:
+        """Give the access log and the request counter the route template, as routing would."""
+        key = (scope["method"], scope["path"])
+        route = self._routes.get(key)
+        if route is None:
+            route = _matching_route(scope)
+            if route is not None and key[1] in (LIVE_PATH, READY_PATH, *UPLOAD_PATHS):
+                self._routes[key] = route
+        if route is not None:
+            scope["route"] = route
+
+
+def _matching_route(scope: Scope) -> object | None:
+    routes: list[object] = getattr(scope["app"].router, "routes", [])
+    for route in routes:
+        matches: Callable[[Scope], tuple[Match, Scope]] | None = getattr(route, "matches", None)
+        if matches is not None and matches(scope)[0] == Match.FULL:
+            return route
+    return None
