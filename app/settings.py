@@ -164,6 +164,20 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Bind address for `pneumonia-serve`.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port for `pneumonia-serve`.")
+    probe_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="A second port that answers only GET/HEAD /health/live and /health/ready, "
+        "from a thread of its own: point liveness and readiness probes at it, so that they are "
+        "answered in milliseconds even when the main port's event loop is saturated by "
+        "overload. Unset: the probes are on the main port only (still answered before any "
+        "upload work, but in turn with everything else).",
+    )
+    probe_host: str = Field(
+        default="127.0.0.1",
+        description="Bind address of CXR_PROBE_PORT (0.0.0.0 in a container, for the kubelet).",
+    )
     log_level: LogLevel = Field(
         json_schema_extra=README,
         default="INFO",

@@ -14,9 +14,9 @@ load grows. So `AdmissionGate`, a pure ASGI middleware in front of the applicati
   body is complete) and the body's `BodyPace` for the route;
 - asks the server to close the connection after any answer sent before the body was read to its
   end (413, 429, 408, an error), so that no connection is kept only to drain a body;
-- answers `GET`/`HEAD` `/health/live` and `/health/ready` itself, from the service state, with the
-  bodies the routes document (the routes stay for the OpenAPI document and for apps without the
-  gate): a probe costs no routing and no dependency resolution while uploads queue.
+- answers `GET`/`HEAD` `/health/live` and `/health/ready` itself (`app.http.probes.ProbeAnswers`),
+  with the bodies the routes document (the routes stay for the OpenAPI document and for apps
+  without the gate): a probe costs no routing and no dependency resolution while uploads queue.
 
 It sits inside `RequestContextMiddleware` and `DrainMiddleware`, so its answers carry the request
 id, are counted and logged, and a draining instance still answers 503.
@@ -33,7 +33,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import ModelNotReady, Overloaded
-from app.http import schemas
+from app.http.probes import LIVE_PATH, READY_PATH, ProbeAnswers
 from app.http.slow_bodies import PACE_SCOPE_KEY, TICKET_SCOPE_KEY, BodyPace
 from app.http.uploads import Framing
 from app.ops.observability import request_context
@@ -41,8 +41,6 @@ from app.serving.state import ServiceState
 
 UPLOAD_PATHS = frozenset({"/predict", "/predict/batch", "/dicomweb/studies"})
 UPLOAD_PREFIXES = ("/dicomweb/studies/",)
-LIVE_PATH = "/health/live"
-READY_PATH = "/health/ready"
 _JSON = (b"content-type", b"application/json")
 _CLOSE = (b"connection", b"close")
 
@@ -59,7 +57,6 @@ class AdmissionGate:
         self.app = app
         self.pace = pace
         self._routes: dict[tuple[str, str], object] = {}
-        self._ready_body: tuple[object, bytes] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,7 +64,7 @@ class AdmissionGate:
             return
         method, path = scope["method"], scope["path"]
         if method in ("GET", "HEAD") and path in (LIVE_PATH, READY_PATH):
-            await self._probe(scope, send, path == READY_PATH)
+            await self._probe(scope, send, path)
             return
         if not is_upload(scope):
             await self.app(scope, receive, send)
@@ -128,36 +125,16 @@ class AdmissionGate:
         await send({"type": "http.response.start", "status": 429, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _probe(self, scope: Scope, send: Send, readiness: bool) -> None:
+    async def _probe(self, scope: Scope, send: Send, path: str) -> None:
         self._name_route(scope)
-        status, body = int(HTTPStatus.OK), b'{"status":"alive"}'
-        if readiness:
-            status, body = self._readiness(scope)
-            if status != HTTPStatus.OK:
-                request_context(Request(scope)).error_code = ModelNotReady.code
+        answers: ProbeAnswers = scope["app"].state.probe_answers
+        status, body = answers.answer(scope["app"].state.service, path)
+        if status != HTTPStatus.OK:
+            request_context(Request(scope)).error_code = ModelNotReady.code
         headers = [_JSON, (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send(
-            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
-        )
-
-    def _readiness(self, scope: Scope) -> tuple[int, bytes]:
-        """The `/health/ready` answer by the one readiness rule (`ServiceState.not_ready_reason`),
-        the 200 body rendered once per classifier."""
-        state: ServiceState = scope["app"].state.service
-        reason = state.not_ready_reason
-        classifier = state.classifier
-        if reason is not None or classifier is None:
-            error = {"code": ModelNotReady.code, "message": reason or "model is not loaded"}
-            return HTTPStatus.SERVICE_UNAVAILABLE, json.dumps({"error": error}).encode()
-        cached = self._ready_body
-        if cached is None or cached[0] is not classifier:
-            answer = schemas.ReadyResponse(
-                model=schemas.model_identity(classifier),
-                execution_provider=classifier.execution_provider,
-            )
-            cached = self._ready_body = (classifier, answer.model_dump_json().encode())
-        return HTTPStatus.OK, cached[1]
+        head = scope["method"] == "HEAD"
+        await send({"type": "http.response.body", "body": b"" if head else body})
 
     def _name_route(self, scope: Scope) -> None:
         """Give the access log and the request counter the route template, as routing would."""
