@@ -25,11 +25,10 @@ id, are counted and logged, and a draining instance still answers 503.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 
 from starlette.requests import Request
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import ModelNotReady, Overloaded
@@ -56,7 +55,6 @@ class AdmissionGate:
     def __init__(self, app: ASGIApp, pace: BodyPace) -> None:
         self.app = app
         self.pace = pace
-        self._routes: dict[tuple[str, str], object] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -138,20 +136,18 @@ class AdmissionGate:
 
     def _name_route(self, scope: Scope) -> None:
         """Give the access log and the request counter the route template, as routing would."""
-        key = (scope["method"], scope["path"])
-        route = self._routes.get(key)
-        if route is None:
-            route = _matching_route(scope)
-            if route is not None and key[1] in (LIVE_PATH, READY_PATH, *UPLOAD_PATHS):
-                self._routes[key] = route
-        if route is not None:
-            scope["route"] = route
+        path: str = scope["path"]
+        scope["route"] = _ROUTE_NAMES.get(path) or _RouteName(
+            STOW_STUDY_TEMPLATE if path.startswith(UPLOAD_PREFIXES) else path
+        )
 
 
-def _matching_route(scope: Scope) -> object | None:
-    routes: list[object] = getattr(scope["app"].router, "routes", [])
-    for route in routes:
-        matches: Callable[[Scope], tuple[Match, Scope]] | None = getattr(route, "matches", None)
-        if matches is not None and matches(scope)[0] == Match.FULL:
-            return route
-    return None
+@dataclass(frozen=True)
+class _RouteName:
+    """What `RequestContextMiddleware` reads of a route: its template."""
+
+    path: str
+
+
+STOW_STUDY_TEMPLATE = "/dicomweb/studies/{study}"
+_ROUTE_NAMES = {path: _RouteName(path) for path in (*UPLOAD_PATHS, LIVE_PATH, READY_PATH)}
