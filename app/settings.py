@@ -116,6 +116,21 @@ class Settings(BaseSettings):
         description="Admission limit on upload bytes held at once: HTTP uploads are charged for "
         "the bytes that have arrived, other intakes for what they hold; past it, 429.",
     )
+    adaptive_limit_target_ms: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Adaptive admission (CoDel-like): when the shortest time an image held its "
+        "slot over half a second stays above this many ms, the image limit shrinks by a tenth; "
+        "while uploads are refused at or under it, it grows by one, up to "
+        "CXR_MAX_IN_FLIGHT_IMAGES. 0: the fixed limit only.",
+    )
+    ready_stall_s: float = Field(
+        default=10.0,
+        ge=0.0,
+        description="Readiness turns 503 (`stalled`) while images are in flight and none has "
+        "finished for this many seconds: the service is up but cannot take work, so load "
+        "balancers should send it elsewhere. Being full is not unready. 0: never.",
+    )
     upload_min_bytes_per_s: int = Field(
         default=16 * 1024,
         ge=0,

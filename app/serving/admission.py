@@ -58,6 +58,7 @@ class UploadTicket(AdmissionTicket):
         self.client = client
         self.started = time.monotonic()
         self.pending = True  # counted in `Admission.pending`
+        self.slot_since = 0.0  # when it took its image slot
         self.body_complete = False
         self.done = False
 
@@ -82,8 +83,45 @@ class UploadTicket(AdmissionTicket):
         await self._admission._take_waiting(self, timeout_s)
 
 
+class AdaptiveLimit:
+    """An image limit that follows the machine, in the manner of CoDel: what matters is the
+    standing queue, seen as the smallest time an image held its slot (decode, queue and model)
+    over an interval. Above `target_s` for a whole interval, in-flight work only adds waiting, so
+    the limit shrinks by a tenth (not below `floor`); at or under it while uploads were refused,
+    the limit was what held them back, so it grows by one (not above `ceiling`)."""
+
+    def __init__(self, ceiling: int, floor: int, target_s: float, interval_s: float = 0.5) -> None:
+        self.ceiling = ceiling
+        self.floor = max(1, min(floor, ceiling))
+        self.target_s = target_s
+        self.interval_s = interval_s
+        self.limit = ceiling
+        self._interval_ends: float | None = None
+        self._min_sojourn = float("inf")
+        self._refused = False
+
+    def refused(self) -> None:
+        self._refused = True
+
+    def observe(self, sojourn_s: float, now: float) -> int:
+        """One image gave its slot back after `sojourn_s`; returns the limit from now on."""
+        self._min_sojourn = min(self._min_sojourn, sojourn_s)
+        if self._interval_ends is None:
+            self._interval_ends = now + self.interval_s
+        elif now >= self._interval_ends:
+            if self._min_sojourn > self.target_s:
+                self.limit = max(self.floor, int(self.limit * 0.9))
+            elif self._refused:
+                self.limit = min(self.ceiling, self.limit + 1)
+            self._interval_ends = now + self.interval_s
+            self._min_sojourn = float("inf")
+            self._refused = False
+        return self.limit
+
+
 class Admission:
-    """Bounded in-flight work. Single-threaded: call it on the event loop only."""
+    """Bounded in-flight work. Single-threaded: call it on the event loop only. `max_images` is
+    the limit in force: the configured one, or what `adaptive` makes of it."""
 
     def __init__(
         self,
@@ -91,8 +129,14 @@ class Admission:
         max_upload_bytes: int,
         retry_after_s: int,
         max_client_share: float = 1.0,
+        adaptive: AdaptiveLimit | None = None,
+        stall_s: float = 0.0,
     ) -> None:
         self.max_images = max_images
+        self.adaptive = adaptive
+        self.stall_s = stall_s
+        # The last time an image gave its slot back, or work began after an idle spell.
+        self.last_progress = time.monotonic()
         self.max_upload_bytes = max_upload_bytes
         self.retry_after_s = retry_after_s
         self.images = 0
@@ -115,6 +159,8 @@ class Admission:
         """Why an upload from `client` would be refused now, from its headers alone (None: it may
         come in). Costs a few comparisons: the gate asks it before anything else is done."""
         if self.images >= self.max_images:
+            if self.adaptive is not None:
+                self.adaptive.refused()
             return self.overloaded(
                 f"the service is at capacity ({self.images} images in flight, limit "
                 f"{self.max_images})"
@@ -145,6 +191,8 @@ class Admission:
         finally:
             ticket.done = True
             self._not_pending(ticket)
+            if ticket.images:
+                self._slot_given_back(ticket.slot_since)
             self.images -= ticket.images
             self.upload_bytes -= ticket.upload_bytes
             if client is not None and self.max_per_client is not None:
@@ -155,6 +203,26 @@ class Admission:
                     del self.per_client[client]
             if ticket.images:
                 self._wake_waiters()
+
+    def _took(self, images: int) -> None:
+        if not self.images:
+            self.last_progress = time.monotonic()
+        self.images += images
+
+    def _slot_given_back(self, since: float) -> None:
+        now = self.last_progress = time.monotonic()
+        if self.adaptive is not None:
+            self.max_images = self.adaptive.observe(now - since, now)
+
+    def stalled_reason(self) -> str | None:
+        """Why the service cannot take work although it is up: images are in flight and none has
+        finished for `stall_s` (a decoder or the model stuck). None otherwise, or with stall_s 0."""
+        if not self.stall_s or not self.images:
+            return None
+        idle = time.monotonic() - self.last_progress
+        if idle < self.stall_s:
+            return None
+        return f"stalled: {self.images} images in flight and none finished for {idle:.0f} s"
 
     def _not_pending(self, ticket: UploadTicket) -> None:
         if ticket.pending:
@@ -177,8 +245,9 @@ class Admission:
     async def _take_waiting(self, ticket: UploadTicket, timeout_s: float) -> None:
         self._not_pending(ticket)
         if self.images < self.max_images and not self._slot_waiters:
-            self.images += 1
+            self._took(1)
             ticket.images += 1
+            ticket.slot_since = time.monotonic()
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._slot_waiters.append((waiter, ticket))
@@ -202,6 +271,7 @@ class Admission:
                 continue
             self.images += 1
             ticket.images += 1
+            ticket.slot_since = time.monotonic()
             waiter.set_result(None)
 
     @contextmanager
@@ -210,9 +280,11 @@ class Admission:
         intakes that hold a whole upload before asking: DICOM networking, STOW-RS)."""
         self._take(images, upload_bytes)
         ticket = AdmissionTicket(self, images, upload_bytes)
+        since = time.monotonic()
         try:
             yield ticket
         finally:
+            self._slot_given_back(since)
             self.images -= ticket.images
             self.upload_bytes -= ticket.upload_bytes
             self._wake_waiters()
@@ -229,7 +301,7 @@ class Admission:
                 f"the service is receiving {self.upload_bytes} bytes of uploads already (limit "
                 f"{self.max_upload_bytes})"
             )
-        self.images += images
+        self._took(images)
         self.upload_bytes += upload_bytes
 
 
