@@ -296,6 +296,7 @@ def run_http(
     env: dict[str, str],
     overload: list[int] = [],  # noqa: B006 - read only
     slow_senders: int = 0,
+    overload_seconds: float | None = None,
 ) -> dict:
     server = start_server(root, metadata, env)
     report: dict = {}
@@ -340,11 +341,11 @@ def run_http(
         )
         for connections in overload:
             phases[f"overload {connections} connections"] = overload_phase(
-                server, jpeg_requests, connections, seconds, capacity
+                server, jpeg_requests, connections, overload_seconds or seconds, capacity
             )
         if slow_senders:
             phases[f"{slow_senders} slow senders"] = slow_sender_phase(
-                server, jpeg_requests, slow_senders, seconds
+                server, jpeg_requests, slow_senders, overload_seconds or seconds
             )
         report["phases"] = phases
         report["capacity_ok_per_s"] = capacity
@@ -536,6 +537,11 @@ def main(argv: list[str] | None = None) -> int:
         help="connections for the overload phases (2x, 4x, 8x the default limit of 48)",
     )
     p.add_argument("--slow-senders", type=int, default=300, help="0: skip that phase")
+    p.add_argument(
+        "--overload-seconds",
+        type=float,
+        help="per overload and slow-sender phase (default: --seconds)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the worst-case memory mix")
     p.add_argument("--compare-ref", help="also load the service as it is at this git ref")
     p.add_argument(
@@ -596,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     report["service_env"] = env
     report["services"]["this checkout"] = run_http(
         REPO_ROOT, args.model, *common, env=env, overload=args.overload,
-        slow_senders=args.slow_senders,
+        slow_senders=args.slow_senders, overload_seconds=args.overload_seconds,
     )  # fmt: skip
     if args.compare_ref:
         name = f"git {args.compare_ref}"

@@ -22,7 +22,8 @@ def test_the_benchmark_runs_in_one_command_and_reports_every_phase(tmp_path: Pat
     subprocess.run(
         [sys.executable, str(SCRIPT), "--seconds", "0.5", "--limit-seconds", "0.2",
          "--images", "2", "--burst", "80", "--concurrency", "1", "8", "--no-memory",
-         "--overload", "96", "--slow-senders", "20", "--out", str(out)],
+         "--overload", "96", "--slow-senders", "20", "--overload-seconds", "4",
+         "--out", str(out)],
         check=True, cwd=tmp_path, timeout=600, capture_output=True,
     )  # fmt: skip
     report = json.loads(out.read_text())
