@@ -291,12 +291,14 @@ async def slow_senders(
             opened = time.perf_counter()
             if not slow_headers:
                 writer.write(body_head)
-            trickle = slow_head if slow_headers else b"\xff" * declared_length
             answer = asyncio.ensure_future(reader.read(4096))
             position = 0
             try:
                 while time.perf_counter() < stop_at and not answer.done():
-                    writer.write(trickle[position : position + 1])
+                    if not slow_headers:
+                        writer.write(b"\xff")
+                    elif position < len(slow_head):
+                        writer.write(slow_head[position : position + 1])
                     position += 1
                     await asyncio.wait([answer], timeout=1.0 / bytes_per_s)
                 if answer.done():
