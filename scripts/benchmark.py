@@ -610,7 +610,10 @@ def main(argv: list[str] | None = None) -> int:
             root = checkout(args.compare_ref, Path(tmp))
             model = root / "models" / args.model.name
             try:
-                report["services"][name] = run_http(root, model, *common, env={})
+                report["services"][name] = run_http(
+                    root, model, *common, env={}, overload=args.overload,
+                    slow_senders=args.slow_senders, overload_seconds=args.overload_seconds,
+                )  # fmt: skip
             except (SystemExit, Exception) as exc:  # an old revision may not run in this venv
                 report["compare_failed"] = f"{name}: {str(exc)[-500:]}"
     limit = report["in_process_limit"]["images_per_s"]

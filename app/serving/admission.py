@@ -10,8 +10,9 @@ Two gates, both sized in `Settings`:
   body arrives it holds only the bytes that have actually arrived, and takes an image slot once the
   body is complete, so that a slow sender holds no slot. Uploads still receiving in their first
   `PENDING_S` count against a bound of their own (as many as the image limit), so that the gate
-  cannot let through far more bodies than there are slots to take them; slower ones stop counting
-  (the minimum transfer rate cuts them off, `app.http.slow_bodies`). With a per-client share,
+  cannot let through far more bodies than there are slots to take them; slow ones (under
+  `PENDING_MIN_BYTES_PER_S`) stop counting sooner (the minimum transfer rate cuts them off,
+  `app.http.slow_bodies`). With a per-client share,
   one client address may hold at most that fraction of the image limit in uploads.
 - `DecodeBudget` (decode threads): the memory that decodes in progress may hold, reserved from each
   image's header before its pixels are decompressed. A large image waits for room; small ones pass.
@@ -31,8 +32,12 @@ from contextlib import contextmanager
 
 from app.errors import Overloaded
 
-# How long a receiving upload counts as pending (against the bound on uploads let through).
+# How long a receiving upload counts as pending (against the bound on uploads let through): at
+# most PENDING_S, and past PENDING_MIN_S only while it arrives at PENDING_MIN_BYTES_PER_S or more
+# (an upload over a 10 Mbit/s link does; a sender trickling bytes does not).
 PENDING_S = 0.25
+PENDING_MIN_S = 0.05
+PENDING_MIN_BYTES_PER_S = 1 << 20
 
 
 class AdmissionTicket:
@@ -184,6 +189,8 @@ class Admission:
         ticket = UploadTicket(self, client)
         self.pending += 1
         self._pending_order.append(ticket)
+        if len(self._pending_order) > 2 * self.max_images + 16:
+            self._age_pending()  # keeps the list to what is pending
         if client is not None and self.max_per_client is not None:
             self.per_client[client] = self.per_client.get(client, 0) + 1
         try:
@@ -230,16 +237,23 @@ class Admission:
             self.pending -= 1
 
     def _age_pending(self) -> int:
-        """Stop counting uploads that have been receiving for longer than PENDING_S (slow ones,
-        which the minimum transfer rate deals with); returns what is still pending."""
+        """Stop counting as pending the uploads that are slow (receiving for PENDING_S, or past
+        PENDING_MIN_S at under PENDING_MIN_BYTES_PER_S): the minimum transfer rate deals with
+        those. Drops finished tickets from the list too. Returns what is still pending."""
         now = time.monotonic()
-        order = self._pending_order
-        while order:
-            head = order[0]
-            if head.pending and (head.body_complete or now - head.started < PENDING_S):
-                break
-            order.popleft()
-            self._not_pending(head)
+        kept: deque[UploadTicket] = deque()
+        for ticket in self._pending_order:
+            if not ticket.pending:
+                continue
+            age = now - ticket.started
+            slow = age >= PENDING_S or (
+                age >= PENDING_MIN_S and ticket.upload_bytes < PENDING_MIN_BYTES_PER_S * age
+            )
+            if slow and not ticket.body_complete:
+                self._not_pending(ticket)
+            else:
+                kept.append(ticket)
+        self._pending_order = kept
         return self.pending
 
     async def _take_waiting(self, ticket: UploadTicket, timeout_s: float) -> None:

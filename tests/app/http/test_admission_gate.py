@@ -324,3 +324,14 @@ def test_a_real_server_cuts_a_trickling_body_with_408_and_closes(tmp_path: Path)
             f"{server.base_url}/predict", content=encode(xray_like(), "PNG"), headers=JPEG
         )
         assert ok.status_code == 200, ok.text
+
+
+def test_a_trickling_upload_stops_counting_as_pending_long_before_a_fast_one() -> None:
+    admission = Admission(max_images=2, max_upload_bytes=10 << 20, retry_after_s=1)
+    with admission.receive() as trickling, admission.receive() as fast:
+        assert admission.refusal() is not None  # both pending: the bound is reached
+        time.sleep(0.1)
+        fast.charge(1 << 20)  # 1 MiB in 0.1 s
+        trickling.charge(3)
+        assert admission.refusal() is None  # the trickling one no longer holds the bound
+        assert (admission.pending, trickling.pending, fast.pending) == (1, False, True)
