@@ -76,7 +76,7 @@ _PREDICT_BODY = {
 }
 
 
-_PREDICT_ERRORS = error_responses(413, 415, 422, 429, 501, 503)
+_PREDICT_ERRORS = error_responses(408, 413, 415, 422, 429, 501, 503)
 
 
 @router.post(
@@ -134,11 +134,12 @@ async def predict(
 
     `label` applies the model's validated operating threshold to the calibrated probability of
     the positive class. An optional `X-Request-Timeout-Ms` header bounds how long the image may
-    wait for the model. Errors: 413 upload too large, 415 unsupported format, 422 undecodable / too
-    small / too many pixels / `not_intended_use` (another modality, body part or view, multi-frame,
-    colour, no pixel data) / `explanation_unavailable`, 429 `overloaded` (the service is full:
-    retry after `Retry-After` seconds), 503 model not ready, or `deadline_exceeded` (with
-    `Retry-After`).
+    wait for the model. Errors: 408 `upload_too_slow` (the body arrived under
+    `CXR_UPLOAD_MIN_BYTES_PER_S`), 413 upload too large, 415 unsupported format, 422 undecodable /
+    too small / too many pixels / `not_intended_use` (another modality, body part or view,
+    multi-frame, colour, no pixel data) / `explanation_unavailable`, 429 `overloaded` (the service
+    is full: retry after `Retry-After` seconds; answered from the headers, the connection closed),
+    503 model not ready, or `deadline_exceeded` (with `Retry-After`).
 
     With a site profile (`CXR_SITE_PROFILE`) the label applies the site's threshold to the site's
     recalibration of that probability instead, and the answer says so in `calibration`.
