@@ -209,9 +209,9 @@ def probe_targets(port: int, probe_port: int | None = None) -> list[tuple[str, i
 
 
 class ProbePoller:
-    """Polls each (label, port, path) target every `interval_s` for `seconds`, from a forked
-    process (so that neither the load generator nor its event loop delays the probes), each on a
-    new connection with a `timeout_s` timeout, as a kubelet does."""
+    """Polls the (label, port, path) targets in turn, `interval_s` between rounds, for `seconds`,
+    from a forked process (so that neither the load generator nor its event loop delays the
+    probes), each on a new connection with a `timeout_s` timeout, as a kubelet does."""
 
     def __init__(
         self,
