@@ -369,6 +369,7 @@ class Settings(BaseSettings):
         "results_dimse",
         "dicom_port",
         "dicom_allowed_aets",
+        "probe_port",
         mode="before",
     )
     @classmethod
