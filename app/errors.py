@@ -76,14 +76,6 @@ class InvalidRequest(ServiceError):
     code = "invalid_request"
 
 
-class BodyTooSlow(ServiceError):
-    """The request body arrived slower than the minimum rate: answered at once, and the
-    connection closed (the rest of the body is never read)."""
-
-    status_code = HTTPStatus.REQUEST_TIMEOUT
-    code = "body_too_slow"
-
-
 class UnsupportedMediaType(ServiceError):
     """A format (detected from the bytes) or a request Content-Type the service does not take."""
 
@@ -94,6 +86,14 @@ class UnsupportedMediaType(ServiceError):
 class PayloadTooLarge(ServiceError):
     status_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
     code = "payload_too_large"
+
+
+class UploadTooSlow(ServiceError):
+    """The body arrived slower than the minimum transfer rate: cut off, so that a slow sender
+    cannot hold what other uploads need (answered with `Connection: close`)."""
+
+    status_code = HTTPStatus.REQUEST_TIMEOUT
+    code = "upload_too_slow"
 
 
 class ModelNotReady(ServiceError):

@@ -20,13 +20,16 @@ from fastapi import FastAPI
 from app.contract import DISCLAIMER
 from app.errors import ModelLoadError
 from app.http import schemas
+from app.http.admission_gate import AdmissionGate
 from app.http.auth import ApiKeys, document_api_keys
 from app.http.docs import install_docs
 from app.http.draining import Drain, DrainMiddleware
 from app.http.errors import install_error_handlers
 from app.http.openapi import document_limits
 from app.http.pacs import router as pacs_router
+from app.http.probes import ProbeAnswers, ProbeServer
 from app.http.routes import router
+from app.http.slow_bodies import BodyPace
 from app.http.viewer import router as viewer_router
 from app.model.gpu import preload_cuda_libraries
 from app.model.loading import load_classifier
@@ -49,6 +52,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state.service = ServiceState()
     drain = app.state.drain = Drain(settings.drain_seconds, settings.retry_after_s)
     configure_logging(settings.log_level)
+    probes = None
+    if settings.probe_port is not None:
+        # From the start, so that liveness answers while the model loads.
+        probes = ProbeServer(
+            settings.probe_host,
+            settings.probe_port,
+            lambda: app.state.service,
+            app.state.probe_answers,
+        )
+        probes.start()
     keys: ApiKeys = app.state.api_keys
     logger.info("api keys", extra={"fields": {"required": keys.required, "configured": len(keys)}})
     started = time.perf_counter()
@@ -94,6 +107,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         state.begin_shutdown()
+        if probes is not None:
+            probes.close()
         logger.info("shutting down")
         if pipeline is not None:
             await pipeline.aclose(settings.drain_seconds)
@@ -139,6 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Present before the lifespan runs, so probes answer 503 "model is loading" rather than fail.
     app.state.service = ServiceState()
     app.state.pipeline = None
+    app.state.probe_answers = ProbeAnswers()
     app.state.drain = Drain(settings.drain_seconds, settings.retry_after_s)
     # Read here, not in the lifespan: a key file that cannot be used stops the process at once
     # rather than leaving it up and open.
@@ -150,7 +166,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics.watch_pacs(lambda: app.state.pipeline)
     install_error_handlers(app)
     # The last added is the outermost: request ids, the access log and the request metrics wrap
-    # the drain's 503s.
+    # the drain's 503s and the admission gate's 429s and probe answers.
+    pace = BodyPace(settings.upload_grace_s, settings.upload_min_bytes_per_s)
+    app.add_middleware(AdmissionGate, pace=pace)
     app.add_middleware(DrainMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(router)

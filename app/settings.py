@@ -113,21 +113,44 @@ class Settings(BaseSettings):
     max_in_flight_upload_bytes: int = Field(
         default=96 * MiB,
         gt=0,
-        description="Admission limit on upload bytes held at once (declared Content-Length, or "
-        "the upload limit for a body of unknown length); past it, 429.",
+        description="Admission limit on upload bytes held at once: HTTP uploads are charged for "
+        "the bytes that have arrived, other intakes for what they hold; past it, 429.",
     )
-    body_read_initial_s: float = Field(
+    adaptive_limit_target_ms: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Adaptive admission (CoDel-like): when the shortest time an image held its "
+        "slot over half a second stays above this many ms, the image limit shrinks by a tenth; "
+        "while uploads are refused at or under it, it grows by one, up to "
+        "CXR_MAX_IN_FLIGHT_IMAGES. 0: the fixed limit only.",
+    )
+    ready_stall_s: float = Field(
         default=10.0,
-        gt=0,
-        description="Seconds an upload body may take to start arriving; after them it must keep "
-        "up `CXR_BODY_MIN_BYTES_PER_S` on average, or the request is answered 408 and closed.",
+        ge=0.0,
+        description="Readiness turns 503 (`stalled`) while images are in flight and none has "
+        "finished for this many seconds: the service is up but cannot take work, so load "
+        "balancers should send it elsewhere. Being full is not unready. 0: never.",
     )
-    body_min_bytes_per_s: int = Field(
+    upload_min_bytes_per_s: int = Field(
         default=16 * 1024,
         ge=0,
-        description="Slowest average rate an upload body may arrive at (each byte received adds "
-        "1/rate s to `CXR_BODY_READ_INITIAL_S`); a slower sender gets 408 and the connection is "
-        "closed, so it cannot hold an admission slot. 0: no body deadline.",
+        description="Minimum transfer rate of an upload body, in bytes/s, after "
+        "CXR_UPLOAD_GRACE_S: a body that falls behind is cut off with 408 `upload_too_slow` and "
+        "the connection closed, so that slow senders cannot hold the service. 0: no minimum.",
+    )
+    upload_grace_s: float = Field(
+        default=2.0,
+        gt=0.0,
+        description="Seconds an upload body may take before CXR_UPLOAD_MIN_BYTES_PER_S applies "
+        "(a body of N bytes must be complete within this plus N / the rate).",
+    )
+    max_client_share: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="Share of CXR_MAX_IN_FLIGHT_IMAGES one client address may hold in uploads "
+        "(receiving or in flight); past it, 429. 1: no per-client limit. Behind a proxy or load "
+        "balancer every client has its address: keep 1 there.",
     )
     decode_memory_budget_bytes: int = Field(
         default=512 * MiB,
@@ -156,6 +179,20 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Bind address for `pneumonia-serve`.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port for `pneumonia-serve`.")
+    probe_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="A second port that answers only GET/HEAD /health/live and /health/ready, "
+        "from a thread of its own: point liveness and readiness probes at it, so that they are "
+        "answered in milliseconds even when the main port's event loop is saturated by "
+        "overload. Unset: the probes are on the main port only (still answered before any "
+        "upload work, but in turn with everything else).",
+    )
+    probe_host: str = Field(
+        default="127.0.0.1",
+        description="Bind address of CXR_PROBE_PORT (0.0.0.0 in a container, for the kubelet).",
+    )
     log_level: LogLevel = Field(
         json_schema_extra=README,
         default="INFO",
@@ -332,6 +369,7 @@ class Settings(BaseSettings):
         "results_dimse",
         "dicom_port",
         "dicom_allowed_aets",
+        "probe_port",
         mode="before",
     )
     @classmethod

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fuzz  # noqa: E402
 import loadgen  # noqa: E402
 
-from app.testing.server import ServiceProcess, http_status  # noqa: E402
+from app.testing.server import ServiceProcess, free_port, http_status  # noqa: E402
 
 DEFAULT_DATA = Path(os.environ.get("CXR_DATA_DIR", REPO_ROOT.parent / "shared/data/chest_xray"))
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -255,9 +255,13 @@ def start_server(root: Path, metadata: Path, env: dict[str, str]) -> ServiceProc
         "CXR_PROVIDER": "cpu",
         "CXR_LOG_LEVEL": "WARNING",
         "CXR_DRAIN_SECONDS": "0",
+        # The probes' own port (polled beside the main port's probes in the overload phases).
+        "CXR_PROBE_PORT": str(free_port()),
         **env,
     }
-    return ServiceProcess.start(None, settings, root=root)
+    server = ServiceProcess.start(None, settings, root=root)
+    server.probe_port = int(settings["CXR_PROBE_PORT"])  # type: ignore[attr-defined]
+    return server
 
 
 @contextmanager
@@ -291,6 +295,9 @@ def run_http(
     burst_size: int,
     worst_case: list[bytes],
     env: dict[str, str],
+    overload: list[int] = [],  # noqa: B006 - read only
+    slow_senders: int = 0,
+    overload_seconds: float | None = None,
 ) -> dict:
     server = start_server(root, metadata, env)
     report: dict = {}
@@ -330,12 +337,63 @@ def run_http(
                 result = asyncio.run(loadgen.burst(server.port, mix, len(mix)))
             phase["ready_status_after"] = http_status(server.port, "/health/ready")
             phases["worst-case memory mix"] = {**result.summary(), **phase}
+        capacity = max(
+            (r["ok_per_s"] for name, r in phases.items() if name.startswith("jpeg c=")), default=0.0
+        )
+        for connections in overload:
+            phases[f"overload {connections} connections"] = overload_phase(
+                server, jpeg_requests, connections, overload_seconds or seconds, capacity
+            )
+        if slow_senders:
+            phases[f"{slow_senders} slow senders"] = slow_sender_phase(
+                server, jpeg_requests, slow_senders, overload_seconds or seconds
+            )
         report["phases"] = phases
+        report["capacity_ok_per_s"] = capacity
         report["metrics_status"] = http_status(server.port, "/metrics")
         report["server_rss_high_water_mib"] = max(p["server_rss_peak_mib"] for p in phases.values())
     finally:
         server.stop()
     return report
+
+
+def overload_phase(
+    server: ServiceProcess, requests: list[bytes], connections: int, seconds: float, capacity: float
+) -> dict:
+    """Closed-loop clients past the admission limit, each sending again as soon as it is answered
+    (ignoring `Retry-After`), with both health probes polled from another process throughout."""
+    phase: dict = {"load_average_before": load_average(), "connections": connections}
+    probes = loadgen.ProbePoller(probe_targets(server), seconds + 1.0)
+    with measured(server, phase):
+        result = asyncio.run(loadgen.closed_loop(server.port, requests, connections, seconds))
+    phase["probes"] = probes.result()
+    phase["ready_status_after"] = http_status(server.port, "/health/ready")
+    summary = result.summary()
+    if capacity:
+        summary["goodput_over_capacity"] = round(summary["ok_per_s"] / capacity, 3)
+    return {**summary, **phase}
+
+
+def slow_sender_phase(
+    server: ServiceProcess, requests: list[bytes], slow: int, seconds: float
+) -> dict:
+    """`slow` connections trickling headers or bodies (32 MiB declared, a few bytes per second),
+    reconnecting when cut off, while 8 normal clients upload closed-loop; the slow ones start
+    first, and the normal clients are measured once the slow ones are all connected."""
+    phase: dict = {"load_average_before": load_average(), "slow_connections": slow}
+    trickling = loadgen.SlowSenders(server.port, slow, seconds + 4.0, declared_length=32 * 2**20)
+    time.sleep(2.0)  # let them connect
+    probes = loadgen.ProbePoller(probe_targets(server), seconds)
+    with measured(server, phase):
+        normal = asyncio.run(loadgen.closed_loop(server.port, requests, 8, seconds, warmup_s=0.0))
+    phase["probes"] = probes.result()
+    phase["slow"] = trickling.result()
+    phase["ready_status_after"] = http_status(server.port, "/health/ready")
+    return {**normal.summary(), **phase}
+
+
+def probe_targets(server: ServiceProcess) -> list[tuple[str, int, str]]:
+    return loadgen.probe_targets(server.port, getattr(server, "probe_port", None))
 
 
 def checkout(ref: str, into: Path) -> Path:
@@ -404,6 +462,7 @@ def markdown(report: dict) -> str:
             if "ready_status_after" in r
         ]
         lines += ["; ".join(after) + "." if after else "", ""]
+        lines += overload_markdown(service)
     if "worst_case_uploads" in report:
         heavy = ", ".join(
             f"{n} x {name} ({size // 1024} KiB)"
@@ -414,6 +473,61 @@ def markdown(report: dict) -> str:
         lines += [f"Worst-case memory mix, sent at once: {heavy}, and the JPEG uploads.", ""]
     lines.append(f"Keras `model.predict` service: {report['naive_keras_service']}.")
     return "\n".join(lines) + "\n"
+
+
+def _probe_cell(probes: dict, path: str) -> str:
+    probe = probes.get(path) or {}
+    lat = probe.get("latency_ms") or {}
+    bad = sum(v for k, v in probe.get("statuses", {}).items() if k != "200")
+    return f"{lat.get('max', '-')} / {lat.get('p99', '-')}" + (f" ({bad} not 200)" if bad else "")
+
+
+def overload_markdown(service: dict) -> list[str]:
+    phases = {
+        name: r for name, r in service["phases"].items() if "probes" in r and "connections" in r
+    }
+    lines = []
+    if phases:
+        lines += [
+            f"Overload (closed loop, `Retry-After` ignored; capacity = the best `jpeg c=` phase, "
+            f"{service.get('capacity_ok_per_s')} req/s):",
+            "",
+            "| connections | goodput (2xx/s) | / capacity | admitted p99 ms | statuses | "
+            "/health/live max / p99 ms | /health/ready max / p99 ms | probe port live | "
+            "probe port ready | ready after | server / client CPU | load avg before |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in phases.values():
+            statuses = ", ".join(f"{k}: {v}" for k, v in r["statuses"].items())
+            lines.append(
+                f"| {r['connections']} | {r['ok_per_s']} | {r.get('goodput_over_capacity', '-')} | "
+                f"{(r['latency_ms'] or {}).get('p99', '-')} | {statuses} | "
+                f"{_probe_cell(r['probes'], '/health/live')} | "
+                f"{_probe_cell(r['probes'], '/health/ready')} | "
+                f"{_probe_cell(r['probes'], 'probe port /health/live')} | "
+                f"{_probe_cell(r['probes'], 'probe port /health/ready')} | "
+                f"{r['ready_status_after']} | "
+                f"{r['server_cpu_cores']} / {r['client_cpu_cores']} | {r['load_average_before']} |"
+            )
+        lines.append("")
+    for name, r in service["phases"].items():
+        if "slow" in r:
+            slow = r["slow"]
+            lat = r["latency_ms"] or {}
+            lines += [
+                f"{name}: 8 normal clients got {r['ok_per_s']} req/s, p50 {lat.get('p50', '-')} "
+                f"ms, p99 {lat.get('p99', '-')} ms, statuses {r['statuses']}; probes "
+                f"live {_probe_cell(r['probes'], '/health/live')} ms, ready "
+                f"{_probe_cell(r['probes'], '/health/ready')} ms (max / p99; probe port "
+                f"{_probe_cell(r['probes'], 'probe port /health/live')} and "
+                f"{_probe_cell(r['probes'], 'probe port /health/ready')}). The slow ones: "
+                f"{slow['connections_opened']} connections, answered {slow['answered']}, closed "
+                f"without an answer {slow['closed_by_server']}, still open at the end "
+                f"{slow['still_open_at_end']}, held {slow['held_s']} s; ready after: "
+                f"{r['ready_status_after']}.",
+                "",
+            ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -429,6 +543,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--burst", type=int, default=256)
     p.add_argument("--no-dicom", action="store_true")
+    p.add_argument(
+        "--overload",
+        type=int,
+        nargs="*",
+        default=[96, 192, 256, 384],
+        help="connections for the overload phases (2x, 4x, 8x the default limit of 48)",
+    )
+    p.add_argument("--slow-senders", type=int, default=300, help="0: skip that phase")
+    p.add_argument(
+        "--overload-seconds",
+        type=float,
+        help="per overload and slow-sender phase (default: --seconds)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the worst-case memory mix")
     p.add_argument("--compare-ref", help="also load the service as it is at this git ref")
     p.add_argument(
@@ -491,14 +618,20 @@ def main(argv: list[str] | None = None) -> int:
     common = (jpeg_requests, dicom_requests, args.concurrency, args.seconds, args.burst, worst_case)
     env = dict(item.split("=", 1) for item in args.service_env)
     report["service_env"] = env
-    report["services"]["this checkout"] = run_http(REPO_ROOT, args.model, *common, env=env)
+    report["services"]["this checkout"] = run_http(
+        REPO_ROOT, args.model, *common, env=env, overload=args.overload,
+        slow_senders=args.slow_senders, overload_seconds=args.overload_seconds,
+    )  # fmt: skip
     if args.compare_ref:
         name = f"git {args.compare_ref}"
         with tempfile.TemporaryDirectory() as tmp:
             root = checkout(args.compare_ref, Path(tmp))
             model = root / "models" / args.model.name
             try:
-                report["services"][name] = run_http(root, model, *common, env={})
+                report["services"][name] = run_http(
+                    root, model, *common, env={}, overload=args.overload,
+                    slow_senders=args.slow_senders, overload_seconds=args.overload_seconds,
+                )  # fmt: skip
             except (SystemExit, Exception) as exc:  # an old revision may not run in this venv
                 report["compare_failed"] = f"{name}: {str(exc)[-500:]}"
     limit = report["in_process_limit"]["images_per_s"]

@@ -2,13 +2,19 @@
 built once as bytes, so the client spends as little of the machine's CPU as possible on itself.
 
 Only for 127.0.0.1 and bounded runs: `closed_loop` keeps `concurrency` connections busy for a
-fixed time, `burst` sends one request on each of `n` connections at the same instant.
+fixed time (each sends its next request as soon as the last is answered, ignoring `Retry-After`,
+as naive clients do), `burst` sends one request on each of `n` connections at the same instant,
+`probe_latencies` polls the health probes from a process of its own (so that the load
+generator's own event loop does not delay it), and `slow_senders` holds connections that send
+their headers or bodies a few bytes per second.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -106,7 +112,10 @@ class _Connection:
                 await self.open()
             assert self.reader is not None and self.writer is not None
             self.writer.write(request)
-            await self.writer.drain()
+            # The server may answer and close before the body is sent (a refusal from the
+            # headers): its answer is still there to read, as a browser or curl reads it.
+            with contextlib.suppress(OSError):
+                await self.writer.drain()
             status, close = await _read_response(self.reader)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             await self.close()
@@ -152,3 +161,187 @@ async def burst(port: int, requests: list[bytes], n: int) -> LoadResult:
     wall = time.perf_counter() - started
     await asyncio.gather(*(c.close() for c in connections))
     return LoadResult(outcomes=list(outcomes), wall_seconds=wall)
+
+
+# -- health probes, polled as a kubelet does: a new connection each time -------------------------
+
+
+def _probe_once(port: int, path: str, timeout_s: float) -> tuple[float, int]:
+    started = time.perf_counter()
+    status = CONNECTION_ERROR
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+            sock.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+            )
+            head = b""
+            while b"\r\n" not in head:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                head += data
+            if head.startswith(b"HTTP/1.1 "):
+                status = int(head.split(b" ", 2)[1])
+    except OSError:
+        pass
+    return (time.perf_counter() - started) * 1000.0, status
+
+
+def _poll_probes(targets, seconds: float, interval_s: float, timeout_s: float, out) -> None:  # type: ignore[no-untyped-def]
+    samples: dict[str, list[tuple[float, int]]] = {label: [] for label, _, _ in targets}
+    stop_at = time.perf_counter() + seconds
+    while time.perf_counter() < stop_at:
+        for label, port, path in targets:
+            samples[label].append(_probe_once(port, path, timeout_s))
+        time.sleep(interval_s)
+    out.send(samples)
+    out.close()
+
+
+def probe_targets(port: int, probe_port: int | None = None) -> list[tuple[str, int, str]]:
+    """(label, port, path) of both probes on the main port, and on the probe port if any."""
+    targets = [(path, port, path) for path in ("/health/live", "/health/ready")]
+    if probe_port:
+        targets += [
+            (f"probe port {path}", probe_port, path) for path in ("/health/live", "/health/ready")
+        ]
+    return targets
+
+
+class ProbePoller:
+    """Polls the (label, port, path) targets in turn, `interval_s` between rounds, for `seconds`,
+    from a forked process (so that neither the load generator nor its event loop delays the
+    probes), each on a new connection with a `timeout_s` timeout, as a kubelet does."""
+
+    def __init__(
+        self,
+        targets: list[tuple[str, int, str]],
+        seconds: float,
+        interval_s: float = 0.05,
+        timeout_s: float = 5.0,
+    ) -> None:
+        context = multiprocessing.get_context("fork")
+        self._receiver, sender = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_poll_probes, args=(targets, seconds, interval_s, timeout_s, sender), daemon=True
+        )
+        self._process.start()
+        self._seconds = seconds
+
+    def result(self) -> dict:
+        """Per target: count, statuses, and latency max / p99 / p50 in ms."""
+        samples = self._receiver.recv() if self._receiver.poll(self._seconds + 30) else {}
+        self._process.join(10)
+        report = {}
+        for label, values in samples.items():
+            latencies = [ms for ms, _ in values]
+            statuses = Counter(str(status) for _, status in values)
+            report[label] = {
+                "probes": len(values),
+                "statuses": dict(sorted(statuses.items())),
+                "latency_ms": _percentiles(latencies),
+            }
+        return report
+
+
+# -- slow senders ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SlowResult:
+    connections: int = 0
+    answered: Counter = field(default_factory=Counter)  # status of the answers they got
+    closed_by_server: int = 0  # the server closed the connection without an answer
+    open_at_end: int = 0  # still sending when the phase ended
+    held_s: list[float] = field(default_factory=list)  # how long each was let go on
+
+    def summary(self) -> dict:
+        return {
+            "connections_opened": self.connections,
+            "answered": dict(sorted((str(k), v) for k, v in self.answered.items())),
+            "closed_by_server": self.closed_by_server,
+            "still_open_at_end": self.open_at_end,
+            "held_s": _percentiles(self.held_s),
+        }
+
+
+async def slow_senders(
+    port: int, n: int, seconds: float, declared_length: int, bytes_per_s: float = 4.0
+) -> SlowResult:
+    """`n` connections, for `seconds`: half send their headers a few bytes at a time, half send
+    complete headers declaring `declared_length` bytes of body and then the body a few bytes at a
+    time; each reconnects when the server cuts it off."""
+    result = SlowResult()
+    stop_at = time.perf_counter() + seconds
+    body_head = (
+        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+        f"Content-Length: {declared_length}\r\n\r\n"
+    ).encode()
+    slow_head = body_head  # trickled byte by byte, headers included
+
+    async def one(index: int) -> None:
+        slow_headers = index % 2 == 0
+        while time.perf_counter() < stop_at:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.1)
+                continue
+            result.connections += 1
+            opened = time.perf_counter()
+            if not slow_headers:
+                writer.write(body_head)
+            answer = asyncio.ensure_future(reader.read(4096))
+            position = 0
+            try:
+                while time.perf_counter() < stop_at and not answer.done():
+                    if not slow_headers:
+                        writer.write(b"\xff")
+                    elif position < len(slow_head):
+                        writer.write(slow_head[position : position + 1])
+                    position += 1
+                    await asyncio.wait([answer], timeout=1.0 / bytes_per_s)
+                if answer.done():
+                    data = answer.result()
+                    if data.startswith(b"HTTP/1.1 "):
+                        result.answered[int(data.split(b" ", 2)[1])] += 1
+                    else:
+                        result.closed_by_server += 1
+                    result.held_s.append(time.perf_counter() - opened)
+                else:
+                    result.open_at_end += 1
+            except OSError:
+                result.closed_by_server += 1
+                result.held_s.append(time.perf_counter() - opened)
+            finally:
+                answer.cancel()
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return result
+
+
+def _slow_in_child(port: int, n: int, seconds: float, declared_length: int, out) -> None:  # type: ignore[no-untyped-def]
+    out.send(asyncio.run(slow_senders(port, n, seconds, declared_length)).summary())
+    out.close()
+
+
+class SlowSenders:
+    """`slow_senders` in a forked process of their own, so that their trickling does not slow
+    the load generator that measures the normal clients beside them."""
+
+    def __init__(self, port: int, n: int, seconds: float, declared_length: int) -> None:
+        context = multiprocessing.get_context("fork")
+        self._receiver, sender = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_slow_in_child, args=(port, n, seconds, declared_length, sender), daemon=True
+        )
+        self._process.start()
+        self._seconds = seconds
+
+    def result(self) -> dict:
+        summary = self._receiver.recv() if self._receiver.poll(self._seconds + 60) else {}
+        self._process.join(10)
+        return summary

@@ -17,6 +17,7 @@ from app.errors import InvalidRequest, MalformedRequest, ResultNotFound, Unsuppo
 from app.http import schemas
 from app.http.deps import REQUIRE_API_KEY, FramingDep, PipelineDep, SettingsDep, StepDep
 from app.http.errors import error_responses
+from app.http.slow_bodies import upload_ticket
 from app.http.uploads import declared_upload_bytes, read_body
 from app.imaging.formats import detect_format
 from app.pacs import stow
@@ -147,7 +148,9 @@ async def _store(
         stow.parse_content_type(content_type)  # 415/400 before the body is read
     except stow.StowError as exc:
         raise _as_service_error(exc) from exc
-    with step.admit(1, declared_upload_bytes(framing, settings.max_upload_bytes)):
+    declared = declared_upload_bytes(framing, settings.max_upload_bytes)
+    # Through the admission gate the body's bytes are charged as they arrive, not declared.
+    with step.admit(1, 0 if upload_ticket(request) is not None else declared):
         body = await read_body(request, framing, settings.max_upload_bytes)
     base = str(request.base_url).rstrip("/")
 

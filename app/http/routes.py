@@ -36,10 +36,10 @@ from app.http.schemas import (
     PredictionResponse,
     ReadyResponse,
 )
+from app.http.slow_bodies import held_upload
 from app.http.uploads import (
     FILE_FIELD,
     RAW_CONTENT_TYPES,
-    BodyPace,
     declared_upload_bytes,
     read_upload,
     read_upload_parts,
@@ -51,6 +51,10 @@ from app.serving.timing import RequestTimer
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
+
+# How long an upload whose body has arrived may wait for an image slot (the gate let it in when
+# there was room; in the meantime others took it) before it gets its 429.
+SLOT_WAIT_S = 1.0
 
 router = APIRouter()
 
@@ -136,12 +140,12 @@ async def predict(
 
     `label` applies the model's validated operating threshold to the calibrated probability of
     the positive class. An optional `X-Request-Timeout-Ms` header bounds how long the image may
-    wait for the model. Errors: 408 `body_too_slow` (the upload arrived slower than
-    `CXR_BODY_MIN_BYTES_PER_S`; the connection is closed), 413 upload too large, 415 unsupported
-    format, 422 undecodable / too small / too many pixels / `not_intended_use` (another modality,
-    body part or view, multi-frame, colour, no pixel data) / `explanation_unavailable`, 429
-    `overloaded` (the service is full: retry after `Retry-After` seconds), 503 model not ready, or
-    `deadline_exceeded` (with `Retry-After`).
+    wait for the model. Errors: 408 `upload_too_slow` (the body arrived under
+    `CXR_UPLOAD_MIN_BYTES_PER_S`), 413 upload too large, 415 unsupported format, 422 undecodable /
+    too small / too many pixels / `not_intended_use` (another modality, body part or view,
+    multi-frame, colour, no pixel data) / `explanation_unavailable`, 429 `overloaded` (the service
+    is full: retry after `Retry-After` seconds; answered from the headers, the connection closed),
+    503 model not ready, or `deadline_exceeded` (with `Retry-After`).
 
     With a site profile (`CXR_SITE_PROFILE`) the label applies the site's threshold to the site's
     recalibration of that probability instead, and the answer says so in `calibration`.
@@ -154,10 +158,11 @@ async def predict(
     results = await get_pipeline(request, step) if deliver else None
     explain = explain or (results is not None and results.explains)
     timer = context.timer
-    with step.admit(1, declared_upload_bytes(framing, settings.max_upload_bytes)):
-        pace = BodyPace.from_settings(settings)
-        reading = read_upload(request, framing, settings.max_upload_bytes, pace)
+    declared_upload_bytes(framing, settings.max_upload_bytes)  # 413 before the body is read
+    with held_upload(request, step.admission) as ticket:
+        reading = read_upload(request, framing, settings.max_upload_bytes)
         data = await _timed_read(timer, reading)
+        await ticket.take_image(SLOT_WAIT_S)
         if results is not None:
             require_dicom_upload(data)
         prediction = await step.predict(data, deadline, explain, explain_class, timer)
@@ -221,10 +226,11 @@ async def predict_batch(
     when not ready.
     """
     timer = context.timer
-    with step.admit(1, declared_upload_bytes(framing, settings.max_upload_bytes)) as ticket:
+    declared_upload_bytes(framing, settings.max_upload_bytes)  # 413 before the body is read
+    with held_upload(request, step.admission) as ticket:
         limits = (settings.max_upload_bytes, settings.max_images_per_request)
-        pace = BodyPace.from_settings(settings)
-        parts = await _timed_read(timer, read_upload_parts(request, framing, *limits, pace))
+        parts = await _timed_read(timer, read_upload_parts(request, framing, *limits))
+        await ticket.take_image(SLOT_WAIT_S)
         ticket.grow(len(parts) - 1)
         outcomes = await asyncio.gather(
             *(step.predict(part, deadline, timer=timer) for part in parts),

@@ -7,16 +7,10 @@ but it is never trusted on its own: chunked bodies have none, and a client can l
 
 A request's framing (media type, boundary, declared length) is parsed once, into `Framing`, by
 the dependency that hands it to the route; admission and reading both use that one parse.
-
-A body must also arrive in time (`BodyPace`): a few seconds for its first bytes, then a minimum
-average rate, the rule of Apache's mod_reqtimeout. A sender slower than that (a slow-loris
-client, or a link that stalled) is answered 408 with `Connection: close` instead of holding its
-admission slot for as long as it likes.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -24,8 +18,8 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from app.errors import BodyTooSlow, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
-from app.settings import Settings
+from app.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from app.http.slow_bodies import incoming_chunks
 
 FILE_FIELD = "file"
 RAW_CONTENT_TYPES = frozenset(
@@ -73,56 +67,23 @@ class Framing:
         return self.boundary
 
 
-@dataclass(frozen=True)
-class BodyPace:
-    """How slowly a body may arrive: its first bytes within `initial_s`, and every byte received
-    extends the deadline by `1 / min_bytes_per_s` seconds (so a steady sender at or above the
-    rate never meets it, whatever the body's size)."""
-
-    initial_s: float
-    min_bytes_per_s: int
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> BodyPace | None:
-        """The settings' pace, or None when the deadline is off (a rate of 0)."""
-        if settings.body_min_bytes_per_s <= 0:
-            return None
-        return cls(settings.body_read_initial_s, settings.body_min_bytes_per_s)
-
-    def deadline(self, started: float, received: int) -> float:
-        return started + self.initial_s + received / self.min_bytes_per_s
-
-    def refusal(self, received: int, elapsed_s: float) -> BodyTooSlow:
-        return BodyTooSlow(
-            f"the request body arrived too slowly ({received} bytes in {elapsed_s:.1f} s); send "
-            f"it at {self.min_bytes_per_s} bytes/s or faster after the first "
-            f"{self.initial_s:g} s",
-            # The rest of the body is never read: the connection cannot carry another request.
-            headers={"Connection": "close"},
-        )
-
-
-async def read_upload(
-    request: Request, framing: Framing, max_bytes: int, pace: BodyPace | None = None
-) -> bytes:
+async def read_upload(request: Request, framing: Framing, max_bytes: int) -> bytes:
     """The uploaded file's bytes, at most `max_bytes` of them.
 
     Raises `PayloadTooLarge` (413), `UnsupportedMediaType` (415) for a Content-Type that is
-    neither multipart nor one of `RAW_CONTENT_TYPES`, `InvalidRequest` (422) for a multipart
-    body without exactly one `file` part, and `BodyTooSlow` (408) for a body slower than `pace`.
-    The declared type never decides how the bytes are decoded; `decoding.detect_format` does,
-    from the bytes.
+    neither multipart nor one of `RAW_CONTENT_TYPES`, and `InvalidRequest` (422) for a multipart
+    body without exactly one `file` part. The declared type never decides how the bytes are
+    decoded; `decoding.detect_format` does, from the bytes.
     """
     media = framing.media
     if framing.multipart:
         boundary = framing.multipart_boundary()
         body_limit = framing.body_limit(max_bytes)
         framing.refuse_declared_length(body_limit)
-        chunks = _bounded(request, body_limit, pace)
-        return await _read_multipart_file(chunks, boundary, max_bytes)
+        return await _read_multipart_file(_bounded(request, body_limit), boundary, max_bytes)
     if media in RAW_CONTENT_TYPES:
         framing.refuse_declared_length(max_bytes)
-        return await _read_raw(_bounded(request, max_bytes, pace))
+        return await _read_raw(_bounded(request, max_bytes))
     accepted = ", ".join(sorted(RAW_CONTENT_TYPES))
     raise UnsupportedMediaType(
         f"Content-Type {media or '(none)'!r} is not accepted: send the image as the multipart "
@@ -134,26 +95,10 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"the upload exceeds the limit of {limit} bytes")
 
 
-async def _bounded(
-    request: Request, limit: int, pace: BodyPace | None = None
-) -> AsyncIterator[bytes]:
-    """The body's chunks, raising 413 as soon as their running total passes `limit`, and 408 as
-    soon as they fall behind `pace`."""
+async def _bounded(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The body's chunks, raising 413 as soon as their running total passes `limit`."""
     received = 0
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    stream = request.stream()
-    while True:
-        try:
-            if pace is None:
-                chunk = await anext(stream)
-            else:
-                async with asyncio.timeout_at(pace.deadline(started, received)):
-                    chunk = await anext(stream)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise pace.refusal(received, loop.time() - started) from None  # type: ignore[union-attr]
+    async for chunk in incoming_chunks(request):  # held to the minimum rate, charged as it comes
         received += len(chunk)
         if received > limit:
             raise _too_large(limit)
@@ -226,11 +171,7 @@ async def read_body(request: Request, framing: Framing, max_bytes: int) -> bytes
 
 
 async def read_upload_parts(
-    request: Request,
-    framing: Framing,
-    max_bytes: int,
-    max_parts: int,
-    pace: BodyPace | None = None,
+    request: Request, framing: Framing, max_bytes: int, max_parts: int
 ) -> list[bytes]:
     """The bytes of every `file` part of a multipart body, in order: 1 to `max_parts` of them,
     `max_bytes` in all (the whole body is bounded, not each part). Same refusals as
@@ -242,7 +183,7 @@ async def read_upload_parts(
     boundary = framing.multipart_boundary()
     body_limit = framing.body_limit(max_bytes)
     framing.refuse_declared_length(body_limit)
-    files = await _read_multipart_files(_bounded(request, body_limit, pace), boundary, max_bytes)
+    files = await _read_multipart_files(_bounded(request, body_limit), boundary, max_bytes)
     if not 1 <= len(files) <= max_parts:
         raise InvalidRequest(
             f"expected 1 to {max_parts} multipart fields named '{FILE_FIELD}', got {len(files)}"

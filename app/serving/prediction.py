@@ -27,7 +27,7 @@ from app.imaging.dicom import DicomFindings
 from app.imaging.formats import OpenedUpload
 from app.model.classifier import Classifier, PreparedImage
 from app.model.explain import ClassActivationMap, ExplanationImages, render_images
-from app.serving.admission import Admission, AdmissionTicket, DecodeBudget
+from app.serving.admission import AdaptiveLimit, Admission, AdmissionTicket, DecodeBudget
 from app.serving.batching import BatchingEngine, BatchObserver, InferenceEngine
 from app.serving.timing import PhaseObserver, RequestTimer
 from app.settings import Settings
@@ -105,10 +105,21 @@ class PredictionStep:
         self.classifier = classifier
         self.engine = engine
         self.metrics = metrics
+        adaptive = None
+        if settings.adaptive_limit_target_ms:
+            adaptive = AdaptiveLimit(
+                ceiling=settings.max_in_flight_images,
+                # Enough to keep every decode thread and a model batch busy.
+                floor=2 * settings.decode_slots + settings.max_batch_size,
+                target_s=settings.adaptive_limit_target_ms / 1000.0,
+            )
         self.admission = Admission(
             max_images=settings.max_in_flight_images,
             max_upload_bytes=settings.max_in_flight_upload_bytes,
             retry_after_s=settings.retry_after_s,
+            max_client_share=settings.max_client_share,
+            adaptive=adaptive,
+            stall_s=settings.ready_stall_s,
         )
         self.decode_budget = DecodeBudget(settings.decode_memory_budget_bytes)
         # Decode threads: one per core keeps the cores busy without piling up decoded images. A

@@ -45,6 +45,10 @@ class ServiceState:
         """None when ready; otherwise the reason the readiness probe reports."""
         if self.draining:
             return SHUTTING_DOWN
+        if self.step is not None:  # up, but not finishing any work: send it elsewhere
+            stalled = self.step.admission.stalled_reason()
+            if stalled is not None:
+                return stalled
         return self.unavailable_reason
 
     @property

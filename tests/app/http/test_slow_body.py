@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from app.http.uploads import BodyPace
+from app.http.slow_bodies import BodyPace
 from app.settings import Settings
 from app.testing.dicom_files import make_dicom, ramp
 from tests.support.testkit import UvicornProcess, process_settings
@@ -55,7 +55,7 @@ def closed_by_server(sock: socket.socket, timeout_s: float = 5.0) -> bool:
 def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     workdir = tmp_path_factory.mktemp("slow")
     settings = process_settings(
-        workdir, body_read_initial_s=str(INITIAL_S), body_min_bytes_per_s=str(MIN_RATE)
+        workdir, upload_grace_s=str(INITIAL_S), upload_min_bytes_per_s=str(MIN_RATE)
     )
     with UvicornProcess.serving(workdir / "server.log", settings) as running:
         yield running
@@ -81,7 +81,7 @@ def test_a_trickling_body_is_408_and_closed_soon_after_the_initial_window(server
         elapsed = time.monotonic() - started
         assert status == 408, body
         assert headers["connection"] == "close"
-        assert json.loads(body)["error"]["code"] == "body_too_slow"
+        assert json.loads(body)["error"]["code"] == "upload_too_slow"
         # the deadline was the initial window plus what the few bytes earned
         assert INITIAL_S <= elapsed < INITIAL_S + 1.0, elapsed
         assert closed_by_server(sock)
@@ -114,10 +114,9 @@ def test_a_slow_but_steady_sender_above_the_rate_is_served(server) -> None:  # t
 
 
 def test_the_pace_rule() -> None:
-    pace = BodyPace(initial_s=10.0, min_bytes_per_s=1000)
+    pace = BodyPace(grace_s=10.0, min_bytes_per_s=1000)
     assert pace.deadline(100.0, 0) == 110.0
     assert pace.deadline(100.0, 5000) == 115.0
-    off = Settings(_env_file=None, body_min_bytes_per_s=0)  # type: ignore[call-arg]
-    assert BodyPace.from_settings(off) is None
-    default = BodyPace.from_settings(Settings(_env_file=None))  # type: ignore[call-arg]
-    assert default == BodyPace(10.0, 16 * 1024)
+    assert not BodyPace(2.0, 0).enforced
+    default = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert (default.upload_grace_s, default.upload_min_bytes_per_s) == (2.0, 16 * 1024)

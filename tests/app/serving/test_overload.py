@@ -109,6 +109,11 @@ def test_a_full_service_answers_429_with_retry_after_at_once_and_stays_ready(mod
         held = HeldModel(app.state.service.classifier._session)
         first = [pool.submit(client.post, "/predict", content=image, headers=JPEG) for _ in "ab"]
         assert held.busy.wait(5)
+        # Both hold their slots (each takes it once its body has arrived): the service is full.
+        admission = app.state.service.step.admission
+        deadline = time.monotonic() + 5
+        while admission.images < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         started = time.perf_counter()
         refused = client.post("/predict", content=image, headers=JPEG)
         refusal_seconds = time.perf_counter() - started
