@@ -167,7 +167,9 @@ def test_every_answer_of_a_batch_carries_the_calibration(
         assert item["prediction"]["label"] == "NORMAL"
         assert item["prediction"]["calibration"]["threshold"] == SITE_THRESHOLD
         answered = item["prediction"]["probabilities"]["PNEUMONIA"]
-        assert answered == pytest.approx(p_site, abs=EXACT)
+        # The two images may share one batched model run, whose float32 sums are not the single
+        # run's (measured up to ~1e-6 apart): the same rule, to the model's own precision.
+        assert answered == pytest.approx(p_site, abs=1e-5)
 
 
 def _other_model(profile: dict[str, Any]) -> None:
