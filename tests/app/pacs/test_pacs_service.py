@@ -44,6 +44,10 @@ PATIENT_AND_STUDY_SENTINELS = {
 }
 SERVICE_AET = "CXR_AI"
 _UID_ROOT = "1.2.826.0.1.3680043.10.1003."
+# An image read from the intake spool may share a model run with others; the tiny test model's
+# mean over 50,176 float32 pixels then sums in another order than a lone /predict run, which was
+# measured to move p by up to 8e-5. Answers made from the same run (deliver=true) match exactly.
+BATCHED = 5e-4
 _counter = iter(range(1, 10**6))
 
 
@@ -232,7 +236,7 @@ def _push_and_wait(orthanc: Orthanc, server: UvicornProcess, how: str, tmp_path:
     (sr_id,) = wait_for(lambda: srs_of_study(orthanc, study))
     sr_uid = orthanc.instance_tags(sr_id)["SOPInstanceUID"]
     served = predict(server, data, deliver=False).json()["probabilities"]["PNEUMONIA"]
-    assert sr_probability(orthanc, sr_uid, tmp_path) == pytest.approx(served, abs=1e-6)
+    assert sr_probability(orthanc, sr_uid, tmp_path) == pytest.approx(served, abs=BATCHED)
     stored = httpx.get(f"{server.base_url}/results/{source_uid}", timeout=10.0)
     assert stored.status_code == 200
 
@@ -414,7 +418,9 @@ def test_storescu_in_every_transfer_syntax_gets_one_sr_each_with_the_predict_pro
         (sr_id,) = wait_for(lambda data=data: srs_of_study(orthanc, _study_of(data)), 30.0)
         sr_uid = orthanc.instance_tags(sr_id)["SOPInstanceUID"]
         served = predict(server, data, deliver=False).json()["probabilities"]["PNEUMONIA"]
-        assert sr_probability(orthanc, sr_uid, tmp_path) == pytest.approx(served, abs=1e-6), syntax
+        assert sr_probability(orthanc, sr_uid, tmp_path) == pytest.approx(served, abs=BATCHED), (
+            syntax
+        )
     ct, _ = chest(modality="CT", body_part="HEAD")
     ct_path = tmp_path / "ct.dcm"
     ct_path.write_bytes(ct)
@@ -450,7 +456,7 @@ def test_the_real_jpeg_2000_cr_routed_by_orthanc_comes_back_with_its_sr(
     (sr_id,) = wait_for(lambda: srs_of_study(orthanc, study), 30.0)
     sr_uid = orthanc.instance_tags(sr_id)["SOPInstanceUID"]
     served = predict(server, data, deliver=False).json()["probabilities"]["PNEUMONIA"]
-    assert sr_probability(orthanc, sr_uid, tmp_path) == pytest.approx(served, abs=1e-6)
+    assert sr_probability(orthanc, sr_uid, tmp_path) == pytest.approx(served, abs=BATCHED)
 
 
 def test_dicomweb_clients_store_instances_works_against_the_service(loop) -> None:  # type: ignore[no-untyped-def]
