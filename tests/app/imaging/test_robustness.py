@@ -1,10 +1,11 @@
 """Hostile DICOM never escapes the imaging stage as anything but a 4xx `ServiceError`.
 
 The property is checked three ways: the two one-byte reproductions and every crash the fuzzer
-found (`regressions/*.dcm`, each named `fuzz-<seed>-<index>-<operator>-<syntax>.dcm`) decode to a
-refusal; a bounded run of the structure-aware fuzzer (`app.testing.fuzz`) goes through the real
-decode path the service runs (`Classifier.open`, then `Classifier.prepare`); and the boundary
-itself converts a Rust panic and passes what ends the process.
+found (`fuzz_regressions.txt`, each `fuzz-<seed>-<index>-<operator>-<syntax>`, rebuilt from the
+deterministic fuzzer rather than committed as files) decode to a refusal; a bounded run of the
+structure-aware fuzzer (`app.testing.fuzz`) goes through the real decode path the service runs
+(`Classifier.open`, then `Classifier.prepare`); and the boundary itself converts a Rust panic and
+passes what ends the process.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from app.testing.dicom_files import make_dicom, ramp
 from app.testing.fuzz import OPERATORS, Layout, mutant, mutants, seed_files
 from tests.support.testkit import make_settings, write_model_dir
 
-REGRESSIONS = Path(__file__).parent / "regressions"
+REGRESSIONS = Path(__file__).parent / "fuzz_regressions.txt"
 FUZZ_SEED = 20261201
 FUZZ_MUTANTS = 1500
 
@@ -74,23 +75,27 @@ def test_the_two_one_byte_reproductions_are_refused_as_invalid_images(
         assert "QQ" not in excinfo.value.message and "1.2.9" not in excinfo.value.message
 
 
-def test_every_crash_the_fuzzer_found_is_refused(classifier: Classifier) -> None:
-    files = sorted(REGRESSIONS.glob("*.dcm"))
-    assert len(files) >= 20
-    for path in files:
-        assert path.stat().st_size < 50_000, path.name
-        assert outcome(classifier, path.read_bytes()) == 422, path.name
-
-
-def test_the_regression_files_are_still_what_the_fuzzer_makes() -> None:
-    """Each file is mutant <seed>/<index>: the fuzzer is deterministic, so a file can be
-    rebuilt (and this fails if a fuzzer change would make the names lie)."""
+def regression_mutants() -> list[tuple[str, bytes]]:
+    """Each listed crash, rebuilt: the fuzzer is deterministic from seed and index, and the name's
+    operator must still be the one that made it (else a fuzzer change has made the names lie)."""
     seeds = seed_files()
-    for path in sorted(REGRESSIONS.glob("fuzz-*.dcm")):
-        _, seed, index, operator, _ = path.stem.split("-", 4)
+    found = []
+    for line in REGRESSIONS.read_text(encoding="utf-8").splitlines():
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        _, seed, index, operator, _ = name.split("-", 4)
         made = mutant(seeds, int(seed), int(index))
-        assert made.operators[0] == operator, path.name
-        assert made.data == path.read_bytes(), path.name
+        assert made.operators[0] == operator, name
+        found.append((name, made.data))
+    return found
+
+
+def test_every_crash_the_fuzzer_found_is_refused(classifier: Classifier) -> None:
+    cases = regression_mutants()
+    assert len(cases) >= 20
+    for name, data in cases:
+        assert outcome(classifier, data) == 422, name
 
 
 def test_a_rust_decoder_panic_is_an_invalid_image(classifier: Classifier) -> None:
