@@ -19,7 +19,7 @@ from app.model.classifier import Classifier
 from app.testing.dicom_files import make_dicom, ramp
 from app.testing.fuzz import mutants, seed_files
 from tests.app.imaging.test_robustness import (
-    REGRESSIONS,
+    regression_mutants,
     sop_instance_uid_vr_corrupted,
     transfer_syntax_digit_changed,
 )
@@ -60,12 +60,13 @@ def test_one_hostile_part_fails_alone_and_the_others_are_answered(client: TestCl
 
 
 def test_every_regression_file_is_a_422_over_http(client: TestClient) -> None:
-    files = sorted(REGRESSIONS.glob("*.dcm"))
-    for path in files:
-        response = client.post("/predict", content=path.read_bytes(), headers=DICOM)
-        assert response.status_code == 422, (path.name, response.text)
+    cases = regression_mutants()
+    assert len(cases) >= 20
+    for name, data in cases:
+        response = client.post("/predict", content=data, headers=DICOM)
+        assert response.status_code == 422, (name, response.text)
         assert_error_shape(response.json())
-    batch = client.post("/predict/batch", files=[dicom_part(p.read_bytes()) for p in files[:16]])
+    batch = client.post("/predict/batch", files=[dicom_part(data) for _, data in cases[:16]])
     assert batch.status_code == 200
     assert {r["status"] for r in batch.json()["results"]} == {422}
 
