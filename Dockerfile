@@ -63,7 +63,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONPATH=/srv/pneumonia \
     CXR_MODEL_METADATA=/srv/pneumonia/models/pneumonia_cxr.json \
     CXR_STATE_DIR=/var/lib/pneumonia \
-    CXR_DICOM_HOST=0.0.0.0
+    CXR_DICOM_HOST=0.0.0.0 \
+    CXR_HOST=0.0.0.0 \
+    CXR_PORT=8000 \
+    CXR_PROBE_PORT=8081 \
+    CXR_PROBE_HOST=0.0.0.0
 
 COPY --from=builder /opt/venv /opt/venv
 
@@ -92,18 +96,21 @@ LABEL org.opencontainers.image.title="pneumonia-screening" \
       org.opencontainers.image.variant="${RUNTIME_EXTRA}"
 
 USER 10001:10001
-# HTTP (the API, STOW-RS) and DICOM (the C-STORE listener, when CXR_DICOM_PORT is set)
-EXPOSE 8000 11112
+# HTTP (the API, STOW-RS), the health probes' own port (answered from a thread of their own, so
+# that they stay fast when the API's event loop is saturated) and DICOM (the C-STORE listener,
+# when CXR_DICOM_PORT is set)
+EXPOSE 8000 8081 11112
 
 # Readiness, not liveness: 200 only once the model is loaded and a warm-up inference passed.
 # Stdlib Python because the image carries no curl; http.client rather than urllib so that a 503
 # prints its reason (e.g. "model metadata not found") into `docker inspect`, not a traceback.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=90s --retries=3 \
-    CMD ["python", "-c", "import http.client as h, sys; c = h.HTTPConnection('127.0.0.1', 8000, timeout=4); c.request('GET', '/health/ready'); r = c.getresponse(); print(r.status, r.read(300).decode(errors='replace')); sys.exit(r.status != 200)"]
+    CMD ["python", "-c", "import http.client as h, sys; c = h.HTTPConnection('127.0.0.1', 8081, timeout=4); c.request('GET', '/health/ready'); r = c.getresponse(); print(r.status, r.read(300).decode(errors='replace')); sys.exit(r.status != 200)"]
 
-# Exec form: uvicorn is PID 1 and receives SIGTERM itself. The app then answers readiness 503 and
+# Exec form: the service (`python -m app`, which is `pneumonia-serve`: uvicorn with a deadline on
+# request headers, app/http/protocol.py) is PID 1 and receives SIGTERM itself. The app then answers readiness 503 and
 # keeps serving for CXR_DRAIN_SECONDS (default 5), answers what is still queued with a JSON 503,
 # and hands over to uvicorn, which stops listening and waits up to 10 s for work already running
 # (app/http/draining.py). The app writes its own structured access log (with request IDs), so
 # uvicorn's is off.
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--no-access-log", "--timeout-graceful-shutdown", "10"]
+CMD ["python", "-m", "app"]

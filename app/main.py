@@ -7,6 +7,7 @@ lifespan, so a missing or broken model leaves a live-but-not-ready service rathe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from fastapi import FastAPI
 from app.contract import DISCLAIMER
 from app.errors import ModelLoadError
 from app.http import schemas
-from app.http.admission_gate import AdmissionGate
+from app.http.admission_gate import AdmissionGate, RefusalPacer
 from app.http.auth import ApiKeys, document_api_keys
 from app.http.docs import install_docs
 from app.http.draining import Drain, DrainMiddleware
@@ -28,6 +29,7 @@ from app.http.errors import install_error_handlers
 from app.http.openapi import document_limits
 from app.http.pacs import router as pacs_router
 from app.http.probes import ProbeAnswers, ProbeServer
+from app.http.protocol import with_header_timeout
 from app.http.routes import router
 from app.http.slow_bodies import BodyPace
 from app.http.viewer import router as viewer_router
@@ -42,6 +44,7 @@ from app.serving.state import ServiceState
 from app.settings import Settings
 
 logger = logging.getLogger("app.lifecycle")
+GRACEFUL_SHUTDOWN_S = 10  # uvicorn's wait for running work after the drain (`run`)
 
 
 @asynccontextmanager
@@ -52,6 +55,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state.service = ServiceState()
     drain = app.state.drain = Drain(settings.drain_seconds, settings.retry_after_s)
     configure_logging(settings.log_level)
+    heartbeat = asyncio.create_task(_beat(state), name="cxr-loop-heartbeat")
     probes = None
     if settings.probe_port is not None:
         # From the start, so that liveness answers while the model loads.
@@ -107,6 +111,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         state.begin_shutdown()
+        heartbeat.cancel()
         if probes is not None:
             probes.close()
         logger.info("shutting down")
@@ -115,6 +120,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             app.state.pipeline = None
         if state.step is not None:
             await state.step.aclose()  # images already queued still get their answers
+
+
+async def _beat(state: ServiceState, every_s: float = 0.5) -> None:
+    """The event loop's heartbeat, read by the probes (`ProbeAnswers`)."""
+    while True:
+        state.loop_beat = time.monotonic()
+        await asyncio.sleep(every_s)
 
 
 async def start_results_pipeline(
@@ -154,7 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Present before the lifespan runs, so probes answer 503 "model is loading" rather than fail.
     app.state.service = ServiceState()
     app.state.pipeline = None
-    app.state.probe_answers = ProbeAnswers()
+    app.state.probe_answers = ProbeAnswers(settings.loop_stall_s)
     app.state.drain = Drain(settings.drain_seconds, settings.retry_after_s)
     # Read here, not in the lifespan: a key file that cannot be used stops the process at once
     # rather than leaving it up and open.
@@ -168,7 +180,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The last added is the outermost: request ids, the access log and the request metrics wrap
     # the drain's 503s and the admission gate's 429s and probe answers.
     pace = BodyPace(settings.upload_grace_s, settings.upload_min_bytes_per_s)
-    app.add_middleware(AdmissionGate, pace=pace)
+    pacer = RefusalPacer(settings.refusals_per_s, settings.refusal_max_hold_s)
+    app.add_middleware(AdmissionGate, pace=pace, pacer=pacer)
     app.add_middleware(DrainMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(router)
@@ -181,10 +194,13 @@ app = create_app()
 
 
 def run() -> None:
-    """`pneumonia-serve`: run the service with uvicorn on `CXR_HOST`:`CXR_PORT`."""
+    """`pneumonia-serve`: run the service with uvicorn on `CXR_HOST`:`CXR_PORT` (the container's
+    command; `uvicorn app.main:app` serves the same app without the header deadline)."""
     settings = Settings()
+    app = create_app(settings)
+    metrics: ServiceMetrics = app.state.metrics
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
@@ -192,5 +208,7 @@ def run() -> None:
         # duplicate every line.
         access_log=False,
         # After the drain window only work already in worker threads is left; this bounds it.
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        # uvicorn's httptools protocol, with a deadline on each request's headers.
+        http=with_header_timeout(settings.header_timeout_s, metrics.headers_too_slow),
     )

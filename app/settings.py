@@ -168,6 +168,29 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(
         default=1, ge=1, description="`Retry-After` seconds sent with 429 and 503 refusals."
     )
+    refusals_per_s: float = Field(
+        default=50.0,
+        ge=0.0,
+        description="Refusals (429 from the admission gate) answered at once per second, on "
+        "average; past that rate, under sustained overload, a refusal is held unanswered (its "
+        "body unread) until its turn, at most CXR_REFUSAL_MAX_HOLD_S, so that clients retrying "
+        "at once cannot spend the cores on refusals. 0: never held.",
+    )
+    refusal_max_hold_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=30.0,
+        description="Longest a paced refusal is held before its 429 is sent. With N clients "
+        "that retry as soon as they are refused, refusals come at most N / this per second.",
+    )
+    header_timeout_s: float = Field(
+        default=5.0,
+        gt=0.0,
+        description="Seconds a connection may take to send a request's headers, from its first "
+        "byte (or from connecting); past it, 408 and the connection closed, so that connections "
+        "trickling their headers do not stay open. Applies when the service is run by "
+        "`pneumonia-serve` (the container's command).",
+    )
     max_images_per_request: int = Field(
         default=16, ge=1, le=256, description="Most `file` parts in one POST /predict/batch."
     )
@@ -188,6 +211,13 @@ class Settings(BaseSettings):
         "answered in milliseconds even when the main port's event loop is saturated by "
         "overload. Unset: the probes are on the main port only (still answered before any "
         "upload work, but in turn with everything else).",
+    )
+    loop_stall_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="Seconds without a heartbeat from the event loop after which both probes "
+        "answer 503 `event_loop_stalled` (so that liveness answered from CXR_PROBE_PORT's thread "
+        "still fails when the loop that serves the API is stuck).",
     )
     probe_host: str = Field(
         default="127.0.0.1",

@@ -297,6 +297,7 @@ def run_http(
     env: dict[str, str],
     overload: list[int] = [],  # noqa: B006 - read only
     slow_senders: int = 0,
+    normal_clients: int = 4,
     overload_seconds: float | None = None,
 ) -> dict:
     server = start_server(root, metadata, env)
@@ -346,7 +347,7 @@ def run_http(
             )
         if slow_senders:
             phases[f"{slow_senders} slow senders"] = slow_sender_phase(
-                server, jpeg_requests, slow_senders, overload_seconds or seconds
+                server, jpeg_requests, slow_senders, overload_seconds or seconds, normal_clients
             )
         report["phases"] = phases
         report["capacity_ok_per_s"] = capacity
@@ -375,17 +376,26 @@ def overload_phase(
 
 
 def slow_sender_phase(
-    server: ServiceProcess, requests: list[bytes], slow: int, seconds: float
+    server: ServiceProcess, requests: list[bytes], slow: int, seconds: float, normal_clients: int
 ) -> dict:
-    """`slow` connections trickling headers or bodies (32 MiB declared, a few bytes per second),
-    reconnecting when cut off, while 8 normal clients upload closed-loop; the slow ones start
-    first, and the normal clients are measured once the slow ones are all connected."""
-    phase: dict = {"load_average_before": load_average(), "slow_connections": slow}
+    """`normal_clients` closed-loop clients alone for `seconds`, then the same clients beside
+    `slow` connections trickling headers or bodies (32 MiB declared, a few bytes per second),
+    reconnecting when cut off; the slow ones start first, and the normal clients are measured once
+    the slow ones are all connected."""
+    phase: dict = {
+        "load_average_before": load_average(),
+        "slow_connections": slow,
+        "normal_clients": normal_clients,
+    }
+    alone = asyncio.run(loadgen.closed_loop(server.port, requests, normal_clients, seconds))
+    phase["normal_alone"] = alone.summary()
     trickling = loadgen.SlowSenders(server.port, slow, seconds + 4.0, declared_length=32 * 2**20)
     time.sleep(2.0)  # let them connect
     probes = loadgen.ProbePoller(probe_targets(server), seconds)
     with measured(server, phase):
-        normal = asyncio.run(loadgen.closed_loop(server.port, requests, 8, seconds, warmup_s=0.0))
+        normal = asyncio.run(
+            loadgen.closed_loop(server.port, requests, normal_clients, seconds, warmup_s=0.0)
+        )
     phase["probes"] = probes.result()
     phase["slow"] = trickling.result()
     phase["ready_status_after"] = http_status(server.port, "/health/ready")
@@ -514,9 +524,13 @@ def overload_markdown(service: dict) -> list[str]:
         if "slow" in r:
             slow = r["slow"]
             lat = r["latency_ms"] or {}
+            alone = r.get("normal_alone") or {}
+            alone_lat = alone.get("latency_ms") or {}
             lines += [
-                f"{name}: 8 normal clients got {r['ok_per_s']} req/s, p50 {lat.get('p50', '-')} "
-                f"ms, p99 {lat.get('p99', '-')} ms, statuses {r['statuses']}; probes "
+                f"{name}: {r.get('normal_clients', 8)} normal clients got {r['ok_per_s']} req/s, "
+                f"p50 {lat.get('p50', '-')} ms, p99 {lat.get('p99', '-')} ms, statuses "
+                f"{r['statuses']} (alone, just before: {alone.get('ok_per_s', '-')} req/s, p50 "
+                f"{alone_lat.get('p50', '-')} ms, p99 {alone_lat.get('p99', '-')} ms); probes "
                 f"live {_probe_cell(r['probes'], '/health/live')} ms, ready "
                 f"{_probe_cell(r['probes'], '/health/ready')} ms (max / p99; probe port "
                 f"{_probe_cell(r['probes'], 'probe port /health/live')} and "
@@ -551,6 +565,12 @@ def main(argv: list[str] | None = None) -> int:
         help="connections for the overload phases (2x, 4x, 8x the default limit of 48)",
     )
     p.add_argument("--slow-senders", type=int, default=300, help="0: skip that phase")
+    p.add_argument(
+        "--normal-clients",
+        type=int,
+        default=4,
+        help="closed-loop clients measured alone and then beside the slow senders",
+    )
     p.add_argument(
         "--overload-seconds",
         type=float,
@@ -621,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     report["services"]["this checkout"] = run_http(
         REPO_ROOT, args.model, *common, env=env, overload=args.overload,
         slow_senders=args.slow_senders, overload_seconds=args.overload_seconds,
+        normal_clients=args.normal_clients,
     )  # fmt: skip
     if args.compare_ref:
         name = f"git {args.compare_ref}"
@@ -631,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["services"][name] = run_http(
                     root, model, *common, env={}, overload=args.overload,
                     slow_senders=args.slow_senders, overload_seconds=args.overload_seconds,
+                    normal_clients=args.normal_clients,
                 )  # fmt: skip
             except (SystemExit, Exception) as exc:  # an old revision may not run in this venv
                 report["compare_failed"] = f"{name}: {str(exc)[-500:]}"

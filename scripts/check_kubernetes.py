@@ -5,14 +5,13 @@
 The JSON-schema validation (kubernetes-validate, run by scripts/kubernetes-check.sh) says that each
 object is well formed; this says that they fit together and fit the service: probes on the health
 endpoints, thread settings by the service's rule for the CPU limit, a shutdown budget that covers
-the preStop delay, the drain window and uvicorn's graceful timeout from the Dockerfile, the API-key
+the preStop delay, the drain window and uvicorn's graceful timeout in `pneumonia-serve`, the API-key
 file where the Secret is mounted, selectors that match the pods, a non-root read-only container, and
 for the GPU variant a GPU, the gpu image and CXR_PROVIDER=cuda. Exit status 1 on any failure.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,12 +35,11 @@ PROBES = {
 Manifest = dict[str, Any]
 
 
-def graceful_timeout_s(dockerfile: Path = REPO_ROOT / "Dockerfile") -> int:
-    """uvicorn's --timeout-graceful-shutdown in the image's CMD."""
-    match = re.search(r'"--timeout-graceful-shutdown",\s*"(\d+)"', dockerfile.read_text())
-    if not match:
-        raise SystemExit(f"no --timeout-graceful-shutdown in the CMD of {dockerfile}")
-    return int(match.group(1))
+def graceful_timeout_s() -> int:
+    """uvicorn's graceful-shutdown timeout in `pneumonia-serve` (the image's command)."""
+    from app.main import GRACEFUL_SHUTDOWN_S
+
+    return GRACEFUL_SHUTDOWN_S
 
 
 def cores(quantity: str | int) -> float:
@@ -114,12 +112,22 @@ def check_variant(docs: list[Manifest], graceful_s: int) -> list[str]:
             f"{ports.get('dicom')}",
         )
 
-    # Probes on the health endpoints.
+    # Probes on the health endpoints, on the probe port (served from a thread of its own, so
+    # that a saturated API does not fail its probes and get the pod restarted at peak load).
+    probe_port = env.get("CXR_PROBE_PORT")
+    expect(
+        probe_port is not None and str(ports.get("probes")) == str(probe_port),
+        f"CXR_PROBE_PORT={probe_port} but container port `probes` is {ports.get('probes')}",
+    )
+    expect(
+        env.get("CXR_PROBE_HOST") == "0.0.0.0",
+        f"CXR_PROBE_HOST is {env.get('CXR_PROBE_HOST')}: the kubelet cannot reach the probes",
+    )
     for probe, path in PROBES.items():
         got = api.get(probe, {}).get("httpGet", {})
         expect(
-            got.get("path") == path and got.get("port") in ("http", 8000),
-            f"{probe} must GET {path} on the http port (has {got or 'none'})",
+            got.get("path") == path and got.get("port") in ("probes", ports.get("probes")),
+            f"{probe} must GET {path} on the probes port (has {got or 'none'})",
         )
 
     # A non-root, read-only container.

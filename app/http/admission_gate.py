@@ -14,6 +14,10 @@ load grows. So `AdmissionGate`, a pure ASGI middleware in front of the applicati
   body is complete) and the body's `BodyPace` for the route;
 - asks the server to close the connection after any answer sent before the body was read to its
   end (413, 429, 408, an error), so that no connection is kept only to drain a body;
+- paces refusals (`RefusalPacer`): past `CXR_REFUSALS_PER_S`, a refusal is held unanswered,
+  its body unread, until its turn (at most `Retry-After`). A held connection costs no CPU, and a
+  client that retries as soon as it is answered then retries at most once per hold: without it,
+  such clients come back as fast as they are refused, and the refusals take the cores;
 - answers `GET`/`HEAD` `/health/live` and `/health/ready` itself (`app.http.probes.ProbeAnswers`),
   with the bodies the routes document (the routes stay for the OpenAPI document and for apps
   without the gate): a probe costs no routing and no dependency resolution while uploads queue.
@@ -24,7 +28,11 @@ id, are counted and logged, and a draining instance still answers 503.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -49,12 +57,47 @@ def is_upload(scope: Scope) -> bool:
     return scope["method"] == "POST" and (path in UPLOAD_PATHS or path.startswith(UPLOAD_PREFIXES))
 
 
-class AdmissionGate:
-    """Pure ASGI middleware; see the module docstring. `pace` is the uploads' minimum rate."""
+class RefusalPacer:
+    """When refusals may be answered: at `rate_per_s` on average with a second's worth at once
+    (a generic cell rate algorithm), and past that each refusal held until its turn, at most
+    `max_hold_s`. A refusal whose turn is further away than that is held `max_hold_s` without
+    taking a turn: with N clients retrying at once, refusals then come at most N / `max_hold_s`
+    per second. `rate_per_s` 0: never held."""
 
-    def __init__(self, app: ASGIApp, pace: BodyPace) -> None:
+    BURST_S = 1.0
+
+    def __init__(
+        self,
+        rate_per_s: float,
+        max_hold_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval_s = 1.0 / rate_per_s if rate_per_s > 0 else 0.0
+        self.max_hold_s = max_hold_s
+        self._clock = clock
+        self._turn = -math.inf  # when the next refusal is due, were they evenly spaced
+
+    def hold_s(self) -> float:
+        """Seconds to hold the refusal being answered now."""
+        if not self.interval_s:
+            return 0.0
+        now = self._clock()
+        turn = max(self._turn, now)
+        wait = turn - now - self.BURST_S
+        if wait > self.max_hold_s:
+            return self.max_hold_s
+        self._turn = turn + self.interval_s
+        return max(0.0, wait)
+
+
+class AdmissionGate:
+    """Pure ASGI middleware; see the module docstring. `pace` is the uploads' minimum rate,
+    `pacer` when refusals are answered (none: at once)."""
+
+    def __init__(self, app: ASGIApp, pace: BodyPace, pacer: RefusalPacer | None = None) -> None:
         self.app = app
         self.pace = pace
+        self.pacer = pacer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -120,6 +163,9 @@ class AdmissionGate:
             (b"retry-after", str(refused.retry_after_s or 1).encode()),
             _CLOSE,
         ]
+        hold_s = self.pacer.hold_s() if self.pacer is not None else 0.0
+        if hold_s > 0:
+            await asyncio.sleep(hold_s)
         await send({"type": "http.response.start", "status": 429, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

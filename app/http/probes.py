@@ -29,18 +29,29 @@ from app.serving.state import ServiceState
 LIVE_PATH = "/health/live"
 READY_PATH = "/health/ready"
 LIVE_BODY = b'{"status":"alive"}'
+LOOP_STALLED = "event_loop_stalled"
 
 logger = logging.getLogger("app.lifecycle")
 
 
 class ProbeAnswers:
     """Status and JSON body of each probe; the ready body is rendered once per classifier.
-    Safe to call from any thread: it only reads the state's attributes."""
+    Safe to call from any thread: it only reads the state's attributes.
 
-    def __init__(self) -> None:
+    Liveness is 503 `event_loop_stalled` when the event loop has not beaten for `loop_stall_s`
+    (`ServiceState.loop_beat`, kept by the lifespan): answered from the probe port's thread, a
+    live answer must not outlive the loop that serves everything else."""
+
+    def __init__(self, loop_stall_s: float = 10.0) -> None:
         self._ready_body: tuple[Classifier, bytes] | None = None
+        self.loop_stall_s = loop_stall_s
 
     def answer(self, state: ServiceState, path: str) -> tuple[int, bytes]:
+        silence = state.loop_silence_s()
+        if silence > self.loop_stall_s:
+            message = f"the event loop has not run for {silence:.0f} s"
+            error = {"code": LOOP_STALLED, "message": message}
+            return HTTPStatus.SERVICE_UNAVAILABLE, json.dumps({"error": error}).encode()
         if path == LIVE_PATH:
             return HTTPStatus.OK, LIVE_BODY
         reason = state.not_ready_reason

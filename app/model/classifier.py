@@ -45,6 +45,14 @@ class PreparedImage:
     dicom: DicomFindings | None = None
     format: str = ""  # JPEG, PNG or DICOM
     stored_size: tuple[int, int] | None = None  # width, height as stored in the file
+    grey_mean_std: tuple[float, float] | None = None  # of the input in 8-bit grey levels
+
+    def with_grey_stats(self, scale: float, offset: float) -> PreparedImage:
+        """This image with the mean and standard deviation of its input tensor in 8-bit grey
+        levels (so that they do not depend on the model's input scaling): the drift metrics'
+        figures, computed where the image was prepared rather than on the event loop."""
+        grey = (self.tensor.astype(np.float64) - offset) / scale
+        return replace(self, grey_mean_std=(float(grey.mean()), float(grey.std())))
 
     @property
     def warnings(self) -> list[str]:

@@ -87,6 +87,12 @@ class ServiceMetrics:
             "Estimated memory reserved by decodes in progress (bounded by the decode budget).",
             registry=r,
         )
+        self.slow_headers = Counter(
+            "cxr_slow_headers_closed",
+            "Connections answered 408 `headers_too_slow` and closed: a request's headers took "
+            "longer than CXR_HEADER_TIMEOUT_S (counted when served by `pneumonia-serve`).",
+            registry=r,
+        )
         self.model = Info("cxr_model", "The served model and execution provider.", registry=r)
         self.ready = Gauge("cxr_ready", "1 when /health/ready answers 200, else 0.", registry=r)
         for phase in PHASES:  # every phase series exists from the first scrape
@@ -97,6 +103,9 @@ class ServiceMetrics:
 
     def request_done(self, route: str, method: str, status: int, code: str | None) -> None:
         self.requests.labels(route, method, str(status), code or "ok").inc()
+
+    def headers_too_slow(self) -> None:
+        self.slow_headers.inc()
 
     def phase(self, name: str, seconds: float) -> None:
         self.phase_seconds.labels(name).observe(seconds)

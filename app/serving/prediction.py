@@ -198,16 +198,17 @@ class PredictionStep:
         self, prepared: PreparedImage, prediction: Prediction, model_probabilities: np.ndarray
     ) -> ServedAnswer:
         meta = self.classifier.metadata
-        spec = meta.preprocessing
-        # Back to 8-bit grey levels, so the figures do not depend on the model's input scaling.
-        grey = (prepared.tensor.astype(np.float64) - spec.offset) / spec.scale
+        if prepared.grey_mean_std is None:
+            prepared = prepared.with_grey_stats(meta.preprocessing.scale, meta.preprocessing.offset)
+        assert prepared.grey_mean_std is not None
+        grey_mean, grey_std = prepared.grey_mean_std
         dicom = prepared.dicom
         return ServedAnswer(
             label=prediction.label,
             p_positive=prediction.probabilities[meta.decision.positive_class],
             model_p_positive=float(model_probabilities[meta.positive_index]),
-            input_mean=float(grey.mean()),
-            input_std=float(grey.std()),
+            input_mean=grey_mean,
+            input_std=grey_std,
             stored_size=prepared.stored_size,
             format=prepared.format,
             modality=dicom.modality if dicom else None,
@@ -225,7 +226,9 @@ class PredictionStep:
             raise DeadlineExceeded("the request's deadline passed before its image was decoded")
         opened: OpenedUpload = self.classifier.open(data)  # the header, parsed once
         with self.decode_budget.hold(opened.decode_bytes):
-            return self.classifier.prepare(opened)
+            prepared = self.classifier.prepare(opened)
+        spec = self.classifier.metadata.preprocessing
+        return prepared.with_grey_stats(spec.scale, spec.offset)
 
     @property
     def queue_depth(self) -> int:

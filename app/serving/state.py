@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from app.model.classifier import Classifier
@@ -25,6 +26,12 @@ class ServiceState:
     failure: str = "model is loading"
     draining: bool = False
     stopped: bool = False
+    loop_beat: float | None = None  # time.monotonic() of the event loop's last heartbeat
+
+    def loop_silence_s(self) -> float:
+        """Seconds since the event loop last beat (0 before its first beat)."""
+        beat = self.loop_beat
+        return 0.0 if beat is None else max(0.0, time.monotonic() - beat)
 
     def serve(self, step: PredictionStep) -> None:
         self.classifier, self.step = step.classifier, step

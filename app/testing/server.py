@@ -1,4 +1,5 @@
-"""The service as a real process: `python -m uvicorn app.main:app` on 127.0.0.1, configured only
+"""The service as a real process: `pneumonia-serve` (or, for another app or with uvicorn's own
+options, `python -m uvicorn`) on 127.0.0.1, configured only
 through `CXR_*` variables (the caller's own `CXR_*` environment is dropped), its output captured
 in a log file. Tests and the benchmark both start the service this way; the benchmark also reads
 the process's CPU time and memory from /proc.
@@ -21,6 +22,7 @@ from pathlib import Path
 from app.settings import PROJECT_ROOT
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+SERVICE_APP = "app.main:app"
 
 
 def free_port() -> int:
@@ -59,7 +61,7 @@ class ServiceProcess:
         log_path: Path | None,
         settings: dict[str, str],
         uvicorn_args: Sequence[str] = (),
-        app: str = "app.main:app",
+        app: str = SERVICE_APP,
         root: Path = PROJECT_ROOT,
         port: int | None = None,
     ) -> ServiceProcess:
@@ -74,11 +76,17 @@ class ServiceProcess:
             os.close(handle)
             log_path = Path(name)
         port = port or free_port()
-        command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1"]
+        if app == SERVICE_APP and not uvicorn_args:
+            # As the container runs it: `pneumonia-serve` (uvicorn with the header deadline).
+            env.update(CXR_HOST="127.0.0.1", CXR_PORT=str(port))
+            command = [sys.executable, "-c", "from app.main import run; run()"]
+        else:
+            command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1"]
+            command += ["--port", str(port), "--no-access-log", *uvicorn_args]
         started = time.perf_counter()
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                [*command, "--port", str(port), "--no-access-log", *uvicorn_args],
+                command,
                 cwd=root,
                 env=env,
                 stdout=log,
@@ -93,7 +101,7 @@ class ServiceProcess:
         log_path: Path,
         settings: dict[str, str],
         uvicorn_args: Sequence[str] = (),
-        app: str = "app.main:app",
+        app: str = SERVICE_APP,
     ) -> Iterator[ServiceProcess]:
         """`start`, wait until ready, and kill whatever is left of the process on the way out."""
         server = cls.start(log_path, settings, uvicorn_args, app)

@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("app.pacs",),
     ("app.ops",),
     ("app.http",),
-    ("app.main",),
+    ("app.main", "app.__main__"),
     ("app.site", "app.testing"),
 )
 

@@ -114,6 +114,18 @@ def _readiness_on_liveness(docs):
     api(docs)["readinessProbe"]["httpGet"]["path"] = "/health/live"
 
 
+def _liveness_on_the_api_port(docs):
+    api(docs)["livenessProbe"]["httpGet"]["port"] = "http"
+
+
+def _probe_port_elsewhere(docs):
+    set_env(docs, "CXR_PROBE_PORT", "9000")
+
+
+def _probes_on_loopback(docs):
+    set_env(docs, "CXR_PROBE_HOST", "127.0.0.1")
+
+
 def _root(docs):
     pod_spec(docs)["securityContext"]["runAsUser"] = 0
 
@@ -150,6 +162,9 @@ def _pdb_blocks_all(docs):
         (_unknown_setting, "settings the service does not have: ['CXR_INFERENCE_CONCURRENCY']"),
         (_dicom_port_elsewhere, "CXR_DICOM_PORT=104 but container port `dicom` is 11112"),
         (_readiness_on_liveness, "readinessProbe must GET /health/ready"),
+        (_liveness_on_the_api_port, "livenessProbe must GET /health/live on the probes port"),
+        (_probe_port_elsewhere, "CXR_PROBE_PORT=9000 but container port `probes` is 8081"),
+        (_probes_on_loopback, "CXR_PROBE_HOST is 127.0.0.1"),
         (_root, "runAsUser is 0"),
         (_writable, "root file system is not read-only"),
         (_keys_elsewhere, "CXR_API_KEYS_FILE=/etc/somewhere/keys is not a key of a mounted Secret"),
