@@ -105,10 +105,12 @@ class Settings(BaseSettings):
         "queued as soon as the model is free (an idle service never delays a lone request).",
     )
     max_in_flight_images: int = Field(
-        default=48,
+        default=24,
         ge=1,
         description="Admission limit: images being received, decoded, queued or run at once. "
-        "Past it, requests are refused at once with 429 and Retry-After.",
+        "Past it, requests are refused at once with 429 and Retry-After. Size it as the "
+        "images/s the machine sustains times the queueing an answer may add (docs/PERFORMANCE.md "
+        "has the measurements behind the default, on 2 CPU cores).",
     )
     max_in_flight_upload_bytes: int = Field(
         default=96 * MiB,

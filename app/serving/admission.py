@@ -9,8 +9,9 @@ Two gates, both sized in `Settings`:
   An HTTP upload is admitted in two steps (`receive`, then `UploadTicket.take_image`): while its
   body arrives it holds only the bytes that have actually arrived, and takes an image slot once the
   body is complete, so that a slow sender holds no slot. Uploads still receiving in their first
-  `PENDING_S` count against a bound of their own (as many as the image limit), so that the gate
-  cannot let through far more bodies than there are slots to take them; slow ones (under
+  `PENDING_S` count against the free slots, so that the gate does not let through more bodies
+  than there are slots to take them (a body read in full only to be refused costs the event loop
+  as much as an answer); slow ones (under
   `PENDING_MIN_BYTES_PER_S`) stop counting sooner (the minimum transfer rate cuts them off,
   `app.http.slow_bodies`). With a per-client share,
   one client address may hold at most that fraction of the image limit in uploads.
@@ -170,8 +171,13 @@ class Admission:
                 f"the service is at capacity ({self.images} images in flight, limit "
                 f"{self.max_images})"
             )
-        if self.pending >= self.max_images and self._age_pending() >= self.max_images:
-            return self.overloaded(f"{self.pending} uploads are arriving already")
+        # Uploads arriving count with the images in flight: each is let in only when a slot will
+        # be there once its body is complete, rather than read in full and then refused.
+        free = self.max_images - self.images
+        if self.pending >= free and self._age_pending() >= free:
+            return self.overloaded(
+                f"{self.pending} uploads are arriving for the {free} free image slots"
+            )
         if self.upload_bytes >= self.max_upload_bytes:
             return self.overloaded(
                 f"the service is receiving {self.upload_bytes} bytes of uploads already "

@@ -267,6 +267,24 @@ def test_bytes_are_charged_as_they_arrive_and_slow_uploads_stop_counting_as_pend
         assert admission.pending == 0
 
 
+def test_uploads_arriving_are_let_in_only_for_the_free_slots() -> None:
+    async def scenario() -> None:
+        admission = Admission(max_images=3, max_upload_bytes=10 << 20, retry_after_s=1)
+        with admission.receive() as a, admission.receive() as b:
+            await a.take_image(0.1)
+            await b.take_image(0.1)
+            assert admission.refusal() is None  # two images in flight, one slot free
+            with admission.receive() as c:
+                # c will take the last slot once its body is in: a fourth would be read only to
+                # wait for a slot, so it is refused from its headers.
+                assert "arriving for the 1 free image slots" in str(admission.refusal())
+                await c.take_image(0.1)
+                assert "capacity" in str(admission.refusal())
+            assert admission.refusal() is None
+
+    asyncio.run(scenario())
+
+
 # ---- a real server process ------------------------------------------------------------------
 
 
