@@ -105,7 +105,7 @@ class Settings(BaseSettings):
         "queued as soon as the model is free (an idle service never delays a lone request).",
     )
     max_in_flight_images: int = Field(
-        default=24,
+        default=48,
         ge=1,
         description="Admission limit: images being received, decoded, queued or run at once. "
         "Past it, requests are refused at once with 429 and Retry-After. Size it as the "

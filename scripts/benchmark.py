@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         nargs="*",
         default=[96, 192, 256, 384],
-        help="connections for the overload phases (4x, 8x, 10.7x and 16x the default limit of 24)",
+        help="connections for the overload phases (2x, 4x, 5.3x and 8x the default limit of 48)",
     )
     p.add_argument("--slow-senders", type=int, default=300, help="0: skip that phase")
     p.add_argument(

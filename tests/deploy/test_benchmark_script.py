@@ -41,7 +41,7 @@ def test_the_benchmark_runs_in_one_command_and_reports_every_phase(tmp_path: Pat
     for name in ("jpeg c=1", "jpeg c=8", "jpeg burst 80", "dicom c=1"):
         assert phases[name]["ok"] > 0, name
     burst = phases["jpeg burst 80"]
-    assert burst["statuses"].get("429", 0) > 0  # 80 at once is past the default limit of 24
+    assert burst["statuses"].get("429", 0) > 0  # 80 at once is past the default limit of 48
     assert burst["ready_status_after"] == 200
     assert phases["jpeg c=8"]["service_over_limit"] > 0
     overload = phases["overload 96 connections"]

@@ -48,7 +48,7 @@ def test_a_fresh_service_exposes_every_family_with_the_model_and_readiness(clien
     assert info.labels["version"] == "0.0.1-test"
     assert len(info.labels["sha256"]) == 64
     assert info.labels["execution_provider"] == "CPUExecutionProvider"
-    assert value(metrics["cxr_in_flight_images_limit"], "cxr_in_flight_images_limit") == 24
+    assert value(metrics["cxr_in_flight_images_limit"], "cxr_in_flight_images_limit") == 48
     phases = {s.labels["phase"] for s in metrics["cxr_phase_seconds"]}
     assert phases == {"upload_read", "decode", "queue_wait", "inference", "total"}
 
