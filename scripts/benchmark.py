@@ -358,12 +358,21 @@ def run_http(
     return report
 
 
+CAPACITY_CLIENTS = 8  # closed-loop clients of the capacity measured before each overload phase
+ADJACENT_CAPACITY_S = 5.0
+
+
 def overload_phase(
     server: ServiceProcess, requests: list[bytes], connections: int, seconds: float, capacity: float
 ) -> dict:
     """Closed-loop clients past the admission limit, each sending again as soon as it is answered
     (ignoring `Retry-After`), with both health probes polled from another process throughout."""
     phase: dict = {"load_average_before": load_average(), "connections": connections}
+    # The machine's speed drifts with its neighbours: capacity is measured again just before.
+    adjacent = asyncio.run(
+        loadgen.closed_loop(server.port, requests, CAPACITY_CLIENTS, ADJACENT_CAPACITY_S)
+    )
+    phase["capacity_just_before"] = adjacent.summary()["ok_per_s"]
     probes = loadgen.ProbePoller(probe_targets(server), seconds + 1.0)
     with measured(server, phase):
         result = asyncio.run(loadgen.closed_loop(server.port, requests, connections, seconds))
@@ -372,6 +381,10 @@ def overload_phase(
     summary = result.summary()
     if capacity:
         summary["goodput_over_capacity"] = round(summary["ok_per_s"] / capacity, 3)
+    if phase["capacity_just_before"]:
+        summary["goodput_over_capacity_just_before"] = round(
+            summary["ok_per_s"] / phase["capacity_just_before"], 3
+        )
     return {**summary, **phase}
 
 
@@ -500,17 +513,21 @@ def overload_markdown(service: dict) -> list[str]:
     if phases:
         lines += [
             f"Overload (closed loop, `Retry-After` ignored; capacity = the best `jpeg c=` phase, "
-            f"{service.get('capacity_ok_per_s')} req/s):",
+            f"{service.get('capacity_ok_per_s')} req/s; capacity just before = {CAPACITY_CLIENTS} "
+            f"closed-loop clients for {ADJACENT_CAPACITY_S:g} s right before the phase):",
             "",
-            "| connections | goodput (2xx/s) | / capacity | admitted p99 ms | statuses | "
+            "| connections | goodput (2xx/s) | / capacity | / capacity just before | "
+            "admitted p99 ms | statuses | "
             "/health/live max / p99 ms | /health/ready max / p99 ms | probe port live | "
             "probe port ready | ready after | server / client CPU | load avg before |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in phases.values():
             statuses = ", ".join(f"{k}: {v}" for k, v in r["statuses"].items())
             lines.append(
                 f"| {r['connections']} | {r['ok_per_s']} | {r.get('goodput_over_capacity', '-')} | "
+                f"{r.get('goodput_over_capacity_just_before', '-')} "
+                f"({r.get('capacity_just_before', '-')} req/s) | "
                 f"{(r['latency_ms'] or {}).get('p99', '-')} | {statuses} | "
                 f"{_probe_cell(r['probes'], '/health/live')} | "
                 f"{_probe_cell(r['probes'], '/health/ready')} | "
@@ -537,7 +554,8 @@ def overload_markdown(service: dict) -> list[str]:
                 f"{_probe_cell(r['probes'], 'probe port /health/ready')}). The slow ones: "
                 f"{slow['connections_opened']} connections, answered {slow['answered']}, closed "
                 f"without an answer {slow['closed_by_server']}, still open at the end "
-                f"{slow['still_open_at_end']}, held {slow['held_s']} s; ready after: "
+                f"{slow['still_open_at_end']}, held {slow['held_s']} s, their process used "
+                f"{slow.get('cpu_cores', '-')} CPU cores; ready after: "
                 f"{r['ready_status_after']}.",
                 "",
             ]

@@ -47,6 +47,9 @@ def test_the_benchmark_runs_in_one_command_and_reports_every_phase(tmp_path: Pat
     overload = phases["overload 96 connections"]
     assert overload["ok"] > 0 and overload["statuses"].get("429", 0) > 0
     assert overload["goodput_over_capacity"] > 0 and overload["ready_status_after"] == 200
+    assert (
+        overload["capacity_just_before"] > 0 and overload["goodput_over_capacity_just_before"] > 0
+    )
     slow = phases["20 slow senders"]
     assert set(slow["statuses"]) == {"200"}  # the normal clients: answered, never refused
     assert set(slow["slow"]["answered"]) <= {"408"} and slow["slow"]["connections_opened"] >= 20

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,18 +101,29 @@ async def drive(
     return exchange
 
 
-@pytest.fixture
-def held_service(model_path: Path) -> Iterator[tuple[FastAPI, TestClient, HeldModel]]:
-    """A service with room for one image, that image held in the model."""
-    app = create_app(make_settings(model_path, max_in_flight_images=1, retry_after_s=2))
+@contextmanager
+def one_image_held(
+    model_path: Path, **settings: Any
+) -> Iterator[tuple[FastAPI, TestClient, HeldModel]]:
+    """A service with room for one image (and these settings), that image held in the model
+    until the block ends; then it must be answered."""
+    app = create_app(make_settings(model_path, max_in_flight_images=1, **settings))
     image = encode(xray_like(), "PNG")
     with TestClient(app) as client, ThreadPoolExecutor(1) as pool:
         held = HeldModel(app.state.service.classifier._session)
         first = pool.submit(client.post, "/predict", content=image, headers=JPEG)
         assert held.busy.wait(5)
-        yield app, client, held
-        held.gate.set()
+        try:
+            yield app, client, held
+        finally:
+            held.gate.set()
         assert first.result(10).status_code == 200
+
+
+@pytest.fixture
+def held_service(model_path: Path) -> Iterator[tuple[FastAPI, TestClient, HeldModel]]:
+    with one_image_held(model_path, retry_after_s=2) as service:
+        yield service
 
 
 def test_a_refused_upload_is_answered_from_its_headers_and_its_body_is_never_read(

@@ -5,19 +5,13 @@ once."""
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
 from app.http.admission_gate import RefusalPacer
-from app.main import create_app
-from tests.app.http.test_admission_gate import RawExchange, drive
-from tests.app.serving.test_overload import HeldModel
-from tests.support.testkit import encode, make_settings, xray_like
-
-JPEG = {"content-type": "image/jpeg"}
+from tests.app.http.test_admission_gate import RawExchange, drive, one_image_held
+from tests.support.testkit import encode, xray_like
 
 
 class Clock:
@@ -51,28 +45,18 @@ def test_rate_zero_never_holds() -> None:
 
 
 def test_past_the_rate_a_refusal_is_held_with_its_body_unread(model_path: Path) -> None:
-    settings = make_settings(
-        model_path, max_in_flight_images=1, refusals_per_s=1.0, refusal_max_hold_s=0.6
-    )
-    app = create_app(settings)
     image = encode(xray_like(), "PNG")
-    with TestClient(app) as client, ThreadPoolExecutor(1) as pool:
-        held = HeldModel(app.state.service.classifier._session)
-        first = pool.submit(client.post, "/predict", content=image, headers=JPEG)
-        assert held.busy.wait(5)
+    pacing = {"refusals_per_s": 1.0, "refusal_max_hold_s": 0.6}
+    with one_image_held(model_path, **pacing) as (app, client, _):
         assert client.portal is not None
-        try:
-            timings = []
-            for _ in range(4):
-                started = time.perf_counter()
-                refused = client.portal.call(drive, app, RawExchange([image]), len(image))
-                timings.append(time.perf_counter() - started)
-                assert refused.status == 429
-                assert refused.headers["connection"] == "close"
-                assert refused.received_calls == 0 and refused.body_bytes_read == 0
-        finally:
-            held.gate.set()
-        assert first.result(10).status_code == 200
+        timings = []
+        for _ in range(4):
+            started = time.perf_counter()
+            refused = client.portal.call(drive, app, RawExchange([image]), len(image))
+            timings.append(time.perf_counter() - started)
+            assert refused.status == 429
+            assert refused.headers["connection"] == "close"
+            assert refused.received_calls == 0 and refused.body_bytes_read == 0
     # Rate 1/s with a second's burst: two at once; the third's turn (2 s on) is past the cap, so
     # it is held for the cap; by then the fourth's turn is 0.4 s away, and it waits for it.
     assert timings[0] < 0.3 and timings[1] < 0.3, timings
