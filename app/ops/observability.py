@@ -12,6 +12,7 @@ import logging
 import random
 import re
 import sys
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -143,13 +144,54 @@ class JsonFormatter(logging.Formatter):
             "event": record.getMessage(),
         }
         entry.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if record.exc_info and record.exc_info[1] is not None:
+            entry["exception"] = redacted_traceback(record.exc_info[1])
         return json.dumps(entry, default=str)
 
 
+def redacted_traceback(exc: BaseException) -> str:
+    """Where `exc` was raised (each frame's file, line, function and source line) and its type,
+    with its causes, but never its message: parsers' messages quote the values they stumbled on
+    (a header value, a patient's name), and logs must not carry them."""
+    lines: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if lines:
+            lines.append("raised while handling or caused by:")
+        lines.append("Traceback (most recent call last; the message is left out):")
+        for frame in traceback.extract_tb(current.__traceback__):
+            lines.append(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}')
+            if frame.line:
+                lines.append(f"    {frame.line}")
+        kind = type(current)
+        lines.append(f"{kind.__module__}.{kind.__qualname__}")
+        current = current.__cause__ or current.__context__
+    return "\n".join(lines)
+
+
+class _RedactExceptions(logging.Filter):
+    """Makes a logger's tracebacks `redacted_traceback`s, whatever formatter prints them (the
+    formatter uses `exc_text` when it is set)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = redacted_traceback(record.exc_info[1])
+        return True
+
+
+# Loggers outside `app` that print tracebacks of errors raised while serving a request.
+_FOREIGN_TRACEBACK_LOGGERS = ("uvicorn.error", "asyncio")
+
+
 def configure_logging(level: str) -> None:
-    """JSON lines on stderr for the `app` loggers; idempotent (tests build many apps)."""
+    """JSON lines on stderr for the `app` loggers, and tracebacks without exception messages from
+    uvicorn's and asyncio's loggers too; idempotent (tests build many apps)."""
+    for name in _FOREIGN_TRACEBACK_LOGGERS:
+        foreign = logging.getLogger(name)
+        if not any(isinstance(f, _RedactExceptions) for f in foreign.filters):
+            foreign.addFilter(_RedactExceptions())
     logger = logging.getLogger("app")
     logger.setLevel(level)
     logger.propagate = False

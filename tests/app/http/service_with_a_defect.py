@@ -6,10 +6,15 @@ from __future__ import annotations
 from app.main import create_app
 
 DEFECT_PATH = "/defect"
+# What a parser's message might quote: it must never reach the log.
+DEFECT_SECRET = "DOE^JANE^1970"
 
 app = create_app()
 
 
 @app.get(DEFECT_PATH, include_in_schema=False)
 async def defect() -> None:
-    raise RuntimeError("a defect in the service")
+    try:
+        raise KeyError(f"the value {DEFECT_SECRET} was not expected")
+    except KeyError as exc:
+        raise RuntimeError(f"a defect in the service while reading {DEFECT_SECRET}") from exc
