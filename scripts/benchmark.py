@@ -297,7 +297,7 @@ def run_http(
     env: dict[str, str],
     overload: list[int] = [],  # noqa: B006 - read only
     slow_senders: int = 0,
-    normal_clients: int = 4,
+    normal_clients: tuple[int, ...] = (2, 4),
     overload_seconds: float | None = None,
 ) -> dict:
     server = start_server(root, metadata, env)
@@ -345,9 +345,12 @@ def run_http(
             phases[f"overload {connections} connections"] = overload_phase(
                 server, jpeg_requests, connections, overload_seconds or seconds, capacity
             )
-        if slow_senders:
-            phases[f"{slow_senders} slow senders"] = slow_sender_phase(
-                server, jpeg_requests, slow_senders, overload_seconds or seconds, normal_clients
+        for clients in normal_clients if slow_senders else ():
+            plural = "s" if clients != 1 else ""
+            phases[f"{slow_senders} slow senders, {clients} normal client{plural}"] = (
+                slow_sender_phase(
+                    server, jpeg_requests, slow_senders, overload_seconds or seconds, clients
+                )
             )
         report["phases"] = phases
         report["capacity_ok_per_s"] = capacity
@@ -586,8 +589,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--normal-clients",
         type=int,
-        default=4,
-        help="closed-loop clients measured alone and then beside the slow senders",
+        nargs="+",
+        default=[2, 4],
+        help="closed-loop clients measured alone and then beside the slow senders, one phase per "
+        "count (2: about two thirds of this machine's capacity, 4: near it)",
     )
     p.add_argument(
         "--overload-seconds",
@@ -659,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     report["services"]["this checkout"] = run_http(
         REPO_ROOT, args.model, *common, env=env, overload=args.overload,
         slow_senders=args.slow_senders, overload_seconds=args.overload_seconds,
-        normal_clients=args.normal_clients,
+        normal_clients=tuple(args.normal_clients),
     )  # fmt: skip
     if args.compare_ref:
         name = f"git {args.compare_ref}"
@@ -670,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["services"][name] = run_http(
                     root, model, *common, env={}, overload=args.overload,
                     slow_senders=args.slow_senders, overload_seconds=args.overload_seconds,
-                    normal_clients=args.normal_clients,
+                    normal_clients=tuple(args.normal_clients),
                 )  # fmt: skip
             except (SystemExit, Exception) as exc:  # an old revision may not run in this venv
                 report["compare_failed"] = f"{name}: {str(exc)[-500:]}"

@@ -152,18 +152,18 @@ def check_variant(docs: list[Manifest], graceful_s: int) -> list[str]:
         )
     if "cpu" in limits:
         # The service's rule (Settings.decode_slots / ort_threads) applied to the CPU limit: one
-        # decode per CPU, and the ONNX Runtime threads the decoders leave, at least one.
+        # decode more than the CPUs (at most 4 counted), and one ONNX Runtime thread per CPU.
         cpu_limit = cores(limits["cpu"])
         decoders, ort = env.get("CXR_DECODE_CONCURRENCY"), env.get("CXR_ORT_INTRA_OP_THREADS")
+        expected_decoders = min(cpu_limit, 4.0) + 1
         expect(
-            decoders is not None and float(decoders) == cpu_limit,
-            f"CXR_DECODE_CONCURRENCY={decoders} but the CPU limit is {limits['cpu']}",
+            decoders is not None and float(decoders) == expected_decoders,
+            f"CXR_DECODE_CONCURRENCY={decoders} but the CPU limit of {limits['cpu']} makes it "
+            f"{expected_decoders:g}",
         )
-        expected_ort = max(1.0, cpu_limit - float(decoders or 0))
         expect(
-            ort is not None and float(ort) == expected_ort,
-            f"CXR_ORT_INTRA_OP_THREADS={ort} but the decoders leave {expected_ort:g} of "
-            f"{limits['cpu']} CPUs",
+            ort is not None and float(ort) == cpu_limit,
+            f"CXR_ORT_INTRA_OP_THREADS={ort} but the CPU limit is {limits['cpu']}",
         )
     unknown = sorted(v for v in env if v.startswith("CXR_") and v not in KNOWN_SETTINGS)
     expect(not unknown, f"environment names settings the service does not have: {unknown}")

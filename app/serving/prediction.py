@@ -122,9 +122,9 @@ class PredictionStep:
             stall_s=settings.ready_stall_s,
         )
         self.decode_budget = DecodeBudget(settings.decode_memory_budget_bytes)
-        # Decode threads: one per core keeps the cores busy without piling up decoded images. A
-        # pool of its own, fed by its queue: a thread that finishes one image takes the next at
-        # once, with no round trip through the event loop to hand out a slot.
+        # Decode threads: one more than the cores keeps them busy without piling up decoded
+        # images. A pool of its own, fed by its queue: a thread that finishes one image takes the
+        # next at once, with no round trip through the event loop to hand out a slot.
         self._decoders = ThreadPoolExecutor(settings.decode_slots, thread_name_prefix="cxr-decode")
 
     @contextmanager

@@ -22,7 +22,8 @@ def test_the_benchmark_runs_in_one_command_and_reports_every_phase(tmp_path: Pat
     subprocess.run(
         [sys.executable, str(SCRIPT), "--seconds", "0.5", "--limit-seconds", "0.2",
          "--images", "2", "--burst", "80", "--concurrency", "1", "8", "--no-memory",
-         "--overload", "96", "--slow-senders", "20", "--overload-seconds", "4",
+         "--overload", "96", "--slow-senders", "20", "--normal-clients", "2",
+         "--overload-seconds", "4",
          "--out", str(out)],
         check=True, cwd=tmp_path, timeout=600, capture_output=True,
     )  # fmt: skip
@@ -34,7 +35,7 @@ def test_the_benchmark_runs_in_one_command_and_reports_every_phase(tmp_path: Pat
     phases = service["phases"]
     assert set(phases) == {
         "jpeg c=1", "jpeg c=8", "jpeg burst 80", "dicom c=1", "dicom c=8",
-        "overload 96 connections", "20 slow senders",
+        "overload 96 connections", "20 slow senders, 2 normal clients",
     }  # fmt: skip
     for name, phase in phases.items():
         assert set(phase["statuses"]) <= {"200", "429"}, (name, phase["statuses"])
@@ -50,7 +51,7 @@ def test_the_benchmark_runs_in_one_command_and_reports_every_phase(tmp_path: Pat
     assert (
         overload["capacity_just_before"] > 0 and overload["goodput_over_capacity_just_before"] > 0
     )
-    slow = phases["20 slow senders"]
+    slow = phases["20 slow senders, 2 normal clients"]
     assert set(slow["statuses"]) == {"200"}  # the normal clients: answered, never refused
     assert set(slow["slow"]["answered"]) <= {"408"} and slow["slow"]["connections_opened"] >= 20
     for phase in (overload, slow):

@@ -157,8 +157,8 @@ def _pdb_blocks_all(docs):
     [
         (_no_prestop, "preStop is not a sleep"),
         (_short_grace, "terminationGracePeriodSeconds 10 < preStop 5 + drain 5.0 + graceful"),
-        (_threads_above_limit, "CXR_ORT_INTRA_OP_THREADS=8 but the decoders leave 1 of 2 CPUs"),
-        (_decoders_above_limit, "CXR_DECODE_CONCURRENCY=4 but the CPU limit is 2"),
+        (_threads_above_limit, "CXR_ORT_INTRA_OP_THREADS=8 but the CPU limit is 2"),
+        (_decoders_above_limit, "CXR_DECODE_CONCURRENCY=4 but the CPU limit of 2 makes it 3"),
         (_unknown_setting, "settings the service does not have: ['CXR_INFERENCE_CONCURRENCY']"),
         (_dicom_port_elsewhere, "CXR_DICOM_PORT=104 but container port `dicom` is 11112"),
         (_readiness_on_liveness, "readinessProbe must GET /health/ready"),
