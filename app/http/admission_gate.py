@@ -7,7 +7,8 @@ dependencies, the error handler) and the connection then had to swallow the unre
 reused, refusals would take the cores the admitted uploads need, and goodput would collapse as
 load grows. So `AdmissionGate`, a pure ASGI middleware in front of the application:
 
-- for `POST` to the upload routes, asks `Admission.refusal` (a few comparisons); when full, it
+- for `POST` to the upload routes, asks `Admission.refusal` (a few comparisons; one that is only
+  for uploads still arriving is asked again for up to 0.25 s, `settled_refusal`); when full, it
   answers 429 with `Retry-After` and `Connection: close` at once and never reads the body (the
   server closes the connection instead of reading what the client still sends); otherwise it
   opens the request's `UploadTicket` (bytes charged as they arrive, the image slot taken when the
@@ -44,6 +45,7 @@ from app.http.probes import LIVE_PATH, READY_PATH, ProbeAnswers
 from app.http.slow_bodies import PACE_SCOPE_KEY, TICKET_SCOPE_KEY, BodyPace
 from app.http.uploads import Framing
 from app.ops.observability import request_context
+from app.serving.admission import UploadsArriving
 from app.serving.state import ServiceState
 
 UPLOAD_PATHS = frozenset({"/predict", "/predict/batch", "/dicomweb/studies"})
@@ -118,6 +120,8 @@ class AdmissionGate:
         admission = step.admission
         client = scope["client"][0] if scope.get("client") else None
         refused = admission.refusal(client)
+        if isinstance(refused, UploadsArriving):
+            refused = await admission.settled_refusal(client)
         if refused is not None and not self._too_large(scope):
             await self._refuse(scope, send, refused)
             return

@@ -13,7 +13,8 @@ Two gates, both sized in `Settings`:
   than there are slots to take them (a body read in full only to be refused costs the event loop
   as much as an answer); slow ones (under
   `PENDING_MIN_BYTES_PER_S`) stop counting sooner (the minimum transfer rate cuts them off,
-  `app.http.slow_bodies`). With a per-client share,
+  `app.http.slow_bodies`); a refusal for arriving uploads alone is looked at again for up to
+  `PENDING_S` before it is answered (`settled_refusal`). With a per-client share,
   one client address may hold at most that fraction of the image limit in uploads.
 - `DecodeBudget` (decode threads): the memory that decodes in progress may hold, reserved from each
   image's header before its pixels are decompressed. A large image waits for room; small ones pass.
@@ -39,6 +40,12 @@ from app.errors import Overloaded
 PENDING_S = 0.25
 PENDING_MIN_S = 0.05
 PENDING_MIN_BYTES_PER_S = 1 << 20
+
+
+class UploadsArriving(Overloaded):
+    """Refused only because uploads still arriving fill the free image slots. Within PENDING_S
+    each of them is in or stops counting, so the gate looks again before answering (slow senders
+    cut off together reconnect together, and would otherwise fill the count for an instant)."""
 
 
 class AdmissionTicket:
@@ -175,8 +182,10 @@ class Admission:
         # be there once its body is complete, rather than read in full and then refused.
         free = self.max_images - self.images
         if self.pending >= free and self._age_pending() >= free:
-            return self.overloaded(
-                f"{self.pending} uploads are arriving for the {free} free image slots"
+            return UploadsArriving(
+                f"{self.pending} uploads are arriving for the {free} free image slots; retry "
+                f"after {self.retry_after_s} s",
+                retry_after_s=self.retry_after_s,
             )
         if self.upload_bytes >= self.max_upload_bytes:
             return self.overloaded(
@@ -187,6 +196,18 @@ class Admission:
         if limit is not None and client is not None and self.per_client.get(client, 0) >= limit:
             return self.overloaded(f"this client holds its share of the service ({limit} uploads)")
         return None
+
+    async def settled_refusal(self, client: str | None = None) -> Overloaded | None:
+        """`refusal`, but one that is only for uploads still arriving is asked again every
+        PENDING_MIN_S for up to PENDING_S first: by then those uploads are in (holding slots) or
+        slow (no longer counted)."""
+        refused = self.refusal(client)
+        waited = 0.0
+        while isinstance(refused, UploadsArriving) and waited < PENDING_S:
+            await asyncio.sleep(PENDING_MIN_S)
+            waited += PENDING_MIN_S
+            refused = self.refusal(client)
+        return refused
 
     @contextmanager
     def receive(self, client: str | None = None) -> Iterator[UploadTicket]:

@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from app.serving.admission import Admission
+from app.serving.admission import PENDING_MIN_S, PENDING_S, Admission, UploadsArriving
 from app.testing.server import free_port
 from tests.app.serving.test_overload import HeldModel
 from tests.support.testkit import (
@@ -293,6 +293,38 @@ def test_uploads_arriving_are_let_in_only_for_the_free_slots() -> None:
                 await c.take_image(0.1)
                 assert "capacity" in str(admission.refusal())
             assert admission.refusal() is None
+
+    asyncio.run(scenario())
+
+
+def test_a_refusal_for_arriving_uploads_alone_is_asked_again_before_it_is_answered() -> None:
+    # Slow senders cut off together reconnect together: for an instant their fresh uploads fill
+    # the count of arriving ones. A request in that instant waits for them to show what they are.
+    async def scenario() -> None:
+        admission = Admission(max_images=3, max_upload_bytes=10 << 20, retry_after_s=1)
+        with admission.receive(), admission.receive(), admission.receive():
+            assert isinstance(admission.refusal(), UploadsArriving)
+            started = time.monotonic()
+            assert await admission.settled_refusal() is None  # they sent nothing: slow
+            assert PENDING_MIN_S <= time.monotonic() - started < PENDING_S
+        with admission.receive() as a, admission.receive() as b, admission.receive() as c:
+            for ticket in (a, b, c):
+                ticket.charge(1 << 20)  # arriving fast: still counted
+
+            async def bodies_in() -> None:
+                await asyncio.sleep(PENDING_MIN_S / 2)
+                for ticket in (a, b, c):
+                    await ticket.take_image(0.1)
+
+            arriving = asyncio.ensure_future(bodies_in())
+            refused = await admission.settled_refusal()
+            await arriving
+            # They took the slots: refused for capacity, not for arrivals.
+            assert refused is not None and not isinstance(refused, UploadsArriving)
+            assert "capacity" in str(refused)
+            started = time.monotonic()
+            assert "capacity" in str(await admission.settled_refusal())
+            assert time.monotonic() - started < PENDING_MIN_S  # no wait for that reason
 
     asyncio.run(scenario())
 
