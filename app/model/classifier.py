@@ -51,8 +51,11 @@ class PreparedImage:
         """This image with the mean and standard deviation of its input tensor in 8-bit grey
         levels (so that they do not depend on the model's input scaling): the drift metrics'
         figures, computed where the image was prepared rather than on the event loop."""
-        grey = (self.tensor.astype(np.float64) - offset) / scale
-        return replace(self, grey_mean_std=(float(grey.mean()), float(grey.std())))
+        # The tensor is an affine map of the grey levels: map its moments back instead of the
+        # pixels (a third of the time, no float64 copy). Accumulated in float64 as before.
+        mean = float(self.tensor.mean(dtype=np.float64))
+        std = float(self.tensor.std(dtype=np.float64))
+        return replace(self, grey_mean_std=((mean - offset) / scale, std / abs(scale)))
 
     @property
     def warnings(self) -> list[str]:
