@@ -50,7 +50,9 @@ def test_admission_applies_the_adaptive_limit() -> None:
 
 
 def test_readiness_turns_503_while_work_in_flight_stops_finishing(model_path: Path) -> None:
-    app = create_app(make_settings(model_path, ready_stall_s=0.3))
+    # The stall window leaves a loaded CI machine a second between the image taking its slot and
+    # the first probe (0.3 s was once not enough there).
+    app = create_app(make_settings(model_path, ready_stall_s=1.0))
     with TestClient(app) as client, ThreadPoolExecutor(1) as pool:
         held = HeldModel(app.state.service.classifier._session)
         upload = pool.submit(
@@ -58,7 +60,7 @@ def test_readiness_turns_503_while_work_in_flight_stops_finishing(model_path: Pa
         )
         assert held.busy.wait(5)
         assert client.get("/health/ready").status_code == 200  # busy, not yet stalled
-        time.sleep(0.5)
+        time.sleep(1.2)
         stalled = client.get("/health/ready")
         assert stalled.status_code == 503
         assert stalled.json()["error"]["message"].startswith("stalled: 1 images in flight")
