@@ -120,9 +120,11 @@ def test_a_running_service_keeps_its_loop_beating(tmp_path: Path) -> None:
     """The heartbeat runs in the real service: after longer than the stall limit, the probe
     port's liveness (answered from its own thread) is still 200."""
     probe_port = str(free_port())
-    settings = process_settings(tmp_path, loop_stall_s="0.8", probe_port=probe_port)
+    # The limit is four heartbeats (one every 0.5 s), so that a loaded machine's late beat is
+    # not read as a stalled loop; the test runs past it.
+    settings = process_settings(tmp_path, loop_stall_s="2.0", probe_port=probe_port)
     with UvicornProcess.serving(tmp_path / "server.log", settings):
-        for _ in range(4):
+        for _ in range(6):
             time.sleep(0.5)
             live = httpx.get(f"http://127.0.0.1:{probe_port}/health/live")
             assert live.status_code == 200, live.text
