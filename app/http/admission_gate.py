@@ -121,7 +121,7 @@ class AdmissionGate:
         client = scope["client"][0] if scope.get("client") else None
         refused = admission.refusal(client)
         if isinstance(refused, UploadsArriving):
-            refused = await admission.settled_refusal(client)
+            refused = await admission.settled_refusal(refused, client)
         if refused is not None and not self._too_large(scope):
             await self._refuse(scope, send, refused)
             return

@@ -163,8 +163,8 @@ class Admission:
         self._pending_order: deque[UploadTicket] = deque()
         self._slot_waiters: deque[tuple[asyncio.Future[None], UploadTicket]] = deque()
 
-    def overloaded(self, reason: str) -> Overloaded:
-        return Overloaded(
+    def overloaded(self, reason: str, error: type[Overloaded] = Overloaded) -> Overloaded:
+        return error(
             f"{reason}; retry after {self.retry_after_s} s", retry_after_s=self.retry_after_s
         )
 
@@ -182,10 +182,9 @@ class Admission:
         # be there once its body is complete, rather than read in full and then refused.
         free = self.max_images - self.images
         if self.pending >= free and self._age_pending() >= free:
-            return UploadsArriving(
-                f"{self.pending} uploads are arriving for the {free} free image slots; retry "
-                f"after {self.retry_after_s} s",
-                retry_after_s=self.retry_after_s,
+            return self.overloaded(
+                f"{self.pending} uploads are arriving for the {free} free image slots",
+                UploadsArriving,
             )
         if self.upload_bytes >= self.max_upload_bytes:
             return self.overloaded(
@@ -197,11 +196,12 @@ class Admission:
             return self.overloaded(f"this client holds its share of the service ({limit} uploads)")
         return None
 
-    async def settled_refusal(self, client: str | None = None) -> Overloaded | None:
-        """`refusal`, but one that is only for uploads still arriving is asked again every
-        PENDING_MIN_S for up to PENDING_S first: by then those uploads are in (holding slots) or
-        slow (no longer counted)."""
-        refused = self.refusal(client)
+    async def settled_refusal(
+        self, refused: Overloaded | None, client: str | None = None
+    ) -> Overloaded | None:
+        """`refused` (what `refusal` just said), or, while it is only for uploads still arriving,
+        `refusal` asked again every PENDING_MIN_S for up to PENDING_S: by then those uploads are
+        in (holding slots) or slow (no longer counted)."""
         waited = 0.0
         while isinstance(refused, UploadsArriving) and waited < PENDING_S:
             await asyncio.sleep(PENDING_MIN_S)

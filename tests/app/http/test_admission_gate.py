@@ -305,7 +305,9 @@ def test_a_refusal_for_arriving_uploads_alone_is_asked_again_before_it_is_answer
         with admission.receive(), admission.receive(), admission.receive():
             assert isinstance(admission.refusal(), UploadsArriving)
             started = time.monotonic()
-            assert await admission.settled_refusal() is None  # they sent nothing: slow
+            assert (
+                await admission.settled_refusal(admission.refusal()) is None
+            )  # they sent nothing: slow
             assert time.monotonic() - started >= PENDING_MIN_S  # it waited to see that
         with admission.receive() as a, admission.receive() as b, admission.receive() as c:
             for ticket in (a, b, c):
@@ -317,13 +319,13 @@ def test_a_refusal_for_arriving_uploads_alone_is_asked_again_before_it_is_answer
                     await ticket.take_image(0.1)
 
             arriving = asyncio.ensure_future(bodies_in())
-            refused = await admission.settled_refusal()
+            refused = await admission.settled_refusal(admission.refusal())
             await arriving
             # They took the slots: refused for capacity, not for arrivals.
             assert refused is not None and not isinstance(refused, UploadsArriving)
             assert "capacity" in str(refused)
             started = time.monotonic()
-            assert "capacity" in str(await admission.settled_refusal())
+            assert "capacity" in str(await admission.settled_refusal(admission.refusal()))
             assert time.monotonic() - started < PENDING_S  # no wait for that reason
 
     asyncio.run(scenario())
