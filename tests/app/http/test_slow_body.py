@@ -63,8 +63,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
 
 def test_a_trickling_body_is_408_and_closed_soon_after_the_initial_window(server) -> None:  # type: ignore[no-untyped-def]
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        started = time.monotonic()  # before the head goes: the server may read it first
         sock.sendall(head(server.port, 200_000))
-        started = time.monotonic()
         for _ in range(40):  # a few bytes every 50 ms: 200 bytes/s, far below the minimum
             try:
                 sock.sendall(b"\x00" * 10)
@@ -89,8 +89,8 @@ def test_a_trickling_body_is_408_and_closed_soon_after_the_initial_window(server
 
 def test_headers_then_silence_is_408(server) -> None:  # type: ignore[no-untyped-def]
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        started = time.monotonic()  # before the head goes: the server may read it first
         sock.sendall(head(server.port, 32 * 1024 * 1024))
-        started = time.monotonic()
         status, headers, _ = read_response(sock, 5.0)
         assert status == 408 and headers["connection"] == "close"
         assert INITIAL_S <= time.monotonic() - started < INITIAL_S + 1.0
