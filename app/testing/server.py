@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -25,11 +26,34 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 SERVICE_APP = "app.main:app"
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux's default if the
+    file cannot be read)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
+    """A port free on 127.0.0.1 now, below the ephemeral range where there is room: a port the
+    kernel handed out (bind to 0) can be taken by any outgoing connection, ours or a peer's such
+    as Orthanc's, before the server binds it, which once failed a start with EADDRINUSE."""
+    low, _ = _ephemeral_ports()
+    if low > 12000:
+        for _ in range(50):
+            port = random.randrange(10000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        found: int = s.getsockname()[1]
+        return found
 
 
 def http_status(port: int, path: str, timeout_s: float = 1.0) -> int | None:
