@@ -171,24 +171,46 @@ class JpegDctScaling(_Strict):
     max_denominator: Literal[2, 4, 8] = 8
 
 
+# The second moment, in stored pixels squared, of one decomposition level's analysis low-pass
+# filter (ITU-T T.800 Annex F): the reversible 5/3 filter (-1, 2, 6, 2, -1) / 8 (F.3.8.2) is
+# slightly negative, the irreversible 9/7 one (F.4.8.2, Table F.4) positive. Level r's
+# approximation is the cascade of r such filters at spacings 1, 2, ..., 2**(r-1), so its moment is
+# this times (4**r - 1) / 3.
+J2K_LOWPASS_SECOND_MOMENT = {"5/3": -0.5, "9/7": 0.460348}
+
+
 class Jpeg2000Reduction(_Strict):
     """Step 1 for a large JPEG 2000 DICOM frame: decode it at resolution level r, the codestream's
     own wavelet approximation at 1/2**r per side (OpenJPEG's "reduce"), which skips the code-blocks
     of the r finest resolutions, most of the decoding work for pixels the model never sees.
 
-    For a frame stored as W x H, r is the largest of 3, 2, 1 that is at most `max_level`, at most
-    the number of wavelet decomposition levels the codestream's main header gives (COD, or a COC
-    for its component), and satisfies `2**r * min_ratio * max(height, width) <= min(W, H)`; when
+    For a frame stored as W x H whose codestream's wavelet (the transformation its main header's
+    COD, or a COC for its component, gives) is one of `wavelets`, r is the largest of 3, 2, 1 that
+    is at most `max_level`, at most the number of wavelet decomposition levels that header gives,
+    and satisfies `2**r * min_ratio * max(height, width) <= min(W, H)`; when
     none qualifies the frame is decoded at full size. The rule applies only to a frame whose SIZ
     describes one component of Bits Stored precision, signed as Pixel Representation says, with no
     image offset; other frames are decoded at full size. The reduced frame is exactly
     ceil(W / 2**r) x ceil(H / 2**r) stored values (anything else is refused), and the DICOM
     rendering (`DicomRendering`, the full range included) applies to it unchanged. Other transfer
     syntaxes, and JPEG and PNG uploads, are unaffected.
+
+    The 8-bit frame is then resized (step 3) so that it samples the stored grid where the full-size
+    resize would, through a filter of the same spread. Sample n of level r is the wavelet low-pass
+    output centred on stored pixel 2**r * n, not on the middle of its 2**r pixels, so the resize
+    box starts (2**r - 1) / 2**(r + 1) reduced pixels in and spans W / 2**r x H / 2**r (the frame
+    is first padded by edge replication: one pixel before, two after). The approximation's own
+    low-pass adds its second moment M (`J2K_LOWPASS_SECOND_MOMENT` x (4**r - 1) / 3, of the
+    codestream's wavelet as its COD/COC says) to the resize filter's; each axis, vertical first, is
+    first filtered with the taps [a, 1 - 2a, a], a = -M / (2 * 4**r), computed in float64 as
+    a * (left + right) + (1 - 2a) * centre, which takes it off again. The resize then runs on
+    float32 values (Pillow mode "F"), rounded half to even and clipped back to 0..255.
     """
 
     min_ratio: int = Field(ge=1)
     max_level: Literal[1, 2, 3] = 1
+    # "5/3": the reversible wavelet (lossless, and some lossy), "9/7": the irreversible one (lossy).
+    wavelets: list[Literal["5/3", "9/7"]] = Field(default=["5/3", "9/7"], min_length=1)
 
 
 class Preprocessing(_Strict):

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from app.contract import DicomRendering, Preprocessing
+from training.preprocessing import J2K_APPROXIMATION
 
 _JPEG_2000_SYNTAXES = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
 
@@ -141,25 +142,31 @@ def _codestream_facts(frame: bytes) -> dict[str, int] | None:
         (size,) = struct.unpack_from(">H", frame, at + 2)
         if size < 2:
             return None
-        if frame[at + 1] == 0x52:  # COD: Lcod, Scod, progression, layers (2), MCT, levels
-            cod = frame[at + 9] if at + 10 <= len(frame) else None
+        if frame[at + 1] == 0x52:  # COD: Lcod, Scod, progression, layers (2), MCT, levels,
+            # code-block width, height, style, transformation (1: the 5/3 wavelet, 0: the 9/7)
+            cod = (frame[at + 9], frame[at + 13]) if at + 14 <= len(frame) else None
         if frame[at + 1] == 0x53:  # COC for component 0 overrides COD
             wide = csiz >= 257
             component = int.from_bytes(frame[at + 4 : at + 6 if wide else at + 5], "big")
             level_at = at + (7 if wide else 6)
-            if component == 0 and level_at < len(frame):
-                coc = frame[level_at]
+            if component == 0 and level_at + 5 <= len(frame):
+                coc = (frame[level_at], frame[level_at + 4])
         at += 2 + size
     if cod is None:
         return None
-    facts["levels"] = cod if coc is None else coc
+    facts["levels"], facts["transformation"] = cod if coc is None else coc
+    if facts["transformation"] not in (0, 1):
+        return None
     return facts
 
 
-def contract_j2k_level(width: int, height: int, levels: int, spec: Preprocessing) -> int:
-    """The contract's resolution level for a JPEG 2000 frame (0: full resolution)."""
+def contract_j2k_level(
+    width: int, height: int, levels: int, transformation: int, spec: Preprocessing
+) -> int:
+    """The contract's resolution level for a JPEG 2000 frame (0: full resolution) whose COD/COC
+    transformation is `transformation` (1: the 5/3 wavelet, 0: the 9/7)."""
     rule = spec.dicom_j2k_reduction
-    if rule is None:
+    if rule is None or {1: "5/3", 0: "9/7"}[transformation] not in rule.wavelets:
         return 0
     fits = min(width, height) // (rule.min_ratio * max(spec.height, spec.width))
     for level in (3, 2, 1):
@@ -168,8 +175,11 @@ def contract_j2k_level(width: int, height: int, levels: int, spec: Preprocessing
     return 0
 
 
-def _reduced_j2k_pixels(dataset: Any, spec: Preprocessing | None) -> np.ndarray | None:
-    """Stored values of a JPEG 2000 frame at the contract's level, or None (decode in full)."""
+def _reduced_j2k_pixels(
+    dataset: Any, spec: Preprocessing | None
+) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """Stored values of a JPEG 2000 frame at the contract's level, with what the resize needs to
+    know of them (`image_to_array`), or None (decode in full)."""
     from PIL import ImageFile
     from pydicom.encaps import generate_frames
 
@@ -187,7 +197,9 @@ def _reduced_j2k_pixels(dataset: Any, spec: Preprocessing | None) -> np.ndarray 
         or facts["signed"] != signed
     ):
         return None
-    level = contract_j2k_level(int(dataset.Columns), int(dataset.Rows), facts["levels"], spec)
+    level = contract_j2k_level(
+        int(dataset.Columns), int(dataset.Rows), facts["levels"], facts["transformation"], spec
+    )
     if level == 0:
         return None
     width = math.ceil(int(dataset.Columns) / 2**level)
@@ -209,7 +221,12 @@ def _reduced_j2k_pixels(dataset: Any, spec: Preprocessing | None) -> np.ndarray 
     if signed:
         values = values - 2 ** (facts["precision"] - 1)
     kind = "int" if signed else "uint"
-    return values.astype(f"{kind}{int(dataset.BitsAllocated)}")
+    approximation = {
+        "level": level,
+        "wavelet": "5/3" if facts["transformation"] == 1 else "9/7",
+        "stored_size": (int(dataset.Columns), int(dataset.Rows)),
+    }
+    return values.astype(f"{kind}{int(dataset.BitsAllocated)}"), approximation
 
 
 def read_dicom_as_image(
@@ -226,7 +243,10 @@ def read_dicom_as_image(
     ):
         raise ValueError(f"{Path(path).name}: not a greyscale (MONOCHROME1/2) image")
     reduced = _reduced_j2k_pixels(dataset, spec)
-    pixels = dataset.pixel_array if reduced is None else reduced
+    pixels = dataset.pixel_array if reduced is None else reduced[0]
     if pixels.ndim != 2:
         raise ValueError(f"{Path(path).name}: expected one frame, got shape {pixels.shape}")
-    return Image.fromarray(dicom_to_uint8(pixels, dataset, rule), mode="L")
+    image = Image.fromarray(dicom_to_uint8(pixels, dataset, rule), mode="L")
+    if reduced is not None:  # `training.preprocessing.image_to_array` resizes it by the rule
+        image.info[J2K_APPROXIMATION] = reduced[1]
+    return image

@@ -41,11 +41,21 @@ def _j2k_reduction_note(p: Preprocessing) -> str:
         return ""
     side = 2 * rule.min_ratio * max(p.height, p.width)
     levels = " or ".join(f"1/{2**r}" for r in (1, 2, 3) if r <= rule.max_level)
+    wavelets = set(rule.wavelets)
+    coded = (
+        " coded with the reversible 5/3 wavelet"
+        if wavelets == {"5/3"}
+        else " coded with the irreversible 9/7 wavelet (lossy)"
+        if wavelets == {"9/7"}
+        else ""
+    )
     return (
-        f"\nA JPEG 2000 DICOM frame whose shorter side is at least {side} px is decoded at {levels}"
+        f"\nA JPEG 2000 DICOM frame{coded} whose shorter side is at least {side} px is decoded at "
+        f"{levels}"
         f" per side\nfrom the codestream's own wavelet levels, keeping at least {rule.min_ratio}x "
-        "the input size\n(`preprocessing.dicom_j2k_reduction`), then rendered as below; "
-        "docs/PERFORMANCE.md has how far\nthis moves p(PNEUMONIA) on test X-rays upscaled and "
+        "the input size\n(`preprocessing.dicom_j2k_reduction`), then rendered as below and "
+        "resized onto the full-size frame's\ngrid (the rule in `Jpeg2000Reduction`); "
+        "docs/PERFORMANCE.md has how far this moves p(PNEUMONIA) on\ntest X-rays upscaled and "
         "stored as 12-bit JPEG 2000 DICOM.\n"
     )
 

@@ -69,6 +69,7 @@ from app.errors import (
     OutsideTrainingPopulation,
 )
 from app.imaging.boundary import guarded, image_boundary
+from app.imaging.preprocessing import WaveletApproximation
 
 # pydicom reports invalid header values through `warnings` and its logger, quoting the value: that
 # would put a patient's name into the service's stderr. Validation is ours, so silence both.
@@ -119,9 +120,9 @@ class DicomPolicy:
     # Ceiling for an inflated (Deflated Explicit VR Little Endian) data set, in bytes.
     max_inflated_bytes: int = 256 * 1024 * 1024
     # The contract's JPEG 2000 reduction (`preprocessing.j2k_reduction_level` bound to the model's
-    # contract): stored width, height, the codestream's decomposition levels -> the resolution
-    # level r to decode at (0: full resolution). None: always full resolution.
-    j2k_level: Callable[[int, int, int], int] | None = None
+    # contract): stored width, height, the codestream's decomposition levels and wavelet -> the
+    # resolution level r to decode at (0: full resolution). None: always full resolution.
+    j2k_level: Callable[[int, int, int, str], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -338,6 +339,7 @@ class J2kMainHeader:
     precision: int
     signed: bool
     decomposition_levels: int
+    wavelet: str  # "5/3" (reversible) or "9/7" (irreversible), as SPcod/SPcoc's transformation says
 
 
 def j2k_main_header(frame: bytes) -> J2kMainHeader | None:
@@ -351,6 +353,7 @@ def j2k_main_header(frame: bytes) -> J2kMainHeader | None:
     ssiz = frame[soc + 42]
     levels: int | None = None
     coc_levels: int | None = None
+    transform = coc_transform = None
     position = soc + 2
     for _ in range(256):  # main headers have a handful of segments
         if position + 4 > len(frame) or frame[position] != 0xFF:
@@ -361,17 +364,21 @@ def j2k_main_header(frame: bytes) -> J2kMainHeader | None:
         (length,) = struct.unpack(">H", frame[position + 2 : position + 4])
         if length < 2 or position + 2 + length > len(frame):
             return None
-        if marker == 0x52 and length >= 10:  # COD: Scod, SGcod (4 bytes), then SPcod's levels
-            levels = frame[position + 9]
-        elif marker == 0x53:  # COC: Ccoc (1 byte below 257 components, else 2), Scoc, levels
+        if marker == 0x52 and length >= 12:  # COD: Scod, SGcod (4 bytes), then SPcod: levels,
+            levels = frame[position + 9]  # code-block width, height and style, transformation
+            transform = frame[position + 13]
+        elif marker == 0x53:  # COC: Ccoc (1 byte below 257 components, else 2), Scoc, SPcoc
             index_bytes = 1 if components < 257 else 2
             index = int.from_bytes(frame[position + 4 : position + 4 + index_bytes], "big")
-            if index == 0 and length >= 4 + index_bytes:
+            if index == 0 and length >= 8 + index_bytes:
                 coc_levels = frame[position + 5 + index_bytes]
+                coc_transform = frame[position + 9 + index_bytes]
         position += 2 + length
     else:
         return None
-    if levels is None:
+    if coc_transform is not None:
+        transform = coc_transform
+    if levels is None or transform not in (0, 1):
         return None
     return J2kMainHeader(
         rows=ysiz - y0,
@@ -381,6 +388,7 @@ def j2k_main_header(frame: bytes) -> J2kMainHeader | None:
         precision=(ssiz & 0x7F) + 1,
         signed=bool(ssiz & 0x80),
         decomposition_levels=coc_levels if coc_levels is not None else levels,
+        wavelet="5/3" if transform == 1 else "9/7",
     )
 
 
@@ -648,8 +656,8 @@ def render_dicom(
 class RenderedDicom:
     image: Image.Image
     findings: DicomFindings
-    # Columns, Rows: the stored size, when the image was decoded smaller (JPEG 2000 reduction).
-    stored_size: tuple[int, int] | None = None
+    # The JPEG 2000 frame was decoded at a reduced resolution level (`Jpeg2000Reduction`).
+    approximation: WaveletApproximation | None = None
 
 
 class OpenedDicom:
@@ -680,7 +688,8 @@ class OpenedDicom:
         way is `InvalidImage` (`app.imaging.boundary`)."""
         ds = self._ds
         syntax = self.transfer_syntax
-        stored = self._reduced_j2k(policy)
+        reduced = self._reduced_j2k(policy)
+        stored, approximation = reduced if reduced is not None else (None, None)
         if stored is None:
             plugin = _PREFERRED_PLUGINS.get(syntax)
             if plugin is not None and plugin in get_decoder(syntax).available_plugins:
@@ -707,14 +716,11 @@ class OpenedDicom:
             warnings=[*notes, *population],
             manufacturer=str(ds.get("Manufacturer", "") or "").strip()[:64] or None,
         )
-        reduced = stored.shape != (ds.Rows, ds.Columns)
-        return RenderedDicom(
-            Image.fromarray(grey), findings, (ds.Columns, ds.Rows) if reduced else None
-        )
+        return RenderedDicom(Image.fromarray(grey), findings, approximation)
 
-    def _reduced_j2k(self, policy: DicomPolicy) -> np.ndarray | None:
-        """The stored values at the contract's reduced resolution level, or None where the rule
-        does not apply (`Jpeg2000Reduction`: then the frame is decoded at full size)."""
+    def _reduced_j2k(self, policy: DicomPolicy) -> tuple[np.ndarray, WaveletApproximation] | None:
+        """The stored values at the contract's reduced resolution level and what they are, or
+        None where the rule does not apply (`Jpeg2000Reduction`: the frame is decoded in full)."""
         ds = self._ds
         syntax = self.transfer_syntax
         if policy.j2k_level is None or syntax not in (JPEG2000Lossless, JPEG2000):
@@ -730,13 +736,16 @@ class OpenedDicom:
             or header.signed != _signed(ds)
         ):
             return None
-        level = policy.j2k_level(int(ds.Columns), int(ds.Rows), header.decomposition_levels)
+        level = policy.j2k_level(
+            int(ds.Columns), int(ds.Rows), header.decomposition_levels, header.wavelet
+        )
         if level <= 0:
             return None
         with image_boundary(f"the DICOM pixel data ({syntax.name}) could not be decoded"):
             values = _decode_j2k_at_level(frame, header, level)
         dtype = f"{'i' if header.signed else 'u'}{int(ds.BitsAllocated) // 8}"
-        return values.astype(dtype)
+        stored_size = (int(ds.Columns), int(ds.Rows))
+        return values.astype(dtype), WaveletApproximation(level, header.wavelet, stored_size)
 
 
 def open_dicom(data: bytes, max_pixels: int, min_side: int, policy: DicomPolicy) -> OpenedDicom:

@@ -139,8 +139,13 @@ def _dicom_opener(data: bytes, limits: DecodeLimits, policy: DicomPolicy | None)
 
     def decode() -> DecodedImage:
         rendered = opened.render(policy)
+        approximation = rendered.approximation
         return DecodedImage(
-            rendered.image, "DICOM", rendered.findings, stored_size=rendered.stored_size
+            rendered.image,
+            "DICOM",
+            rendered.findings,
+            stored_size=approximation.stored_size if approximation is not None else None,
+            approximation=approximation,
         )
 
     return OpenedUpload("DICOM", cost, decode)

@@ -7,10 +7,12 @@ is a constant: size, colour mode, resize filter and scaling all come from the me
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-from app.contract import Preprocessing
+from app.contract import J2K_LOWPASS_SECOND_MOMENT, Preprocessing
 
 # Modes with more than 8 bits per sample: 16-bit PNGs open as I;16*, some tools write I or F.
 HIGH_BIT_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
@@ -43,17 +45,60 @@ def jpeg_scale_denominator(width: int, height: int, spec: Preprocessing) -> int:
 
 
 def j2k_reduction_level(
-    width: int, height: int, decomposition_levels: int, spec: Preprocessing
+    width: int, height: int, decomposition_levels: int, wavelet: str, spec: Preprocessing
 ) -> int:
     """The contract's resolution level for a JPEG 2000 frame stored as width x height whose
-    codestream has `decomposition_levels` wavelet levels: 3, 2, 1, or 0 (full resolution)."""
+    codestream has `decomposition_levels` levels of the `wavelet` ("5/3" or "9/7"): 3, 2, 1, or 0
+    (full resolution)."""
     rule = spec.dicom_j2k_reduction
-    if rule is None:
+    if rule is None or wavelet not in rule.wavelets:
         return 0
     needed = rule.min_ratio * max(spec.height, spec.width)
     shorter = min(width, height)
     allowed = (r for r in (3, 2, 1) if r <= min(rule.max_level, decomposition_levels))
     return next((r for r in allowed if (needed << r) <= shorter), 0)
+
+
+@dataclass(frozen=True)
+class WaveletApproximation:
+    """A JPEG 2000 frame decoded at resolution level `level` (`Jpeg2000Reduction`) with the
+    codestream's `wavelet` ("5/3" or "9/7"), stored as `stored_size` (width, height)."""
+
+    level: int
+    wavelet: str
+    stored_size: tuple[int, int]
+
+
+def resize_approximation(
+    image: Image.Image, spec: Preprocessing, approximation: WaveletApproximation
+) -> Image.Image:
+    """Contract step 3 for an 8-bit grey frame decoded at a reduced resolution level: resize it
+    so that it samples the stored grid where the full-size resize would, through a filter of the
+    same spread (the rule in `Jpeg2000Reduction`'s docstring).
+
+    Sample n of level r is the low-pass output at stored position 2**r * n, where an average over
+    its 2**r stored pixels would sit (2**r - 1) / 2 pixels further on: the resize box is shifted
+    by that much (in reduced pixels, (2**r - 1) / 2**(r + 1)) and spans the stored size / 2**r.
+    The approximation's own low-pass adds its second moment to the resize filter's; a 3-tap
+    [a, 1 - 2a, a] per axis on the reduced grid (second moment 2a reduced pixels squared, so
+    a = -moment / (2 * 4**r)) takes it away again. The result is rounded back to 8 bits."""
+    if image.mode != "L":
+        raise ValueError(f"a reduced JPEG 2000 frame renders as 8-bit grey, not {image.mode}")
+    side = 1 << approximation.level
+    moment = J2K_LOWPASS_SECOND_MOMENT[approximation.wavelet] * (side * side - 1) / 3
+    a = -moment / (2 * side * side)
+    # One edge pixel before and two after: the taps need one either side, the shifted box one more.
+    padded = np.pad(np.asarray(image, dtype=np.float64), ((1, 2), (1, 2)), mode="edge")
+    rows = a * (padded[:-2] + padded[2:]) + (1 - 2 * a) * padded[1:-1]
+    both = a * (rows[:, :-2] + rows[:, 2:]) + (1 - 2 * a) * rows[:, 1:-1]
+    shift = (side - 1) / (2 * side)
+    width, height = approximation.stored_size
+    box = (shift, shift, shift + width / side, shift + height / side)
+    resized = Image.fromarray(both.astype(np.float32), mode="F").resize(
+        (spec.width, spec.height), RESAMPLING[spec.resize_filter], box=box
+    )
+    grey = np.clip(np.rint(np.asarray(resized)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L")
 
 
 def stretch_to_uint8(image: Image.Image) -> Image.Image:
@@ -127,16 +172,21 @@ def _upright(image: Image.Image) -> Image.Image:
     return turned
 
 
-def to_model_input(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+def to_model_input(
+    image: Image.Image, spec: Preprocessing, approximation: WaveletApproximation | None = None
+) -> np.ndarray:
     """The model input for one decoded image: float32 of shape (1, height, width, channels).
 
     Steps (the contract in `Preprocessing`'s docstring): apply EXIF orientation; bring to 8-bit grey
-    (or RGB); resize to (width, height) with the metadata's Pillow filter, ignoring aspect ratio;
+    (or RGB); resize to (width, height) with the metadata's Pillow filter, ignoring aspect ratio
+    (a JPEG 2000 frame decoded at a reduced level, `approximation`, by `resize_approximation`);
     then `uint8 * scale + offset` in float32.
     """
-    upright = _upright(image)
-    eight_bit = to_8bit(upright, spec.color_mode)
-    resized = eight_bit.resize((spec.width, spec.height), RESAMPLING[spec.resize_filter])
+    if approximation is not None:  # a rendered DICOM frame: 8-bit grey, no EXIF
+        resized = to_8bit(resize_approximation(image, spec, approximation), spec.color_mode)
+    else:
+        eight_bit = to_8bit(_upright(image), spec.color_mode)
+        resized = eight_bit.resize((spec.width, spec.height), RESAMPLING[spec.resize_filter])
     pixels = np.asarray(resized, dtype=np.float32)
     if pixels.ndim == 2:
         pixels = pixels[:, :, np.newaxis]

@@ -10,6 +10,7 @@ from PIL import Image
 
 from app.errors import ImageTooManyPixels, ImageTooSmall
 from app.imaging.dicom import DicomFindings
+from app.imaging.preprocessing import WaveletApproximation
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class DecodedImage:
     dicom: DicomFindings | None = None
     # Width and height as stored, when the decode is smaller (a JPEG decoded at a reduced scale).
     stored_size: tuple[int, int] | None = None
+    # A JPEG 2000 DICOM frame decoded at a reduced resolution level, which the resize makes up for.
+    approximation: WaveletApproximation | None = None
 
 
 # Exceptions Pillow's decoders are known to raise on malformed or hostile input.

@@ -113,7 +113,9 @@ class Classifier:
         # A fully decoded image can still carry an EXIF block or mode Pillow chokes on: still the
         # upload's fault, so the imaging stage's boundary holds here too.
         with image_boundary("the image could not be preprocessed"):
-            tensor = to_model_input(decoded.image, self.metadata.preprocessing)
+            tensor = to_model_input(
+                decoded.image, self.metadata.preprocessing, decoded.approximation
+            )
         return PreparedImage(
             tensor, decoded.dicom, decoded.format, decoded.stored_size or decoded.image.size
         )

@@ -130,3 +130,19 @@ def test_dct_scaling_keeps_full_resolution_answers_within_0_02(size: tuple[int, 
     result = compare_at_size(SHIPPED_METADATA, images, size)
     assert result["n_images"] == 26
     assert result["max_abs_diff"] <= 0.02, result
+
+
+@requires_data
+def test_the_j2k_reduction_keeps_full_resolution_answers_within_0_02() -> None:
+    """Real test X-rays upscaled to 2500x2048 and stored as 12-bit lossy JPEG 2000 DICOM (the
+    wavelet the shipped rule reduces): decoding them at the contract's level moves p(PNEUMONIA)
+    by at most 0.02 against decoding them in full (a sample here; every 4th image of the split at
+    two sizes is in docs/PERFORMANCE.md, from `python -m training.full_resolution --dicom-j2k`)."""
+    from training.full_resolution import compare_j2k_at_size
+
+    rule = load_metadata(SHIPPED_METADATA).preprocessing.dicom_j2k_reduction
+    assert rule is not None and rule.wavelets == ["9/7"]
+    images = [Path(r.path) for r in load_kaggle_directory(DATA_DIR, "test")][::24]
+    (result,) = compare_j2k_at_size(SHIPPED_METADATA, images, (2500, 2048), [rule], ("j2k",))
+    assert result["n_images"] == 26
+    assert result["max_abs_diff"] <= 0.02, result

@@ -8,6 +8,7 @@ served something it never saw.
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -16,7 +17,12 @@ import pydicom
 import pytest
 from PIL import Image
 
-from app.contract import Jpeg2000Reduction, JpegDctScaling, Preprocessing
+from app.contract import (
+    J2K_LOWPASS_SECOND_MOMENT,
+    Jpeg2000Reduction,
+    JpegDctScaling,
+    Preprocessing,
+)
 from app.imaging.dicom import DicomPolicy, j2k_main_header
 from app.imaging.formats import DecodeLimits, decode_upload
 from app.imaging.preprocessing import j2k_reduction_level, jpeg_scale_denominator, to_model_input
@@ -312,6 +318,9 @@ J2K_EVERY_LEVEL = DEFAULT_PREPROCESSING.model_copy(
 J2K_SHIPPED_SIZE = DEFAULT_PREPROCESSING.model_copy(
     update={"dicom_j2k_reduction": Jpeg2000Reduction(min_ratio=2, max_level=2)}
 )
+J2K_IRREVERSIBLE_ONLY = J2K_EVERY_LEVEL.model_copy(
+    update={"dicom_j2k_reduction": Jpeg2000Reduction(min_ratio=2, max_level=3, wavelets=["9/7"])}
+)
 
 
 def _j2k_policy(spec: Preprocessing) -> DicomPolicy:
@@ -340,7 +349,7 @@ def _j2k_both_sides(
     decoded = decode_upload(data, LIMITS, _j2k_policy(spec))
     path = tmp_path / "frame.dcm"
     path.write_bytes(data)
-    served = to_model_input(decoded.image, spec)
+    served = to_model_input(decoded.image, spec, decoded.approximation)
     return served, _training_input(path, spec), decoded.image.size
 
 
@@ -460,10 +469,12 @@ def test_j2k_reduction_really_changes_the_input_so_the_parity_tests_can_fail(
     assert not np.array_equal(reduced_trained, full_trained)
 
 
-@pytest.mark.parametrize("spec", [J2K_EVERY_LEVEL, J2K_SHIPPED_SIZE, DEFAULT_PREPROCESSING])
+@pytest.mark.parametrize(
+    "spec", [J2K_EVERY_LEVEL, J2K_SHIPPED_SIZE, J2K_IRREVERSIBLE_ONLY, DEFAULT_PREPROCESSING]
+)
 def test_both_sides_pick_the_same_j2k_level(spec: Preprocessing) -> None:
-    """The two implementations of the rule agree on every size around each level's edge and
-    every decomposition-level cap."""
+    """The two implementations of the rule agree on every size around each level's edge, every
+    decomposition-level cap and both wavelets."""
     rule = spec.dicom_j2k_reduction
     needed = (rule.min_ratio if rule else 1) * max(spec.height, spec.width)
     sides = sorted({max(1, (needed << r) + d) for r in range(5) for d in (-1, 0, 1)})
@@ -471,8 +482,86 @@ def test_both_sides_pick_the_same_j2k_level(spec: Preprocessing) -> None:
         for longer in (shorter, shorter + 777):
             for levels in range(6):
                 for width, height in ((longer, shorter), (shorter, longer)):
-                    served = j2k_reduction_level(width, height, levels, spec)
-                    trained = contract_j2k_level(width, height, levels, spec)
-                    assert served == trained, (width, height, levels)
-                    assert served <= min(levels, rule.max_level if rule else 0)
-                    assert served == 0 or (needed << served) <= shorter
+                    for transformation, wavelet in ((1, "5/3"), (0, "9/7")):
+                        served = j2k_reduction_level(width, height, levels, wavelet, spec)
+                        trained = contract_j2k_level(width, height, levels, transformation, spec)
+                        assert served == trained, (width, height, levels, wavelet)
+                        assert served <= min(levels, rule.max_level if rule else 0)
+                        assert served == 0 or (needed << served) <= shorter
+                        if rule is None or wavelet not in rule.wavelets:
+                            assert served == 0
+
+
+# One level's analysis low-pass filters as ITU-T T.800 gives them: the reversible 5/3 (F.3.8.2)
+# and the irreversible 9/7 (Table F.4), written out here independently of the contract's figures.
+_LOWPASS_5_3 = {0: 6 / 8, 1: 2 / 8, 2: -1 / 8}
+_LOWPASS_9_7 = {
+    0: 0.602949018236,
+    1: 0.266864118443,
+    2: -0.078223266529,
+    3: -0.016864118443,
+    4: 0.026748757411,
+}
+
+
+@pytest.mark.parametrize(("wavelet", "taps"), [("5/3", _LOWPASS_5_3), ("9/7", _LOWPASS_9_7)])
+def test_the_contracts_low_pass_moments_are_the_standards_filters(
+    wavelet: str, taps: dict[int, float]
+) -> None:
+    gain = taps[0] + 2 * sum(v for k, v in taps.items() if k)
+    moment = 2 * sum(v * k * k for k, v in taps.items()) / gain
+    assert gain == pytest.approx(1.0, abs=1e-9)
+    assert J2K_LOWPASS_SECOND_MOMENT[wavelet] == pytest.approx(moment, abs=1e-6)
+
+
+@pytest.mark.parametrize(("reversible", "wavelet"), [(True, "5/3"), (False, "9/7")])
+def test_the_wavelet_comes_from_the_codestream_not_the_transfer_syntax(
+    reversible: bool, wavelet: str, tmp_path: Path
+) -> None:
+    """Both sides read the transformation from COD (here under the lossless syntax's UID, which
+    a 9/7 codestream can carry), and agree on the input either way."""
+    import imagecodecs
+
+    stored = _detector_image(601, 513)
+    frame = bytes(
+        imagecodecs.jpeg2k_encode(
+            stored, codecformat="J2K", reversible=reversible, bitspersample=12
+        )
+    )
+    header = j2k_main_header(frame)
+    assert header is not None and header.wavelet == wavelet
+    data = _j2k_frame_dicom(stored, frame)
+    decoded = decode_upload(data, LIMITS, _j2k_policy(J2K_EVERY_LEVEL))
+    assert decoded.approximation is not None and decoded.approximation.wavelet == wavelet
+    served, trained, _ = _j2k_both_sides(data, J2K_EVERY_LEVEL, tmp_path)
+    np.testing.assert_array_equal(served, trained)
+    # A rule for the 9/7 wavelet only leaves a 5/3 codestream in full, on both sides.
+    served, trained, size = _j2k_both_sides(data, J2K_IRREVERSIBLE_ONLY, tmp_path)
+    np.testing.assert_array_equal(served, trained)
+    assert size == ((151, 129) if wavelet == "9/7" else (601, 513))
+
+
+@pytest.mark.parametrize("syntax", ["j2k_lossless", "j2k"])
+@pytest.mark.parametrize("size", [(301, 256), (601, 513), (1029, 1025)], ids=str)
+def test_the_reduced_frame_is_resized_onto_the_full_size_grid(
+    size: tuple[int, int], syntax: str
+) -> None:
+    """Against decoding in full: the shifted box and the moment taps bring the model input within
+    a fraction of a grey level, where resizing the approximation as it comes is off by about one,
+    and the codestream's own wavelet does better than the other one's moment would."""
+    full = J2K_EVERY_LEVEL.model_copy(update={"dicom_j2k_reduction": None})
+    data = make_dicom(_detector_image(*size), syntax, window=(2100.0, 3000.0), bits_stored=12)
+    reference = to_model_input(decode_upload(data, LIMITS, _j2k_policy(full)).image, full)
+    decoded = decode_upload(data, LIMITS, _j2k_policy(J2K_EVERY_LEVEL))
+    approximation = decoded.approximation
+    assert approximation is not None and approximation.stored_size == size
+
+    def grey_levels_off(tensor: np.ndarray) -> float:
+        return float(np.abs(tensor - reference).mean() * 255)
+
+    aligned = grey_levels_off(to_model_input(decoded.image, J2K_EVERY_LEVEL, approximation))
+    as_it_comes = grey_levels_off(to_model_input(decoded.image, J2K_EVERY_LEVEL))
+    other = replace(approximation, wavelet="9/7" if approximation.wavelet == "5/3" else "5/3")
+    wrong_moment = grey_levels_off(to_model_input(decoded.image, J2K_EVERY_LEVEL, other))
+    assert aligned < 0.25 and as_it_comes > 0.8, (aligned, as_it_comes)
+    assert aligned < wrong_moment, (aligned, wrong_moment)

@@ -621,7 +621,7 @@ def test_a_real_cr_image_from_another_tool_is_read_as_a_viewer_would() -> None:
 REDUCING = DicomPolicy(
     rendering=POLICY.rendering,
     intended_use=POLICY.intended_use,
-    j2k_level=lambda width, height, levels: min(2, levels),
+    j2k_level=lambda width, height, levels, wavelet: min(2, levels),
 )
 
 

@@ -193,7 +193,7 @@ def test_fuzzed_j2k_frames_decoded_at_a_reduced_level_are_answered_or_refused() 
     policy = DicomPolicy(
         rendering=DicomRendering.model_validate(DICOM_RENDERING),
         intended_use=IntendedUse.model_validate(INTENDED_USE),
-        j2k_level=lambda width, height, levels: min(2, levels),
+        j2k_level=lambda width, height, levels, wavelet: min(2, levels),
     )
     stored = ramp(rows=260, columns=300)
     seeds = {
