@@ -29,6 +29,8 @@ def test_the_benchmark_runs_in_one_command_and_reports_every_phase(tmp_path: Pat
     )  # fmt: skip
     report = json.loads(out.read_text())
     assert report["in_process_limit"]["images_per_s"] > 0
+    j2k = report["in_process_limit"]["j2k_decode_ms_p50"]
+    assert 0 < j2k["lossy"] < j2k["lossless"]  # the shipped rule reduces lossy frames only
     assert "no Keras weights" in report["naive_keras_service"]
     service = report["services"]["this checkout"]
     assert service["ready_s"] > 0 and service["metrics_status"] == 200
@@ -61,5 +63,6 @@ def test_the_benchmark_runs_in_one_command_and_reports_every_phase(tmp_path: Pat
         for probe in phase["probes"].values():
             assert probe["probes"] > 0 and set(probe["statuses"]) == {"200"}, probe
     table = out.with_suffix(".md").read_text()
+    assert "as 12-bit JPEG 2000 DICOM" in table
     for name in phases:
         assert f"| {name} |" in table
