@@ -99,7 +99,11 @@ def test_dimse_wrong_called_ae_title_is_retried(orthanc: Orthanc) -> None:
     objects = result_objects(factory_source(index=12), make_facts())
     destination = DimseDestination.parse(f"NOT_ORTHANC@127.0.0.1:{orthanc.dicom_port}")
     outcomes = destination.send(as_deliveries(objects, destination.name))
-    assert {(o.verdict, o.summary) for o in outcomes} == {("retry", "association rejected")}
+    # Orthanc rejects the association. Retrying is what has to hold. The summary depends on
+    # whether pynetdicom read the A-ASSOCIATE-RJ before the connection went: CI has once seen
+    # "association failed" here.
+    assert {o.verdict for o in outcomes} == {"retry"}, outcomes
+    assert {o.summary for o in outcomes} <= {"association rejected", "association failed"}
     assert orthanc.find_instance(objects[0].sop_instance_uid) == []
 
 
