@@ -115,7 +115,7 @@ def dicom_to_uint8(stored: np.ndarray, dataset: Any, rule: DicomRendering) -> np
     return grey
 
 
-def _codestream_facts(frame: bytes) -> dict[str, int] | None:
+def _codestream_facts(frame: bytes) -> dict[str, Any] | None:
     """SIZ and COD/COC facts of a JPEG 2000 main header (first component), or None."""
     import struct
 
@@ -154,19 +154,20 @@ def _codestream_facts(frame: bytes) -> dict[str, int] | None:
         at += 2 + size
     if cod is None:
         return None
-    facts["levels"], facts["transformation"] = cod if coc is None else coc
-    if facts["transformation"] not in (0, 1):
+    facts["levels"], transformation = cod if coc is None else coc
+    if transformation not in (0, 1):
         return None
+    facts["wavelet"] = "5/3" if transformation == 1 else "9/7"
     return facts
 
 
 def contract_j2k_level(
-    width: int, height: int, levels: int, transformation: int, spec: Preprocessing
+    width: int, height: int, levels: int, wavelet: str, spec: Preprocessing
 ) -> int:
-    """The contract's resolution level for a JPEG 2000 frame (0: full resolution) whose COD/COC
-    transformation is `transformation` (1: the 5/3 wavelet, 0: the 9/7)."""
+    """The contract's resolution level for a JPEG 2000 frame (0: full resolution) coded with
+    `wavelet` ("5/3" or "9/7", from its COD/COC transformation)."""
     rule = spec.dicom_j2k_reduction
-    if rule is None or {1: "5/3", 0: "9/7"}[transformation] not in rule.wavelets:
+    if rule is None or wavelet not in rule.wavelets:
         return 0
     fits = min(width, height) // (rule.min_ratio * max(spec.height, spec.width))
     for level in (3, 2, 1):
@@ -198,7 +199,7 @@ def _reduced_j2k_pixels(
     ):
         return None
     level = contract_j2k_level(
-        int(dataset.Columns), int(dataset.Rows), facts["levels"], facts["transformation"], spec
+        int(dataset.Columns), int(dataset.Rows), facts["levels"], facts["wavelet"], spec
     )
     if level == 0:
         return None
@@ -223,7 +224,7 @@ def _reduced_j2k_pixels(
     kind = "int" if signed else "uint"
     approximation = {
         "level": level,
-        "wavelet": "5/3" if facts["transformation"] == 1 else "9/7",
+        "wavelet": facts["wavelet"],
         "stored_size": (int(dataset.Columns), int(dataset.Rows)),
     }
     return values.astype(f"{kind}{int(dataset.BitsAllocated)}"), approximation

@@ -23,12 +23,12 @@ from app.contract import (
     Preprocessing,
 )
 
-# The contract's filter names as Pillow filters: training's own table, so that a wrong entry on
-# either side makes the train/serve parity test fail instead of being shared by both.
 # The key of a reduced JPEG 2000 frame's level, wavelet and stored size in its image's `info`
 # (set by `training.dicom.read_dicom_as_image`).
 J2K_APPROXIMATION = "cxr_j2k_approximation"
 
+# The contract's filter names as Pillow filters: training's own table, so that a wrong entry on
+# either side makes the train/serve parity test fail instead of being shared by both.
 RESAMPLING: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
