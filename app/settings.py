@@ -143,7 +143,9 @@ class Settings(BaseSettings):
         default=2.0,
         gt=0.0,
         description="Seconds an upload body may take before CXR_UPLOAD_MIN_BYTES_PER_S applies "
-        "(a body of N bytes must be complete within this plus N / the rate).",
+        "(a body of N bytes must be complete within this plus N / the rate). Each upload gets "
+        "this stretched by a random share of up to half, so that slow senders that started "
+        "together are not all cut off at once.",
     )
     max_client_share: float = Field(
         default=1.0,

@@ -2,10 +2,16 @@
 
 A client that declares a large body and then sends a few bytes per second would otherwise hold
 its connection, its share of the upload budget and a request task for as long as it likes.
-Every chunk must therefore arrive by `BodyPace.deadline`: `grace_s` after the headers passed the
-admission gate, plus one second for every `min_bytes_per_s` already received. A body that falls
-behind is cut off with 408 `upload_too_slow` (the gate then closes the connection). The check is
-on the bytes received, never on the declared length, so a large declared length buys nothing.
+Every chunk must therefore arrive by `BodyPace.deadline`: the upload's grace after the headers
+passed the admission gate, plus one second for every `min_bytes_per_s` already received. A body
+that falls behind is cut off with 408 `upload_too_slow` (the gate then closes the connection). The
+check is on the bytes received, never on the declared length, so a large declared length buys
+nothing.
+
+Each upload's grace is `grace_s` stretched by a random share of up to `GRACE_SPREAD`. Slow senders
+that connect together and trickle alike would otherwise all fall behind in the same instant, and
+the service would answer them in one turn of its event loop while normal requests waited behind
+(docs/PERFORMANCE.md, "Overload and slow senders": the normal clients' p99 beside 300 slow senders).
 
 Each chunk is also charged to the request's `UploadTicket` (`app.serving.admission`) as it
 arrives, so admission holds the bytes really received, not the ones promised.
@@ -14,10 +20,11 @@ arrives, so admission holds the bytes really received, not the ones promised.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from starlette.requests import Request
 
@@ -26,6 +33,7 @@ from app.serving.admission import Admission, UploadTicket
 
 PACE_SCOPE_KEY = "app.body_pace"
 TICKET_SCOPE_KEY = "app.upload_ticket"
+GRACE_SPREAD = 0.5  # an upload's grace lies in [grace_s, (1 + GRACE_SPREAD) * grace_s)
 
 
 @dataclass(frozen=True)
@@ -34,10 +42,15 @@ class BodyPace:
 
     grace_s: float
     min_bytes_per_s: int
+    spread: float = GRACE_SPREAD
 
     @property
     def enforced(self) -> bool:
         return self.min_bytes_per_s > 0
+
+    def for_upload(self, draw: Callable[[], float] = random.random) -> BodyPace:
+        """The pace of one upload: `grace_s` stretched by `spread` times `draw()` (in [0, 1))."""
+        return replace(self, grace_s=self.grace_s * (1.0 + self.spread * draw()), spread=0.0)
 
     def deadline(self, started: float, received: int) -> float:
         """The `time.monotonic()` by which more of the body must have arrived."""
@@ -55,8 +68,7 @@ async def incoming_chunks(request: Request) -> AsyncIterator[bytes]:
     request's `BodyPace`, `Overloaded` when the upload byte budget is spent."""
     pace = request.scope.get(PACE_SCOPE_KEY)
     ticket = upload_ticket(request)
-    if not isinstance(pace, BodyPace) or not pace.enforced:
-        pace = None
+    pace = pace.for_upload() if isinstance(pace, BodyPace) and pace.enforced else None
     started = ticket.started if ticket is not None else time.monotonic()
     received = 0
     chunks = request.stream().__aiter__()

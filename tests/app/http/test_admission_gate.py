@@ -6,6 +6,7 @@ slow sender holds no image slot, one client's share is bounded, and the probe po
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import threading
 import time
@@ -198,6 +199,32 @@ def test_a_slow_body_gets_408_closes_and_gives_back_what_it_held(model_path: Pat
     assert cut.headers["connection"] == "close"
     assert 0.3 <= elapsed < 3.0  # cut at the grace plus 120 bytes at 1000 bytes/s
     assert (admission.upload_bytes, admission.images, admission.pending) == (0, 0, 0)
+
+
+def test_stalled_uploads_that_came_together_are_cut_off_apart(model_path: Path) -> None:
+    # Each upload's grace is stretched by a random share of up to half (slow_bodies.GRACE_SPREAD),
+    # so that slow senders that started together do not all fall due in one turn of the loop.
+    settings = make_settings(model_path, upload_grace_s=0.4, upload_min_bytes_per_s=1000)
+    app = create_app(settings)
+
+    async def eight_at_once() -> list[float]:
+        started = time.perf_counter()
+
+        async def one(index: int) -> float:
+            exchange = RawExchange([b"\xff\xd8\xff" * 40], stall_after=True)
+            answer = await drive(app, exchange, 32 * 2**20, client=f"10.0.0.{index + 1}")
+            assert answer.status == 408, answer.messages
+            return time.perf_counter() - started
+
+        return list(await asyncio.gather(*(one(i) for i in range(8))))
+
+    random.seed(15)
+    with TestClient(app) as client:
+        assert client.portal is not None
+        cut = client.portal.call(eight_at_once)
+    # The grace (0.4-0.6 s) plus what 120 bytes earn at 1000 bytes/s (0.12 s).
+    assert all(0.52 <= t < 0.72 + 1.0 for t in cut), cut
+    assert max(cut) - min(cut) > 0.05, cut  # with this seed the draws give 0.52 to 0.72 s
 
 
 def test_one_client_holds_no_more_than_its_share(model_path: Path) -> None:
