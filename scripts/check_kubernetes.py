@@ -6,7 +6,8 @@ The JSON-schema validation (kubernetes-validate, run by scripts/kubernetes-check
 object is well formed; this says that they fit together and fit the service: probes on the health
 endpoints, thread settings by the service's rule for the CPU limit, a shutdown budget that covers
 the preStop delay, the drain window and uvicorn's graceful timeout in `pneumonia-serve`, the API-key
-file where the Secret is mounted, selectors that match the pods, a non-root read-only container, and
+file where the Secret is mounted, the DICOM state directory on a claim of the pod's own (not a
+volume that dies with the pod), selectors that match the pods, a non-root read-only container, and
 for the GPU variant a GPU, the gpu image and CXR_PROVIDER=cuda. Exit status 1 on any failure.
 """
 
@@ -62,7 +63,7 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 def check_variant(docs: list[Manifest], graceful_s: int) -> list[str]:
     """Every inconsistency found in one rendered variant (an empty list when there is none)."""
     failures: list[str] = []
-    deployment = one(docs, "Deployment", failures)
+    workload = one(docs, "StatefulSet", failures)
     service = one(docs, "Service", failures)
     hpa = one(docs, "HorizontalPodAutoscaler", failures)
     pdb = one(docs, "PodDisruptionBudget", failures)
@@ -70,7 +71,7 @@ def check_variant(docs: list[Manifest], graceful_s: int) -> list[str]:
     if failures:
         return failures
 
-    pod = deployment["spec"]["template"]
+    pod = workload["spec"]["template"]
     pod_labels = pod["metadata"].get("labels", {})
     spec = pod["spec"]
     containers = {c["name"]: c for c in spec["containers"]}
@@ -86,8 +87,8 @@ def check_variant(docs: list[Manifest], graceful_s: int) -> list[str]:
 
     # Selectors and references.
     expect(
-        selects(deployment["spec"]["selector"]["matchLabels"], pod_labels),
-        "Deployment selector does not match its pod labels",
+        selects(workload["spec"]["selector"]["matchLabels"], pod_labels),
+        "StatefulSet selector does not match its pod labels",
     )
     expect(selects(service["spec"].get("selector", {}), pod_labels), "Service selects no pod")
     expect(
@@ -96,7 +97,7 @@ def check_variant(docs: list[Manifest], graceful_s: int) -> list[str]:
     )
     target = hpa["spec"]["scaleTargetRef"]
     expect(
-        (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"]),
+        (target["kind"], target["name"]) == ("StatefulSet", workload["metadata"]["name"]),
         f"HorizontalPodAutoscaler scales {target['kind']}/{target['name']}",
     )
     for port in service["spec"]["ports"]:
@@ -195,6 +196,18 @@ def check_variant(docs: list[Manifest], graceful_s: int) -> list[str]:
         secret = secrets.get(secret_name, {})
         mounted = key != keys_file and key in secret.get("data", {}) | secret.get("stringData", {})
     expect(mounted, f"CXR_API_KEYS_FILE={keys_file} is not a key of a mounted Secret")
+
+    # DICOM state (intake spool, outbox) on the pod's own claim, which outlives the pod: images the
+    # intake has acknowledged are not sent again, so a volume deleted with the pod loses them.
+    state_dir = env.get("CXR_STATE_DIR")
+    if state_dir is not None:
+        claims = {t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])}
+        on = [m["name"] for m in api.get("volumeMounts", []) if m["mountPath"] == state_dir]
+        expect(
+            len(on) == 1 and on[0] in claims and on[0] not in volumes,
+            f"CXR_STATE_DIR={state_dir} is not on a volumeClaimTemplate of the StatefulSet "
+            f"(mounted from {on or 'nothing'}; claims {sorted(claims)})",
+        )
 
     # Scale-out: the autoscaler's floor survives one voluntary disruption.
     max_unavailable = pdb["spec"].get("maxUnavailable")

@@ -14,7 +14,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BASE = REPO_ROOT / "deploy" / "kubernetes" / "base"
-GPU_PATCH = REPO_ROOT / "deploy" / "kubernetes" / "gpu" / "deployment-gpu.yaml"
+GPU_PATCH = REPO_ROOT / "deploy" / "kubernetes" / "gpu" / "statefulset-gpu.yaml"
 
 _spec = importlib.util.spec_from_file_location(
     "check_kubernetes", REPO_ROOT / "scripts" / "check_kubernetes.py"
@@ -46,14 +46,15 @@ def base_objects() -> list[dict[str, Any]]:
 
 
 def api(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    deployment = next(d for d in docs if d["kind"] == "Deployment")
-    return next(
-        c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "api"
-    )
+    return next(c for c in pod_spec(docs)["containers"] if c["name"] == "api")
 
 
 def pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    return next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    return workload(docs)["spec"]["template"]["spec"]
+
+
+def workload(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == "StatefulSet")
 
 
 def set_env(docs: list[dict[str, Any]], name: str, value: str) -> None:
@@ -147,6 +148,15 @@ def _service_selects_nothing(docs):
     service["spec"]["selector"] = {"app": "other"}
 
 
+def _state_on_an_emptydir(docs):
+    workload(docs)["spec"]["volumeClaimTemplates"] = []
+    pod_spec(docs)["volumes"].append({"name": "state", "emptyDir": {}})
+
+
+def _state_dir_unmounted(docs):
+    set_env(docs, "CXR_STATE_DIR", "/var/lib/elsewhere")
+
+
 def _pdb_blocks_all(docs):
     pdb = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
     pdb["spec"]["maxUnavailable"] = 2
@@ -171,6 +181,8 @@ def _pdb_blocks_all(docs):
         (_burstable, "memory request and limit differ"),
         (_service_selects_nothing, "Service selects no pod"),
         (_pdb_blocks_all, "PodDisruptionBudget maxUnavailable 2 leaves no pod of minReplicas 2"),
+        (_state_on_an_emptydir, "CXR_STATE_DIR=/var/lib/pneumonia is not on a volumeClaimTemplate"),
+        (_state_dir_unmounted, "CXR_STATE_DIR=/var/lib/elsewhere is not on a volumeClaimTemplate"),
     ],
 )
 def test_each_check_fails_when_its_property_is_broken(break_it, fragment):
