@@ -61,6 +61,9 @@ class ResultFacts:
     model_sha256: str
     disclaimer: str
     cam_grid: Sequence[Sequence[float]] | None = field(default=None)
+    # The site profile that recalibrated the probability and set the threshold, when one was
+    # loaded (the answer's `calibration.sha256`): part of the result objects' UIDs.
+    site_profile_sha256: str | None = None
 
     @property
     def positive_probability(self) -> float:
@@ -83,6 +86,7 @@ class ResultFacts:
         grid = (
             explanation.get("grid") if explanation.get("target_class") == positive_class else None
         )
+        site = answer.get("calibration") or {}
         return cls(
             label=str(answer["label"]),
             probabilities={str(k): float(v) for k, v in answer["probabilities"].items()},
@@ -93,6 +97,7 @@ class ResultFacts:
             model_sha256=str(model["sha256"]),
             disclaimer=str(answer["disclaimer"]),
             cam_grid=grid,
+            site_profile_sha256=str(site["sha256"]) if site.get("sha256") else None,
         )
 
     def __post_init__(self) -> None:
@@ -110,7 +115,14 @@ def _algorithm(facts: ResultFacts) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(
         name=facts.model_name,
         version=facts.model_version,
-        parameters=[f"onnx sha256={facts.model_sha256}"],
+        parameters=[
+            f"onnx sha256={facts.model_sha256}",
+            *(
+                [f"site profile sha256={facts.site_profile_sha256}"]
+                if facts.site_profile_sha256
+                else []
+            ),
+        ],
         family=codes.cid7162.ArtificialIntelligence,
     )
 
@@ -267,7 +279,9 @@ def build_sr(
     def evaluation() -> list[hd.sr.QualitativeEvaluation]:
         return [hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=present)]
 
-    group_uid = result_instance_uid(source_uid, facts.model_sha256, kind) + ".1"
+    group_uid = (
+        result_instance_uid(source_uid, facts.model_sha256, kind, facts.site_profile_sha256) + ".1"
+    )
     groups: list[
         hd.sr.MeasurementsAndQualitativeEvaluations
         | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
@@ -323,9 +337,13 @@ def build_sr(
     sr = document(
         evidence=[_builder_view(evidence)],
         content=report[0],
-        series_instance_uid=result_series_uid(source_uid, facts.model_sha256, "sr"),
+        series_instance_uid=result_series_uid(
+            source_uid, facts.model_sha256, "sr", facts.site_profile_sha256
+        ),
         series_number=series_number,
-        sop_instance_uid=result_instance_uid(source_uid, facts.model_sha256, kind),
+        sop_instance_uid=result_instance_uid(
+            source_uid, facts.model_sha256, kind, facts.site_profile_sha256
+        ),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
@@ -441,9 +459,13 @@ def build_heatmap_sc(
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=result_series_uid(source_uid, facts.model_sha256, "sc"),
+        series_instance_uid=result_series_uid(
+            source_uid, facts.model_sha256, "sc", facts.site_profile_sha256
+        ),
         series_number=series_number,
-        sop_instance_uid=result_instance_uid(source_uid, facts.model_sha256, "sc"),
+        sop_instance_uid=result_instance_uid(
+            source_uid, facts.model_sha256, "sc", facts.site_profile_sha256
+        ),
         instance_number=1,
         manufacturer=MANUFACTURER,
         patient_orientation=(

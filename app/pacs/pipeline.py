@@ -108,6 +108,9 @@ class ResultsPipeline:
         self.settings = settings
         self.step = step
         self.metadata: ModelMetadata = step.classifier.metadata
+        profile = step.classifier.site_profile
+        # Results are kept per reading: the same image under another site profile is another one.
+        self.site_profile_sha256 = profile.sha256 if profile is not None else None
         self._shape = shape_answer
         state_dir = Path(settings.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -275,7 +278,7 @@ class ResultsPipeline:
         facts = ResultFacts.from_answer(answer, self.metadata.decision.positive_class)
         image = _explained_image(prediction)
         objects = render_objects(source, facts, image)
-        key = result_key(sop_uid, self.metadata.sha256)
+        key = result_key(sop_uid, self.metadata.sha256, facts.site_profile_sha256)
         names = [d.name for d in self.destinations]
         self.outbox.enqueue(key, objects, names, answer)
         return RecordedResult(key, sop_uid, objects, names)
@@ -283,7 +286,7 @@ class ResultsPipeline:
     def result(self, source_sop_instance_uid: str) -> StoredResult | None:
         """The stored answer and delivery states for a source image (by its SOP Instance UID) or
         for one of the result objects (by theirs)."""
-        key = result_key(source_sop_instance_uid, self.metadata.sha256)
+        key = result_key(source_sop_instance_uid, self.metadata.sha256, self.site_profile_sha256)
         return self.outbox.result(key) or self.outbox.result(source_sop_instance_uid)
 
     def payload(self, source_sop_instance_uid: str, kind: str) -> bytes | None:

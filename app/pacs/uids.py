@@ -1,9 +1,12 @@
 """Deterministic UIDs for result objects.
 
 A result object's UID is a function of what it renders: the source image, the model that read it
-(by the sha256 of its ONNX file) and the kind of object. Re-sending the same image to the same
-model therefore yields the same SOP Instance UID, so a PACS that already holds the result stores it
-again in place instead of gaining a second SR; a new model version yields new UIDs, side by side.
+(by the sha256 of its ONNX file), the site profile whose recalibration and threshold made the
+label, if one was loaded (by the sha256 of its canonical JSON), and the kind of object. Re-sending
+the same image to the same model and profile therefore yields the same SOP Instance UID, so a PACS
+that already holds the result stores it again in place instead of gaining a second SR; a new model
+version or a new site profile yields new UIDs, side by side, since one UID must never name two
+different findings. Without a site profile the UIDs are what they were before profiles existed.
 
 The UIDs are in the `2.25` arc (ISO/IEC 9834-8: the decimal integer of a UUID). The UUID is the
 first 16 bytes of a sha256 over the inputs, with the RFC 9562 version 8 ("custom") and variant
@@ -34,23 +37,45 @@ def _uid_from(*parts: str) -> str:
     return f"2.25.{value}"
 
 
-def _check(source_uid: str, model_sha256: str) -> None:
+def _check(source_uid: str, model_sha256: str, site_profile_sha256: str | None = None) -> None:
     if not (_UID.match(source_uid) and len(source_uid) <= 64):
         raise ValueError("source UID is not a valid DICOM UID")
     if not _SHA256.match(model_sha256):
         raise ValueError("model_sha256 must be 64 lowercase hex digits")
+    if site_profile_sha256 is not None and not _SHA256.match(site_profile_sha256):
+        raise ValueError("site_profile_sha256 must be 64 lowercase hex digits")
 
 
-def result_instance_uid(source_sop_instance_uid: str, model_sha256: str, kind: ObjectKind) -> str:
-    """SOP Instance UID of the `kind` result object for one source image and one model."""
-    _check(source_sop_instance_uid, model_sha256)
-    return _uid_from("instance", source_sop_instance_uid, model_sha256, kind)
+def _reading(model_sha256: str, site_profile_sha256: str | None) -> tuple[str, ...]:
+    """What made the finding: the model, and the site profile when one was applied."""
+    if site_profile_sha256 is None:
+        return (model_sha256,)
+    return (model_sha256, "site-profile", site_profile_sha256)
 
 
-def result_series_uid(source_sop_instance_uid: str, model_sha256: str, kind: ObjectKind) -> str:
+def result_instance_uid(
+    source_sop_instance_uid: str,
+    model_sha256: str,
+    kind: ObjectKind,
+    site_profile_sha256: str | None = None,
+) -> str:
+    """SOP Instance UID of the `kind` result object for one source image read by one model (and
+    site profile)."""
+    _check(source_sop_instance_uid, model_sha256, site_profile_sha256)
+    reading = _reading(model_sha256, site_profile_sha256)
+    return _uid_from("instance", source_sop_instance_uid, *reading, kind)
+
+
+def result_series_uid(
+    source_sop_instance_uid: str,
+    model_sha256: str,
+    kind: ObjectKind,
+    site_profile_sha256: str | None = None,
+) -> str:
     """Series Instance UID of the series that holds the `kind` result for one source image."""
-    _check(source_sop_instance_uid, model_sha256)
-    return _uid_from("series", source_sop_instance_uid, model_sha256, kind)
+    _check(source_sop_instance_uid, model_sha256, site_profile_sha256)
+    reading = _reading(model_sha256, site_profile_sha256)
+    return _uid_from("series", source_sop_instance_uid, *reading, kind)
 
 
 def device_uid(model_sha256: str) -> str:
@@ -61,7 +86,9 @@ def device_uid(model_sha256: str) -> str:
     return _uid_from("device", model_sha256)
 
 
-def result_key(source_sop_instance_uid: str, model_sha256: str) -> str:
-    """The outbox key of one answer: one source image read by one model."""
-    _check(source_sop_instance_uid, model_sha256)
-    return f"{source_sop_instance_uid}/{model_sha256}"
+def result_key(
+    source_sop_instance_uid: str, model_sha256: str, site_profile_sha256: str | None = None
+) -> str:
+    """The outbox key of one answer: one source image read by one model (and site profile)."""
+    _check(source_sop_instance_uid, model_sha256, site_profile_sha256)
+    return "/".join((source_sop_instance_uid, *_reading(model_sha256, site_profile_sha256)))

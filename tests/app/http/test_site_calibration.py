@@ -217,3 +217,44 @@ def test_a_missing_profile_file_keeps_the_service_not_ready(
     assert ready.status_code == 503
     assert "cannot read site profile" in ready.json()["error"]["message"]
     assert "\ncxr_ready 0.0\n" in metrics
+
+
+def test_results_delivered_under_a_profile_are_a_reading_of_their_own(
+    tmp_path: Path, model_path: Path, profile_path: Path
+) -> None:
+    """`deliver=true` under a site profile makes result objects whose UIDs name that reading:
+    the same image read without the profile (or before it was loaded) keeps the other UIDs and the
+    other answer, side by side in the outbox, instead of one UID standing for two findings."""
+    from app.pacs.uids import result_instance_uid
+    from app.testing.dicom_files import make_dicom, ramp
+
+    data = make_dicom(ramp(rows=256, columns=224))
+    state = tmp_path / "state"
+    readings = {}
+    for profile in (None, profile_path):
+        settings = make_settings(model_path, site_profile=profile, state_dir=state)
+        with TestClient(create_app(settings)) as client:
+            answer = client.post(
+                "/predict",
+                params={"deliver": "true"},
+                content=data,
+                headers={"content-type": "application/dicom"},
+            )
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            source = body["result"]["source_sop_instance_uid"]
+            (sr,) = [o for o in body["result"]["objects"] if o["kind"] == "sr"]
+            stored = client.get(f"/results/{source}").json()
+            assert stored["answer"]["label"] == body["label"]
+            assert stored["answer"]["probabilities"] == body["probabilities"]
+            sr_bytes = client.get(f"/results/{source}/sr").content
+            readings[profile] = (body, sr["sop_instance_uid"], sr_bytes)
+    plain, profiled = readings[None], readings[profile_path]
+    model_sha = sha256_of_model(model_path)
+    profile_sha = profiled[0]["calibration"]["sha256"]
+    assert plain[1] == result_instance_uid(source, model_sha, "sr")
+    assert profiled[1] == result_instance_uid(source, model_sha, "sr", profile_sha)
+    assert plain[1] != profiled[1]
+    assert plain[0]["probabilities"] != profiled[0]["probabilities"]
+    assert f"site profile sha256={profile_sha}".encode() in profiled[2]
+    assert b"site profile sha256" not in plain[2]

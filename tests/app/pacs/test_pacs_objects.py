@@ -3,6 +3,7 @@ heat map's pixels, and dciodvfy on every object built from every kind of source.
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 from pathlib import Path
@@ -24,7 +25,7 @@ from app.pacs.objects import (
     render_heatmap,
     render_objects,
 )
-from app.pacs.uids import device_uid, result_instance_uid, result_series_uid
+from app.pacs.uids import device_uid, result_instance_uid, result_key, result_series_uid
 from tests.app.pacs.pacs_results import (
     DISCLAIMER,
     MODEL_SHA256,
@@ -152,6 +153,68 @@ def test_rebuilding_gives_the_same_uids_and_another_model_new_ones() -> None:
     assert other.SeriesInstanceUID != first.SeriesInstanceUID
 
 
+SITE_PROFILE_SHA256 = "5e" * 32
+
+
+def test_a_site_profile_gives_its_own_uids_and_no_profile_the_ones_before_profiles() -> None:
+    """One UID must never name two findings: the same image read under a site profile (its own
+    recalibration and threshold) is another result, with UIDs of its own; without one the UIDs
+    are those that this service gave before site profiles existed (values from that code)."""
+    model = "ab" * 32
+    assert result_instance_uid("1.2.3.4", model, "sr") == (
+        "2.25.185245719377280947019089540730340853181"
+    )
+    assert result_series_uid("1.2.3.4", model, "sc") == (
+        "2.25.312292599420082954757899125495686386433"
+    )
+    assert result_key("1.2.3.4", model) == f"1.2.3.4/{model}"
+    for make in (result_instance_uid, result_series_uid):
+        plain = make("1.2.3.4", model, "sr")
+        assert make("1.2.3.4", model, "sr", None) == plain
+        profiled = make("1.2.3.4", model, "sr", SITE_PROFILE_SHA256)
+        other = make("1.2.3.4", model, "sr", "7f" * 32)
+        assert len({plain, profiled, other}) == 3
+        assert make("1.2.3.4", model, "sr", SITE_PROFILE_SHA256) == profiled
+        assert re.fullmatch(r"2\.25\.[1-9][0-9]*", profiled) and len(profiled) <= 64
+    assert result_key("1.2.3.4", model, SITE_PROFILE_SHA256) != result_key("1.2.3.4", model)
+    with pytest.raises(ValueError):
+        result_instance_uid("1.2.3.4", model, "sr", "not-a-digest")
+
+
+def test_an_answer_under_a_site_profile_renders_objects_of_that_reading() -> None:
+    profiled = {**ANSWER, "calibration": {"profile": "st-mary", "sha256": SITE_PROFILE_SHA256}}
+    facts = ResultFacts.from_answer(profiled, positive_class="PNEUMONIA")
+    assert facts.site_profile_sha256 == SITE_PROFILE_SHA256
+    assert ResultFacts.from_answer(ANSWER, positive_class="PNEUMONIA").site_profile_sha256 is None
+    source = factory_source(index=41)
+    sr, sc = (
+        pydicom.dcmread(io.BytesIO(o.payload)) for o in render_objects(source, facts, grey_u8())
+    )
+    plain_sr = build_sr(source, ResultFacts.from_answer(ANSWER, positive_class="PNEUMONIA"))
+    uid = source.SOPInstanceUID
+    assert sr.SOPInstanceUID == result_instance_uid(uid, MODEL_SHA256, "sr", SITE_PROFILE_SHA256)
+    assert sr.SeriesInstanceUID == result_series_uid(uid, MODEL_SHA256, "sr", SITE_PROFILE_SHA256)
+    assert sc.SOPInstanceUID == result_instance_uid(uid, MODEL_SHA256, "sc", SITE_PROFILE_SHA256)
+    assert sr.SOPInstanceUID != plain_sr.SOPInstanceUID
+    # ... and the SR says which profile it was: an Algorithm Parameters value beside the model's
+    parameters = [
+        item.TextValue
+        for item in _all_content_items(sr)
+        if getattr(item, "ConceptNameCodeSequence", None)
+        and item.ConceptNameCodeSequence[0].CodeValue == "111002"
+    ]
+    assert f"site profile sha256={SITE_PROFILE_SHA256}" in parameters
+    assert f"onnx sha256={MODEL_SHA256}" in parameters
+
+
+def _all_content_items(ds: Dataset) -> list[Dataset]:
+    found = []
+    for item in getattr(ds, "ContentSequence", []):
+        found.append(item)
+        found.extend(_all_content_items(item))
+    return found
+
+
 def test_facts_refuse_an_inconsistent_answer() -> None:
     with pytest.raises(ValueError):
         make_facts(positive_class="COVID")
@@ -198,10 +261,12 @@ def test_heatmap_text_is_really_burned_in() -> None:
     assert (legend[..., 0].astype(int) - legend[..., 2]).max() > 150
 
 
-@pytest.mark.parametrize("kind", ["sr", "sr-enhanced", "sc"])
+@pytest.mark.parametrize("kind", ["sr", "sr-enhanced", "sc", "sr-site-profile"])
 def test_dciodvfy_reports_no_error(source: Dataset, kind: str, tmp_path: Path) -> None:
     dciodvfy = require_tool("dciodvfy", "dicom3tools")
     facts = make_facts()
+    if kind == "sr-site-profile":
+        facts, kind = make_facts(site_profile_sha256=SITE_PROFILE_SHA256), "sr"
     if kind == "sc":
         built = build_heatmap_sc(source, facts, grey_u8())
     else:
