@@ -152,8 +152,9 @@ def check_variant(docs: list[Manifest], graceful_s: int) -> list[str]:
             f"{limits.get(name)})",
         )
     if "cpu" in limits:
-        # The service's rule (Settings.decode_slots / ort_threads) applied to the CPU limit: one
-        # decode more than the CPUs (at most 4 counted), and one ONNX Runtime thread per CPU.
+        # The service's rule (Settings.decode_slots / ort_threads / codec_thread_count) applied to
+        # the CPU limit: one decode more than the CPUs (at most 4 counted), and one ONNX Runtime
+        # and one OpenJPEG thread per CPU.
         cpu_limit = cores(limits["cpu"])
         decoders, ort = env.get("CXR_DECODE_CONCURRENCY"), env.get("CXR_ORT_INTRA_OP_THREADS")
         expected_decoders = min(cpu_limit, 4.0) + 1
@@ -165,6 +166,11 @@ def check_variant(docs: list[Manifest], graceful_s: int) -> list[str]:
         expect(
             ort is not None and float(ort) == cpu_limit,
             f"CXR_ORT_INTRA_OP_THREADS={ort} but the CPU limit is {limits['cpu']}",
+        )
+        codec = env.get("CXR_CODEC_THREADS")
+        expect(
+            codec is not None and float(codec) == cpu_limit,
+            f"CXR_CODEC_THREADS={codec} but the CPU limit is {limits['cpu']}",
         )
     unknown = sorted(v for v in env if v.startswith("CXR_") and v not in KNOWN_SETTINGS)
     expect(not unknown, f"environment names settings the service does not have: {unknown}")

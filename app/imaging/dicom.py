@@ -10,7 +10,8 @@ Three stages, each refusing what it cannot vouch for:
    frame's own dimensions must agree with Rows/Columns, so a codestream cannot allocate more than
    the header admitted.
 3. Decode the pixels (pydicom with the pylibjpeg plugins; a large JPEG 2000 frame at the reduced
-   resolution level of the contract's `Jpeg2000Reduction`, with Pillow's OpenJPEG) and render them
+   resolution level of the contract's `Jpeg2000Reduction`, with Pillow's OpenJPEG; a lossless
+   JPEG, JPEG-LS or JPEG 2000 frame with imagecodecs, `app.imaging.lossless`) and render them
    with the contract's `DicomRendering`: modality LUT, VOI, polarity, 8 bits. The pipeline is
    evaluated once per possible stored value into a lookup table, then applied with one indexing
    pass, so a 12-bit 2500x2048 image never exists as a float64 copy.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import re
 import struct
 import warnings
@@ -69,6 +71,8 @@ from app.errors import (
     OutsideTrainingPopulation,
 )
 from app.imaging.boundary import guarded, image_boundary
+from app.imaging.lossless import SYNTAXES as LOSSLESS_SYNTAXES
+from app.imaging.lossless import decode_lossless
 from app.imaging.preprocessing import WaveletApproximation
 
 # pydicom reports invalid header values through `warnings` and its logger, quoting the value: that
@@ -123,6 +127,8 @@ class DicomPolicy:
     # contract): stored width, height, the codestream's decomposition levels and wavelet -> the
     # resolution level r to decode at (0: full resolution). None: always full resolution.
     j2k_level: Callable[[int, int, int, str], int] | None = None
+    # Threads one JPEG 2000 decode may use (OpenJPEG; `app.imaging.lossless`).
+    codec_threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -424,9 +430,13 @@ def _decode_j2k_at_level(frame: bytes, header: J2kMainHeader, level: int) -> np.
             f"the JPEG 2000 frame could not be decoded at resolution level {level} "
             f"(got {decoded.shape}, not {expected[1]}x{expected[0]})"
         )
-    values = decoded.astype(np.int32) >> (8 * decoded.dtype.itemsize - header.precision)
-    if header.signed:
-        values -= 1 << (header.precision - 1)
+    shift = 8 * decoded.dtype.itemsize - header.precision
+    if not header.signed:
+        unsigned: np.ndarray = decoded >> shift  # of the decoded unsigned type: no int32 copy
+        return unsigned
+    values = decoded.astype(np.int32)
+    values >>= shift
+    values -= 1 << (header.precision - 1)
     return values
 
 
@@ -691,6 +701,8 @@ class OpenedDicom:
         reduced = self._reduced_j2k(policy)
         stored, approximation = reduced if reduced is not None else (None, None)
         if stored is None:
+            stored = self._lossless_values(policy)
+        if stored is None:
             plugin = _PREFERRED_PLUGINS.get(syntax)
             if plugin is not None and plugin in get_decoder(syntax).available_plugins:
                 ds.pixel_array_options(decoding_plugin=plugin)
@@ -717,6 +729,36 @@ class OpenedDicom:
             manufacturer=str(ds.get("Manufacturer", "") or "").strip()[:64] or None,
         )
         return RenderedDicom(Image.fromarray(grey), findings, approximation)
+
+    def _lossless_values(self, policy: DicomPolicy) -> np.ndarray | None:
+        """The stored values of a lossless frame by `app.imaging.lossless` (imagecodecs, off the
+        interpreter lock), or None where pydicom decodes it."""
+        ds = self._ds
+        syntax = self.transfer_syntax
+        if syntax not in LOSSLESS_SYNTAXES or _signed(ds):
+            return None
+        with image_boundary("the DICOM encapsulated pixel data has no readable frame"):
+            frame = _single_frame(ds.PixelData)
+        bits_stored = int(ds.BitsStored)
+        if syntax == JPEG2000Lossless:
+            header = j2k_main_header(frame)
+            if header is None or (
+                header.components,
+                header.precision,
+                header.signed,
+                header.offset,
+                header.wavelet,
+            ) != (1, bits_stored, False, (0, 0), "5/3"):
+                return None
+        return decode_lossless(
+            frame,
+            syntax,
+            rows=int(ds.Rows),
+            columns=int(ds.Columns),
+            bits_allocated=int(ds.BitsAllocated),
+            bits_stored=bits_stored,
+            threads=policy.codec_threads,
+        )
 
     def _reduced_j2k(self, policy: DicomPolicy) -> tuple[np.ndarray, WaveletApproximation] | None:
         """The stored values at the contract's reduced resolution level and what they are, or
@@ -746,6 +788,13 @@ class OpenedDicom:
         dtype = f"{'i' if header.signed else 'u'}{int(ds.BitsAllocated) // 8}"
         stored_size = (int(ds.Columns), int(ds.Rows))
         return values.astype(dtype), WaveletApproximation(level, header.wavelet, stored_size)
+
+
+def use_codec_threads(threads: int) -> None:
+    """Let each JPEG 2000 decode run on `threads` threads. imagecodecs is told per call
+    (`DicomPolicy.codec_threads`); Pillow's OpenJPEG, which decodes the reduced frames, reads
+    `OPJ_NUM_THREADS` whenever it creates a decoder, so this sets it for the process."""
+    os.environ["OPJ_NUM_THREADS"] = str(max(1, threads))
 
 
 def open_dicom(data: bytes, max_pixels: int, min_side: int, policy: DicomPolicy) -> OpenedDicom:

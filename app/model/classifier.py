@@ -77,6 +77,7 @@ class Classifier:
         limits: DecodeLimits,
         refuse_outside_population: bool = False,
         site_profile: SiteProfile | None = None,
+        codec_threads: int = 1,
     ) -> None:
         self.metadata = metadata
         # A site's recalibration and threshold, applied after the contract's calibration.
@@ -96,6 +97,7 @@ class Classifier:
             max_inflated_bytes=limits.max_pixels * 2 + 16 * 1024 * 1024,
             # Large JPEG 2000 frames are decoded at the reduced level the contract prescribes.
             j2k_level=partial(j2k_reduction_level, spec=metadata.preprocessing),
+            codec_threads=codec_threads,
         )
         spec = metadata.preprocessing
         self._input_shape = (spec.height, spec.width, spec.channels)

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from app.contract import ModelMetadata, TensorSpec, load_metadata
 from app.errors import ModelLoadError
+from app.imaging.dicom import use_codec_threads
 from app.imaging.types import DecodeLimits
 from app.model.classifier import Classifier
 from app.model.site_profile import ProfileError, SiteProfile
@@ -195,12 +196,14 @@ def load_classifier(settings: Settings) -> Classifier:
 
     check_signature(session, metadata)
     limits = DecodeLimits(max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
+    use_codec_threads(settings.codec_thread_count)  # for the process: OpenJPEG reads it
     classifier = Classifier(
         session,
         metadata,
         limits,
         refuse_outside_population=settings.outside_population == "refuse",
         site_profile=site_profile,
+        codec_threads=settings.codec_thread_count,
     )
     classifier.warm_up()
     return classifier

@@ -99,6 +99,11 @@ def _threads_above_limit(docs):
     set_env(docs, "CXR_ORT_INTRA_OP_THREADS", "8")
 
 
+def _codec_threads_from_the_node(docs):
+    env = api(docs)["env"]
+    env[:] = [e for e in env if e["name"] != "CXR_CODEC_THREADS"]
+
+
 def _decoders_above_limit(docs):
     set_env(docs, "CXR_DECODE_CONCURRENCY", "4")
 
@@ -169,6 +174,7 @@ def _pdb_blocks_all(docs):
         (_short_grace, "terminationGracePeriodSeconds 10 < preStop 5 + drain 5.0 + graceful"),
         (_threads_above_limit, "CXR_ORT_INTRA_OP_THREADS=8 but the CPU limit is 2"),
         (_decoders_above_limit, "CXR_DECODE_CONCURRENCY=4 but the CPU limit of 2 makes it 3"),
+        (_codec_threads_from_the_node, "CXR_CODEC_THREADS=None but the CPU limit is 2"),
         (_unknown_setting, "settings the service does not have: ['CXR_INFERENCE_CONCURRENCY']"),
         (_dicom_port_elsewhere, "CXR_DICOM_PORT=104 but container port `dicom` is 11112"),
         (_readiness_on_liveness, "readinessProbe must GET /health/ready"),

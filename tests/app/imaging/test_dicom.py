@@ -683,3 +683,94 @@ def test_a_reduced_j2k_frame_that_does_not_decode_is_a_422(damage: str) -> None:
     with pytest.raises(InvalidImage) as excinfo:
         decode_upload(buffer.getvalue(), LIMITS, REDUCING)
     assert excinfo.value.status_code == 422
+
+
+# -- lossless frames by imagecodecs (app.imaging.lossless), exactly pydicom's values
+
+LOSSLESS = ("jpeg_lossless", "jpeg_lossless_sv1", "jpeg_ls", "jpeg_ls_near", "j2k_lossless")
+
+
+def _lossless_cases() -> dict[str, tuple[np.ndarray, dict]]:
+    rng = np.random.default_rng(11)
+    twelve = _large_twelve_bit()
+    return {
+        "12-bit": (twelve, {"bits_stored": 12}),
+        "16-bit full range": (rng.integers(0, 65536, (257, 311), dtype=np.uint16), {}),
+        "10-bit": ((twelve >> 2).astype(np.uint16), {"bits_stored": 10}),
+        "8-bit": (rng.integers(0, 256, (129, 97), dtype=np.uint8), {}),
+        "odd sizes": (twelve[:97, :131].copy(), {"bits_stored": 12}),
+        "monochrome1": (twelve, {"bits_stored": 12, "photometric": "MONOCHROME1"}),
+    }
+
+
+@pytest.mark.parametrize("syntax", LOSSLESS)
+@pytest.mark.parametrize("case", list(_lossless_cases()))
+def test_a_lossless_frame_is_decoded_by_imagecodecs_exactly_as_pydicom_decodes_it(
+    case: str, syntax: str
+) -> None:
+    """A lossless codestream decodes to the same values in every conforming decoder, so reading
+    it with imagecodecs (the interpreter lock released) instead of pydicom's plugin changes no
+    pixel: the values, and the rendered image, are pydicom's."""
+    from app.imaging.dicom import open_dicom
+
+    stored, options = _lossless_cases()[case]
+    data = make_dicom(stored, syntax, **options)
+    opened = open_dicom(data, LIMITS.max_pixels, LIMITS.min_side, POLICY)
+    values = opened._lossless_values(POLICY)
+    assert values is not None, "the lossless frame was left to pydicom"
+    reference = pydicom.dcmread(io.BytesIO(data)).pixel_array
+    assert values.dtype == reference.dtype and values.shape == reference.shape
+    np.testing.assert_array_equal(values, reference)
+    if syntax != "jpeg_ls_near":
+        np.testing.assert_array_equal(values, stored)
+    # ... and the whole decode renders what rendering pydicom's values gives
+    as_native = make_dicom(reference, "explicit_le", **options)
+    np.testing.assert_array_equal(
+        np.asarray(decode_upload(data, LIMITS, POLICY).image),
+        np.asarray(decode_upload(as_native, LIMITS, POLICY).image),
+    )
+
+
+@pytest.mark.parametrize(
+    ("syntax", "stored", "why"),
+    [
+        ("j2k", _large_twelve_bit(), "lossy: training decodes it with pydicom too"),
+        ("jpeg_extended", _large_twelve_bit(), "lossy"),
+        ("rle", _large_twelve_bit(), "RLE is pydicom's (pylibjpeg-rle releases no lock it needs)"),
+        ("j2k_lossless", (_large_twelve_bit().astype(np.int32) - 2048).astype(np.int16), "signed"),
+    ],
+)
+def test_other_frames_stay_with_pydicom(syntax: str, stored: np.ndarray, why: str) -> None:
+    from app.imaging.dicom import open_dicom
+
+    data = make_dicom(stored, syntax, bits_stored=12)
+    opened = open_dicom(data, LIMITS.max_pixels, LIMITS.min_side, POLICY)
+    assert opened._lossless_values(POLICY) is None, why
+    assert decode_upload(data, LIMITS, POLICY).image.size == (601, 513)
+
+
+def test_a_jpeg_frame_whose_precision_disagrees_with_bits_stored_stays_with_pydicom() -> None:
+    from app.imaging.dicom import open_dicom
+
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(_large_twelve_bit(), "jpeg_lossless_sv1")))
+    ds.BitsStored, ds.HighBit = 12, 11  # the codestream says 16
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    opened = open_dicom(buffer.getvalue(), LIMITS.max_pixels, LIMITS.min_side, POLICY)
+    assert opened._lossless_values(POLICY) is None
+
+
+@pytest.mark.parametrize("syntax", LOSSLESS)
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_lossless_frame_that_does_not_decode_is_a_422(syntax: str, damage: str) -> None:
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(_large_twelve_bit(), syntax, bits_stored=12)))
+    frame = list(generate_fragments(ds.PixelData))[1]
+    rng = random.Random(damage)
+    keep = len(frame) // 5  # past the SOF / SIZ, so that the frame still qualifies
+    bad = frame[: len(frame) // 3] if damage == "truncated" else frame[:keep] + rng.randbytes(9000)
+    ds.PixelData = encapsulate([bad + b"\0" * (len(bad) % 2)])
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(ServiceError) as excinfo:
+        decode_upload(buffer.getvalue(), LIMITS, POLICY)
+    assert excinfo.value.status_code == 422
