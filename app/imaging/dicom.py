@@ -72,7 +72,7 @@ from app.errors import (
 )
 from app.imaging.boundary import guarded, image_boundary
 from app.imaging.lossless import SYNTAXES as LOSSLESS_SYNTAXES
-from app.imaging.lossless import decode_lossless
+from app.imaging.lossless import decode_lossless, jpeg_sof
 from app.imaging.preprocessing import WaveletApproximation
 
 # pydicom reports invalid header values through `warnings` and its logger, quoting the value: that
@@ -314,24 +314,8 @@ def _frame_header_size(fragment: bytes) -> tuple[int, int] | None:
     if siz >= 0 and len(fragment) >= siz + 24:
         xsiz, ysiz, x0, y0 = struct.unpack(">IIII", fragment[siz + 8 : siz + 24])
         return ysiz - y0, xsiz - x0
-    if not fragment.startswith(b"\xff\xd8"):
-        return None
-    position = 2
-    while position + 9 <= len(fragment):
-        if fragment[position] != 0xFF:
-            return None
-        marker = fragment[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-            continue
-        (length,) = struct.unpack(">H", fragment[position + 2 : position + 4])
-        # SOF0-3, 5-7, 9-11, 13-15 (JPEG) and SOF55 (JPEG-LS)
-        if marker in (*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), 0xCD, 0xCE,
-                      0xCF, 0xF7):  # fmt: skip
-            rows, columns = struct.unpack(">HH", fragment[position + 5 : position + 9])
-            return rows, columns
-        position += 2 + length
-    return None
+    sof = jpeg_sof(fragment)
+    return None if sof is None else (sof[1], sof[2])
 
 
 @dataclass(frozen=True)

@@ -41,12 +41,18 @@ _JPEG_LS = (JPEGLSLossless, JPEGLSNearLossless)
 SYNTAXES: tuple[UID, ...] = (*_JPEG, *_JPEG_LS, JPEG2000Lossless)
 
 
-def _jpeg_sof(frame: bytes) -> tuple[int, int] | None:
-    """(precision, components) from a JPEG or JPEG-LS frame's SOF marker, or None."""
+# SOF0-3, 5-7, 9-11, 13-15 (JPEG) and SOF55 (JPEG-LS)
+_SOF_MARKERS = frozenset((*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), 0xCD, 0xCE,
+                          0xCF, 0xF7))  # fmt: skip
+
+
+def jpeg_sof(frame: bytes) -> tuple[int, int, int, int | None] | None:
+    """(precision, rows, columns, components) from a JPEG or JPEG-LS frame's SOF marker, or None
+    when the frame has none before its data (components None when the segment is cut short)."""
     if not frame.startswith(b"\xff\xd8"):
         return None
     position = 2
-    while position + 10 <= len(frame):
+    while position + 9 <= len(frame):
         if frame[position] != 0xFF:
             return None
         marker = frame[position + 1]
@@ -54,8 +60,10 @@ def _jpeg_sof(frame: bytes) -> tuple[int, int] | None:
             position += 1
             continue
         (length,) = struct.unpack(">H", frame[position + 2 : position + 4])
-        if marker in (0xC3, 0xC7, 0xCB, 0xCF, 0xF7, *range(0xC0, 0xC3), 0xC5, 0xC6, 0xC9, 0xCA):
-            return frame[position + 4], frame[position + 9]
+        if marker in _SOF_MARKERS:
+            rows, columns = struct.unpack(">HH", frame[position + 5 : position + 9])
+            components = frame[position + 9] if position + 9 < len(frame) else None
+            return frame[position + 4], rows, columns, components
         position += 2 + length
     return None
 
@@ -82,7 +90,7 @@ def decode_lossless(
     decode: Callable[[bytes], np.ndarray]
     if syntax == JPEG2000Lossless:
         decode = partial(imagecodecs.jpeg2k_decode, numthreads=threads)
-    elif _jpeg_sof(frame) != (bits_stored, 1):
+    elif (sof := jpeg_sof(frame)) is None or (sof[0], sof[3]) != (bits_stored, 1):
         return None
     else:
         decode = imagecodecs.jpeg8_decode if syntax in _JPEG else imagecodecs.jpegls_decode

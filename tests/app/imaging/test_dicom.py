@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import random
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -669,20 +670,25 @@ def test_a_j2k_frame_with_one_wavelet_level_is_reduced_by_one_at_most() -> None:
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_a_reduced_j2k_frame_that_does_not_decode_is_a_422(damage: str) -> None:
-    ds = pydicom.dcmread(
-        io.BytesIO(make_dicom(_large_twelve_bit(), "j2k_lossless", bits_stored=12))
-    )
+    # the main header stays whole, so that the rule applies and the reduced decode meets the damage
+    data = _damaged("j2k_lossless", damage, keep=lambda frame: frame.find(b"\xff\x90"))
+    with pytest.raises(InvalidImage) as excinfo:
+        decode_upload(data, LIMITS, REDUCING)
+    assert excinfo.value.status_code == 422
+
+
+def _damaged(syntax: str, damage: str, keep: Callable[[bytes], int]) -> bytes:
+    """A 601x513 12-bit file whose frame is cut to a third ("truncated") or whose bytes after
+    `keep(frame)` are replaced by 9000 random ones ("garbage")."""
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(_large_twelve_bit(), syntax, bits_stored=12)))
     frame = list(generate_fragments(ds.PixelData))[1]
     rng = random.Random(damage)
-    # the main header stays whole, so that the rule applies and the reduced decode meets the damage
-    keep = frame.find(b"\xff\x90")
-    bad = frame[: len(frame) // 3] if damage == "truncated" else frame[:keep] + rng.randbytes(9000)
+    kept = keep(frame)
+    bad = frame[: len(frame) // 3] if damage == "truncated" else frame[:kept] + rng.randbytes(9000)
     ds.PixelData = encapsulate([bad + b"\0" * (len(bad) % 2)])
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
-    with pytest.raises(InvalidImage) as excinfo:
-        decode_upload(buffer.getvalue(), LIMITS, REDUCING)
-    assert excinfo.value.status_code == 422
+    return buffer.getvalue()
 
 
 # -- lossless frames by imagecodecs (app.imaging.lossless), exactly pydicom's values
@@ -763,14 +769,8 @@ def test_a_jpeg_frame_whose_precision_disagrees_with_bits_stored_stays_with_pydi
 @pytest.mark.parametrize("syntax", LOSSLESS)
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_a_lossless_frame_that_does_not_decode_is_a_422(syntax: str, damage: str) -> None:
-    ds = pydicom.dcmread(io.BytesIO(make_dicom(_large_twelve_bit(), syntax, bits_stored=12)))
-    frame = list(generate_fragments(ds.PixelData))[1]
-    rng = random.Random(damage)
-    keep = len(frame) // 5  # past the SOF / SIZ, so that the frame still qualifies
-    bad = frame[: len(frame) // 3] if damage == "truncated" else frame[:keep] + rng.randbytes(9000)
-    ds.PixelData = encapsulate([bad + b"\0" * (len(bad) % 2)])
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
+    # past the SOF / SIZ, so that the frame still qualifies for imagecodecs
+    data = _damaged(syntax, damage, keep=lambda frame: len(frame) // 5)
     with pytest.raises(ServiceError) as excinfo:
-        decode_upload(buffer.getvalue(), LIMITS, POLICY)
+        decode_upload(data, LIMITS, POLICY)
     assert excinfo.value.status_code == 422
