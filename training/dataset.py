@@ -44,6 +44,13 @@ class Augmentation:
     blur_sigma: float = 0.0  # Gaussian blur, sigma up to this many pixels, on half the images
     noise: float = 0.0  # additive Gaussian noise, std up to this fraction of the full range
     crop: float = 0.0  # zoom in by up to this fraction (height and width drawn apart)
+    # What happens to an X-ray after acquisition, on its way to the model: a PACS or a viewer export
+    # rescales it (with its own filter) and re-encodes it. On half the images each, drawn apart:
+    # downscale by a factor in [resize_min, 1) per axis with bilinear, area or bicubic filtering,
+    # then back to the model's size with the contract's bilinear filter; JPEG re-encoding at a
+    # quality drawn from [jpeg_quality, 95]. Both off (0) by default.
+    resize_min: float = 0.0
+    jpeg_quality: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -121,7 +128,7 @@ def augmenter(aug: Augmentation, seed: int) -> Any:
                 seed=seed + 8,
             )
         )
-    return keras.Sequential(stack, name="augmentation")
+    return keras.Sequential(stack, name="augmentation") if stack else None
 
 
 def exposure_jitter(x: Any, aug: Augmentation, seed: int) -> Any:
@@ -136,6 +143,34 @@ def exposure_jitter(x: Any, aug: Augmentation, seed: int) -> Any:
         sigma = tf.random.uniform(per_image, 0.0, aug.noise * PIXEL_MAX, seed=seed + 10)
         x = x + sigma * tf.random.normal(tf.shape(x), seed=seed + 11)
     return x
+
+
+RESIZE_FILTERS = ("bilinear", "area", "bicubic")
+
+
+def export_jitter(image: Any, aug: Augmentation, seed: int) -> Any:
+    """One image (H, W, C) float in [0, PIXEL_MAX] -> rescaled and/or JPEG re-encoded (TF ops)."""
+    import tensorflow as tf
+
+    size = tf.shape(image)[:2]
+    if aug.resize_min:
+        scale_hw = tf.random.uniform([2], aug.resize_min, 1.0, seed=seed + 12)
+        small = tf.maximum(tf.cast(tf.cast(size, tf.float32) * scale_hw, tf.int32), 8)
+        choice = tf.random.uniform([], 0, len(RESIZE_FILTERS), dtype=tf.int32, seed=seed + 13)
+        branches = [
+            (lambda m=m: tf.image.resize(image, small, method=m, antialias=True))
+            for m in RESIZE_FILTERS
+        ]
+        resized = tf.image.resize(tf.switch_case(choice, branches), size, method="bilinear")
+        apply = tf.random.uniform([], seed=seed + 14) < 0.5
+        image = tf.where(apply, tf.clip_by_value(resized, 0.0, PIXEL_MAX), image)
+    if aug.jpeg_quality:
+        quality = tf.random.uniform([], aug.jpeg_quality, 96, dtype=tf.int32, seed=seed + 15)
+        pixels = tf.cast(tf.round(tf.clip_by_value(image, 0.0, PIXEL_MAX)), tf.uint8)
+        encoded = tf.cast(tf.image.adjust_jpeg_quality(pixels, quality), tf.float32)
+        apply = tf.random.uniform([], seed=seed + 16) < 0.5
+        image = tf.where(apply, tf.reshape(encoded, tf.shape(image)), image)
+    return image
 
 
 def make_dataset(
@@ -163,12 +198,35 @@ def make_dataset(
 
     def to_inputs(x: Any, y: Any, *w: Any) -> tuple[Any, ...]:
         x = tf.cast(x, tf.float32)
-        if augmentation is not None and aug_model is not None:
+        if augmentation is not None:
             # augment in pixel units, then apply the contract's scaling like every other input
-            x = exposure_jitter(aug_model(x, training=True), augmentation, seed)
+            x = aug_model(x, training=True) if aug_model is not None else x
+            x = exposure_jitter(x, augmentation, seed)
             x = tf.clip_by_value(x, 0.0, PIXEL_MAX)
         x = scale(x, spec)
         y = tf.one_hot(tf.cast(y, tf.int32), num_classes)
         return (x, y, *w)
 
+    def batch_augment(x: Any, *rest: Any) -> tuple[Any, ...]:
+        assert augmentation is not None
+        x = tf.cast(x, tf.float32)
+        x = aug_model(x, training=True) if aug_model is not None else x
+        x = exposure_jitter(x, augmentation, seed)
+        return (tf.clip_by_value(x, 0.0, PIXEL_MAX), *rest)
+
+    def finish(x: Any, y: Any, *w: Any) -> tuple[Any, ...]:
+        y = tf.one_hot(tf.cast(y, tf.int32), num_classes)
+        return (scale(x, spec), y, *w)
+
+    if augmentation is not None and (augmentation.resize_min or augmentation.jpeg_quality):
+        # the per-image export jitter runs between the batched augmentation and the scaling
+        ds = ds.map(batch_augment, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+        ds = ds.map(
+            lambda x, *rest: (export_jitter(x, augmentation, seed), *rest),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        ds = ds.batch(batch_size).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+        batches = -(-len(images) // batch_size)  # unbatch() loses the count Keras' epochs need
+        ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
+        return ds.prefetch(tf.data.AUTOTUNE)
     return ds.map(to_inputs, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -41,8 +41,8 @@ def _conv_bn(x, filters: int, kernel: int = 3, strides: int = 1, name: str = "")
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
-def _residual_block(x, filters: int, name: str):
-    """Two separable 3x3 convolutions with a projected shortcut, then 2x2 max pooling."""
+def _residual_block(x, filters: int, name: str, pool: bool = True):
+    """Two separable 3x3 convolutions with a projected shortcut, then 2x2 max pooling (`pool`)."""
     shortcut = layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_proj")(x)
     shortcut = _batch_norm(name=f"{name}_proj_bn")(shortcut)
     y = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_sep1")(x)
@@ -52,17 +52,23 @@ def _residual_block(x, filters: int, name: str):
     y = _batch_norm(name=f"{name}_bn2")(y)
     y = layers.Add(name=f"{name}_add")([y, shortcut])
     y = layers.ReLU(name=f"{name}_relu2")(y)
-    return layers.MaxPooling2D(2, name=f"{name}_pool")(y)
+    return layers.MaxPooling2D(2, name=f"{name}_pool")(y) if pool else y
 
 
 def cxr_net(
-    input_shape=(224, 224, 1), num_classes: int = 2, width: int = 32, dropout: float = 0.3
+    input_shape=(224, 224, 1),
+    num_classes: int = 2,
+    width: int = 32,
+    dropout: float = 0.3,
+    pool_last: bool = True,
+    name: str = "cxr_net",
 ) -> keras.Model:
-    """The default: a compact residual separable CNN that trains on two CPU cores.
+    """The 1.0 architecture: a compact residual separable CNN that trains on two CPU cores.
 
-    Per-image standardisation, a strided stem (224 -> 56 px), four residual stages (28 -> 3 px: the
-    exported feature map is 3x3), then global average pooling straight into the classifier, so
-    class activation maps are exact.
+    Per-image standardisation, a strided stem (224 -> 56 px), four residual stages (28, 14, 7, then
+    3 px: the exported feature map is 3x3), then global average pooling straight into the
+    classifier, so class activation maps are exact. The 7 -> 3 pooling floors away the last row and
+    column of the 7x7 stage; `pool_last=False` keeps the 7x7 map (`cxr_net_7`).
     """
     inputs = keras.Input(input_shape, name="image")
     x = PerImageStandardization(name="standardize")(inputs)
@@ -70,11 +76,23 @@ def cxr_net(
     x = layers.MaxPooling2D(2, name="stem_pool")(x)  # 56
     x = _conv_bn(x, width, 3, name="stem2")
     for i, mult in enumerate((2, 4, 8, 12)):
-        x = _residual_block(x, width * mult, name=f"stage{i + 1}")  # 28, 14, 7, 3
+        pool = i < 3 or pool_last
+        x = _residual_block(x, width * mult, name=f"stage{i + 1}", pool=pool)  # 28, 14, 7, 3|7
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(num_classes, name="logits")(x)
-    return keras.Model(inputs, outputs, name="cxr_net")
+    return keras.Model(inputs, outputs, name=name)
+
+
+def cxr_net_7(
+    input_shape=(224, 224, 1), num_classes: int = 2, width: int = 32, dropout: float = 0.3
+) -> keras.Model:
+    """`cxr_net` without its last pooling: the same weights and FLOPs up to the head, a 7x7 map.
+
+    Each of the 49 cells sits on a 32 px stride of the input with its centre at 16 + 32 k px, so a
+    class activation map drawn on that grid points where the network looked.
+    """
+    return cxr_net(input_shape, num_classes, width, dropout, pool_last=False, name="cxr_net_7")
 
 
 def seed_cnn(input_shape=(224, 224, 1), num_classes: int = 2) -> keras.Model:
@@ -154,6 +172,7 @@ def unfreeze_top(model: keras.Model, trainable_from: int = 100) -> None:
 
 ARCHITECTURES: dict[str, Callable[..., keras.Model]] = {
     "cxr_net": cxr_net,
+    "cxr_net_7": cxr_net_7,
     "seed_cnn": seed_cnn,
     "deep_cnn": deep_cnn,
     "mobilenet_v2": mobilenet_v2,

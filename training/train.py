@@ -93,6 +93,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--patience", type=int, default=6, help="early stopping patience (epochs)")
     p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="keep an exponential moving average of the weights with this momentum (e.g. 0.99) "
+        "and validate, checkpoint and ship the averaged weights, with BatchNorm statistics "
+        "recomputed for them (0: off)",
+    )
+    p.add_argument(
         "--monitor",
         choices=("auc", "loss"),
         default="auc",
@@ -125,6 +133,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--blur-sigma", type=float, default=a.blur_sigma, help="max blur sigma, px")
     p.add_argument("--noise", type=float, default=a.noise, help="max noise std, fraction of range")
     p.add_argument("--crop", type=float, default=a.crop, help="max zoom-in crop, fraction")
+    p.add_argument(
+        "--resize-min",
+        type=float,
+        default=a.resize_min,
+        help="export jitter: downscale half the images by a factor in [this, 1) and back (0: off)",
+    )
+    p.add_argument(
+        "--jpeg-quality",
+        type=int,
+        default=a.jpeg_quality,
+        help="export jitter: re-encode half the images as JPEG at a quality in [this, 95] (0: off)",
+    )
     p.add_argument(
         "--horizontal-flip", action="store_true", help="off by default, see Augmentation"
     )
@@ -232,6 +252,8 @@ def augmentation_from_args(args: argparse.Namespace) -> Augmentation | None:
         blur_sigma=args.blur_sigma,
         noise=args.noise,
         crop=args.crop,
+        resize_min=args.resize_min,
+        jpeg_quality=args.jpeg_quality,
     )
 
 
@@ -311,7 +333,7 @@ def build_and_fit(
         seed=args.seed,
         sample_weights=weights[data.train.labels].astype(np.float32),
     )
-    options = {"width": args.width} if args.arch == "cxr_net" else {}
+    options = {"width": args.width} if args.arch in ("cxr_net", "cxr_net_7") else {}
     model = build_model(
         args.arch, (spec.height, spec.width, spec.channels), weights=args.weights, **options
     )
@@ -321,7 +343,10 @@ def build_and_fit(
     steps_per_epoch = int(np.ceil(len(data.train.labels) / args.batch_size))
 
     def callbacks() -> list[Any]:
-        chosen = [
+        # With --ema the averaged weights are swapped in at each epoch's end, before validation,
+        # early stopping and the checkpoint see the model, and swapped out again for training.
+        chosen = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if args.ema else []
+        chosen += [
             validation_callback(data.val, args.batch_size),
             keras.callbacks.EarlyStopping(
                 monitor=monitor, mode=mode, patience=args.patience, restore_best_weights=True
@@ -348,7 +373,12 @@ def build_and_fit(
                 lr, decay_steps=steps_per_epoch * (epochs - initial_epoch), alpha=0.01
             )
         model.compile(
-            optimizer=keras.optimizers.AdamW(learning_rate=rate, weight_decay=1e-4),
+            optimizer=keras.optimizers.AdamW(
+                learning_rate=rate,
+                weight_decay=1e-4,
+                use_ema=bool(args.ema),
+                ema_momentum=args.ema or 0.99,
+            ),
             loss=keras.losses.CategoricalCrossentropy(
                 from_logits=True, label_smoothing=args.label_smoothing
             ),
@@ -374,12 +404,35 @@ def build_and_fit(
             args.lr / 10, epochs_run + args.fine_tune_epochs, initial_epoch=epochs_run
         )
         epochs_run += len(history.history["loss"])
+    if args.ema:
+        # fit() ends by writing the last epoch's averages into the model, over what early stopping
+        # restored: the best epoch's averaged weights are the checkpoint's
+        model.load_weights(str(checkpoint))
+        recompute_batch_norm(model, data.train.images, args.batch_size)
     seconds = time.monotonic() - start
     model.save(checkpoint)  # restore_best_weights: the in-memory model is the best one
 
     rows = list(csv.DictReader((out / "history.csv").open()))
     (out / "history.json").write_text(json.dumps(rows, indent=1))
     return FitResult(model, rows, epochs_run, _best_epoch(rows, monitor, mode), seconds)
+
+
+def recompute_batch_norm(
+    model: Any, images: np.ndarray, batch_size: int, batches: int = 60
+) -> None:
+    """BatchNorm moving statistics for the weights the model holds now (averaged ones, which the
+    statistics gathered during training never saw): forward passes in training mode over clean
+    training images. Nothing trainable changes; momentum 0.9 forgets the old statistics within
+    the first few dozen batches."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(images))
+    count = max(1, min(batches, len(images) // batch_size))
+    for i in range(count):
+        batch = scale(images[order[i * batch_size : (i + 1) * batch_size]])
+        model(keras.ops.convert_to_tensor(batch), training=True)
+    print(f"[train] BatchNorm statistics recomputed over {count} batches", flush=True)
 
 
 def _best_epoch(history: list[dict[str, str]], monitor: str, mode: str) -> int:
@@ -458,9 +511,10 @@ def write_summary(
     for key, value, default in (
         ("schedule", args.schedule, "plateau"),
         ("label_smoothing", args.label_smoothing, 0.0),
-        ("width", args.width if args.arch == "cxr_net" else 32, 32),
+        ("width", args.width if args.arch in ("cxr_net", "cxr_net_7") else 32, 32),
         ("holdout_fraction", args.holdout_fraction, 0.0),
         ("max_minutes", args.max_minutes, 0.0),
+        ("ema_momentum", args.ema, 0.0),
     ):
         if value != default:
             hyperparameters[key] = value

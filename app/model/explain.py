@@ -66,11 +66,53 @@ def class_activation_map(
     return ClassActivationMap(class_index, grid, float(spec.bias[class_index]))
 
 
-def upsample(values: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A [0, 1] map resized to the model input's size, bilinear (cell centres align)."""
-    image = Image.fromarray(values.astype(np.float32), mode="F")
-    resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
-    clipped: np.ndarray = np.clip(resized, 0.0, 1.0)
+def cell_stride(cells: int, input_px: int) -> int:
+    """The input pixels between neighbouring cells of a map with `cells` cells along an axis of
+    `input_px` pixels.
+
+    A map that tiles the input exactly (224 / 7 = 32) has that stride. A map that does not was made
+    by a floor pooling that dropped the last row and column of the stage before it (`cxr_net`'s
+    7 -> 3): its cells keep the power-of-two stride of the convolutions (64 for 3 cells on 224 px)
+    and cover only the top-left 3 * 64 = 192 px, not the whole image.
+    """
+    if cells <= 0 or input_px <= 0:
+        raise ValueError("a map and its input need at least one cell and one pixel")
+    if input_px % cells == 0:
+        return input_px // cells
+    return 1 << int(np.floor(np.log2(input_px / cells)))
+
+
+def _axis_weights(cells: int, out_px: int, input_px: int) -> np.ndarray:
+    """(out_px, cells) linear-interpolation weights that put cell k's value at its receptive
+    field's centre, stride * (k + 1/2) input pixels, and hold the edge cells' values beyond the
+    outermost centres."""
+    stride = cell_stride(cells, input_px)
+    centres_out = (np.arange(out_px) + 0.5) * (input_px / out_px)  # in input pixels
+    position = np.clip(centres_out / stride - 0.5, 0.0, cells - 1.0)
+    lower = np.floor(position).astype(int)
+    upper = np.minimum(lower + 1, cells - 1)
+    frac = position - lower
+    weights = np.zeros((out_px, cells))
+    weights[np.arange(out_px), lower] += 1.0 - frac
+    weights[np.arange(out_px), upper] += frac
+    return weights
+
+
+def upsample(
+    values: np.ndarray,
+    width: int,
+    height: int,
+    input_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """A map resized to `width` x `height` pixels of a picture of the model input, bilinear between
+    the cells' true centres (`cell_stride`). `input_size` is the model input's (width, height);
+    by default the picture is the model input itself."""
+    input_w, input_h = input_size or (width, height)
+    rows, columns = values.shape
+    along_y = _axis_weights(rows, height, input_h)
+    along_x = _axis_weights(columns, width, input_w)
+    resized = along_y @ values.astype(np.float64) @ along_x.T
+    clipped: np.ndarray = np.clip(resized, float(values.min()), float(values.max()))
     return clipped
 
 

@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
+from app.model.explain import upsample
 from app.pacs.outbox import ResultObject
 from app.pacs.uids import ObjectKind, device_uid, result_instance_uid, result_series_uid
 
@@ -403,9 +404,7 @@ def render_heatmap(image_u8: np.ndarray, facts: ResultFacts, opacity: float = 0.
         raise ValueError("a heat map needs the answer's CAM grid")
     rows, columns = image_u8.shape
     grid = np.asarray(facts.cam_grid, dtype=np.float32)
-    cam = np.asarray(
-        Image.fromarray(grid, mode="F").resize((columns, rows), Image.Resampling.BILINEAR)
-    )
+    cam = upsample(grid, columns, rows)
     grey = np.repeat(image_u8[..., None].astype(np.float64), 3, axis=2)
     blended = grey * (1.0 - opacity) + _colour(cam.astype(np.float64)) * opacity
     canvas = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), mode="RGB")

@@ -17,9 +17,13 @@ from training import cam, export
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def keras_and_served(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """A seeded cxr_net with a non-zero dense bias, exported by the release path, and served."""
+GRID = {"cxr_net": (3, 3), "cxr_net_7": (7, 7)}
+
+
+@pytest.fixture(scope="module", params=sorted(GRID))
+def keras_and_served(request, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A seeded network (1.0's `cxr_net`, 3x3 map; `cxr_net_7`, 7x7) with a non-zero dense bias,
+    exported by the release path, and served."""
     import keras
 
     from app.model.loading import load_classifier
@@ -29,7 +33,7 @@ def keras_and_served(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[
     from training.preprocessing import DEFAULT_PREPROCESSING
 
     keras.utils.set_random_seed(11)
-    model = build_model("cxr_net", (224, 224, 1))
+    model = build_model(request.param, (224, 224, 1))
     dense = model.get_layer("logits")
     kernel, _ = dense.get_weights()
     dense.set_weights([kernel * 3.0, np.array([0.25, -0.4], dtype=np.float32)])
@@ -43,7 +47,7 @@ def keras_and_served(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[
         "validation_metrics": {},
         "decision": {"threshold": 0.5, "target_sensitivity": 0.95},
         "calibration": {"method": "temperature", "temperature": 1.0},
-        "architecture": "cxr_net",
+        "architecture": request.param,
         "parameters": model.count_params(),
         "data": {},
         **dict.fromkeys(export.TRAINING_RECORD_KEYS),
@@ -78,7 +82,7 @@ def test_served_maps_equal_the_keras_models_on_real_x_rays(keras_and_served) -> 
         for index, name in enumerate(classifier.metadata.classes):
             _, served = classifier.predict_with_cam(tensor, name)
             expected = np.tensordot(features, kernel[:, index], axes=1)
-            assert served.grid.shape == expected.shape == (3, 3)
+            assert served.grid.shape == expected.shape == GRID[model.name]
             scaled = (expected - expected.min()) / (expected.max() - expected.min())
             worst = max(worst, float(np.abs(served.normalised - scaled).max()))
             # global average pooling: the map's mean plus the bias is the class logit
@@ -157,6 +161,8 @@ def test_attaching_the_cam_output_keeps_the_scores(keras_and_served, tmp_path: P
     )
     np.testing.assert_array_equal(logits, expected)
     weights = np.asarray(cam_entry["weights"])
-    means = np.einsum("nkhw,kc->nc", features.astype(np.float64), weights) / 9.0
+    cells = features.shape[2] * features.shape[3]
+    assert features.shape[2:] == GRID[keras_and_served[0].name]
+    means = np.einsum("nkhw,kc->nc", features.astype(np.float64), weights) / cells
     np.testing.assert_allclose(means + np.asarray(cam_entry["bias"]), logits, atol=1e-4)
     assert cam_entry["weights"] == classifier.metadata.cam.weights

@@ -32,6 +32,16 @@ def test_default_ends_in_global_average_pooling_then_classifier() -> None:
     ]
 
 
+def test_cxr_net_7_is_cxr_net_without_its_last_pooling() -> None:
+    """Same weights, same head; the class activation map has 7x7 cells instead of 3x3."""
+    seven, three = build_model("cxr_net_7"), build_model("cxr_net")
+    assert seven.count_params() == three.count_params()
+    assert [w.shape for w in seven.weights] == [w.shape for w in three.weights]
+    assert tuple(seven.get_layer("gap").input.shape[1:3]) == (7, 7)
+    assert tuple(three.get_layer("gap").input.shape[1:3]) == (3, 3)
+    assert "stage4_pool" not in {layer.name for layer in seven.layers}
+
+
 def test_mobilenet_loads_a_local_weights_file(tmp_path: Path) -> None:
     donor = keras.applications.MobileNetV2(
         input_shape=(224, 224, 3), include_top=False, weights=None

@@ -38,7 +38,15 @@ def tiny_run(tiny_kaggle_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
             str(run / "cache"),
             "--seed",
             "3",
-            # the candidate recipe's options, so that they run end to end through export
+            # the candidate recipes' options, so that they run end to end through export
+            "--arch",
+            "cxr_net_7",
+            "--ema",
+            "0.9",
+            "--resize-min",
+            "0.5",
+            "--jpeg-quality",
+            "40",
             "--holdout-fraction",
             "0.3",
             "--schedule",
@@ -222,7 +230,7 @@ def test_an_ensemble_run_exports_through_the_parity_gate(
         out / "run", out / "models", "tiny_ensemble", "0.0.1", export.DEFAULT_TOLERANCE, 8
     )
     meta = load_metadata(meta_path)
-    assert meta.provenance["architecture"] == "ensemble of 2 x cxr_net"
+    assert meta.provenance["architecture"] == "ensemble of 2 x cxr_net_7"
     assert meta.provenance["parameters"] == 2 * single["parameters"]
     assert {"validation", "holdout"} <= set(meta.metrics)
 

@@ -114,3 +114,28 @@ def test_augmented_batches_stay_in_the_contract_range() -> None:
     x = np.asarray(x)
     assert x.min() >= 0.0 and x.max() <= 1.0
     assert not np.allclose(x, scale(images, DEFAULT_PREPROCESSING), atol=0.02)
+
+
+@pytest.mark.slow
+def test_export_jitter_rescales_and_re_encodes_within_the_contract_range() -> None:
+    """Resize jitter and JPEG re-encoding change some images, keep the shape and the range, and
+    leave the batch count Keras needs for its epochs."""
+    pytest.importorskip("tensorflow")
+    from training.dataset import make_dataset
+
+    rng = np.random.default_rng(4)
+    base = np.linspace(0, 255, 64 * 64).reshape(64, 64)
+    images = np.stack([np.roll(base, 7 * i, axis=1) for i in range(20)]).astype(np.uint8)
+    images = (images[..., None] + rng.integers(0, 20, (*images.shape, 1))).astype(np.uint8)
+    jitter = Augmentation(
+        rotation_deg=0, shear=0, shift=0, zoom=0, brightness=0, contrast=0,
+        resize_min=0.5, jpeg_quality=40,
+    )  # fmt: skip
+    ds = make_dataset(images, np.zeros(20), DEFAULT_PREPROCESSING, 8, augmentation=jitter, seed=5)
+    assert int(ds.cardinality()) == 3
+    x = np.concatenate([np.asarray(batch[0]) for batch in ds])
+    assert x.shape == (20, 64, 64, 1)
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    moved = np.abs(x - scale(images, DEFAULT_PREPROCESSING)).mean(axis=(1, 2, 3))
+    assert (moved > 0.002).sum() >= 5  # about three in four images are jittered one way or both
+    assert (moved < 0.5 / 255).sum() >= 1  # and some by neither

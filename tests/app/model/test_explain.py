@@ -229,3 +229,52 @@ def test_the_openapi_document_describes_the_outputs(cam_client) -> None:  # type
     schema = cam_client.get("/openapi.json").json()["components"]["schemas"]
     spec = next(v for k, v in schema.items() if k.startswith("OutputSpec"))
     assert {"name", "shape", "role", "kind", "layout"} <= set(spec["properties"])
+
+
+@pytest.mark.parametrize(("cells", "stride"), [(7, 32), (14, 16), (3, 64), (1, 224)])
+def test_a_single_hot_cell_is_drawn_over_its_receptive_field(cells: int, stride: int) -> None:
+    """Each cell's value lands at its receptive field's centre, stride * (k + 1/2) px, and the
+    drawn peak of a lone hot cell is exactly there, whether or not the map tiles the input."""
+    from app.model.explain import cell_stride, upsample
+
+    assert cell_stride(cells, 224) == stride
+    for row, col in {(0, 0), (cells // 2, cells - 1), (cells - 1, cells // 3)}:
+        grid = np.zeros((cells, cells))
+        grid[row, col] = 1.0
+        drawn = upsample(grid, 224, 224)
+        peak_rows = np.flatnonzero(drawn.max(axis=1) == drawn.max())
+        peak_cols = np.flatnonzero(drawn.max(axis=0) == drawn.max())
+        # pixels whose centres are within half a pixel of the cell's centre carry the peak
+        centre = stride * (np.array([row, col]) + 0.5)
+        assert np.abs(peak_rows + 0.5 - centre[0]).min() <= 0.5
+        assert np.abs(peak_cols + 0.5 - centre[1]).min() <= 0.5
+        assert drawn.max() == pytest.approx(1.0, abs=1.0 / stride)
+        # nothing of it is drawn more than one stride from its centre (or past the covered area)
+        ys, xs = np.nonzero(drawn > 1e-9)
+        assert np.abs(ys + 0.5 - centre[0]).max() < stride + (224 - cells * stride)
+        assert np.abs(xs + 0.5 - centre[1]).max() < stride + (224 - cells * stride)
+
+
+def test_a_map_drawn_on_a_larger_picture_keeps_the_cells_at_their_places() -> None:
+    """A picture of the input at another size (the X-ray itself) scales the cell centres with it."""
+    from app.model.explain import upsample
+
+    grid = np.zeros((7, 7))
+    grid[2, 5] = 1.0
+    drawn = upsample(grid, 1792, 896, input_size=(224, 224))  # 8x wide, 4x tall
+    y, x = np.unravel_index(np.argmax(drawn), drawn.shape)
+    assert abs((y + 0.5) / 4 - (32 * 2 + 16)) <= 0.25
+    assert abs((x + 0.5) / 8 - (32 * 5 + 16)) <= 0.25
+
+
+def test_the_3x3_map_of_the_floor_pooled_network_is_drawn_at_its_cells_not_spread() -> None:
+    """`cxr_net` 1.0.0 pools 7 -> 3 with floor: its cells sit at 32, 96 and 160 px, and the
+    bottom and right 32 px (no cell's centre) repeat the last cells' values."""
+    from app.model.explain import upsample
+
+    grid = np.zeros((3, 3))
+    grid[2, 2] = 1.0
+    drawn = upsample(grid, 224, 224)
+    assert np.argmax(drawn[:, 200]) in (159, 160)
+    assert drawn[200, 200] == pytest.approx(1.0)
+    assert drawn[159:161, 159:161].min() == pytest.approx(1.0, abs=1 / 64)
