@@ -259,8 +259,15 @@ class Decision(_Strict):
 
 
 class Calibration(_Strict):
+    """softmax(logits / temperature + logit_bias). With two classes a bias on the positive class
+    shifts the log-odds: p = sigmoid((z_pos - z_neg) / T + b), a temperature and a bias fitted
+    together (on validation and its synthetic-shift renderings since 2.0.0; 1.0.0 has none)."""
+
     method: Literal["temperature", "none"] = "temperature"
     temperature: float = Field(default=1.0, gt=0.0)
+    logit_bias: list[float] | None = Field(
+        default=None, exclude_if=lambda value: value is None, description="one per class"
+    )
     # Where it was fitted and the expected calibration error there, before and after.
     fitted_on: str | None = None
     val_ece_before: float | None = None
@@ -431,6 +438,9 @@ class ModelMetadata(_Strict):
             raise ValueError(
                 f"output shape {output.shape} does not match {len(self.classes)} classes"
             )
+        bias = self.calibration.logit_bias
+        if bias is not None and len(bias) != len(self.classes):
+            raise ValueError(f"calibration.logit_bias has {len(bias)} values, not one per class")
         features = {o.name: o for o in self.outputs if o.role == "cam_features"}
         if self.cam is not None:
             spec = features.get(self.cam.feature_output)
@@ -477,6 +487,8 @@ class ModelMetadata(_Strict):
             values = np.log(np.clip(values, 1e-12, 1.0))
         if self.calibration.method == "temperature":
             values = values / self.calibration.temperature
+            if self.calibration.logit_bias is not None:
+                values = values + np.asarray(self.calibration.logit_bias, dtype=np.float64)
         exp = np.exp(values - values.max(axis=1, keepdims=True))
         probabilities: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
         return probabilities

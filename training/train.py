@@ -116,7 +116,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also hold out this fraction of the remaining training images, by patient, as a "
         "second check that nothing is fitted on (0: none)",
     )
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337, help="the split's seed (and by default all)")
+    p.add_argument(
+        "--init-seed",
+        type=int,
+        help="seed of initialisation, shuffling and augmentation alone (default: --seed), for "
+        "ensemble members trained on one split",
+    )
     p.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET_SENSITIVITY)
     p.add_argument("--no-class-weights", action="store_true", help="do not reweight the classes")
     p.add_argument(
@@ -156,6 +162,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.rsna_labels and not args.rsna_images:
         p.error("--rsna-labels needs --rsna-images")
     return args
+
+
+def init_seed(args: argparse.Namespace) -> int:
+    return int(args.seed if args.init_seed is None else args.init_seed)
 
 
 def load_training_records(args: argparse.Namespace) -> list[Record]:
@@ -330,7 +340,7 @@ def build_and_fit(
         args.batch_size,
         augmentation=augmentation,
         shuffle=True,
-        seed=args.seed,
+        seed=init_seed(args),
         sample_weights=weights[data.train.labels].astype(np.float32),
     )
     options = {"width": args.width} if args.arch in ("cxr_net", "cxr_net_7") else {}
@@ -533,6 +543,7 @@ def write_summary(
         "training_seconds": round(fit.seconds, 1),
         "hardware": f"{platform.machine()} {os.cpu_count()} CPU cores, {platform.system()}",
         "seed": args.seed,
+        **({"init_seed": args.init_seed} if args.init_seed is not None else {}),
         "hyperparameters": hyperparameters,
         "data": {
             "source": str(args.data_dir or args.rsna_labels),
@@ -589,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(args.seed)
+    keras.utils.set_random_seed(init_seed(args))
 
     data = prepare_data(args, out)
     weights = class_weights(data.train.labels, balanced=not args.no_class_weights)

@@ -73,3 +73,23 @@ def test_the_service_applies_the_same_rule(write_model) -> None:  # type: ignore
     np.testing.assert_array_equal(ours, calibrated_probabilities(logits, meta))
     for row in ours:
         assert meta.label_at_operating_point(row) == classifier.label_for(row)
+
+
+def test_a_logit_bias_shifts_the_log_odds_after_the_temperature() -> None:
+    import json
+
+    from tests.support.realdata import SHIPPED_METADATA
+
+    raw = json.loads(SHIPPED_METADATA.read_text())
+    raw["calibration"] = {"method": "temperature", "temperature": 2.0, "logit_bias": [0.0, -1.5]}
+    meta = ModelMetadata.model_validate(raw)
+    logits = np.array([[0.3, 4.3], [1.0, -2.0]])
+    p = meta.calibrated_probabilities(logits)[:, 1]
+    z = (logits[:, 1] - logits[:, 0]) / 2.0 - 1.5
+    np.testing.assert_allclose(p, 1 / (1 + np.exp(-z)))
+    raw["calibration"]["logit_bias"] = [0.0]
+    with pytest.raises(ValueError, match="one per class"):
+        ModelMetadata.model_validate(raw)
+    # without a bias the metadata serialises as it always did
+    del raw["calibration"]["logit_bias"]
+    assert "logit_bias" not in ModelMetadata.model_validate(raw).model_dump_json()

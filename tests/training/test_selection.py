@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.support.realdata import DATA_DIR, REPO_ROOT, requires_data
 from training import selection, shift
@@ -94,3 +95,146 @@ def test_rendered_sets_are_cached_by_content(tmp_path: Path) -> None:
     again = shift.render_all(images, tmp_path, progress=False)
     for name in first:
         np.testing.assert_array_equal(first[name], again[name])
+
+
+# --- the operating-point recipe, the gates, the decision rule and the ledger's refusals ---
+
+
+def _figures(spec: float, sens: float, auc: float, ece: float, sens_hi: float = 1.0) -> dict:
+    return {
+        "specificity": {"value": spec, "ci95": [spec - 0.05, min(spec + 0.05, 1.0)]},
+        "recall": {"value": sens, "ci95": [sens - 0.03, sens_hi]},
+        "roc_auc": {"value": auc, "ci95": [auc - 0.01, auc + 0.01]},
+        "ece": ece,
+    }
+
+
+def test_the_recipe_recovers_a_known_temperature_and_bias() -> None:
+    rng = np.random.default_rng(3)
+    n = 4000
+    z_true = rng.normal(0, 3, n)
+    labels = (rng.random(n) < 1 / (1 + np.exp(-z_true))).astype(int)
+    # the network's logits are the true log-odds stretched by 2 and shifted by +1
+    logits = np.stack([np.zeros(n), 2.0 * (z_true - 1.0)], axis=1)
+    shifted = {"copy": logits.copy()}
+    point = selection.fit_operating_point(labels, logits, shifted)
+    assert point["temperature"] == pytest.approx(2.0, rel=0.1)
+    assert point["logit_bias"][1] == pytest.approx(1.0, abs=0.15)
+    p = point["calibrated"](logits)
+    assert (p[labels == 1] >= point["threshold"]).mean() >= 0.95
+    assert (p[labels == 1] > point["threshold"] + 1e-12).mean() < 0.95 + 2 / labels.sum()
+
+
+def test_shift_figures_measure_the_change_against_the_clean_images() -> None:
+    labels = np.array([0, 0, 1, 1])
+    clean = np.array([0.1, 0.2, 0.8, 0.9])
+    figures = selection.shift_figures(
+        labels, clean, {"up": clean + 0.05, "same": clean.copy()}, 0.5
+    )
+    assert figures["conditions"]["up"]["mean_abs_change"] == pytest.approx(0.05)
+    assert figures["conditions"]["same"]["mean_abs_change"] == 0.0
+    assert figures["summary"]["mean_abs_change"] == pytest.approx(0.025)
+    assert figures["summary"]["specificity_worst"]["value"] == 1.0
+
+
+def test_the_decision_rule_needs_every_criterion_and_prefers_specificity() -> None:
+    base = _figures(spec=0.80, sens=0.98, auc=0.973, ece=0.13)
+    scorings = {
+        "incumbent": base,
+        "good": _figures(spec=0.86, sens=0.96, auc=0.975, ece=0.07),
+        "better": _figures(spec=0.90, sens=0.95, auc=0.970, ece=0.05),
+        "unsafe": _figures(spec=0.97, sens=0.92, auc=0.980, ece=0.04),
+        "uncalibrated": _figures(spec=0.95, sens=0.97, auc=0.980, ece=0.14),
+        "no_gain": _figures(spec=0.82, sens=0.98, auc=0.980, ece=0.05),
+    }
+    result = selection.decide(scorings, "incumbent")
+    assert result["winner_sha256"] == "better"
+    assert not result["checks"]["unsafe"]["sensitivity_0.93"]
+    assert not result["checks"]["uncalibrated"]["ece_not_worse"]
+    assert not result["checks"]["no_gain"]["specificity_gain_0.03"]
+    assert all(result["checks"]["good"].values())
+    worse = {"incumbent": base, "x": _figures(spec=0.81, sens=0.98, auc=0.97, ece=0.1)}
+    assert selection.decide(worse, "incumbent")["winner_sha256"] is None
+
+
+def test_b_vetoes_on_safety_only() -> None:
+    incumbent = _figures(spec=0.80, sens=0.98, auc=0.973, ece=0.13)
+    fine = selection.veto(_figures(spec=0.88, sens=0.96, auc=0.975, ece=0.05), incumbent)
+    assert not any(fine.values())
+    low = selection.veto(
+        _figures(spec=0.9, sens=0.92, auc=0.975, ece=0.05, sens_hi=0.96), incumbent
+    )
+    assert low["sensitivity_below_0.93"]
+    unsure = selection.veto(_figures(0.9, 0.935, 0.975, 0.05, sens_hi=0.945), incumbent)
+    assert unsure["sensitivity_upper_ci_below_0.95"]
+    assert selection.veto(_figures(0.78, 0.99, 0.99, 0.05), incumbent)[
+        "specificity_below_incumbent"
+    ]
+
+
+def _line(event: str, **fields: object) -> dict:
+    return {"event": event, **fields}
+
+
+def test_a_round_takes_at_most_three_candidates_and_never_a_rescored_one() -> None:
+    ledger = [_line("round", round=1)] + [
+        _line("declare", round=1, model_sha256=f"m{i}") for i in range(3)
+    ]
+    with pytest.raises(selection.ProtocolError, match="already has 3"):
+        selection.check_declarable(ledger, "m9", 1)
+    with pytest.raises(selection.ProtocolError, match="already declared"):
+        selection.check_declarable(ledger, "m0", 1)
+    later = [*ledger, _line("score_a", round=1, model_sha256="m0"), _line("round", round=2)]
+    with pytest.raises(selection.ProtocolError, match="earlier round"):
+        selection.check_declarable(later, "m0", 2)
+    selection.check_declarable(later, "m9", 2)
+
+
+def test_a_is_scored_only_after_a_committed_declaration_and_once() -> None:
+    declared = [_line("round", round=1), _line("declare", round=1, model_sha256="m1")]
+    with pytest.raises(selection.ProtocolError, match="not in the committed ledger"):
+        selection.check_scorable_on_a(declared, declared[:1], "m1", "inc")
+    assert selection.check_scorable_on_a(declared, declared, "m1", "inc") == 1
+    assert selection.check_scorable_on_a(declared, [], "inc", "inc") == 1  # the baseline
+    scored = [*declared, _line("score_a", round=1, model_sha256="m1")]
+    with pytest.raises(selection.ProtocolError, match="already scored on A"):
+        selection.check_scorable_on_a(scored, scored, "m1", "inc")
+    decided = [*declared, _line("decision", round=1, winner_sha256=None)]
+    with pytest.raises(selection.ProtocolError, match="is decided"):
+        selection.check_scorable_on_a(decided, decided, "m1", "inc")
+    with pytest.raises(selection.ProtocolError, match="no round"):
+        selection.check_scorable_on_a([], [], "inc", "inc")
+
+
+def test_b_is_scored_once_for_the_winner_and_the_incumbent_only() -> None:
+    with pytest.raises(selection.ProtocolError, match="no decision"):
+        selection.check_scorable_on_b([_line("round", round=1)], "inc", "inc")
+    ledger = [_line("decision", round=1, winner_sha256="m1")]
+    selection.check_scorable_on_b(ledger, "m1", "inc")
+    selection.check_scorable_on_b(ledger, "inc", "inc")
+    with pytest.raises(selection.ProtocolError, match="only the winner"):
+        selection.check_scorable_on_b(ledger, "m2", "inc")
+    twice = [*ledger, _line("score_b", model_sha256="m1")]
+    with pytest.raises(selection.ProtocolError, match="one scoring on B"):
+        selection.check_scorable_on_b(twice, "m1", "inc")
+
+
+def test_the_committed_ledger_keeps_the_protocol() -> None:
+    """Every line of `models/selection_ledger.jsonl` is in order: A only for declared candidates
+    (or the baseline), at most 3 declared a round, B only after a decision and once a model."""
+    path = REPO_ROOT / selection.LEDGER_FILE
+    if not path.is_file():
+        pytest.skip("no selection ledger yet")
+    ledger = selection.read_ledger(path.read_text())
+    seen: list[dict] = []
+    for line in ledger:
+        assert re.fullmatch(r"[0-9a-f]{40}", line["protocol"])
+        if line["event"] == "declare":
+            selection.check_declarable(seen, line["model_sha256"], line["round"])
+        elif line["event"] == "score_a":
+            baseline = line["model_sha256"] if line["role"] == "incumbent" else ""
+            selection.check_scorable_on_a(seen, seen, line["model_sha256"], baseline)
+        elif line["event"] == "score_b":
+            baseline = line["model_sha256"] if line["role"] == "incumbent" else ""
+            selection.check_scorable_on_b(seen, line["model_sha256"], baseline)
+        seen.append(line)
