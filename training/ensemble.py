@@ -1,4 +1,5 @@
-"""Several trained runs as one network: one graph that averages their logits, calibrated anew.
+"""Several trained runs as one network: one graph that averages their logits (with exact class
+activation maps), calibrated anew.
 
     python -m training.ensemble --runs runs/a runs/b --out runs/ensemble-ab
 
@@ -23,16 +24,42 @@ from training.metrics import evaluate_scores, format_summary
 
 
 def average_logits(models: list[Any]) -> Any:
-    """One Keras model: the members applied to the same input, their logits averaged."""
+    """One Keras model whose logits are the mean of the members' logits, built so that its class
+    activation maps stay exact.
+
+    Each member ends in global average pooling then one dense layer (`gap`, `logits`). The mean of
+    the members' logits, (1/K) sum_i (W_i^T GAP(f_i) + b_i), is one dense layer over the pooled
+    concatenation of their feature maps, with the kernels stacked and divided by K and the mean
+    bias: so the ensemble is features side by side -> GAP -> Dense, the head `training.cam`
+    finds, and its map is the mean of the members' maps. Members need the same grid.
+    Averaging the members' logits after their own heads would hide that head from the CAM.
+    """
     import keras
+    import numpy as np
 
     inputs = keras.Input(models[0].input_shape[1:], name="image")
-    outputs = []
+    features, kernels, biases = [], [], []
     for i, member in enumerate(models):
-        member.name = f"member{i}"  # nested models need distinct names
-        outputs.append(member(inputs))
-    averaged = keras.layers.Average(name="logits")(outputs)
-    return keras.Model(inputs, averaged, name=f"ensemble_of_{len(models)}")
+        try:
+            pooled_input = member.get_layer("gap").input
+            kernel, bias = member.get_layer("logits").get_weights()
+        except ValueError as exc:
+            raise ValueError(
+                f"member {i} ({member.name}) does not end in `gap` then `logits`"
+            ) from exc
+        extractor = keras.Model(member.inputs, pooled_input, name=f"member{i}")
+        features.append(extractor(inputs))
+        kernels.append(kernel)
+        biases.append(bias)
+    grids = {tuple(f.shape[1:3]) for f in features}
+    if len(grids) != 1:
+        raise ValueError(f"the members' feature maps differ in size: {sorted(grids)}")
+    x = features[0] if len(features) == 1 else keras.layers.Concatenate(name="members")(features)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    dense = keras.layers.Dense(len(biases[0]), name="logits")
+    outputs = dense(x)
+    dense.set_weights([np.concatenate(kernels, axis=0) / len(models), np.mean(biases, axis=0)])
+    return keras.Model(inputs, outputs, name=f"ensemble_of_{len(models)}")
 
 
 def combined_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:

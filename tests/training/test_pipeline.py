@@ -194,22 +194,31 @@ def test_model_card_shows_the_hold_out_and_the_configurations_tried(
     assert f"{holdout['roc_auc']['value']:.4f}" in card.split("Configurations tried")[1]
 
 
-def test_an_ensemble_averages_its_members_logits() -> None:
+def test_an_ensemble_averages_its_members_logits_through_one_exact_cam_head() -> None:
     import keras
 
     from training.ensemble import average_logits
 
-    def constant(bias: list[float]) -> keras.Model:
-        inputs = keras.Input((4, 4, 1))
-        x = keras.layers.Flatten()(inputs)
-        dense = keras.layers.Dense(2, kernel_initializer="zeros")
-        out = dense(x)
-        dense.bias.assign(bias)
+    def member(seed: int) -> keras.Model:
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((8, 8, 1))
+        x = keras.layers.Conv2D(3, 3, padding="same", activation="relu")(inputs)
+        x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+        x = keras.layers.Dropout(0.5, name="dropout")(x)
+        out = keras.layers.Dense(2, name="logits", bias_initializer="random_normal")(x)
         return keras.Model(inputs, out)
 
-    model = average_logits([constant([1.0, -2.0]), constant([3.0, 0.0])])
-    logits = np.asarray(model(np.zeros((3, 4, 4, 1), np.float32)))
-    np.testing.assert_allclose(logits, [[2.0, -1.0]] * 3)
+    members = [member(1), member(2)]
+    x = np.random.default_rng(0).random((3, 8, 8, 1), dtype=np.float32)
+    expected = np.mean([np.asarray(m(x, training=False)) for m in members], axis=0)
+    model = average_logits(members)
+    np.testing.assert_allclose(np.asarray(model(x, training=False)), expected, atol=1e-5)
+    # the head is features side by side -> GAP -> one dense layer
+    assert [type(layer).__name__ for layer in model.layers[-3:]] == [
+        "Concatenate",
+        "GlobalAveragePooling2D",
+        "Dense",
+    ]
 
 
 def test_an_ensemble_run_exports_through_the_parity_gate(
@@ -231,7 +240,11 @@ def test_an_ensemble_run_exports_through_the_parity_gate(
     )
     meta = load_metadata(meta_path)
     assert meta.provenance["architecture"] == "ensemble of 2 x cxr_net_7"
-    assert meta.provenance["parameters"] == 2 * single["parameters"]
+    # CAM-exact: the members' 7x7 maps side by side, one dense head over them
+    assert meta.cam is not None and len(meta.cam.weights) == 2 * 384
+    assert meta.cam_output is not None and meta.cam_output.shape[2:] == [7, 7]
+    # the members' two dense heads become one over both feature maps: one bias vector fewer
+    assert meta.provenance["parameters"] == 2 * single["parameters"] - 2
     assert {"validation", "holdout"} <= set(meta.metrics)
 
 
