@@ -5,12 +5,20 @@ the same calibrated probability, operating threshold, model identity and researc
 Both objects join the source image's study (its patient and study modules are copied from it) in
 series of their own, with UIDs from `app.pacs.uids` so that the same image read by the same model
 always gives the same instances.
+
+An object is a function of the source image and the reading, never of the clock: every date and
+time it carries is the source's own (`ObjectTime`), so the same image, model and site profile
+render byte for byte the same objects on any pod at any time. An archive that already holds an
+instance then holds exactly what a re-send carries, whether it keeps the first copy (Orthanc's
+default) or refuses the second (409, 0x0111).
 """
 
 from __future__ import annotations
 
+import datetime
 import io
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,11 +50,16 @@ PNEUMONIA = hd.sr.CodedConcept(value="233604007", scheme_designator="SCT", meani
 PROCESSING_ALGORITHM = hd.sr.CodedConcept(
     value="Newcode1", scheme_designator="99IHE", meaning="Processing Algorithm"
 )
+# DCM 109101 "Acquisition Equipment": the item highdicom adds for a source naming its manufacturer
+ACQUISITION_EQUIPMENT = str(codes.DCM.AcquisitionEquipment.value)
 SR_SERIES_DESCRIPTION = "AI RESULT - RESEARCH USE ONLY"
 SC_SERIES_DESCRIPTION = "AI HEAT MAP - RESEARCH USE ONLY"
 SR_SERIES_NUMBER = 901
 SC_SERIES_NUMBER = 902
 MANUFACTURER = "pneumonia-screening"
+# The date and time of an object whose source carries none (no content, acquisition or study date).
+NO_SOURCE_DATE = "19700101"
+NO_SOURCE_TIME = "000000"
 
 
 @dataclass(frozen=True)
@@ -239,6 +252,89 @@ def _hottest_cell_polygon(grid: Sequence[Sequence[float]], rows: int, columns: i
     )
 
 
+_DATE = re.compile(r"[0-9]{8}")
+# HH, HHMM, HHMMSS or HHMMSS.F to .FFFFFF (PS3.5 TM, without the ACR-NEMA colons)
+_TIME = re.compile(r"([0-9]{2})(?:([0-9]{2})(?:([0-9]{2})(?:\.[0-9]{1,6})?)?)?")
+# the parts of a DT before its UTC offset
+_DATETIME = re.compile(r"([0-9]{8})([0-9.]*)(?:[+-][0-9]{4})?")
+
+
+def _valid_date(value: object) -> str | None:
+    text = str(value or "").strip()
+    if not _DATE.fullmatch(text):
+        return None
+    try:
+        datetime.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return None
+    return text
+
+
+def _valid_time(value: object) -> str | None:
+    text = str(value or "").strip()
+    match = _TIME.fullmatch(text)
+    if match is None:
+        return None
+    hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    # 60: a leap second, which TM allows
+    return text if hours < 24 and minutes < 60 and seconds <= 60 else None
+
+
+@dataclass(frozen=True)
+class ObjectTime:
+    """The one date and time a result object carries wherever DICOM asks for one: Instance
+    Creation, Content, Date/Time of Secondary Capture, and the Contribution DateTime of the
+    algorithm and of highdicom in Contributing Equipment (the source's acquisition equipment,
+    when highdicom lists it, keeps the source's acquisition date/time or none).
+
+    Taken from the source image, never the clock: its Content Date/Time, else its Acquisition
+    DateTime or Date/Time, else its Study Date/Time, else `NO_SOURCE_DATE` `NO_SOURCE_TIME`
+    (1970-01-01 00:00:00). A date without a usable time gets 000000; an invalid date is passed
+    over. The values are the source's own strings, at its precision and in its local time (any
+    UTC offset of a DT is dropped, as the other times carry none). When the service rendered an
+    object is in the outbox and the logs, not in the object.
+    """
+
+    date: str
+    time: str
+
+    @property
+    def date_time(self) -> str:
+        """The DT form (YYYYMMDDHHMMSS.FFFFFF, as precise as the time)."""
+        return self.date + self.time
+
+    @classmethod
+    def of_source(cls, source: Dataset) -> ObjectTime:
+        candidates: list[tuple[object, object]] = [
+            (source.get("ContentDate"), source.get("ContentTime"))
+        ]
+        combined = _DATETIME.fullmatch(str(source.get("AcquisitionDateTime") or "").strip())
+        if combined is not None:
+            candidates.append((combined.group(1), combined.group(2)))
+        candidates += [
+            (source.get("AcquisitionDate"), source.get("AcquisitionTime")),
+            (source.get("StudyDate"), source.get("StudyTime")),
+        ]
+        for date, time in candidates:
+            valid = _valid_date(date)
+            if valid is not None:
+                return cls(valid, _valid_time(time) or NO_SOURCE_TIME)
+        return cls(NO_SOURCE_DATE, NO_SOURCE_TIME)
+
+
+def _stamp(ds: Dataset, when: ObjectTime) -> None:
+    """Put `when` wherever highdicom put the clock (its constructors read `datetime.now()`)."""
+    ds.InstanceCreationDate, ds.InstanceCreationTime = when.date, when.time
+    ds.ContentDate, ds.ContentTime = when.date, when.time
+    if "DateOfSecondaryCapture" in ds or "TimeOfSecondaryCapture" in ds:
+        ds.DateOfSecondaryCapture, ds.TimeOfSecondaryCapture = when.date, when.time
+    for item in ds.get("ContributingEquipmentSequence", []):
+        purposes = item.get("PurposeOfReferenceCodeSequence") or [Dataset()]
+        # the source's acquisition equipment keeps what highdicom read from the source, if any
+        if purposes[0].get("CodeValue") != ACQUISITION_EQUIPMENT:
+            item.ContributionDateTime = when.date_time
+
+
 def build_sr(
     source: Dataset,
     facts: ResultFacts,
@@ -354,6 +450,7 @@ def build_sr(
     )
     # the whole Patient, General Study and Patient Study modules, not only highdicom's selection
     sr.copy_patient_and_study_information(evidence)
+    _stamp(sr, ObjectTime.of_source(source))
     return _explicit_le(sr)
 
 
@@ -483,6 +580,7 @@ def build_heatmap_sc(
     sc.BodyPartExamined = source.get("BodyPartExamined", "CHEST")
     sc.DerivationDescription = "Class activation map of the AI result, burned in"
     sc.SourceImageSequence = [_reference(source)]
+    _stamp(sc, ObjectTime.of_source(source))
     return _explicit_le(sc)
 
 

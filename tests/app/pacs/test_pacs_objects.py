@@ -1,11 +1,18 @@
 """The result objects: deterministic UIDs, the SR's content read back by highdicom and DCMTK, the
-heat map's pixels, and dciodvfy on every object built from every kind of source."""
+heat map's pixels, dciodvfy on every object built from every kind of source, and the same bytes
+for the same reading whatever the clock says."""
 
 from __future__ import annotations
 
+import datetime
 import io
 import re
 import subprocess
+import sys
+import time
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import highdicom as hd
@@ -17,7 +24,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from app.pacs.objects import (
     COMPREHENSIVE_3D_SR,
+    NO_SOURCE_DATE,
+    NO_SOURCE_TIME,
+    PNEUMONIA,
     SECONDARY_CAPTURE,
+    ObjectTime,
     ResultFacts,
     build_heatmap_sc,
     build_sr,
@@ -25,6 +36,7 @@ from app.pacs.objects import (
     render_heatmap,
     render_objects,
 )
+from app.pacs.outbox import ResultObject
 from app.pacs.uids import device_uid, result_instance_uid, result_key, result_series_uid
 from tests.app.pacs.pacs_results import (
     DISCLAIMER,
@@ -354,3 +366,147 @@ def test_building_logs_and_warns_nothing_from_the_header(
     ]
     for value in header_values:
         assert not any(value in line for line in logged), value
+
+
+@contextmanager
+def highdicom_clock_at(moment: datetime.datetime) -> Iterator[None]:
+    """highdicom's `datetime.datetime.now()` answers `moment`, in every highdicom module that
+    reads the clock (each imports the `datetime` module and calls it at construction)."""
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz: datetime.tzinfo | None = None) -> Frozen:
+            return cls.combine(moment.date(), moment.time(), tz)
+
+    clock = types.SimpleNamespace(
+        **{name: getattr(datetime, name) for name in dir(datetime) if not name.startswith("__")}
+    )
+    clock.datetime = Frozen
+    patched = [
+        module
+        for name, module in list(sys.modules.items())
+        if name.startswith("highdicom") and getattr(module, "datetime", None) is datetime
+    ]
+    assert patched, "highdicom no longer imports `datetime`: find its clock anew"
+    for module in patched:
+        module.datetime = clock  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.datetime = datetime  # type: ignore[attr-defined]
+
+
+def _written(objects: list[ResultObject], directory: Path) -> dict[str, bytes]:
+    directory.mkdir()
+    files = {}
+    for obj in objects:
+        path = directory / f"{obj.kind}.dcm"
+        path.write_bytes(obj.payload)
+        files[obj.kind] = path.read_bytes()
+    return files
+
+
+def _rendered(source: Dataset, facts: ResultFacts, directory: Path) -> dict[str, bytes]:
+    """The SR (both classes) and the SC, written to files and read back."""
+    objects = render_objects(source, facts, grey_u8())
+    objects += render_objects(source, facts, sr_class="enhanced")
+    return _written(objects, directory)
+
+
+@pytest.mark.parametrize("probability", [0.8731, 0.12], ids=["positive", "negative"])
+def test_the_same_reading_renders_the_same_bytes_across_a_clock_change(
+    source: Dataset, probability: float, tmp_path: Path
+) -> None:
+    """Rendered under a clock on another day, then under the real clock past a second boundary:
+    the written SR and SC files are identical byte for byte (highdicom alone would write the two
+    clocks' dates and times, to the microsecond)."""
+    facts = make_facts(probability=probability)
+    with highdicom_clock_at(datetime.datetime(2031, 7, 4, 23, 59, 58, 123456)):
+        first = _rendered(source, facts, tmp_path / "a")
+    second_started = int(time.time())
+    time.sleep(second_started + 1.05 - time.time())
+    second = _rendered(source, facts, tmp_path / "b")
+    assert int(time.time()) > second_started
+    assert sorted(first) == sorted(second) == ["sc", "sr", "sr-enhanced"]
+    for kind in first:
+        assert first[kind] == second[kind], kind
+    sr = hd.sr.srread(tmp_path / "a" / "sr.dcm")
+    group = sr.content.get_image_measurement_groups()[0]
+    found = [e.value.value for e in group.get_qualitative_evaluations() if e.name == PNEUMONIA]
+    assert found == ["121053" if facts.positive else "121054"]
+    assert facts.positive == (probability > 0.5)
+
+
+def _times(ds: Dataset) -> list[tuple[str, str]]:
+    return [(e.keyword, str(e.value)) for e in ds.iterall() if e.VR in ("DA", "TM", "DT")]
+
+
+def test_every_date_and_time_in_an_object_comes_from_the_source(source: Dataset) -> None:
+    """Each DA, TM and DT is the source's own value (patient, study) or the object's time."""
+    when = ObjectTime.of_source(source)
+    own = {when.date, when.time, when.date_time}
+    for ds in (build_sr(source, make_facts()), build_heatmap_sc(source, make_facts(), grey_u8())):
+        stamped = {keyword for keyword, value in _times(ds) if keyword not in PATIENT_STUDY}
+        assert stamped >= {"InstanceCreationDate", "ContentTime", "ContributionDateTime"}
+        for keyword, value in _times(ds):
+            if keyword in PATIENT_STUDY or keyword == "PatientBirthDate":
+                assert value == str(source.get(keyword, "")), keyword
+            else:
+                assert value in own, keyword
+        purposes = {
+            item.PurposeOfReferenceCodeSequence[0].CodeValue: item.get("ContributionDateTime")
+            for item in ds.ContributingEquipmentSequence
+        }
+        # the algorithm and highdicom at the object's time; the source's acquisition equipment
+        # (RG1 names its manufacturer) with no time, as RG1 has no acquisition date
+        assert purposes.pop("Newcode1") == purposes.pop("109102") == when.date_time
+        assert purposes == ({"109101": None} if source.get("Manufacturer") else {})
+
+
+def _dated(**values: str) -> Dataset:
+    ds = factory_source(index=31)
+    del ds.StudyDate, ds.StudyTime
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (
+            {"ContentDate": "19950926", "ContentTime": "125130", "StudyDate": "20040826"},
+            ("19950926", "125130"),
+        ),
+        (
+            {"AcquisitionDateTime": "20250301081502.25+0100", "StudyDate": "20250301"},
+            ("20250301", "081502.25"),
+        ),
+        (
+            {"AcquisitionDate": "20250302", "AcquisitionTime": "0815", "StudyTime": "070000"},
+            ("20250302", "0815"),
+        ),
+        ({"StudyDate": "20260101", "StudyTime": "101500.5"}, ("20260101", "101500.5")),
+        ({"StudyDate": "20260101"}, ("20260101", "000000")),
+        ({"ContentDate": "20261399", "StudyDate": "20260101"}, ("20260101", "000000")),
+        ({"ContentDate": "20250101", "ContentTime": "10:15:00"}, ("20250101", "000000")),
+        ({"StudyDate": ""}, (NO_SOURCE_DATE, NO_SOURCE_TIME)),
+        ({}, ("19700101", "000000")),
+    ],
+)
+def test_object_time_falls_back_from_content_to_acquisition_to_study_to_a_fixed_value(
+    values: dict[str, str], expected: tuple[str, str]
+) -> None:
+    source = _dated(**values)
+    when = ObjectTime.of_source(source)
+    assert (when.date, when.time) == expected
+    sr = build_sr(source, make_facts())
+    assert (sr.ContentDate, sr.ContentTime) == expected
+    assert (sr.InstanceCreationDate, sr.InstanceCreationTime) == expected
+    contributions = {
+        item.ContributionDateTime
+        for item in sr.ContributingEquipmentSequence
+        if item.PurposeOfReferenceCodeSequence[0].CodeValue != "109101"
+    }
+    assert contributions == {"".join(expected)}
