@@ -170,6 +170,37 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp((lo + hi) / 2.0))
 
 
+def fit_logistic(z: np.ndarray, labels: np.ndarray, steps: int = 100) -> tuple[float, float]:
+    """Slope a and intercept b of p = sigmoid(a * z + b) by maximum likelihood (Newton's method with
+    step halving): a temperature (1 / a) and a bias on the log-odds `z`, fitted together."""
+    z = np.asarray(z, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    design = np.column_stack([z, np.ones_like(z)])
+
+    def loss(theta: np.ndarray) -> float:
+        eta = design @ theta
+        return float(np.mean(np.logaddexp(0.0, eta) - y * eta))
+
+    theta = np.array([1.0, 0.0])
+    current = loss(theta)
+    for _ in range(steps):
+        mu = 1.0 / (1.0 + np.exp(-(design @ theta)))
+        gradient = design.T @ (mu - y) / len(y)
+        hessian = (design * (mu * (1.0 - mu))[:, None]).T @ design / len(y)
+        step = np.linalg.solve(hessian + 1e-12 * np.eye(2), gradient)
+        scale = 1.0
+        while scale > 1e-6 and loss(theta - scale * step) > current:
+            scale /= 2.0
+        candidate = theta - scale * step
+        improvement = current - loss(candidate)
+        theta, current = candidate, loss(candidate)
+        if improvement < 1e-12:
+            break
+    if not np.all(np.isfinite(theta)) or theta[0] <= 0:
+        raise ValueError(f"no usable temperature: slope {theta[0]:.4g}")
+    return float(theta[0]), float(theta[1])
+
+
 def format_summary(metrics: dict[str, object]) -> str:
     """One line per metric, for progress output and the model card."""
     lines = []

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 from app.contract import ModelMetadata, Preprocessing, load_metadata
 from training import results
@@ -60,9 +62,12 @@ def _j2k_reduction_note(p: Preprocessing) -> str:
     )
 
 
+_SPLIT_NAMES = {"test_a": "test half A", "test_b": "test half B"}
+
+
 def _metric_table(metrics: dict) -> str:
-    splits = [s for s in ("validation", "holdout", "test") if s in metrics]
-    head = "| metric | " + " | ".join(f"{s} (95% CI)" for s in splits) + " |"
+    splits = [s for s in ("validation", "holdout", "test_a", "test_b", "test") if s in metrics]
+    head = "| metric | " + " | ".join(f"{_SPLIT_NAMES.get(s, s)} (95% CI)" for s in splits) + " |"
     rows = [head, "|---|" + "---|" * len(splits)]
     for k in POINT_METRICS:
         cells = []
@@ -106,6 +111,125 @@ Rows are written by `python -m training.results` from run summaries and metadata
 """
 
 
+def _pct(m: dict[str, Any], key: str) -> str:
+    v = m[key]
+    if isinstance(v, dict):
+        return f"{v['value']:.3f} ({v['ci95'][0]:.3f}-{v['ci95'][1]:.3f})"
+    return f"{v:.3f}"
+
+
+def _selection_section(meta_path: Path, meta: ModelMetadata) -> str:
+    """Every scoring under the selection protocol, from the ledger beside the metadata."""
+    path = meta_path.parent / "selection_ledger.jsonl"
+    if not path.is_file():
+        return ""
+    ledger = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not ledger:
+        return ""
+    protocols = sorted({e["protocol"][:12] for e in ledger})
+    rows = [
+        "| round | model | role | sensitivity | specificity | ROC AUC | ECE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in ledger:
+        if e["event"] == "score_a":
+            f = e["figures"]
+            rows.append(
+                f"| {e['round']} | {e['name']} (`{e['model_sha256'][:12]}`) | {e['role']} | "
+                f"{_pct(f, 'recall')} | {_pct(f, 'specificity')} | {_pct(f, 'roc_auc')} | "
+                f"{f['ece']:.3f} |"
+            )
+    decisions = [
+        f"- Round {e['round']}: "
+        + (f"**{e['winner']}** chosen" if e["winner_sha256"] else "no candidate qualified")
+        + "; criteria per candidate: "
+        + "; ".join(
+            f"{next((x['name'] for x in ledger if x.get('model_sha256') == sha), sha[:12])}: "
+            + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in checks.items())
+            for sha, checks in e["checks"].items()
+        )
+        for e in ledger
+        if e["event"] == "decision"
+    ]
+    shortlist = [
+        "| model | T0 ROC AUC | T0 specificity | T1 specificity mean (worst) | "
+        "T1 sensitivity mean | T1 worst ROC AUC | T1 mean abs. change of p | T1 ECE |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    seen_incumbent = False
+    for e in ledger:
+        if e["event"] != "declare":
+            continue
+        pairs = [(e["name"], e["t0"], e["t1"])]
+        if not seen_incumbent:
+            pairs.insert(
+                0, ("incumbent (shipped at the time)", e["incumbent_t0"], e["incumbent_t1"])
+            )
+            seen_incumbent = True
+        for name, t0, t1 in pairs:
+            shortlist.append(
+                f"| {name} | {t0['roc_auc']['value']:.4f} | {t0['specificity']['value']:.3f} | "
+                f"{t1['specificity_mean']:.3f} ({t1['specificity_worst']['value']:.3f}, "
+                f"{t1['specificity_worst']['condition']}) | {t1['sensitivity_mean']:.3f} | "
+                f"{t1['roc_auc_worst']['value']:.4f} | {t1['mean_abs_change']:.4f} | "
+                f"{t1['ece_pooled']:.3f} |"
+            )
+    b = {e["role"]: e for e in ledger if e["event"] == "score_b"}
+    b_table = ""
+    if b:
+        names = [r for r in ("winner", "incumbent") if r in b]
+        b_rows = [
+            "| metric | " + " | ".join(f"{b[r]['name']} ({r})" for r in names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for key in POINT_METRICS:
+            b_rows.append(
+                f"| {_NAMES[key]} | " + " | ".join(_pct(b[r]["figures"], key) for r in names) + " |"
+            )
+        b_rows.append(
+            "| Expected calibration error (15 bins) | "
+            + " | ".join(f"{b[r]['figures']['ece']:.3f}" for r in names)
+            + " |"
+        )
+        b_rows.append(
+            "| Confusion matrix | "
+            + " | ".join(
+                "TN {tn}, FP {fp}, FN {fn}, TP {tp}".format(**b[r]["figures"]["confusion_matrix"])
+                for r in names
+            )
+            + " |"
+        )
+        vetoes = [e for e in ledger if e["event"] == "veto_check"]
+        veto_line = (
+            "Veto conditions on B: "
+            + ", ".join(f"{k} {'YES' if v else 'no'}" for k, v in vetoes[-1]["veto"].items())
+            + "."
+            if vetoes
+            else ""
+        )
+        b_table = (
+            "\n### Test half B (scored once per model; the headline figures)\n"
+            + "\n".join(b_rows)
+            + f"\n\n{veto_line}\n"
+        )
+    return f"""
+## Selection under docs/SELECTION_PROTOCOL.md (commit {", ".join(protocols)})
+The official test split is divided by patient into half A (choosing, at most 3 candidates a round)
+and half B (reporting, scored once per model, veto only); `models/test_halves.csv`. Candidates are
+short-listed on validation (T0) and on validation rendered through 22 fixed acquisition and export
+changes (T1, `training/shift.py`, 7 of them in families no training augmentation imitates). Every
+figure is at the model's own operating point, fixed before A. Ledger: `{path.name}`.
+
+### Short-list figures (T0 validation, T1 synthetic shift)
+{chr(10).join(shortlist)}
+
+### Every scoring on test half A
+{chr(10).join(rows)}
+
+{chr(10).join(decisions)}
+{b_table}"""
+
+
 def _cam_line(meta: ModelMetadata) -> str:
     output = meta.cam_output
     if output is None:
@@ -134,10 +258,21 @@ def render(meta_path: Path) -> str:
     )
     p = meta.preprocessing
     test_note = (
-        "Test figures: the official Kermany test split (624 images), evaluated once with the "
+        "Test figures: half B of the official Kermany test split (315 images; half A, 309 images, "
+        "chose between candidates), each scored once at the threshold, temperature and bias fixed "
+        "before the test split was read (`docs/SELECTION_PROTOCOL.md`)."
+        if "test_b" in meta.metrics
+        else "Test figures: the official Kermany test split (624 images), evaluated once with the "
         "threshold and temperature fixed on validation."
         if "test" in meta.metrics
         else "**No test-set evaluation is recorded for this model.**"
+    )
+    bias = meta.calibration.logit_bias
+    calibration_line = (
+        f"temperature T = {meta.calibration.temperature:.4f} and a bias of {bias[1]:+.4f} on the "
+        f"{meta.classes[1]} log-odds, fitted on {meta.calibration.fitted_on}"
+        if bias is not None
+        else f"temperature scaling, T = {meta.calibration.temperature:.4f}, fitted on validation"
     )
     minutes = float(training.get("training_seconds", 0)) / 60
     use = meta.intended_use
@@ -164,7 +299,7 @@ def render(meta_path: Path) -> str:
   float32 NHWC, output `{meta.output.name}` {meta.output.shape} (logits, classes {meta.classes}).
 - Operating point: p({meta.decision.positive_class}) >= **{meta.decision.threshold:.4f}**, chosen on the validation set for
   sensitivity >= {meta.decision.target_sensitivity} (a missed pneumonia costs more than a false alarm).
-- Calibration: temperature scaling, T = {meta.calibration.temperature:.4f}, fitted on validation.
+- Calibration: {calibration_line}.
 - Explanations: {_cam_line(meta)}
 
 ## Intended use
@@ -238,7 +373,7 @@ children over-called as pneumonia (lower specificity).
 - Augmentation fills with edge pixels: black fill put borders on most training images and none on
   validation or uploads.
 - The threshold target (sensitivity >= 0.95 on validation) was fixed before any test evaluation.
-{_configurations(meta_path, meta.name)}
+{_configurations(meta_path, meta.name)}{_selection_section(meta_path, meta)}
 ## Limitations
 - Single centre, paediatric, one dataset: performance on adults, other hospitals, portable AP films
   or other scanners is unknown and probably lower.

@@ -130,8 +130,25 @@ def class_distribution(counts: dict[str, dict[str, int]], path: Path) -> None:
 def calibration_curve(
     y_true: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, path: Path, n_bins: int = 10
 ) -> None:
+    reliability(
+        y_true,
+        {"before": raw, "after calibration": calibrated},
+        path,
+        "Reliability (validation)",
+        n_bins,
+    )
+
+
+def reliability(
+    y_true: np.ndarray,
+    curves: dict[str, np.ndarray],
+    path: Path,
+    title: str,
+    n_bins: int = 10,
+) -> None:
+    """Observed fraction of PNEUMONIA against predicted p(PNEUMONIA), equal-width bins."""
     fig, ax = plt.subplots(figsize=(5, 5))
-    for scores, name in ((raw, "before"), (calibrated, "after temperature")):
+    for name, scores in curves.items():
         bins = np.minimum((scores * n_bins).astype(int), n_bins - 1)
         xs = [scores[bins == b].mean() for b in range(n_bins) if (bins == b).any()]
         ys = [np.asarray(y_true)[bins == b].mean() for b in range(n_bins) if (bins == b).any()]
@@ -139,6 +156,6 @@ def calibration_curve(
     ax.plot([0, 1], [0, 1], "k--", alpha=0.3)
     ax.set_xlabel("predicted p(PNEUMONIA)")
     ax.set_ylabel("observed fraction PNEUMONIA")
-    ax.set_title("Reliability (validation)")
+    ax.set_title(title)
     ax.legend()
     _save(fig, path)

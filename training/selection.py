@@ -34,6 +34,7 @@ from training.dataset import load_images
 from training.metrics import (
     evaluate_scores,
     expected_calibration_error,
+    fit_logistic,
     format_summary,
     point_metrics,
     select_threshold,
@@ -175,13 +176,11 @@ def fit_operating_point(
     """The protocol's recipe: temperature and positive-class bias by maximum likelihood on clean
     T0 and every T1 rendering pooled; then the highest threshold with sensitivity >= 0.95 on
     clean T0."""
-    from app.site.fitting import fit_platt
-
     z_clean = clean_logits[:, 1] - clean_logits[:, 0]
     z_all = np.concatenate([z_clean, *[v[:, 1] - v[:, 0] for v in shifted_logits.values()]])
     y_all = np.tile(labels, 1 + len(shifted_logits)).astype(np.float64)
-    fit = fit_platt(1.0 / (1.0 + np.exp(-z_all)), y_all)
-    temperature, bias = 1.0 / fit.slope, fit.intercept
+    slope, bias = fit_logistic(z_all, y_all)
+    temperature = 1.0 / slope
 
     def calibrated(logits: np.ndarray) -> np.ndarray:
         z = (logits[:, 1] - logits[:, 0]) / temperature + bias
@@ -443,8 +442,11 @@ def veto(winner: dict[str, Any], incumbent: dict[str, Any]) -> dict[str, bool]:
     }
 
 
-def score_half(meta_path: Path, data_dir: Path, half: str) -> dict[str, Any]:
-    """A model's figures on one test half at its own operating point (bootstrap by group)."""
+def score_half(
+    meta_path: Path, data_dir: Path, half: str, plots_dir: Path | None = None
+) -> dict[str, Any]:
+    """A model's figures on one test half at its own operating point (bootstrap by group), with
+    its ROC, confusion-matrix and sample-grid plots in `plots_dir` from the same pass."""
     from app.contract import load_metadata
     from training.evaluate import predict_logits
 
@@ -465,7 +467,78 @@ def score_half(meta_path: Path, data_dir: Path, half: str) -> dict[str, Any]:
     figures = evaluate_scores(
         labels, p, meta.decision.threshold, [r.patient_id for r in records], BOOTSTRAP, seed=0
     )
+    if plots_dir is not None:
+        from training import plots
+
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        title = f"{meta.name} {meta.version}, test half {half} ({len(records)} images)"
+        plots.roc(labels, p, meta.decision.threshold, plots_dir / "roc.png", title=f"ROC, {title}")
+        plots.confusion_matrix(
+            figures["confusion_matrix"],  # type: ignore[arg-type]
+            plots_dir / "confusion_matrix.png",
+            title=f"{title} at threshold {meta.decision.threshold:.3f}",
+        )
+        plots.sample_grid(images, labels, plots_dir / "sample_grid.png", seed=0, scores=p)
+        plots.reliability(
+            labels, {meta.version: p}, plots_dir / "reliability.png", f"Reliability, {title}"
+        )
     return figures
+
+
+STABILITY_GAMMAS = (0.7, 1.4)
+
+
+def stability(meta_paths: list[Path], data_dir: Path, step: int = 1) -> dict[str, Any]:
+    """Mean |change of p(PNEUMONIA)| when the uploads go through a tone curve: each test X-ray as
+    uploaded (its JPEG file) against the same image with gamma applied, stored as a lossless PNG,
+    both through the contract's preprocessing (bit-identical to the service's, by the parity
+    tests) and the model's calibration. No labels are read."""
+    import io
+    import tempfile
+
+    from PIL import Image
+
+    from app.contract import load_metadata
+    from training.data import load_kaggle_directory
+    from training.evaluate import predict_logits
+    from training.preprocessing import load_image
+
+    paths = [Path(r.path) for r in load_kaggle_directory(data_dir, "test")][::step]
+    out: dict[str, Any] = {
+        "n_images": len(paths),
+        "step": step,
+        "uploads": "each test JPEG, and the same image through 255 * (x / 255) ** gamma as PNG",
+        "models": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        variants: dict[str, list[Path]] = {"original": paths}
+        for g in STABILITY_GAMMAS:
+            variants[f"gamma_{g}"] = []
+            for i, path in enumerate(paths):
+                grey = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
+                bent = np.clip(np.rint(255.0 * (grey / 255.0) ** g), 0, 255).astype(np.uint8)
+                target = Path(tmp) / f"{g}-{i}.png"
+                buf = io.BytesIO()
+                Image.fromarray(bent).save(buf, format="PNG")
+                target.write_bytes(buf.getvalue())
+                variants[f"gamma_{g}"].append(target)
+        for meta_path in meta_paths:
+            meta = load_metadata(meta_path)
+            onnx_path = meta_path.parent / meta.onnx_file
+            p = {}
+            for name, files in variants.items():
+                images = np.stack([load_image(f, meta.preprocessing) for f in files])
+                logits = predict_logits(meta, onnx_path, images, batch_size=64)
+                p[name] = meta.calibrated_probabilities(logits)[:, meta.positive_index]
+            out["models"][f"{meta.name} {meta.version}"] = {
+                "sha256": meta.sha256,
+                **{
+                    f"mean_abs_change_{name}": round(float(np.abs(v - p["original"]).mean()), 4)
+                    for name, v in p.items()
+                    if name != "original"
+                },
+            }
+    return out
 
 
 def _print_t0_t1(name: str, figures: dict[str, Any]) -> None:
@@ -510,6 +583,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--model", type=Path, required=True)
     b.add_argument("--data-dir", type=Path, required=True)
     b.add_argument("--incumbent", type=Path, default=INCUMBENT)
+    st = sub.add_parser("stability", help="answers under tone curves of the uploads (no labels)")
+    st.add_argument("--model", type=Path, nargs="+", required=True)
+    st.add_argument("--data-dir", type=Path, required=True)
+    st.add_argument("--out", type=Path, default=Path("runs/selection/stability.json"))
+    rec = sub.add_parser("record", help="copy a model's ledger figures (A, B) into its metadata")
+    rec.add_argument("--model", type=Path, required=True)
+    rec.add_argument("--stability", type=Path, help="the stability JSON to record beside them")
     args = p.parse_args(argv)
 
     try:
@@ -593,6 +673,11 @@ def _run(args: argparse.Namespace) -> int:
                 "gates": entry["gates"],
                 "t0": {k: entry["t0"][k] for k in ("roc_auc", "recall", "specificity", "ece")},
                 "t1": entry["t1"]["summary"],
+                "incumbent_t0": {
+                    k: table["incumbent"]["t0"][k]
+                    for k in ("roc_auc", "recall", "specificity", "ece")
+                },
+                "incumbent_t1": table["incumbent"]["t1"]["summary"],
             }
         )
         print(f"[selection] declared {identity['name']} for round {round_}: commit the ledger")
@@ -603,7 +688,8 @@ def _run(args: argparse.Namespace) -> int:
         round_ = check_scorable_on_a(
             ledger, committed_ledger(), identity["model_sha256"], incumbent_sha
         )
-        figures = score_half(args.model, args.data_dir, "A")
+        plots_dir = Path("runs/selection") / f"{identity['model_sha256'][:12]}-A-{round_}"
+        figures = score_half(args.model, args.data_dir, "A", plots_dir)
         role = "incumbent" if identity["model_sha256"] == incumbent_sha else "candidate"
         append({"event": "score_a", "round": round_, "role": role, **identity, "figures": figures})
         print(f"[score-a] {identity['name']} on A:\n{format_summary(figures)}")
@@ -639,7 +725,8 @@ def _run(args: argparse.Namespace) -> int:
         identity = model_identity(args.model)
         incumbent_sha = model_identity(args.incumbent)["model_sha256"]
         check_scorable_on_b(ledger, identity["model_sha256"], incumbent_sha)
-        figures = score_half(args.model, args.data_dir, "B")
+        plots_dir = Path("runs/selection") / f"{identity['model_sha256'][:12]}-B"
+        figures = score_half(args.model, args.data_dir, "B", plots_dir)
         role = "incumbent" if identity["model_sha256"] == incumbent_sha else "winner"
         append({"event": "score_b", "role": role, **identity, "figures": figures})
         print(f"[score-b] {identity['name']} on B:\n{format_summary(figures)}")
@@ -653,7 +740,42 @@ def _run(args: argparse.Namespace) -> int:
                 f"[score-b] veto conditions {vetoes}: "
                 + ("VETOED" if any(vetoes.values()) else "no veto")
             )
+    elif args.command == "stability":
+        result = stability(args.model, args.data_dir)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
+    elif args.command == "record":
+        record(args.model, args.stability)
     return 0
+
+
+def record(meta_path: Path, stability_path: Path | None) -> None:
+    """metrics.test_a / metrics.test_b of the metadata, from the ledger (never re-scored)."""
+    from app.contract import ModelMetadata, dump_metadata
+
+    sha = model_identity(meta_path)["model_sha256"]
+    ledger = read_ledger()
+    a = [e for e in ledger if e["event"] == "score_a" and e["model_sha256"] == sha]
+    b = [e for e in ledger if e["event"] == "score_b" and e["model_sha256"] == sha]
+    if not b:
+        raise ProtocolError("the model has no scoring on B in the ledger")
+    raw = json.loads(meta_path.read_text())
+    metrics = raw.setdefault("metrics", {})
+    metrics.pop("test", None)
+    metrics["test_a"] = a[-1]["figures"]
+    metrics["test_b"] = b[-1]["figures"]
+    selection = {
+        "protocol": b[-1]["protocol"],
+        "ledger": str(LEDGER_FILE),
+        "halves_sha256": hashlib.sha256((REPO_ROOT / HALVES_FILE).read_bytes()).hexdigest(),
+    }
+    if stability_path is not None:
+        selection["stability"] = json.loads(stability_path.read_text())
+    raw.setdefault("provenance", {})["selection"] = selection
+    ModelMetadata.model_validate(raw)
+    meta_path.write_text(dump_metadata(raw))
+    print(f"[record] {meta_path}: metrics.test_a and metrics.test_b from the ledger")
 
 
 if __name__ == "__main__":
