@@ -182,3 +182,31 @@ def test_the_j2k_reduction_keeps_full_resolution_answers_within_0_02() -> None:
     (result,) = compare_j2k_at_size(SHIPPED_METADATA, images, (2500, 2048), [rule], ("j2k",))
     assert result["n_images"] == 26
     assert result["max_abs_diff"] <= 0.02, result
+
+
+@requires_data
+def test_a_lossless_jpeg_2000_dicom_answers_as_the_same_x_ray_as_a_jpeg(classifier) -> None:  # type: ignore[no-untyped-def]
+    """Real test X-rays at 2500x2048, uploaded once as a JPEG (quality 95) and once as 12-bit
+    lossless JPEG 2000 DICOM: the service's answers agree within 0.02, whatever the contract's
+    rules decode at a reduced scale (DCT for the JPEG, wavelet level for the JPEG 2000 frame)."""
+    import io
+
+    from PIL import Image
+
+    from app.testing.dicom_files import make_dicom
+
+    meta = classifier.metadata
+    worst = 0.0
+    for path in sorted((DATA_DIR / "test").glob("*/*.jpeg"))[::24]:
+        with Image.open(path) as image:
+            grey = np.asarray(image.convert("L").resize((2500, 2048), Image.Resampling.BICUBIC))
+        buffer = io.BytesIO()
+        Image.fromarray(grey).save(buffer, "JPEG", quality=95)
+        twelve_bit = grey.astype(np.uint16) * 16 + 8
+        dicom = make_dicom(twelve_bit, "j2k_lossless", window=(2048.0, 4096.0), bits_stored=12)
+        p = [
+            classifier.predict_batch(classifier.preprocess(data))[0][meta.positive_index]
+            for data in (buffer.getvalue(), dicom)
+        ]
+        worst = max(worst, abs(p[0] - p[1]))
+    assert worst <= 0.02, worst
