@@ -750,12 +750,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def record(meta_path: Path, stability_path: Path | None) -> None:
+def record(
+    meta_path: Path, stability_path: Path | None, ledger: list[dict[str, Any]] | None = None
+) -> None:
     """metrics.test_a / metrics.test_b of the metadata, from the ledger (never re-scored)."""
     from app.contract import ModelMetadata, dump_metadata
 
     sha = model_identity(meta_path)["model_sha256"]
-    ledger = read_ledger()
+    ledger = read_ledger() if ledger is None else ledger
     a = [e for e in ledger if e["event"] == "score_a" and e["model_sha256"] == sha]
     b = [e for e in ledger if e["event"] == "score_b" and e["model_sha256"] == sha]
     if not b:

@@ -277,3 +277,58 @@ def test_the_exported_model_explains_its_own_logits(exported: Path, tiny_kaggle_
         for index, name in enumerate(meta.classes):
             _, cam = classifier.predict_with_cam(tensor, name)
             assert cam.logit == pytest.approx(float(logits[0][index]), abs=1e-5)
+
+
+def test_the_model_card_shows_every_scoring_of_the_protocol(exported: Path, tmp_path: Path) -> None:
+    """A ledger beside the metadata: `record` copies the model's A and B figures into it, and the
+    card lists every A scoring (losers too), the decision and B beside the incumbent."""
+    import shutil
+
+    from training import selection
+
+    models = tmp_path / "models"
+    shutil.copytree(exported.parent, models)
+    meta_path = models / exported.name
+    sha = json.loads(meta_path.read_text())["sha256"]
+    meta = load_metadata(meta_path)
+    figures = meta.metrics["validation"]
+    assert isinstance(figures, dict)
+    t0 = {k: figures[k] for k in ("roc_auc", "recall", "specificity", "ece")}
+    t1 = {
+        "specificity_mean": 0.9,
+        "specificity_worst": {"condition": "equalise", "value": 0.8},
+        "sensitivity_mean": 0.95,
+        "roc_auc_worst": {"condition": "equalise", "value": 0.97},
+        "mean_abs_change": 0.01,
+        "ece_pooled": 0.02,
+    }
+    protocol = "f" * 40
+    lines = [
+        {"event": "round", "round": 1, "protocol": protocol, "reason": "first"},
+        {"event": "declare", "round": 1, "protocol": protocol, "name": "tiny 0.0.1",
+         "model_sha256": sha, "t0": t0, "t1": t1, "incumbent_t0": t0, "incumbent_t1": t1},
+        {"event": "score_a", "round": 1, "protocol": protocol, "role": "incumbent",
+         "name": "old 1.0.0", "model_sha256": "0" * 64, "figures": figures},
+        {"event": "score_a", "round": 1, "protocol": protocol, "role": "candidate",
+         "name": "tiny 0.0.1", "model_sha256": sha, "figures": figures},
+        {"event": "decision", "round": 1, "protocol": protocol, "winner_sha256": sha,
+         "winner": "tiny 0.0.1", "checks": {sha: {"specificity_gain_0.03": True}}},
+        {"event": "score_b", "protocol": protocol, "role": "winner", "name": "tiny 0.0.1",
+         "model_sha256": sha, "figures": figures},
+        {"event": "score_b", "protocol": protocol, "role": "incumbent", "name": "old 1.0.0",
+         "model_sha256": "0" * 64, "figures": figures},
+        {"event": "veto_check", "protocol": protocol, "winner_sha256": sha,
+         "veto": {"sensitivity_below_0.93": False}},
+    ]  # fmt: skip
+    (models / "selection_ledger.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    selection.record(meta_path, None, lines)
+    recorded = load_metadata(meta_path)
+    assert recorded.metrics["test_b"] == figures and recorded.metrics["test_a"] == figures
+    card = model_card.render(meta_path)
+    assert "half B of the official Kermany test split" in card
+    assert "| test half A (95% CI) | test half B (95% CI) |" in card
+    assert f"docs/SELECTION_PROTOCOL.md (commit {protocol[:12]})" in card
+    assert card.count("| 1 | ") == 2  # both A scorings, the incumbent's too
+    assert "**tiny 0.0.1** chosen" in card
+    assert "| metric | tiny 0.0.1 (winner) | old 1.0.0 (incumbent) |" in card
+    assert "equalise" in card
