@@ -4,6 +4,12 @@ A destination sends a batch of objects and says, per object, whether it was stor
 retried (and when) or failed for good. `DeliveryWorker` is the loop around it: claim due
 deliveries from the outbox, send them, settle them. Its log lines name the destination, the outcome
 and the attempt count, never a UID or any header value.
+
+An archive that already holds an instance under our UID (a re-send after the outbox purged its row,
+or the same image read by two pods with outboxes of their own) may refuse the second copy: STOW-RS
+409 or FailureReason 0x0111, C-STORE 0x0111. The object counts as delivered when the archive holds
+the same result (`same_result`), which a DICOMweb destination checks by retrieving the archive's
+copy (WADO-RS); DIMSE has no retrieve here, see `DimseDestination`.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ from typing import Any, Literal, Protocol
 from xml.etree import ElementTree
 
 import httpx
+import numpy as np
 import pydicom
 
 from app.pacs.outbox import Delivery, Outbox
+from app.pacs.stow import DICOM_MEDIA_TYPE, StowError, iter_parts, parse_content_type
 
 logger = logging.getLogger("app.pacs.delivery")
 
@@ -40,11 +48,15 @@ _FAILURE_REASON = "00081197"
 _RETRYABLE_HTTP = frozenset({408, 429, 500, 502, 503, 504})
 _PERMANENT_HTTP = frozenset({400, 404, 405, 409, 413, 415})
 MAX_RETRY_AFTER_S = 3600.0
+# Duplicate SOP Instance (PS3.7 C.4.2.1.4 for C-STORE; archives use it as a STOW FailureReason too)
+DUPLICATE_SOP_INSTANCE = 0x0111
+CONFLICT = 409
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one object. `summary` is a status code or exception class only."""
+    """What happened to one object. `summary` is a status code or exception class, with a fixed
+    phrase for a conflict's finding; never a UID or header value."""
 
     verdict: Verdict
     summary: str
@@ -138,6 +150,70 @@ def _store_response(
     )
 
 
+# What a result object says: an SR's document title and content tree, an image's pixels. The
+# rest may differ between two copies of the same result (dates written by a renderer before they
+# came from the source, attributes an archive coerces, the file meta) and is not compared.
+_CONTENT_KEYWORDS = ("ConceptNameCodeSequence", "ContentSequence")
+_PIXEL_KEYWORDS = (
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+)
+
+
+def same_result(ours: bytes, theirs: bytes) -> str | None:
+    """None when the archive's instance `theirs` is the same result as our `ours`, otherwise why
+    not (a fixed phrase, no header value).
+
+    The same result: byte for byte the same file, or the same SOP Class and Instance UID with the
+    same content items (an SR's Concept Name and Content Sequence) and the same pixels (an image's
+    Image Pixel description and pixel values, compared decoded when the archive sent them in
+    another transfer syntax). The UIDs already fix the source image, the model and the site profile
+    (`app.pacs.uids`); the content is what a reader sees.
+    """
+    if ours == theirs:
+        return None
+    mine = pydicom.dcmread(io.BytesIO(ours))
+    try:
+        archived = pydicom.dcmread(io.BytesIO(theirs))
+        archived_uids = (archived.get("SOPClassUID"), archived.get("SOPInstanceUID"))
+    except Exception:  # whatever the archive sent, it is not our result
+        return "archive copy unreadable"
+    if archived_uids != (mine.SOPClassUID, mine.SOPInstanceUID):
+        return "archive copy has other uids"
+    for keyword in _CONTENT_KEYWORDS:
+        if keyword in mine and mine.get(keyword) != archived.get(keyword):
+            return "archive copy content items differ"
+    if "PixelData" in mine:
+        if any(mine.get(k) != archived.get(k) for k in _PIXEL_KEYWORDS):
+            return "archive copy pixel data differ"
+        if mine.PixelData != archived.get("PixelData"):
+            try:
+                equal = np.array_equal(mine.pixel_array, archived.pixel_array)
+            except Exception:  # an encoding this process cannot decode
+                return "archive copy pixel data unreadable"
+            if not equal:
+                return "archive copy pixel data differ"
+    return None
+
+
+def _wado_instance(response: httpx.Response) -> bytes | None:
+    """The one instance of a WADO-RS retrieve answer (multipart/related, or a bare
+    application/dicom body), or None."""
+    content_type = response.headers.get("Content-Type", "")
+    if content_type.split(";")[0].strip().lower() == DICOM_MEDIA_TYPE:
+        return response.content
+    try:
+        parts = list(iter_parts(response.content, parse_content_type(content_type)))
+    except StowError:
+        return None
+    return parts[0].data if len(parts) == 1 else None
+
+
 class StowRsDestination:
     """DICOMweb STOW-RS: `POST {base_url}/studies`, one PS3.10 instance per multipart part.
 
@@ -146,6 +222,13 @@ class StowRsDestination:
     200 while storing none). Otherwise 408/429/5xx and network errors are retried (honouring
     Retry-After), as is a FailureReason of 0xA7xx (out of resources); 400/404/409/413/415 and
     other FailureReasons are permanent.
+
+    An instance refused with 409, or with FailureReason 0x0111 (duplicate) under any status, may
+    be one the archive already holds (Google's archive answers 409 to a second copy). Its copy is
+    retrieved, `GET {base_url}/studies/{study}/series/{series}/instances/{instance}`, with the same
+    credentials: the same result (`same_result`) is stored; a different one, or none (404), is
+    failed with the refusal and the finding in the summary; a retrieve that meets 408/429/5xx or a
+    network error is retried.
     """
 
     def __init__(
@@ -189,34 +272,68 @@ class StowRsDestination:
         }
         if self._auth_header:
             headers["Authorization"] = self._auth_header
-        try:
-            with httpx.Client(timeout=self._timeout, transport=self._transport) as client:
+        with httpx.Client(timeout=self._timeout, transport=self._transport) as client:
+            try:
                 response = client.post(f"{self.base_url}/studies", content=body, headers=headers)
-        except httpx.HTTPError as error:
-            return [Outcome("retry", type(error).__name__)] * len(deliveries)
-        stored, failed = _store_response(response)
-        status = response.status_code
-        retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        outcomes = []
-        for delivery in deliveries:
-            uid = delivery.sop_instance_uid
-            if uid in stored:
-                outcomes.append(Outcome("stored", f"http {status}"))
-            elif status in _RETRYABLE_HTTP or status in (401, 403):
-                # 401/403: a credential being rotated; bounded by the outbox's give-up age
-                outcomes.append(Outcome("retry", f"http {status}", retry_after))
-            elif uid in failed:
-                reason = failed[uid]
+            except httpx.HTTPError as error:
+                return [Outcome("retry", type(error).__name__)] * len(deliveries)
+            stored, failed = _store_response(response)
+            status = response.status_code
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            outcomes = []
+            for delivery in deliveries:
+                uid = delivery.sop_instance_uid
+                reason = failed.get(uid)
                 summary = f"http {status} failure reason " + (
                     f"0x{reason:04X}" if reason is not None else "none"
                 )
-                resources = reason is not None and (reason & 0xFF00) == 0xA700
-                outcomes.append(Outcome("retry" if resources else "failed", summary, retry_after))
-            elif status in _PERMANENT_HTTP or 200 <= status < 300:
-                outcomes.append(Outcome("failed", f"http {status} instance not stored"))
-            else:
-                outcomes.append(Outcome("retry", f"http {status}", retry_after))
+                if uid in stored:
+                    outcomes.append(Outcome("stored", f"http {status}"))
+                elif status in _RETRYABLE_HTTP or status in (401, 403):
+                    # 401/403: a credential being rotated; bounded by the outbox's give-up age
+                    outcomes.append(Outcome("retry", f"http {status}", retry_after))
+                elif status == CONFLICT or reason == DUPLICATE_SOP_INSTANCE:
+                    outcomes.append(self._compare_with_archive(client, delivery, summary))
+                elif uid in failed:
+                    resources = reason is not None and (reason & 0xFF00) == 0xA700
+                    outcomes.append(
+                        Outcome("retry" if resources else "failed", summary, retry_after)
+                    )
+                elif status in _PERMANENT_HTTP or 200 <= status < 300:
+                    outcomes.append(Outcome("failed", f"http {status} instance not stored"))
+                else:
+                    outcomes.append(Outcome("retry", f"http {status}", retry_after))
         return outcomes
+
+    def _compare_with_archive(
+        self, client: httpx.Client, delivery: Delivery, refusal: str
+    ) -> Outcome:
+        """The outcome of an instance the archive refused as a conflict: stored when the archive's
+        copy is the same result, failed when it differs or is not there (`refusal` kept)."""
+        ours = pydicom.dcmread(io.BytesIO(delivery.payload), stop_before_pixels=True)
+        url = (
+            f"{self.base_url}/studies/{ours.StudyInstanceUID}/series/{ours.SeriesInstanceUID}"
+            f"/instances/{ours.SOPInstanceUID}"
+        )
+        headers = {"Accept": f'multipart/related; type="{DICOM_MEDIA_TYPE}"'}
+        if self._auth_header:
+            headers["Authorization"] = self._auth_header
+        try:
+            response = client.get(url, headers=headers)
+        except httpx.HTTPError as error:
+            return Outcome("retry", f"{refusal}: retrieve {type(error).__name__}")
+        if response.status_code in _RETRYABLE_HTTP:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            return Outcome("retry", f"{refusal}: retrieve http {response.status_code}", retry_after)
+        if response.status_code != 200:
+            return Outcome("failed", f"{refusal}: retrieve http {response.status_code}")
+        theirs = _wado_instance(response)
+        if theirs is None:
+            return Outcome("failed", f"{refusal}: retrieve answer unreadable")
+        difference = same_result(delivery.payload, theirs)
+        if difference is not None:
+            return Outcome("failed", f"{refusal}: {difference}")
+        return Outcome("stored", f"{refusal}: archive holds the same result")
 
 
 _AE_TITLE = re.compile(r"^[ -~]{1,16}$")
@@ -229,6 +346,13 @@ class DimseDestination:
     Per object: status 0x0000 and warnings (0xB000, 0xB006, 0xB007) are stored; 0xA7xx (out of
     resources) and no answer (timeout, abort) are retried; other failures, and a SOP class the peer
     did not accept, are permanent. A refused or failed association is retried.
+
+    0x0111 (duplicate SOP instance) is stored without a comparison: this destination has no
+    C-GET/C-MOVE to read the archive's copy back. The UID alone stands for the result (it is
+    derived from the source image, the model, the site profile and the kind of object, and the
+    same reading renders the same bytes), so what the archive cannot show is only a copy whose
+    content differs under the same reading, e.g. a probability computed on another execution
+    provider; a DICOMweb destination checks that. The summary says it was not compared.
     """
 
     def __init__(
@@ -326,6 +450,8 @@ class DimseDestination:
         summary = f"dimse status 0x{code:04X}"
         if code == 0x0000 or code in (0xB000, 0xB006, 0xB007):
             return Outcome("stored", summary)
+        if code == DUPLICATE_SOP_INSTANCE:
+            return Outcome("stored", f"{summary} duplicate - archive copy not compared")
         if (code & 0xFF00) == 0xA700:
             return Outcome("retry", summary)
         return Outcome("failed", summary)

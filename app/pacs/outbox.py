@@ -10,8 +10,9 @@ been delivered and its retention has passed. Two backends with the same schema a
   `SELECT ... FOR UPDATE SKIP LOCKED`, so two workers never claim the same delivery.
 
 A claim is a lease: a worker that dies holding deliveries loses them when the lease expires, and
-another worker sends them again. Result UIDs are deterministic, so such a re-send replaces the same
-instance at the PACS rather than adding a second one.
+another worker sends them again. Result UIDs are deterministic and the objects carry no clock, so
+such a re-send is the same instance byte for byte, never a second one; an archive that refuses the
+second copy is handled by `app.pacs.delivery`.
 
 Error summaries are short strings chosen by the delivery code (an HTTP status, a DIMSE status, an
 exception class); `_summary` also truncates them and strips anything but a safe character set, so a

@@ -1,9 +1,15 @@
 """Test data for the PACS tests: answers, source images (the test factory's CR and DX files and
-the real CR chest PA from pydicom-data) and the result objects built from them."""
+the real CR chest PA from pydicom-data), the result objects built from them, and a clock for
+highdicom to render them under."""
 
 from __future__ import annotations
 
+import datetime
 import os
+import sys
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +90,35 @@ def load_source(name: str) -> Dataset:
 def grey_u8(rows: int = 224, columns: int = 224) -> np.ndarray:
     yy, xx = np.mgrid[0:rows, 0:columns]
     return ((xx + yy) * 255 // (rows + columns - 2)).astype(np.uint8)
+
+
+@contextmanager
+def highdicom_clock_at(moment: datetime.datetime) -> Iterator[None]:
+    """highdicom's `datetime.datetime.now()` answers `moment`, in every highdicom module that
+    reads the clock (each imports the `datetime` module and calls it at construction)."""
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz: datetime.tzinfo | None = None) -> Frozen:
+            return cls.combine(moment.date(), moment.time(), tz)
+
+    clock = types.SimpleNamespace(
+        **{name: getattr(datetime, name) for name in dir(datetime) if not name.startswith("__")}
+    )
+    clock.datetime = Frozen
+    patched = [
+        module
+        for name, module in list(sys.modules.items())
+        if name.startswith("highdicom") and getattr(module, "datetime", None) is datetime
+    ]
+    assert patched, "highdicom no longer imports `datetime`: find its clock anew"
+    for module in patched:
+        module.datetime = clock  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.datetime = datetime  # type: ignore[attr-defined]
 
 
 def result_objects(source: Dataset, facts: ResultFacts) -> list[ResultObject]:

@@ -8,11 +8,7 @@ import datetime
 import io
 import re
 import subprocess
-import sys
 import time
-import types
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import highdicom as hd
@@ -43,6 +39,7 @@ from tests.app.pacs.pacs_results import (
     MODEL_SHA256,
     factory_source,
     grey_u8,
+    highdicom_clock_at,
     load_source,
     make_facts,
 )
@@ -366,35 +363,6 @@ def test_building_logs_and_warns_nothing_from_the_header(
     ]
     for value in header_values:
         assert not any(value in line for line in logged), value
-
-
-@contextmanager
-def highdicom_clock_at(moment: datetime.datetime) -> Iterator[None]:
-    """highdicom's `datetime.datetime.now()` answers `moment`, in every highdicom module that
-    reads the clock (each imports the `datetime` module and calls it at construction)."""
-
-    class Frozen(datetime.datetime):
-        @classmethod
-        def now(cls, tz: datetime.tzinfo | None = None) -> Frozen:
-            return cls.combine(moment.date(), moment.time(), tz)
-
-    clock = types.SimpleNamespace(
-        **{name: getattr(datetime, name) for name in dir(datetime) if not name.startswith("__")}
-    )
-    clock.datetime = Frozen
-    patched = [
-        module
-        for name, module in list(sys.modules.items())
-        if name.startswith("highdicom") and getattr(module, "datetime", None) is datetime
-    ]
-    assert patched, "highdicom no longer imports `datetime`: find its clock anew"
-    for module in patched:
-        module.datetime = clock  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        for module in patched:
-            module.datetime = datetime  # type: ignore[attr-defined]
 
 
 def _written(objects: list[ResultObject], directory: Path) -> dict[str, bytes]:
