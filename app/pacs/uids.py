@@ -6,7 +6,8 @@ label, if one was loaded (by the sha256 of its canonical JSON), and the kind of 
 the same image to the same model and profile therefore yields the same SOP Instance UID (and, the
 objects carrying no clock, the same bytes), so a PACS that already holds the result keeps one copy
 instead of gaining a second SR; a new model version or a new site profile yields new UIDs, side by
-side, since one UID must never name two different findings. Without a site profile the UIDs are what they were before profiles existed.
+side, since one UID must never name two different findings. Without a site profile the UIDs are
+what they were before profiles existed.
 
 The UIDs are in the `2.25` arc (ISO/IEC 9834-8: the decimal integer of a UUID). The UUID is the
 first 16 bytes of a sha256 over the inputs, with the RFC 9562 version 8 ("custom") and variant
