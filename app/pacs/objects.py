@@ -45,6 +45,22 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 # SNOMED CT 233604007 "Pneumonia (disorder)"; not in pydicom's code dictionary.
 PNEUMONIA = hd.sr.CodedConcept(value="233604007", scheme_designator="SCT", meaning="Pneumonia")
+# SNOMED CT 399208008 "Plain chest X-ray": the Procedure Reported (TID 1500 row 4, CID 100 is
+# extensible), more specific than CID 100's generic "Imaging procedure".
+PLAIN_CHEST_XRAY = hd.sr.CodedConcept(
+    value="399208008", scheme_designator="SCT", meaning="Plain chest X-ray"
+)
+# UMLS C0034375 "Qualitative Evaluations": TID 1500 row 12, the report-level container of coded
+# and free-text conclusions (rows 13 and 14), where the verdict and the text for readers go.
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept(
+    value="C0034375", scheme_designator="UMLS", meaning="Qualitative Evaluations"
+)
+# DCM 121106 "Comment": free text in the report, and the one TEXT item OHIF's SR loader shows
+# beside a measurement group's numbers.
+COMMENT = hd.sr.CodedConcept(value="121106", scheme_designator="DCM", meaning="Comment")
+# SCT 42798000 "Area", of the attention region as a share of the image (UCUM "%").
+AREA = hd.sr.CodedConcept(value="42798000", scheme_designator="SCT", meaning="Area")
+PERCENT = hd.sr.CodedConcept(value="%", scheme_designator="UCUM", meaning="Percent")
 # IHE AIR's Purpose of Reference for the algorithm in Contributing Equipment (a placeholder code
 # the profile defines until a standard one exists).
 PROCESSING_ALGORITHM = hd.sr.CodedConcept(
@@ -78,6 +94,9 @@ class ResultFacts:
     # The site profile that recalibrated the probability and set the threshold, when one was
     # loaded (the answer's `calibration.sha256`): part of the result objects' UIDs.
     site_profile_sha256: str | None = None
+    # The answer's caveats (`warnings`), e.g. a patient outside the training population: the SR
+    # states each one to its reader.
+    warnings: tuple[str, ...] = ()
 
     @property
     def positive_probability(self) -> float:
@@ -112,6 +131,7 @@ class ResultFacts:
             disclaimer=str(answer["disclaimer"]),
             cam_grid=grid,
             site_profile_sha256=str(site["sha256"]) if site.get("sha256") else None,
+            warnings=tuple(str(w) for w in answer.get("warnings") or ()),
         )
 
     def __post_init__(self) -> None:
@@ -335,6 +355,99 @@ def _stamp(ds: Dataset, when: ObjectTime) -> None:
             item.ContributionDateTime = when.date_time
 
 
+def summary_text(facts: ResultFacts) -> str:
+    """The result in words, as the report's first line and OHIF's label: the verdict at the
+    operating point (the site profile's when one set it, else the model's) and its figures."""
+    verdict = "likely" if facts.positive else "unlikely"
+    point = "site's" if facts.site_profile_sha256 else "model's"
+    return (
+        f"Pneumonia: {verdict} at the {point} operating point "
+        f"(probability {facts.positive_probability:.3f}, threshold {facts.threshold:.3f})"
+    )
+
+
+def report_texts(facts: ResultFacts) -> list[str]:
+    """The free text of the report, in reading order: the result in words, what the outlined
+    region is (when there is one), the disclaimer, then every warning of the answer."""
+    texts = [summary_text(facts)]
+    if _shows_region(facts):
+        texts.append(f"Outlined region: {REGION_MEANING}")
+    texts.append(facts.disclaimer)
+    texts += [f"Warning: {warning}" for warning in facts.warnings]
+    return texts
+
+
+# What the outlined region of a positive answer is, in the report and beside the outline.
+ATTENTION_IDENTIFIER = "class activation map peak (attention, not a detection)"
+REGION_MEANING = (
+    "the peak of the model's class activation map (where the model's attention was highest), "
+    "not a detected lesion"
+)
+
+
+def _shows_region(facts: ResultFacts) -> bool:
+    """A region is drawn only beside a Present finding: beside Absent, a viewer's box would read
+    as a detection of what the report says is not there."""
+    return facts.positive and facts.cam_grid is not None
+
+
+def _whole_image_outline(rows: int, columns: int) -> np.ndarray:
+    """Closed polyline around the whole image (column, row pixel coordinates): what a
+    whole-image classification was inferred from."""
+    right, bottom = float(columns - 1), float(rows - 1)
+    return np.array(
+        [[0.0, 0.0], [right, 0.0], [right, bottom], [0.0, bottom], [0.0, 0.0]],
+        dtype=np.float32,
+    )
+
+
+def _text(name: hd.sr.CodedConcept, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(
+        name=name, value=value[:10240], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+
+
+def _referenced_requests(source: Dataset) -> list[Dataset] | None:
+    """The SR's Referenced Request Sequence: the source's request (Request Attributes Sequence
+    items, else its own header) with its accession number; none when the source names no
+    accession number and no requested procedure."""
+    requests = list(source.get("RequestAttributesSequence") or []) or [Dataset()]
+    items: list[Dataset] = []
+    for request in requests:
+        accession = str(request.get("AccessionNumber") or source.get("AccessionNumber") or "")
+        procedure_id = str(request.get("RequestedProcedureID") or "")
+        description = str(
+            request.get("RequestedProcedureDescription")
+            or source.get("RequestedProcedureDescription")
+            or ""
+        )
+        codes_ = request.get("RequestedProcedureCodeSequence") or source.get(
+            "RequestedProcedureCodeSequence"
+        )
+        if not (accession or procedure_id or description or codes_):
+            continue
+        item = Dataset()
+        item.StudyInstanceUID = source.StudyInstanceUID
+        item.ReferencedStudySequence = []
+        item.AccessionNumber = accession
+        issuer = request.get("IssuerOfAccessionNumberSequence") or source.get(
+            "IssuerOfAccessionNumberSequence"
+        )
+        if issuer:
+            item.IssuerOfAccessionNumberSequence = issuer
+        item.PlacerOrderNumberImagingServiceRequest = str(
+            source.get("PlacerOrderNumberImagingServiceRequest") or ""
+        )
+        item.FillerOrderNumberImagingServiceRequest = str(
+            source.get("FillerOrderNumberImagingServiceRequest") or ""
+        )
+        item.RequestedProcedureID = procedure_id
+        item.RequestedProcedureDescription = description
+        item.RequestedProcedureCodeSequence = list(codes_ or [])
+        items.append(item)
+    return items or None
+
+
 def build_sr(
     source: Dataset,
     facts: ResultFacts,
@@ -347,72 +460,72 @@ def build_sr(
     names), or Enhanced SR for a PACS that does not take 88.34 (the content has only 2-D SCOORDs,
     so it fits either).
 
-    One whole-image measurement group (TID 1501): finding Pneumonia, a qualitative evaluation
-    Pneumonia = Present/Absent at the operating point, the calibrated probability (DCM 122157) and
-    the threshold (DCM 122411), with the algorithm's name, version and sha256. With a CAM grid a
-    planar ROI group (TID 1410) outlines the hottest cell so that viewers can draw it.
+    Procedure Reported is a plain chest X-ray; the Referenced Request Sequence carries the
+    source's accession number and requested procedure. The tree:
+
+    - Imaging Measurements, one whole-image group (TID 1501) "pneumonia classification": finding
+      Pneumonia, the algorithm, the source image, the result in words (a Comment), the
+      calibrated probability (DCM 122157), inferred from the whole image (an outline of it, which
+      is also what OHIF needs to show the group at all: its SR loader reads the first coordinate
+      of every group, OHIF/Viewers#3390), and the operating threshold (DCM 122411).
+    - With a CAM grid and a Present finding only, a second TID 1501 group outlining the hottest
+      cell, named for what it is: the attention map's peak, not a detection (its area, as a share
+      of the image, is inferred from the outline).
+    - Qualitative Evaluations (TID 1500 row 12): Pneumonia = Present/Absent at the operating
+      point, then the text a reader needs (`report_texts`): the result in words, what the region
+      is, the research-use disclaimer and every warning of the answer.
     """
     source_uid = str(source.SOPInstanceUID)
     kind: ObjectKind = "sr" if sr_class == "comprehensive-3d" else "sr-enhanced"
     algorithm = _algorithm(facts)
     present = codes.DCM.Present if facts.positive else codes.DCM.Absent
     probability = round(float(facts.positive_probability), 6)
+    rows, columns = int(source.Rows), int(source.Columns)
 
-    def measurements() -> list[hd.sr.Measurement]:
-        return [
+    group_uid = (
+        result_instance_uid(source_uid, facts.model_sha256, kind, facts.site_profile_sha256) + ".1"
+    )
+    classification = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=group_uid, identifier="pneumonia classification"
+        ),
+        finding_type=PNEUMONIA,
+        algorithm_id=algorithm,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+        measurements=[
             hd.sr.Measurement(
                 name=codes.DCM.Probability,
                 value=probability,
                 unit=codes.UCUM.NoUnits,
                 algorithm_id=algorithm,
+                referenced_coordinates=[
+                    hd.sr.CoordinatesForMeasurement(
+                        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                        graphic_data=_whole_image_outline(rows, columns),
+                        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+                    )
+                ],
             ),
             hd.sr.Measurement(
                 name=codes.DCM.ThresholdValue,
                 value=round(float(facts.threshold), 6),
                 unit=codes.UCUM.NoUnits,
             ),
-        ]
-
-    def evaluation() -> list[hd.sr.QualitativeEvaluation]:
-        return [hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=present)]
-
-    group_uid = (
-        result_instance_uid(source_uid, facts.model_sha256, kind, facts.site_profile_sha256) + ".1"
+        ],
+    )
+    # OHIF shows a group's Comment as the first line of its label, before the numbers; kept
+    # short, as its label box is not wrapped
+    classification[0].ContentSequence.insert(
+        _after_finding(classification[0]),
+        _text(COMMENT, f"Pneumonia {'likely' if facts.positive else 'unlikely'}"),
     )
     groups: list[
         hd.sr.MeasurementsAndQualitativeEvaluations
         | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-    ] = [
-        hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=group_uid, identifier="pneumonia classification"
-            ),
-            finding_type=PNEUMONIA,
-            algorithm_id=algorithm,
-            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
-            measurements=measurements(),
-            qualitative_evaluations=evaluation(),
-        )
-    ]
-    if facts.cam_grid is not None:
-        groups.append(
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=group_uid[:-1] + "2", identifier="class activation map peak"
-                ),
-                finding_type=PNEUMONIA,
-                algorithm_id=algorithm,
-                referenced_region=hd.sr.ImageRegion(
-                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                    graphic_data=_hottest_cell_polygon(
-                        facts.cam_grid, int(source.Rows), int(source.Columns)
-                    ),
-                    source_image=hd.sr.SourceImageForRegion.from_source_image(source),
-                ),
-                measurements=measurements(),
-                qualitative_evaluations=evaluation(),
-            )
-        )
+    ] = [classification]
+    if _shows_region(facts):
+        assert facts.cam_grid is not None
+        groups.append(_attention_group(source, facts, group_uid[:-1] + "2"))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -424,11 +537,25 @@ def build_sr(
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=codes.cid100.ImagingProcedure,
+        procedure_reported=PLAIN_CHEST_XRAY,
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
         referenced_images=[_library_view(source)],
     )
+    conclusions = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    conclusions.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.CodeContentItem(
+                name=PNEUMONIA,
+                value=present,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            ),
+            *(_text(COMMENT, text) for text in report_texts(facts)),
+        ]
+    )
+    report[0].ContentSequence.append(conclusions)
     evidence = _evidence_view(source)
     document = hd.sr.Comprehensive3DSR if sr_class == "comprehensive-3d" else hd.sr.EnhancedSR
     sr = document(
@@ -445,6 +572,7 @@ def build_sr(
         manufacturer=MANUFACTURER,
         is_complete=True,
         institution_name=institution_name,
+        requested_procedures=_referenced_requests(source),
         contributing_equipment=[_contributing_equipment(facts)],
         series_description=SR_SERIES_DESCRIPTION,
     )
@@ -452,6 +580,51 @@ def build_sr(
     sr.copy_patient_and_study_information(evidence)
     _stamp(sr, ObjectTime.of_source(source))
     return _explicit_le(sr)
+
+
+def _attention_group(
+    source: Dataset, facts: ResultFacts, uid: str
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The attention map's peak as a TID 1501 group: its area (as a share of the image) inferred
+    from the outlined cell, and a Comment naming it for what it is, which OHIF shows beside the
+    outline. A TID 1410 group would carry the outline at the group level, where OHIF shows no
+    text and PixelMed's validator then applies TID 1410 to every group of the report."""
+    assert facts.cam_grid is not None
+    rows, columns = int(source.Rows), int(source.Columns)
+    outline = _hottest_cell_polygon(facts.cam_grid, rows, columns)
+    width = float(outline[:, 0].max() - outline[:, 0].min())
+    height = float(outline[:, 1].max() - outline[:, 1].min())
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=ATTENTION_IDENTIFIER),
+        finding_type=PNEUMONIA,
+        algorithm_id=_algorithm(facts),
+        measurements=[
+            hd.sr.Measurement(
+                name=AREA,
+                value=round(100.0 * width * height / (rows * columns), 2),
+                unit=PERCENT,
+                referenced_coordinates=[
+                    hd.sr.CoordinatesForMeasurement(
+                        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                        graphic_data=outline,
+                        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+                    )
+                ],
+            )
+        ],
+    )
+    group[0].ContentSequence.insert(
+        _after_finding(group[0]), _text(COMMENT, "Attention map peak, not a detection")
+    )
+    return group
+
+
+def _after_finding(group: Dataset) -> int:
+    """The index just after a measurement group's Finding item (DCM 121071)."""
+    for index, item in enumerate(group.ContentSequence):
+        if item.ConceptNameCodeSequence[0].CodeValue == "121071":
+            return index + 1
+    return len(group.ContentSequence)
 
 
 def _explicit_le(ds: Dataset) -> Dataset:

@@ -22,7 +22,6 @@ from app.pacs.objects import (
     COMPREHENSIVE_3D_SR,
     NO_SOURCE_DATE,
     NO_SOURCE_TIME,
-    PNEUMONIA,
     SECONDARY_CAPTURE,
     ObjectTime,
     ResultFacts,
@@ -112,40 +111,79 @@ def test_sr_renders_the_answer_in_the_source_study(source: Dataset, tmp_path: Pa
 
     doc = hd.sr.srread(sr_path)
     groups = doc.content.get_image_measurement_groups()
-    assert len(groups) == 1
+    # the classification, and (a Present finding with a CAM) the attention map's peak
+    assert len(groups) == 2
     group = groups[0]
+    assert str(group.tracking_identifier) == "pneumonia classification"
     assert group.finding_type.value == "233604007" and group.finding_type.scheme_designator == "SCT"
     probability = group.get_measurements(name=pydicom.sr.codedict.codes.DCM.Probability)[0]
     assert probability.value == pytest.approx(facts.positive_probability, abs=1e-6)
     threshold = group.get_measurements(name=pydicom.sr.codedict.codes.DCM.ThresholdValue)[0]
     assert threshold.value == pytest.approx(facts.threshold, abs=1e-6)
-    evaluations = [e for e in group.get_qualitative_evaluations() if e.name.value == "233604007"]
-    assert [e.value.value for e in evaluations] == ["121053"]  # Present
+    assert _verdict(sr) == "121053"  # Present
     texts = {
         item.ConceptNameCodeSequence[0].CodeValue: str(item.TextValue)
         for item in group[0].ContentSequence
         if "TextValue" in item
     }
-    # Algorithm Name, Version and Parameters (the model's sha256)
+    # Algorithm Name, Version and Parameters (the model's sha256), and the Comment OHIF shows
     assert texts["111001"] == facts.model_name
     assert texts["111003"] == facts.model_version
     assert MODEL_SHA256 in texts["111002"]
+    assert texts["121106"] == "Pneumonia likely"
     source_ref = group.source_images[0].referenced_sop_instance_uid
     assert source_ref == source.SOPInstanceUID
-    rois = doc.content.get_planar_roi_measurement_groups()
-    assert len(rois) == 1 and rois[0].roi is not None
+    # every group carries a coordinate on the source (OHIF's SR loader needs one, #3390): the
+    # probability is inferred from the whole image, the attention area from the hottest cell
+    whole, peak = (_inferred_outline(g[0]) for g in groups)
+    right, bottom = source.Columns - 1.0, source.Rows - 1.0
+    assert whole == [0.0, 0.0, right, 0.0, right, bottom, 0.0, bottom, 0.0, 0.0]
+    assert len(peak) == 10 and peak != whole
+    assert "not a detection" in str(groups[1].tracking_identifier)
+    # no TID 1410 group: PixelMed would apply TID 1410 to every group of the report
+    assert doc.content.get_planar_roi_measurement_groups() == []
     # Image Library entry for the source
     library = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
     assert len(library) == 1
 
 
+def _verdict(sr: Dataset) -> str:
+    """The code of Pneumonia's value in the report's Qualitative Evaluations (TID 1500 row 12)."""
+    (container,) = [
+        i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+    ]
+    (item,) = [
+        i
+        for i in container.ContentSequence
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "233604007"
+    ]
+    return str(item.ConceptCodeSequence[0].CodeValue)
+
+
+def _report_texts(sr: Dataset) -> list[str]:
+    (container,) = [
+        i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+    ]
+    return [str(i.TextValue) for i in container.ContentSequence if i.ValueType == "TEXT"]
+
+
+def _inferred_outline(group: Dataset) -> list[float]:
+    """The graphic data of the SCOORD a group's first NUM is inferred from."""
+    (num,) = [i for i in group.ContentSequence if i.ValueType == "NUM"][:1]
+    (scoord,) = [i for i in num.ContentSequence if i.ValueType == "SCOORD"]
+    assert scoord.RelationshipType == "INFERRED FROM"
+    return [float(v) for v in scoord.GraphicData]
+
+
 def test_sr_codes_absent_below_the_threshold(tmp_path: Path) -> None:
     facts = make_facts(probability=0.2113, threshold=0.43)
     assert facts.label == "NORMAL"
-    doc = hd.sr.srread(_roundtrip(build_sr(factory_source(), facts), tmp_path / "sr.dcm"))
-    group = doc.content.get_image_measurement_groups()[0]
-    evaluations = [e for e in group.get_qualitative_evaluations() if e.name.value == "233604007"]
-    assert [e.value.value for e in evaluations] == ["121054"]  # Absent
+    sr_path = _roundtrip(build_sr(factory_source(), facts), tmp_path / "sr.dcm")
+    assert _verdict(pydicom.dcmread(sr_path)) == "121054"  # Absent
+    doc = hd.sr.srread(sr_path)
+    # the attention map is drawn beside a Present finding only (facts carry a CAM grid)
+    (group,) = doc.content.get_image_measurement_groups()
+    assert _report_texts(pydicom.dcmread(sr_path))[0].startswith("Pneumonia: unlikely at")
     probability = group.get_measurements(name=pydicom.sr.codedict.codes.DCM.Probability)[0]
     assert probability.value == pytest.approx(0.2113, abs=1e-6)
 
@@ -399,10 +437,8 @@ def test_the_same_reading_renders_the_same_bytes_across_a_clock_change(
     assert sorted(first) == sorted(second) == ["sc", "sr", "sr-enhanced"]
     for kind in first:
         assert first[kind] == second[kind], kind
-    sr = hd.sr.srread(tmp_path / "a" / "sr.dcm")
-    group = sr.content.get_image_measurement_groups()[0]
-    found = [e.value.value for e in group.get_qualitative_evaluations() if e.name == PNEUMONIA]
-    assert found == ["121053" if facts.positive else "121054"]
+    sr = pydicom.dcmread(tmp_path / "a" / "sr.dcm")
+    assert _verdict(sr) == ("121053" if facts.positive else "121054")
     assert facts.positive == (probability > 0.5)
 
 
