@@ -8,11 +8,12 @@ instead of surfacing as odd behaviour under load. The field descriptions are the
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
 from PIL import Image
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic.config import JsonDict
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -30,6 +31,14 @@ _PILLOW_PIXEL_CEILING = Image.MAX_IMAGE_PIXELS or 89_478_485
 # Settings a first reader needs, shown in the README's table (every setting is in
 # docs/DEPLOYMENT.md and .env.example).
 README: JsonDict = {"readme": True}
+
+# The HL7 results' choices (the renderer in app.pacs.hl7 reads the same names)
+_MLLP = re.compile(r"(?:mllp://)?([^:/@\s\[\]]+|\[[0-9a-fA-F:]+\]):([0-9]{1,5})/?")
+_HL7_CHOICES = {
+    "results_hl7_accession_in": ("placer", "filler", "obr18"),
+    "results_hl7_priority_fields": ("TQ1-9", "OBR-27", "ORC-7"),
+}
+_HL7_PRIORITIES = ("S", "A", "R", "P", "C", "T")
 
 Provider = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -340,6 +349,88 @@ class Settings(BaseSettings):
         description="How long delivered results stay readable at `/results/...` before they are "
         "purged from the outbox.",
     )
+    # -- results to the RIS: HL7 v2.5.1 ORU^R01 over MLLP, FHIR R4 transactions ---------------
+    results_hl7: str | None = Field(
+        json_schema_extra=README,
+        default=None,
+        description="`mllp://host:port` (or `host:port`) of the RIS or interface engine that "
+        "takes each result as an HL7 v2.5.1 ORU^R01 over MLLP, through the same outbox as the "
+        "DICOM objects (no PACS destination needed).",
+    )
+    results_hl7_sending_application: str = Field(
+        default="CXR_AI", description="MSH-3, the sending application of the ORU^R01."
+    )
+    results_hl7_sending_facility: str = Field(default="", description="MSH-4, sending facility.")
+    results_hl7_receiving_application: str = Field(
+        default="", description="MSH-5, the receiving application (the RIS's name for itself)."
+    )
+    results_hl7_receiving_facility: str = Field(
+        default="", description="MSH-6, receiving facility."
+    )
+    results_hl7_accession_in: str = Field(
+        default="filler,obr18",
+        description="Where the image's Accession Number goes, comma-separated: `placer` "
+        "(ORC-2/OBR-2), `filler` (ORC-3/OBR-3), `obr18` (OBR-18, as IHE Scheduled Workflow "
+        "sends it). An order number the image itself carries (Placer/Filler Order Number "
+        "Imaging Service Request) takes its own field first.",
+    )
+    results_hl7_priority_fields: str = Field(
+        default="TQ1-9",
+        description="The fields that carry the worklist priority of a result, comma-separated: "
+        "`TQ1-9` (v2.5 and later), `OBR-27` and/or `ORC-7` (the older quantity/timing, "
+        "priority in component 6), whichever the RIS reads; empty: none.",
+    )
+    results_hl7_positive_priority: str = Field(
+        default="A",
+        description="Priority (HL7 table 0485: `S` stat, `A` ASAP, `R` routine, ...) a PNEUMONIA "
+        "answer sets, so that the RIS moves the study up its reading worklist.",
+    )
+    results_hl7_negative_priority: str = Field(
+        default="",
+        description="Priority a NORMAL answer sets; empty (the default) leaves the order's own "
+        "priority alone, so an AI negative never demotes a stat order.",
+    )
+    results_hl7_ack_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="How long to wait for the ACK of an ORU^R01 before the connection is dropped "
+        "and the message retried.",
+    )
+    results_fhir_url: str | None = Field(
+        json_schema_extra=README,
+        default=None,
+        description="Base URL of a FHIR R4 server that takes each result as a transaction Bundle "
+        "(DiagnosticReport, Observation, ImagingStudy, ServiceRequest, Patient, Device, each a "
+        "conditional create), e.g. `https://fhir.example/r4`.",
+    )
+    results_fhir_auth: SecretStr | None = Field(
+        default=None,
+        description="The `Authorization` header value for the FHIR server, e.g. "
+        "`Bearer <token>`. Never logged.",
+    )
+    results_fhir_client_cert: Path | None = Field(
+        default=None,
+        description="PEM client certificate (with its key, or see `results_fhir_client_key`) "
+        "for mutual TLS to the FHIR server.",
+    )
+    results_fhir_client_key: Path | None = Field(
+        default=None, description="PEM private key of `results_fhir_client_cert`."
+    )
+    results_fhir_ca_file: Path | None = Field(
+        default=None,
+        description="PEM bundle of the CAs trusted for the FHIR server, instead of the system's.",
+    )
+    results_fhir_patient_id_system: str = Field(
+        default="urn:local:patient-id",
+        description="Identifier system of the DICOM Patient ID in FHIR (the site's MRN system, "
+        "e.g. `urn:oid:1.2.3.4`): the Patient is found, or made, by it.",
+    )
+    results_fhir_accession_system: str = Field(
+        default="urn:local:accession",
+        description="Identifier system of accession numbers in FHIR: the ServiceRequest is "
+        "found, or made, by it.",
+    )
     dicom_port: int | None = Field(
         json_schema_extra=README,
         default=None,
@@ -383,13 +474,52 @@ class Settings(BaseSettings):
     def _networking_needs_state(self) -> Settings:
         wanted = [
             name
-            for name in ("results_dicomweb_url", "results_dimse", "dicom_port")
+            for name in (
+                "results_dicomweb_url",
+                "results_dimse",
+                "results_hl7",
+                "results_fhir_url",
+                "dicom_port",
+            )
             if getattr(self, name) is not None
         ]
         if wanted and self.state_dir is None:
             names = ", ".join(f"CXR_{name.upper()}" for name in wanted)
             raise ValueError(f"{names} need CXR_STATE_DIR (where results and images are kept)")
         return self
+
+    @field_validator("results_hl7")
+    @classmethod
+    def _mllp_address(cls, value: str | None) -> str | None:
+        if value is not None and not _MLLP.fullmatch(value.strip()):
+            raise ValueError("write the HL7 destination as mllp://host:port or host:port")
+        return None if value is None else value.strip()
+
+    @field_validator("results_hl7_accession_in", "results_hl7_priority_fields")
+    @classmethod
+    def _known_choices(cls, value: str, info: ValidationInfo) -> str:
+        allowed = _HL7_CHOICES[str(info.field_name)]
+        chosen = [c.strip() for c in value.split(",") if c.strip()]
+        unknown = [c for c in chosen if c not in allowed]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: choose from {', '.join(allowed)}")
+        return ",".join(chosen)
+
+    @field_validator("results_hl7_positive_priority", "results_hl7_negative_priority")
+    @classmethod
+    def _priority_code(cls, value: str) -> str:
+        value = value.strip().upper()
+        if value and value not in _HL7_PRIORITIES:
+            raise ValueError(f"use an HL7 table 0485 code: {', '.join(_HL7_PRIORITIES)}")
+        return value
+
+    @property
+    def hl7_accession_in(self) -> tuple[str, ...]:
+        return tuple(c for c in self.results_hl7_accession_in.split(",") if c)
+
+    @property
+    def hl7_priority_fields(self) -> tuple[str, ...]:
+        return tuple(c for c in self.results_hl7_priority_fields.split(",") if c)
 
     @property
     def allowed_calling_aets(self) -> set[str] | None:
@@ -410,6 +540,12 @@ class Settings(BaseSettings):
         "results_dicomweb_url",
         "results_dicomweb_auth",
         "results_dimse",
+        "results_hl7",
+        "results_fhir_url",
+        "results_fhir_auth",
+        "results_fhir_client_cert",
+        "results_fhir_client_key",
+        "results_fhir_ca_file",
         "dicom_port",
         "dicom_allowed_aets",
         "probe_port",

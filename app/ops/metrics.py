@@ -162,7 +162,8 @@ class ServiceMetrics:
 class _PacsCollector(Collector):
     """DICOM networking, read at scrape time: the outbox by destination and state, delivery
     attempts, the oldest undelivered result, and intake outcomes. Labels are closed sets:
-    destinations are `dicomweb`/`dimse`, states and outcomes are codes of ours."""
+    destinations are `dicomweb`/`dimse` (PACS) and `hl7`/`fhir` (RIS), states and outcomes are
+    codes of ours."""
 
     def __init__(self, pipeline: Callable[[], ResultsPipeline | None]) -> None:
         self._pipeline = pipeline

@@ -2,6 +2,7 @@
 
     python -m app.pacs --state-dir /var/lib/cxr --stow http://pacs/dicom-web
     python -m app.pacs --outbox-url postgresql://... --dimse ORTHANC@pacs:4242
+    python -m app.pacs --state-dir /var/lib/cxr --hl7 mllp://ris:2575 --fhir https://fhir/r4
 
 The worker may run inside the service or, as here, as a process of its own beside it: the outbox is
 the only thing they share.
@@ -11,13 +12,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
 from types import FrameType
 
 from app.pacs.delivery import DeliveryWorker, Destination, DimseDestination, StowRsDestination
+from app.pacs.fhir import FhirDestination
+from app.pacs.hl7 import MllpDestination
 from app.pacs.outbox import Outbox
+from app.pacs.pipeline import FHIR, HL7
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outbox-url", help="postgresql:// URL of a shared outbox")
     parser.add_argument("--stow", action="append", default=[], help="DICOMweb base URL")
     parser.add_argument("--dimse", action="append", default=[], help="AET@host:port")
+    parser.add_argument("--hl7", help="mllp://host:port of a RIS taking ORU^R01 (named hl7)")
+    parser.add_argument(
+        "--fhir",
+        help="base URL of a FHIR R4 server (named fhir); its Authorization header, if any, is "
+        "read from CXR_RESULTS_FHIR_AUTH in the environment (never from the command line)",
+    )
     parser.add_argument("--calling-ae-title", default="PNEUMONIA_AI")
     parser.add_argument("--worker-id")
     parser.add_argument("--batch-size", type=int, default=16, help="objects per send")
@@ -40,8 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     destinations += [
         DimseDestination.parse(spec, calling_ae_title=args.calling_ae_title) for spec in args.dimse
     ]
+    # the names the service gives them, so that this worker settles the rows it queued
+    if args.hl7:
+        destinations.append(MllpDestination.parse(args.hl7, name=HL7))
+    if args.fhir:
+        token = os.environ.get("CXR_RESULTS_FHIR_AUTH") or None
+        destinations.append(FhirDestination(args.fhir, name=FHIR, auth_header=token))
     if not destinations:
-        parser.error("give at least one --stow or --dimse destination")
+        parser.error("give at least one --stow, --dimse, --hl7 or --fhir destination")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     outbox = Outbox.open(
         args.state_dir, args.outbox_url, lease_s=args.lease, give_up_after_s=args.give_up_after

@@ -61,6 +61,9 @@ class Outcome:
     verdict: Verdict
     summary: str
     retry_after_s: float | None = None
+    # The peer's own words (an HL7 ACK's error text, a FHIR OperationOutcome's diagnostics): kept
+    # in the outbox after the summary, which may show it at /results; never logged.
+    detail: str | None = None
 
 
 class Destination(Protocol):
@@ -533,16 +536,17 @@ class DeliveryWorker:
 
     def _settle(self, name: str, delivery: Delivery, outcome: Outcome) -> None:
         now = self._clock()
+        kept = outcome.summary if outcome.detail is None else f"{outcome.summary}: {outcome.detail}"
         state: str
         if outcome.verdict == "stored":
             self.outbox.mark_delivered(delivery, now=now)
             state = "delivered"
         elif outcome.verdict == "failed":
-            self.outbox.mark_failed(delivery, outcome.summary, now=now)
+            self.outbox.mark_failed(delivery, kept, now=now)
             state = "failed"
         else:
             delay = self.backoff_s(delivery.attempts, outcome.retry_after_s)
-            state = self.outbox.mark_retry(delivery, delay, outcome.summary, now=now)
+            state = self.outbox.mark_retry(delivery, delay, kept, now=now)
             if state == "pending":
                 state = "retry"
         self.counts[state] += 1
@@ -582,7 +586,13 @@ class DeliveryWorker:
         """Ask the loop to stop and wait up to `timeout_s`; True when it has stopped."""
         self._stop.set()
         self._wake.set()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout_s)
-        return not self._thread.is_alive()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                return False
+        # destinations that keep a connection open (MLLP, FHIR) close it with the loop's end
+        for destination in self.destinations.values():
+            close = getattr(destination, "close", None)
+            if callable(close):
+                close()
+        return True

@@ -27,7 +27,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,8 +287,13 @@ class Outbox:
         result_json: dict[str, Any],
         *,
         now: float | None = None,
+        routes: Mapping[str, Sequence[str]] | None = None,
     ) -> int:
         """Store an answer's objects for each destination; returns the deliveries added.
+
+        `routes` maps an object kind to the destinations that take it instead (the HL7 message
+        goes to the RIS only, the SR to the PACS only); kinds it does not name go to all of
+        `destinations`. One transaction: the result, its objects and every delivery, or nothing.
 
         Idempotent: an object already queued for a destination (same SOP Instance UID) is left as
         it is, in whatever state, with the bytes first stored, so every re-send is byte-identical.
@@ -309,7 +314,8 @@ class Outbox:
                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (sop_instance_uid) DO NOTHING",
                     (obj.sop_instance_uid, result_key, obj.kind, obj.sop_class_uid, obj.payload),
                 )
-                for destination in destinations:
+                targets = destinations if routes is None else routes.get(obj.kind, destinations)
+                for destination in targets:
                     cursor.execute(
                         "INSERT INTO pacs_deliveries "
                         "(sop_instance_uid, destination, created_at, next_attempt_at) "

@@ -11,6 +11,10 @@ Three ways in, one way out:
   engine) and `record` it.
 - Out: the `DeliveryWorker` thread sends each object to every configured destination (STOW-RS,
   C-STORE) until delivered or given up, and `GET /results/{SOPInstanceUID}` reads the outbox.
+  With a RIS configured, the same result is also rendered as an HL7 ORU^R01 (`app.pacs.hl7`) and/or
+  a FHIR transaction Bundle (`app.pacs.fhir`), stored in the same transaction, and routed to the
+  MLLP or FHIR destination only (the DICOM objects to the PACS destinations only); a RIS needs no
+  PACS destination.
 
 The answer JSON is the source of truth; every object is a rendering of it (`app.pacs.objects`).
 A spooled image that turns out to be outside the model's intended use, or unreadable, is taken off
@@ -41,8 +45,11 @@ from app.contract import ModelMetadata
 from app.errors import Overloaded, ServiceError
 from app.imaging.dicom import intended_use_refusal
 from app.pacs.delivery import DeliveryWorker, Destination, DimseDestination, StowRsDestination
+from app.pacs.fhir import FhirDestination, FhirProfile, render_bundle
+from app.pacs.hl7 import Hl7Profile, MllpDestination, render_oru
 from app.pacs.objects import ResultFacts, render_objects
 from app.pacs.outbox import Outbox, ResultObject, StoredResult
+from app.pacs.ris import FHIR_KIND, HL7_KIND, OrderFacts
 from app.pacs.scp import StorageListener
 from app.pacs.spool import Spool, SpoolEntry
 from app.pacs.uids import result_key
@@ -57,6 +64,8 @@ AnswerShaper = Callable[[Prediction, str], dict[str, Any]]
 
 DICOMWEB = "dicomweb"
 DIMSE = "dimse"
+HL7 = "hl7"
+FHIR = "fhir"
 # A C-STORE handler only writes the spool; readers look for new entries this often.
 _IDLE_POLL_S = 0.2
 
@@ -89,7 +98,64 @@ def destinations_from(settings: Settings) -> list[Destination]:
                 settings.results_dimse, name=DIMSE, calling_ae_title=settings.dicom_ae_title
             )
         )
+    if settings.results_hl7:
+        found.append(
+            MllpDestination.parse(
+                settings.results_hl7, name=HL7, ack_timeout_s=settings.results_hl7_ack_timeout_s
+            )
+        )
+    if settings.results_fhir_url:
+        token = settings.results_fhir_auth
+        found.append(
+            FhirDestination(
+                settings.results_fhir_url,
+                name=FHIR,
+                auth_header=token.get_secret_value() if token else None,
+                client_cert=settings.results_fhir_client_cert,
+                client_key=settings.results_fhir_client_key,
+                ca_file=settings.results_fhir_ca_file,
+            )
+        )
     return found
+
+
+def hl7_profile_from(settings: Settings) -> Hl7Profile:
+    return Hl7Profile(
+        sending_application=settings.results_hl7_sending_application,
+        sending_facility=settings.results_hl7_sending_facility,
+        receiving_application=settings.results_hl7_receiving_application,
+        receiving_facility=settings.results_hl7_receiving_facility,
+        accession_in=settings.hl7_accession_in,
+        priority_fields=settings.hl7_priority_fields,
+        positive_priority=settings.results_hl7_positive_priority,
+        negative_priority=settings.results_hl7_negative_priority,
+    )
+
+
+def fhir_profile_from(settings: Settings) -> FhirProfile:
+    return FhirProfile(
+        patient_id_system=settings.results_fhir_patient_id_system,
+        accession_system=settings.results_fhir_accession_system,
+    )
+
+
+def render_messages(
+    source: Dataset,
+    facts: ResultFacts,
+    key: str,
+    warnings: list[str],
+    hl7: Hl7Profile | None,
+    fhir: FhirProfile | None,
+) -> list[ResultObject]:
+    """The RIS renderings of one result: the ORU^R01 when `hl7` is given, the Bundle when
+    `fhir` is."""
+    order = OrderFacts.of_source(source)
+    messages = []
+    if hl7 is not None:
+        messages.append(render_oru(order, facts, key, hl7, warnings=warnings))
+    if fhir is not None:
+        messages.append(render_bundle(order, facts, key, fhir, warnings=warnings))
+    return messages
 
 
 class ResultsPipeline:
@@ -119,6 +185,16 @@ class ResultsPipeline:
         self.destinations = (
             destinations if destinations is not None else destinations_from(settings)
         )
+        # Which destination takes which kind of object: RIS messages to their RIS, the DICOM
+        # objects to the PACS destinations.
+        self._ris_names = {
+            HL7_KIND: [d.name for d in self.destinations if isinstance(d, MllpDestination)],
+            FHIR_KIND: [d.name for d in self.destinations if isinstance(d, FhirDestination)],
+        }
+        ris = {name for names in self._ris_names.values() for name in names}
+        self._pacs_names = [d.name for d in self.destinations if d.name not in ris]
+        self.hl7_profile = hl7_profile_from(settings) if self._ris_names[HL7_KIND] else None
+        self.fhir_profile = fhir_profile_from(settings) if self._ris_names[FHIR_KIND] else None
         self.worker = (
             DeliveryWorker(
                 self.outbox,
@@ -279,9 +355,14 @@ class ResultsPipeline:
         image = _explained_image(prediction)
         objects = render_objects(source, facts, image)
         key = result_key(sop_uid, self.metadata.sha256, facts.site_profile_sha256)
+        warnings = [str(w) for w in answer.get("warnings") or []]
+        messages = render_messages(
+            source, facts, key, warnings, self.hl7_profile, self.fhir_profile
+        )
+        routes = {o.kind: self._pacs_names for o in objects} | self._ris_names
         names = [d.name for d in self.destinations]
-        self.outbox.enqueue(key, objects, names, answer)
-        return RecordedResult(key, sop_uid, objects, names)
+        self.outbox.enqueue(key, objects + messages, names, answer, routes=routes)
+        return RecordedResult(key, sop_uid, objects + messages, names)
 
     def result(self, source_sop_instance_uid: str) -> StoredResult | None:
         """The stored answer and delivery states for a source image (by its SOP Instance UID) or
