@@ -243,6 +243,36 @@ def _cam_line(meta: ModelMetadata) -> str:
     )
 
 
+def _successor_notes(training: dict[str, Any], prov: dict[str, Any]) -> str:
+    """What changed for the successor of 1.0.0, where its training record shows it."""
+    hyper = training.get("hyperparameters", {})
+    augmentation = training.get("augmentation") or {}
+    if not isinstance(hyper, dict) or not isinstance(augmentation, dict):
+        return ""  # an ensemble lists its members' records
+    notes = []
+    if str(prov.get("architecture", "")).startswith("cxr_net_7"):
+        notes.append(
+            "- `cxr_net_7`: 1.0.0's network without its last pooling, so the class activation map "
+            "has 7x7 cells (every 32 px) instead of 3x3 cells that a floor pooling had shifted up to "
+            "27 px from where they were drawn."
+        )
+    if augmentation.get("gamma") or augmentation.get("jpeg_quality"):
+        notes.append(
+            "- Acquisition and export augmentation without label smoothing (smoothing capped the "
+            f"logits and broke calibration before): gamma up to e^{augmentation.get('gamma')}, "
+            f"blur up to sigma {augmentation.get('blur_sigma')}, noise up to "
+            f"{augmentation.get('noise')}, downscale-and-back from {augmentation.get('resize_min')} "
+            f"with three filters, JPEG re-encoding from quality {augmentation.get('jpeg_quality')}."
+        )
+    if hyper.get("ema_momentum"):
+        notes.append(
+            f"- Weight averaging (EMA, momentum {hyper['ema_momentum']}): validation, early stopping "
+            "and the checkpoint see the averaged weights; BatchNorm statistics are recomputed for "
+            "them at the end."
+        )
+    return "\n".join(notes) + ("\n" if notes else "")
+
+
 def render(meta_path: Path) -> str:
     meta = load_metadata(meta_path)
     prov = meta.provenance
@@ -373,7 +403,7 @@ children over-called as pneumonia (lower specificity).
 - Augmentation fills with edge pixels: black fill put borders on most training images and none on
   validation or uploads.
 - The threshold target (sensitivity >= 0.95 on validation) was fixed before any test evaluation.
-{_configurations(meta_path, meta.name)}{_selection_section(meta_path, meta)}
+{_successor_notes(training, prov)}{_configurations(meta_path, meta.name)}{_selection_section(meta_path, meta)}
 ## Limitations
 - Single centre, paediatric, one dataset: performance on adults, other hospitals, portable AP films
   or other scanners is unknown and probably lower.
@@ -381,8 +411,9 @@ children over-called as pneumonia (lower specificity).
   abnormality may be called either way.
 - The service receives 8-bit or stretched higher-bit images; windowing choices of the sending system
   change the input.
-- Calibration was fitted on validation data from the training distribution; probabilities on other
-  populations are less reliable.
+- Calibration was fitted on validation data from the training distribution (from 2.0.0 on, with its
+  synthetic-shift renderings); probabilities on other populations are less reliable, and a site
+  profile (`pneumonia-validate-site`) recalibrates on local data.
 """
 
 
