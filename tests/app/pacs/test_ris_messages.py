@@ -325,3 +325,31 @@ def test_fhir_4xx_with_operation_outcome_is_final_5xx_and_timeouts_retried(
     fhir_server.stop()
     (down,) = destination.send([delivery])
     assert down.verdict == "retry" and down.summary == "fhir ConnectError"
+
+
+def test_the_ris_settings_are_checked_at_start_up(tmp_path: Any) -> None:
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+
+    good = Settings(
+        state_dir=tmp_path,
+        results_hl7="mllp://ris.example:2575",
+        results_hl7_priority_fields=" TQ1-9 , OBR-27",
+        results_hl7_positive_priority="s",
+        results_fhir_url="https://fhir.example/r4",
+        results_fhir_auth="Bearer top-secret",
+    )
+    assert good.hl7_priority_fields == ("TQ1-9", "OBR-27")
+    assert good.results_hl7_positive_priority == "S"
+    assert "top-secret" not in repr(good) and "top-secret" not in str(good.model_dump())
+    for wrong in (
+        {"results_hl7": "http://ris:2575"},
+        {"results_hl7_priority_fields": "PV1-2"},
+        {"results_hl7_accession_in": "obr99"},
+        {"results_hl7_positive_priority": "URGENT"},
+    ):
+        with pytest.raises(ValidationError):
+            Settings(**{"state_dir": tmp_path, "results_hl7": "ris:2575", **wrong})
+    with pytest.raises(ValidationError, match="CXR_STATE_DIR"):
+        Settings(results_fhir_url="https://fhir.example/r4")
