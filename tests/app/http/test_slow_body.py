@@ -82,8 +82,10 @@ def test_a_trickling_body_is_408_and_closed_soon_after_the_initial_window(server
         assert status == 408, body
         assert headers["connection"] == "close"
         assert json.loads(body)["error"]["code"] == "upload_too_slow"
-        # the deadline was the initial window (stretched by up to half) plus what the bytes earned
-        assert INITIAL_S <= elapsed < 1.5 * INITIAL_S + 1.0, elapsed
+        # the deadline was the initial window (stretched by up to half) plus what the bytes earned;
+        # the upper bound leaves room for a busy machine (3.1 s was seen under a parallel build)
+        # and still fails a server that holds the connection for the whole 5 s read
+        assert INITIAL_S <= elapsed < 2 * INITIAL_S + 2.0, elapsed
         assert closed_by_server(sock)
 
 
