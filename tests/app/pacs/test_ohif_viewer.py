@@ -1,0 +1,180 @@
+"""Every kind of result object opens in the OHIF Viewer, as a radiologist would open it.
+
+OHIF 3.13 (npm `@ohif/app`, installed by `scripts/install-ohif.sh`) against a real Orthanc's
+DICOMweb, through a same-origin proxy (`ohif_harness`), in headless Chromium (Debian's, driven by
+Playwright as in the /docs test). Three studies, each a chest X-ray with the objects the service
+writes for it: an SR of a positive answer with the attention region and the heat-map SC, an SR
+of a negative answer, an SR of a positive answer without a class activation map. Each study is
+opened, each series double-clicked into the viewport; the test fails on any page error or OHIF
+error boundary ("Something went wrong", as every SR caused before OHIF/Viewers#3390 was worked
+around), and each SR must show its verdict and probability. The heat map's verdict is burned into
+its pixels (tested in `test_pacs_objects`); here it must open and render.
+
+Skips without OHIF or Chromium, saying which; `.ci/run` installs both and sets
+CXR_REQUIRE_OHIF=1 and CXR_REQUIRE_BROWSER=1, which make that a failure. One Orthanc, one
+browser, three studies: about half a minute. With CXR_OHIF_SCREENSHOTS=<dir> it saves a
+screenshot of each object there (docs/figures/ holds them).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from app.pacs.objects import build_heatmap_sc, build_sr, encode
+from tests.app.pacs.ohif_harness import installed_ohif, ohif_viewer
+from tests.app.pacs.pacs_results import factory_source, grey_u8, make_facts, rg1_path
+from tests.app.pacs.pacs_servers import Orthanc
+from tests.support.offline_browser import open_offline
+
+ERROR_BOUNDARY = "Something went wrong"
+RENDER_TIMEOUT_MS = 30_000
+
+
+@dataclass(frozen=True)
+class Series:
+    """One series of a study as the test expects to see it in the viewer."""
+
+    name: str  # the screenshot's name
+    description: str  # Series Description, as OHIF lists it in the study browser
+    expected_text: tuple[str, ...]  # what must be visible once it is in the viewport
+
+
+@dataclass(frozen=True)
+class Study:
+    uid: str
+    series: tuple[Series, ...]
+
+
+def _chest_source() -> Dataset:
+    """RG1, the real CR chest PA of pydicom-data, with its Pixel Spacing of 0\\0 removed (OHIF
+    draws a CR with that test-data defect black)."""
+    ds = pydicom.dcmread(rg1_path())
+    if "PixelSpacing" in ds:
+        del ds.PixelSpacing
+    return ds
+
+
+def _store(orthanc: Orthanc, *objects: Dataset) -> None:
+    for ds in objects:
+        httpx.post(f"{orthanc.url}/instances", content=encode(ds), timeout=60.0).raise_for_status()
+
+
+def _sr_series(name: str, verdict: str, probability: str, *more: str) -> Series:
+    return Series(name, "AI RESULT - RESEARCH USE ONLY", (verdict, probability, *more))
+
+
+@pytest.fixture(scope="module")
+def studies(orthanc: Orthanc) -> list[Study]:
+    """The three studies in Orthanc: source image and result objects of each."""
+    rg1 = _chest_source()
+    positive = make_facts()
+    _store(orthanc, rg1, build_sr(rg1, positive), build_heatmap_sc(rg1, positive, grey_u8()))
+    negative_source = factory_source(index=61)
+    _store(orthanc, negative_source, build_sr(negative_source, make_facts(probability=0.2113)))
+    plain_source = factory_source(index=62)
+    _store(orthanc, plain_source, build_sr(plain_source, make_facts(cam_grid=None)))
+    source_series = Series("source", "", ())
+    return [
+        Study(
+            str(rg1.StudyInstanceUID),
+            (
+                source_series,
+                _sr_series(
+                    "sr-positive-region",
+                    "Pneumonia likely",
+                    "Probability: 0.87",
+                    "Attention map peak, not a detection",
+                ),
+                Series("heatmap-sc", "AI HEAT MAP - RESEARCH USE ONLY", ()),
+            ),
+        ),
+        Study(
+            str(negative_source.StudyInstanceUID),
+            (source_series, _sr_series("sr-negative", "Pneumonia unlikely", "Probability: 0.21")),
+        ),
+        Study(
+            str(plain_source.StudyInstanceUID),
+            (source_series, _sr_series("sr-positive", "Pneumonia likely", "Probability: 0.87")),
+        ),
+    ]
+
+
+@pytest.fixture(scope="module")
+def viewer(orthanc: Orthanc) -> Iterator[str]:
+    dist = installed_ohif()
+    with ohif_viewer(dist, orthanc.http_port) as origin:
+        yield origin
+
+
+def _screenshot(page: Any, name: str) -> None:
+    folder = os.environ.get("CXR_OHIF_SCREENSHOTS")
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with Image.open(io.BytesIO(page.screenshot())) as shot:
+        # small files for the record: a 64-colour palette
+        shot.convert("RGB").quantize(64).save(Path(folder) / f"ohif-{name}.png", optimize=True)
+
+
+def _dismiss_tour(page: Any) -> None:
+    skip = page.get_by_text("Skip all")
+    try:
+        skip.first.wait_for(timeout=5_000)
+    except Exception:  # no tour this time
+        return
+    skip.first.click()
+
+
+def test_every_result_object_opens_in_ohif(browser: Any, viewer: str, studies: list[Study]) -> None:
+    offline = open_offline(browser, viewer)
+    page = offline.page
+    page.set_viewport_size({"width": 1200, "height": 720})
+    console_errors: list[str] = []
+    page.on("console", lambda m: m.type == "error" and console_errors.append(m.text))
+    seen: list[str] = []
+    for study in studies:
+        page.goto(f"{viewer}/viewer?StudyInstanceUIDs={study.uid}", wait_until="load")
+        thumbnails = page.locator("[data-cy='study-browser-thumbnail']")
+        srs = page.locator("[data-cy='study-browser-thumbnail-no-image']")
+        page.locator("[data-cy^='study-browser-thumbnail']").nth(len(study.series) - 1).wait_for(
+            timeout=RENDER_TIMEOUT_MS
+        )
+        _dismiss_tour(page)
+        images = iter(range(thumbnails.count()))
+        reports = iter(range(srs.count()))
+        for series in study.series:
+            is_sr = series.name.startswith("sr")
+            target = srs.nth(next(reports)) if is_sr else thumbnails.nth(next(images))
+            if series.description:
+                assert series.description in target.inner_text()
+            target.dblclick()
+            for text in series.expected_text:
+                page.get_by_text(text).first.wait_for(timeout=RENDER_TIMEOUT_MS)
+            if not is_sr:
+                page.locator(".cornerstone-canvas, canvas").first.wait_for(timeout=10_000)
+                page.wait_for_timeout(1_500)  # the frame's pixels, for the screenshot
+            body = page.inner_text("body")
+            assert ERROR_BOUNDARY not in body, (series.name, offline.page_errors, console_errors)
+            assert offline.page_errors == [], (series.name, console_errors)
+            if series.name != "source" or study is studies[0]:
+                _screenshot(page, series.name)
+            seen.append(series.name)
+    assert offline.blocked == []
+    assert sorted(set(seen)) == [
+        "heatmap-sc",
+        "source",
+        "sr-negative",
+        "sr-positive",
+        "sr-positive-region",
+    ]
