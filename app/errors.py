@@ -88,6 +88,12 @@ class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
 
+class TooManyParts(PayloadTooLarge):
+    """A STOW-RS request with more parts than `CXR_STOW_MAX_PARTS`, refused whole."""
+
+    code = "too_many_parts"
+
+
 class UploadTooSlow(ServiceError):
     """The body arrived slower than the minimum transfer rate: cut off, so that a slow sender
     cannot hold what other uploads need (answered with `Connection: close`)."""

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio.to_thread
 import uvicorn
@@ -23,6 +24,7 @@ from app.errors import ModelLoadError
 from app.http import schemas
 from app.http.admission_gate import AdmissionGate, RefusalPacer
 from app.http.auth import ApiKeys, document_api_keys
+from app.http.browser_guard import BrowserGuard
 from app.http.docs import install_docs
 from app.http.draining import Drain, DrainMiddleware
 from app.http.errors import install_error_handlers
@@ -38,6 +40,7 @@ from app.model.loading import load_classifier
 from app.ops.memory import return_large_blocks_to_the_os
 from app.ops.metrics import ServiceMetrics
 from app.ops.observability import RequestContextMiddleware, configure_logging
+from app.pacs.outbox import OutboxUnavailable
 from app.pacs.pipeline import ResultsPipeline
 from app.serving.prediction import Prediction, PredictionStep, start_prediction
 from app.serving.state import ServiceState
@@ -82,7 +85,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             app.state.pipeline = await start_results_pipeline(settings, step)
         except Exception as exc:  # a state dir, database or port that cannot be used
-            reason = f"DICOM networking could not start: {type(exc).__name__}: {exc}"[:300]
+            reason = networking_failure_reason(exc, settings)
             state.fail(reason)
             logger.error("dicom networking not ready", extra={"fields": {"reason": reason}})
             await step.aclose()
@@ -120,6 +123,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             app.state.pipeline = None
         if state.step is not None:
             await state.step.aclose()  # images already queued still get their answers
+
+
+def networking_failure_reason(exc: Exception, settings: Settings) -> str:
+    """The not-ready reason when DICOM networking cannot start: the error's text helps with a
+    state directory or a port, but never where it may come from the database driver, whose
+    messages can quote CXR_STATE_URL (password included); a fixed reason is served then."""
+    text = f"{type(exc).__name__}: {exc}"
+    url = settings.state_url.get_secret_value() if settings.state_url else None
+    if url is not None:
+        password = urlsplit(url).password
+        from_driver = isinstance(exc, OutboxUnavailable) or type(exc).__module__.startswith(
+            "psycopg"
+        )
+        if from_driver or any(secret and secret in text for secret in (url, password)):
+            text = f"the results database (CXR_STATE_URL) cannot be used ({type(exc).__name__})"
+    return f"DICOM networking could not start: {text}"[:300]
 
 
 async def _beat(state: ServiceState, every_s: float = 0.5) -> None:
@@ -182,6 +201,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     pace = BodyPace(settings.upload_grace_s, settings.upload_min_bytes_per_s)
     pacer = RefusalPacer(settings.refusals_per_s, settings.refusal_max_hold_s)
     app.add_middleware(AdmissionGate, pace=pace, pacer=pacer)
+    # Before admission: a cross-site post or an unknown host is refused before its body is read.
+    app.add_middleware(
+        BrowserGuard,
+        trusted_hosts=settings.trusted_host_names,
+        allowed_origins=settings.allowed_origin_names,
+    )
     app.add_middleware(DrainMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(router)

@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from PIL import Image
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -40,6 +41,24 @@ _HL7_CHOICES = {
 }
 _HL7_PRIORITIES = ("S", "A", "R", "P", "C", "T")
 
+
+def _is_postgresql_url(url: str) -> bool:
+    """Whether `url` is a postgresql:// URL that names a host (and a numeric port, if any)."""
+    if any(c.isspace() for c in url) or re.search(r"%(?![0-9A-Fa-f]{2})", url):
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    return parts.scheme in ("postgresql", "postgres") and bool(parts.hostname)
+
+
+def _listed(value: str | None, *, lower: bool = False) -> tuple[str, ...]:
+    items = (v.strip() for v in (value or "").split(","))
+    return tuple(v.lower() if lower else v for v in items if v)
+
+
 Provider = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -54,6 +73,9 @@ class Settings(BaseSettings):
         frozen=True,
         # `model_metadata` is our name, not pydantic's `model_` namespace.
         protected_namespaces=(),
+        # A refused value is named, never quoted: it may be a key or a database password, and
+        # the message goes to the log.
+        hide_input_in_errors=True,
     )
 
     model_metadata: Path = Field(
@@ -271,6 +293,20 @@ class Settings(BaseSettings):
         description="File of SHA-256 hex digests of API keys, one per line (the first field; "
         "`sha256sum` output works); `#` starts a comment. Read once at start-up.",
     )
+    trusted_hosts: str | None = Field(
+        default=None,
+        description="Comma-separated host names the service answers to (the `Host` header; "
+        "`*.example.org` matches subdomains); any other gets 400 `invalid_host`, against DNS "
+        "rebinding. The health probes are exempt. Unset: any host.",
+    )
+    allowed_origins: str | None = Field(
+        default=None,
+        description="Comma-separated origins (`https://viewer.example.org`) besides the service's "
+        "own whose browser pages may POST to it. A POST (or PUT, PATCH, DELETE) whose `Origin` is "
+        "another site's is refused with 403 `cross_origin`, so that a web page cannot make a "
+        "visitor's browser deliver into the PACS; a client that sends no `Origin` (curl, a "
+        "PACS router) is not affected.",
+    )
     site_profile: Path | None = Field(
         default=None,
         description="A site profile (`site_profile.json` from `pneumonia-validate-site`): its "
@@ -458,6 +494,14 @@ class Settings(BaseSettings):
     dicom_max_associations: int = Field(
         default=10, ge=1, le=256, description="Concurrent associations the listener accepts."
     )
+    stow_max_parts: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Most body parts (instances) in one STOW-RS request, counted while the body "
+        "is parsed; past it the request is refused whole with 413 `too_many_parts`, nothing "
+        "stored.",
+    )
     intake_max_pending: int = Field(
         default=2000,
         ge=1,
@@ -487,6 +531,18 @@ class Settings(BaseSettings):
             names = ", ".join(f"CXR_{name.upper()}" for name in wanted)
             raise ValueError(f"{names} need CXR_STATE_DIR (where results and images are kept)")
         return self
+
+    @field_validator("state_url")
+    @classmethod
+    def _postgresql_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # Checked here, at start-up, so that a malformed URL never reaches the driver, whose
+        # messages quote the connection string (password included).
+        if value is not None and not _is_postgresql_url(value.get_secret_value()):
+            raise ValueError(
+                "write the outbox database as postgresql://user:password@host[:port]/database "
+                "(the value is not shown: it holds a password)"
+            )
+        return value
 
     @field_validator("results_hl7")
     @classmethod
@@ -522,6 +578,14 @@ class Settings(BaseSettings):
         return tuple(c for c in self.results_hl7_priority_fields.split(",") if c)
 
     @property
+    def trusted_host_names(self) -> tuple[str, ...]:
+        return _listed(self.trusted_hosts, lower=True)
+
+    @property
+    def allowed_origin_names(self) -> tuple[str, ...]:
+        return tuple(o.rstrip("/") for o in _listed(self.allowed_origins, lower=True))
+
+    @property
     def allowed_calling_aets(self) -> set[str] | None:
         if self.dicom_allowed_aets is None:
             return None
@@ -549,6 +613,8 @@ class Settings(BaseSettings):
         "dicom_port",
         "dicom_allowed_aets",
         "probe_port",
+        "trusted_hosts",
+        "allowed_origins",
         mode="before",
     )
     @classmethod

@@ -72,6 +72,12 @@ class ApiKeys:
                         "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
                     )
                 digests.add(key_digest(key))
+            if not digests:
+                # " , " is a setting that was meant to hold keys: never start open on it.
+                raise ApiKeyConfigError(
+                    "CXR_API_KEYS names no key (only commas and spaces); set keys, or leave it "
+                    "unset to run without them"
+                )
         if settings.api_keys_file is not None:
             from_file = read_digest_file(settings.api_keys_file)
             if not from_file:

@@ -13,7 +13,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request, Response
 from pydicom.dataset import Dataset
 
-from app.errors import InvalidRequest, MalformedRequest, ResultNotFound, UnsupportedMediaType
+from app.errors import (
+    InvalidRequest,
+    MalformedRequest,
+    ResultNotFound,
+    TooManyParts,
+    UnsupportedMediaType,
+)
 from app.http import schemas
 from app.http.deps import REQUIRE_API_KEY, FramingDep, PipelineDep, SettingsDep, StepDep
 from app.http.errors import error_responses
@@ -79,14 +85,29 @@ async def record_result(
     answer: schemas.PredictionResponse,
     prediction: Prediction,
 ) -> schemas.PredictionResponse:
-    """Store the answer's result objects (durably, before the answer goes out) and say so."""
+    """Store the answer's result objects (durably, before the answer goes out) and say so.
+
+    The answer given is the stored one, the one its objects render: for an image already read
+    (the same pixel data under the same UID, model and profile) that is the first answer, not
+    this run's (a batched run may differ in the last digits), with this request's id and timings.
+    """
     if prediction.dicom is None or prediction.dicom.sop_instance_uid is None:
         raise InvalidRequest("deliver=true needs a DICOM upload with a SOP Instance UID")
     recorded = await pipeline.record(data, answer.model_dump(mode="json"), prediction)
-    stored = await asyncio.to_thread(pipeline.result, recorded.source_sop_instance_uid)
-    deliveries = stored.deliveries if stored is not None else []
-    info = schemas.result_info(recorded.source_sop_instance_uid, recorded.objects, deliveries)
-    return answer.model_copy(update={"result": info})
+    stored = recorded.stored
+    kept = schemas.PredictionResponse.model_validate(stored.result_json)
+    info = schemas.result_info(
+        recorded.source_sop_instance_uid, recorded.objects, stored.deliveries
+    )
+    return kept.model_copy(
+        update={
+            "request_id": answer.request_id,
+            "timing_ms": answer.timing_ms,
+            # a map asked for now, of the same pixels, when the stored answer has none
+            "explanation": kept.explanation or answer.explanation,
+            "result": info,
+        }
+    )
 
 
 @router.post(
@@ -109,8 +130,9 @@ async def store_instances(
     durable intake spool before it is listed as stored, then classified by the service's own
     workers; its result objects go to the configured destinations and are readable at
     `/results/{SOPInstanceUID}`. 200: all stored; 202: some failed; 409: none stored; 400:
-    broken multipart framing; 415: not `multipart/related; type="application/dicom"`; 503 with
-    Retry-After: the intake is full."""
+    broken multipart framing; 413: over `CXR_MAX_UPLOAD_BYTES`, or more than
+    `CXR_STOW_MAX_PARTS` parts (`too_many_parts`, refused whole); 415: not
+    `multipart/related; type="application/dicom"`; 503 with Retry-After: the intake is full."""
     return await _store(request, step, pipeline, settings, framing, None)
 
 
@@ -173,6 +195,7 @@ async def _store(
             study=study,
             study_url=f"{base}/dicomweb/studies/{study}" if study else None,
             instance_url=instance_url,
+            max_parts=settings.stow_max_parts,
         )
     except stow.StowError as exc:
         raise _as_service_error(exc) from exc
@@ -189,6 +212,8 @@ async def _store(
 def _as_service_error(exc: stow.StowError) -> Exception:
     if isinstance(exc, stow.UnsupportedMediaType):
         return UnsupportedMediaType(str(exc))
+    if isinstance(exc, stow.TooManyParts):
+        return TooManyParts(str(exc))
     return MalformedRequest(str(exc))
 
 

@@ -16,6 +16,7 @@ default) or refuses the second (409, 0x0111).
 from __future__ import annotations
 
 import datetime
+import functools
 import io
 import logging
 import re
@@ -97,6 +98,10 @@ class ResultFacts:
     # The answer's caveats (`warnings`), e.g. a patient outside the training population: the SR
     # states each one to its reader.
     warnings: tuple[str, ...] = ()
+    # The sha256 of the source's pixel data (`app.pacs.uids.pixel_data_digest`), set by the
+    # pipeline: part of the UIDs, so that another image under the same SOP Instance UID is
+    # another result. None: the UIDs of one source UID and reading, as before content joined them.
+    pixel_digest: str | None = None
 
     @property
     def positive_probability(self) -> float:
@@ -225,6 +230,50 @@ _TYPE2_PATIENT_STUDY = (
     "StudyID",
     "AccessionNumber",
 )
+
+
+# What filing a result into the source's patient and study needs, and what the readers of this
+# service's tests and viewers show: identifiers, the Type 2 attributes and the study's
+# description. Every other attribute of the Patient and Study information entities (Type 3 free
+# text such as Patient Comments, Medical Alerts, Additional Patient History, allergies, weight,
+# occupation) stays in the image: the result does not need it and must not spread it.
+_FILING_ATTRIBUTES = frozenset(
+    (
+        *_TYPE2_PATIENT_STUDY,
+        "IssuerOfPatientID",
+        "IssuerOfPatientIDQualifiersSequence",
+        "TypeOfPatientID",
+        "StudyInstanceUID",
+        "IssuerOfAccessionNumberSequence",
+        "StudyDescription",
+    )
+)
+
+
+@functools.cache
+def _patient_and_study_keywords(sop_class_uid: str) -> frozenset[str]:
+    """The root attributes of the Patient and Study information entities of an IOD (those that
+    highdicom's `copy_patient_and_study_information` copies)."""
+    # highdicom's own tables of the standard, the ones its copy uses
+    from highdicom._standard_utils import (
+        get_iod_module_map,
+        get_module_attribute_map,
+        get_sop_class_iod_map,
+    )
+
+    attributes = get_module_attribute_map()
+    keywords: set[str] = set()
+    for module in get_iod_module_map()[get_sop_class_iod_map()[sop_class_uid]]:
+        if module["ie"] in ("Patient", "Study"):
+            keywords |= {str(a["keyword"]) for a in attributes[module["key"]] if not a["path"]}
+    return frozenset(keywords)
+
+
+def _keep_filing_only(ds: Dataset) -> None:
+    """Drop every Patient and Study attribute but those filing needs (`_FILING_ATTRIBUTES`)."""
+    for keyword in _patient_and_study_keywords(str(ds.SOPClassUID)) - _FILING_ATTRIBUTES:
+        if keyword in ds:
+            delattr(ds, keyword)
 
 
 def _evidence_view(source: Dataset) -> Dataset:
@@ -483,7 +532,10 @@ def build_sr(
     rows, columns = int(source.Rows), int(source.Columns)
 
     group_uid = (
-        result_instance_uid(source_uid, facts.model_sha256, kind, facts.site_profile_sha256) + ".1"
+        result_instance_uid(
+            source_uid, facts.model_sha256, kind, facts.site_profile_sha256, facts.pixel_digest
+        )
+        + ".1"
     )
     classification = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -562,11 +614,11 @@ def build_sr(
         evidence=[_builder_view(evidence)],
         content=report[0],
         series_instance_uid=result_series_uid(
-            source_uid, facts.model_sha256, "sr", facts.site_profile_sha256
+            source_uid, facts.model_sha256, "sr", facts.site_profile_sha256, facts.pixel_digest
         ),
         series_number=series_number,
         sop_instance_uid=result_instance_uid(
-            source_uid, facts.model_sha256, kind, facts.site_profile_sha256
+            source_uid, facts.model_sha256, kind, facts.site_profile_sha256, facts.pixel_digest
         ),
         instance_number=1,
         manufacturer=MANUFACTURER,
@@ -578,6 +630,7 @@ def build_sr(
     )
     # the whole Patient, General Study and Patient Study modules, not only highdicom's selection
     sr.copy_patient_and_study_information(evidence)
+    _keep_filing_only(sr)
     _stamp(sr, ObjectTime.of_source(source))
     return _explicit_le(sr)
 
@@ -729,11 +782,11 @@ def build_heatmap_sc(
         bits_allocated=8,
         coordinate_system="PATIENT",
         series_instance_uid=result_series_uid(
-            source_uid, facts.model_sha256, "sc", facts.site_profile_sha256
+            source_uid, facts.model_sha256, "sc", facts.site_profile_sha256, facts.pixel_digest
         ),
         series_number=series_number,
         sop_instance_uid=result_instance_uid(
-            source_uid, facts.model_sha256, "sc", facts.site_profile_sha256
+            source_uid, facts.model_sha256, "sc", facts.site_profile_sha256, facts.pixel_digest
         ),
         instance_number=1,
         manufacturer=MANUFACTURER,
@@ -747,6 +800,7 @@ def build_heatmap_sc(
         series_description=SC_SERIES_DESCRIPTION,
     )
     sc.copy_patient_and_study_information(evidence)
+    _keep_filing_only(sc)
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = facts.disclaimer[:10240]
     # dciodvfy's Type 2C rule on the General Series Laterality needs Body Part Examined present.

@@ -128,6 +128,11 @@ def _summary(text: str) -> str:
     return _SAFE.sub("?", text)[:200]
 
 
+class OutboxUnavailable(Exception):
+    """The outbox database cannot be reached or used. The message names the failure's class
+    only: a driver's own message may quote the connection string, password included."""
+
+
 class _Database(Protocol):
     dialect: Literal["sqlite", "postgresql"]
 
@@ -213,7 +218,13 @@ class _Postgres:
     def _connect(self) -> Any:
         import psycopg
 
-        return psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+        try:
+            return psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            # `from None`: the driver's message (and a logged traceback) may quote the URL
+            raise OutboxUnavailable(
+                f"the PostgreSQL outbox cannot be reached ({type(exc).__name__})"
+            ) from None
 
     @contextmanager
     def transaction(self) -> Iterator[_QmarkCursor]:
@@ -463,6 +474,18 @@ class Outbox:
                 for s in states
             ],
         )
+
+    def latest_result(self, key_prefix: str) -> StoredResult | None:
+        """The result recorded last among those whose key starts with `key_prefix` (the results
+        of one source UID under one reading, one per image content)."""
+        # keys are UIDs, hex digests and fixed words (app.pacs.uids): no LIKE wildcard in them
+        with self._db.transaction() as cursor:
+            row = cursor.execute(
+                "SELECT result_key FROM pacs_results WHERE result_key LIKE ? "
+                "ORDER BY created_at DESC, result_key LIMIT 1",
+                (key_prefix + "%",),
+            ).fetchone()
+        return None if row is None else self.result(str(row[0]))
 
     def objects(self, result_key: str) -> list[ResultObject]:
         """The encoded objects stored for a result, in the order they were enqueued."""

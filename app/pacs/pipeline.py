@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import io
 import logging
 import time
@@ -52,7 +53,7 @@ from app.pacs.outbox import Outbox, ResultObject, StoredResult
 from app.pacs.ris import FHIR_KIND, HL7_KIND, OrderFacts
 from app.pacs.scp import StorageListener
 from app.pacs.spool import Spool, SpoolEntry
-from app.pacs.uids import result_key
+from app.pacs.uids import pixel_data_digest, result_key, result_key_prefix
 from app.serving.prediction import Prediction, PredictionStep
 from app.settings import Settings
 
@@ -72,12 +73,18 @@ _IDLE_POLL_S = 0.2
 
 @dataclass(frozen=True)
 class RecordedResult:
-    """What the answer says about its result objects."""
+    """What the answer says about its result objects.
+
+    `stored` is the result as the outbox holds it after `record`: the answer the objects were
+    rendered from and the deliveries. For an image already read (the same pixel data under the
+    same UID, model and profile) that is the first answer, which is what was delivered; callers
+    answer with it, so that a client is never told other than what its PACS receives."""
 
     result_key: str
     source_sop_instance_uid: str
     objects: list[ResultObject]
     destinations: list[str]
+    stored: StoredResult
 
 
 def destinations_from(settings: Settings) -> list[Destination]:
@@ -349,12 +356,19 @@ class ResultsPipeline:
     def _record(
         self, data: bytes, answer: dict[str, Any], prediction: Prediction
     ) -> RecordedResult:
-        source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        source = pydicom.dcmread(io.BytesIO(data))
         sop_uid = str(source.SOPInstanceUID)
-        facts = ResultFacts.from_answer(answer, self.metadata.decision.positive_class)
+        # Content decides the result: the pixel data joins its key and UIDs (app.pacs.uids).
+        pixels = source.pop(0x7FE00010, None)
+        digest = pixel_data_digest(bytes(pixels.value or b"") if pixels is not None else b"")
+        del pixels
+        facts = dataclasses.replace(
+            ResultFacts.from_answer(answer, self.metadata.decision.positive_class),
+            pixel_digest=digest,
+        )
         image = _explained_image(prediction)
         objects = render_objects(source, facts, image)
-        key = result_key(sop_uid, self.metadata.sha256, facts.site_profile_sha256)
+        key = result_key(sop_uid, self.metadata.sha256, facts.site_profile_sha256, digest)
         warnings = [str(w) for w in answer.get("warnings") or []]
         messages = render_messages(
             source, facts, key, warnings, self.hl7_profile, self.fhir_profile
@@ -362,13 +376,24 @@ class ResultsPipeline:
         routes = {o.kind: self._pacs_names for o in objects} | self._ris_names
         names = [d.name for d in self.destinations]
         self.outbox.enqueue(key, objects + messages, names, answer, routes=routes)
-        return RecordedResult(key, sop_uid, objects + messages, names)
+        stored = self.outbox.result(key)
+        if stored is None:  # purged between the two transactions: nothing else can remove it
+            raise RuntimeError("the recorded result is no longer in the outbox")
+        kept = self.outbox.objects(key)
+        return RecordedResult(key, sop_uid, kept, names, stored)
 
     def result(self, source_sop_instance_uid: str) -> StoredResult | None:
         """The stored answer and delivery states for a source image (by its SOP Instance UID) or
-        for one of the result objects (by theirs)."""
-        key = result_key(source_sop_instance_uid, self.metadata.sha256, self.site_profile_sha256)
-        return self.outbox.result(key) or self.outbox.result(source_sop_instance_uid)
+        for one of the result objects (by theirs). A source UID under which different images were
+        read has one result per image: the one recorded last is given (each result object's own
+        UID names its own)."""
+        reading = (source_sop_instance_uid, self.metadata.sha256, self.site_profile_sha256)
+        return (
+            self.outbox.latest_result(result_key_prefix(*reading))
+            # results recorded before content joined the key
+            or self.outbox.result(result_key(*reading))
+            or self.outbox.result(source_sop_instance_uid)
+        )
 
     def payload(self, source_sop_instance_uid: str, kind: str) -> bytes | None:
         """The encoded result object of `kind` ("sr", "sc") for a source image."""

@@ -25,6 +25,8 @@ Decisions where the standard leaves room:
   * refused by the intended-use gate                          0x0122 (SOP class not supported)
   * the spool is full                                         0xA700 (out of resources)
   * any other failure while queueing                          0x0110 (processing failure)
+- More than the configured number of parts: 413, the request refused whole while it is parsed
+  (nothing stored, no per-part answer).
 - Status (Table 10.5.3-1): 200 all stored; 202 some stored; 409 none stored; 503 with
   Retry-After when none was stored and every instance failed for lack of resources (PS3.18
   §8.5 general status), so a client retries instead of giving up.
@@ -100,6 +102,13 @@ class MalformedRequest(StowError):
     """Bad syntax: a missing boundary, broken multipart framing (HTTP 400)."""
 
     status = 400
+
+
+class TooManyParts(StowError):
+    """More body parts than the request may hold (HTTP 413), found while parsing: refused whole
+    before any part is read as DICOM."""
+
+    status = 413
 
 
 class UnsupportedMediaType(StowError):
@@ -187,8 +196,10 @@ def _part_headers(block: bytes) -> dict[str, str]:
     return headers
 
 
-def iter_parts(body: bytes, boundary: str) -> Iterator[Part]:
-    """The parts of a multipart body, in order; `MalformedRequest` on broken framing.
+def iter_parts(body: bytes, boundary: str, max_parts: int | None = None) -> Iterator[Part]:
+    """The parts of a multipart body, in order; `MalformedRequest` on broken framing,
+    `TooManyParts` at the part after `max_parts` (counted as they are found, so that a body of
+    empty parts costs no more than the limit).
 
     RFC 2046 §5.1.1: an optional preamble, then `--boundary` lines, each part being headers, an
     empty line, the data; the data ends at CRLF `--boundary`; the last delimiter is followed by
@@ -226,6 +237,8 @@ def iter_parts(body: bytes, boundary: str) -> Iterator[Part]:
                 raise MalformedRequest("a body part has no blank line after its headers")
             headers_block, data_start = body[start:blank], blank + 4
         count += 1
+        if max_parts is not None and count > max_parts:
+            raise TooManyParts(f"a STOW-RS request holds at most {max_parts} parts")
         yield Part(_part_headers(headers_block), body[data_start:end])
         position = end + len(separator)
 
@@ -404,6 +417,7 @@ def store_instances(
     study: str | None = None,
     study_url: str | None = None,
     instance_url: Callable[[str, str, str], str | None] | None = None,
+    max_parts: int | None = None,
 ) -> StoreResponse:
     """Handle one STOW-RS request: parse, check, gate and queue every instance.
 
@@ -411,13 +425,14 @@ def store_instances(
     data)` queues an accepted instance durably (it may raise `SpoolFull`); `study` is the
     `{study}` path segment, if any; `study_url` becomes the response's RetrieveURL and
     `instance_url(study, series, instance)` each stored instance's. Raises `MalformedRequest`
-    (400) and `UnsupportedMediaType` (415); everything per instance is in the response.
+    (400), `TooManyParts` (413, more than `max_parts`) and `UnsupportedMediaType` (415);
+    everything per instance is in the response.
     """
     boundary = parse_content_type(content_type)
     if study is not None and (len(study) > 64 or not _UID.match(study)):
         raise MalformedRequest("the study in the path is not a DICOM UID")
     # Framing is checked whole before anything is queued, so a 400 stores nothing.
-    parts = list(iter_parts(body, boundary))
+    parts = list(iter_parts(body, boundary, max_parts))
     outcomes = [_store_one(part, study, gate, accept, instance_url) for part in parts]
     status = _status(outcomes)
     headers = {"Content-Type": RESPONSE_MEDIA_TYPE}

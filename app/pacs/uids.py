@@ -38,20 +38,39 @@ def _uid_from(*parts: str) -> str:
     return f"2.25.{value}"
 
 
-def _check(source_uid: str, model_sha256: str, site_profile_sha256: str | None = None) -> None:
+def _check(
+    source_uid: str,
+    model_sha256: str,
+    site_profile_sha256: str | None = None,
+    pixel_digest: str | None = None,
+) -> None:
     if not (_UID.match(source_uid) and len(source_uid) <= 64):
         raise ValueError("source UID is not a valid DICOM UID")
     if not _SHA256.match(model_sha256):
         raise ValueError("model_sha256 must be 64 lowercase hex digits")
     if site_profile_sha256 is not None and not _SHA256.match(site_profile_sha256):
         raise ValueError("site_profile_sha256 must be 64 lowercase hex digits")
+    if pixel_digest is not None and not _SHA256.match(pixel_digest):
+        raise ValueError("pixel_digest must be 64 lowercase hex digits")
 
 
-def _reading(model_sha256: str, site_profile_sha256: str | None) -> tuple[str, ...]:
-    """What made the finding: the model, and the site profile when one was applied."""
-    if site_profile_sha256 is None:
-        return (model_sha256,)
-    return (model_sha256, "site-profile", site_profile_sha256)
+def _reading(
+    model_sha256: str, site_profile_sha256: str | None, pixel_digest: str | None = None
+) -> tuple[str, ...]:
+    """What made the finding: the model, the site profile when one was applied, and the pixel
+    data that was read, when given."""
+    reading: tuple[str, ...] = (model_sha256,)
+    if site_profile_sha256 is not None:
+        reading += ("site-profile", site_profile_sha256)
+    if pixel_digest is not None:
+        reading += ("pixels", pixel_digest)
+    return reading
+
+
+def pixel_data_digest(pixel_data: bytes) -> str:
+    """The sha256 of a source's Pixel Data (7FE0,0010) value as it was sent (native or
+    encapsulated): the content that joins the result's key and UIDs."""
+    return hashlib.sha256(pixel_data).hexdigest()
 
 
 def result_instance_uid(
@@ -59,11 +78,12 @@ def result_instance_uid(
     model_sha256: str,
     kind: ObjectKind,
     site_profile_sha256: str | None = None,
+    pixel_digest: str | None = None,
 ) -> str:
     """SOP Instance UID of the `kind` result object for one source image read by one model (and
     site profile)."""
-    _check(source_sop_instance_uid, model_sha256, site_profile_sha256)
-    reading = _reading(model_sha256, site_profile_sha256)
+    _check(source_sop_instance_uid, model_sha256, site_profile_sha256, pixel_digest)
+    reading = _reading(model_sha256, site_profile_sha256, pixel_digest)
     return _uid_from("instance", source_sop_instance_uid, *reading, kind)
 
 
@@ -72,10 +92,11 @@ def result_series_uid(
     model_sha256: str,
     kind: ObjectKind,
     site_profile_sha256: str | None = None,
+    pixel_digest: str | None = None,
 ) -> str:
     """Series Instance UID of the series that holds the `kind` result for one source image."""
-    _check(source_sop_instance_uid, model_sha256, site_profile_sha256)
-    reading = _reading(model_sha256, site_profile_sha256)
+    _check(source_sop_instance_uid, model_sha256, site_profile_sha256, pixel_digest)
+    reading = _reading(model_sha256, site_profile_sha256, pixel_digest)
     return _uid_from("series", source_sop_instance_uid, *reading, kind)
 
 
@@ -88,8 +109,20 @@ def device_uid(model_sha256: str) -> str:
 
 
 def result_key(
+    source_sop_instance_uid: str,
+    model_sha256: str,
+    site_profile_sha256: str | None = None,
+    pixel_digest: str | None = None,
+) -> str:
+    """The outbox key of one answer: one source image (its UID and, when given, its pixel data)
+    read by one model (and site profile)."""
+    _check(source_sop_instance_uid, model_sha256, site_profile_sha256, pixel_digest)
+    reading = _reading(model_sha256, site_profile_sha256, pixel_digest)
+    return "/".join((source_sop_instance_uid, *reading))
+
+
+def result_key_prefix(
     source_sop_instance_uid: str, model_sha256: str, site_profile_sha256: str | None = None
 ) -> str:
-    """The outbox key of one answer: one source image read by one model (and site profile)."""
-    _check(source_sop_instance_uid, model_sha256, site_profile_sha256)
-    return "/".join((source_sop_instance_uid, *_reading(model_sha256, site_profile_sha256)))
+    """What every content-keyed result of one source UID under one reading starts with."""
+    return result_key(source_sop_instance_uid, model_sha256, site_profile_sha256) + "/pixels/"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import secrets
 import sys
 from collections import Counter
@@ -452,7 +453,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         created,
         _profile_figures(figures),
     )
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(mode=0o700, parents=True, exist_ok=True)
     site_profile.dump(profile, args.out / "site_profile.json")
     salt = secrets.token_bytes(16)  # per run: a key cannot be matched to a patient id by guessing
     p_site_all = {i: float(v) for i, v in zip(ok, site.site_probability(p), strict=True)}
@@ -511,9 +512,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             name,
             [cases.cases[i].name for i in ok],
         )
-    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    (args.out / "report.html").write_text(render(results), encoding="utf-8")
+    write_private(args.out / "results.json", json.dumps(results, indent=1) + "\n")
+    write_private(args.out / "report.html", render(results))
     return results
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable by its owner only (0600, an existing file included):
+    the report and the results name the site's cases and show their images."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(text)
 
 
 def _served_model(client: Any) -> ServedModel:

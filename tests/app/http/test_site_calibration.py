@@ -8,6 +8,7 @@ and the model's own answer without a profile, not by the code under test.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from collections.abc import Callable
@@ -225,7 +226,9 @@ def test_results_delivered_under_a_profile_are_a_reading_of_their_own(
     """`deliver=true` under a site profile makes result objects whose UIDs name that reading:
     the same image read without the profile (or before it was loaded) keeps the other UIDs and the
     other answer, side by side in the outbox, instead of one UID standing for two findings."""
-    from app.pacs.uids import result_instance_uid
+    import pydicom
+
+    from app.pacs.uids import pixel_data_digest, result_instance_uid
     from app.testing.dicom_files import make_dicom, ramp
 
     data = make_dicom(ramp(rows=256, columns=224))
@@ -252,8 +255,10 @@ def test_results_delivered_under_a_profile_are_a_reading_of_their_own(
     plain, profiled = readings[None], readings[profile_path]
     model_sha = sha256_of_model(model_path)
     profile_sha = profiled[0]["calibration"]["sha256"]
-    assert plain[1] == result_instance_uid(source, model_sha, "sr")
-    assert profiled[1] == result_instance_uid(source, model_sha, "sr", profile_sha)
+    # the pixel data joins the UIDs (issue 26): the same digest under both readings
+    digest = pixel_data_digest(pydicom.dcmread(io.BytesIO(data)).PixelData)
+    assert plain[1] == result_instance_uid(source, model_sha, "sr", None, digest)
+    assert profiled[1] == result_instance_uid(source, model_sha, "sr", profile_sha, digest)
     assert plain[1] != profiled[1]
     assert plain[0]["probabilities"] != profiled[0]["probabilities"]
     assert f"site profile sha256={profile_sha}".encode() in profiled[2]

@@ -514,3 +514,33 @@ def test_object_time_falls_back_from_content_to_acquisition_to_study_to_a_fixed_
         if item.PurposeOfReferenceCodeSequence[0].CodeValue != "109101"
     }
     assert contributions == {"".join(expected)}
+
+
+# Type 3 free text of the Patient and Patient Study modules, and more the result does not need.
+UNNEEDED_PATIENT_TEXT = {
+    "PatientComments": "HIV positive",
+    "MedicalAlerts": "Sentinel alert: latex",
+    "AdditionalPatientHistory": "Sentinel history of TB",
+    "Allergies": "Sentinel allergy",
+    "Occupation": "Sentinel occupation",
+    "PatientWeight": "71.5",
+    "OtherPatientNames": "Sentinel^Alias",
+}
+
+
+def test_the_objects_copy_only_what_filing_into_the_study_needs() -> None:
+    """Issue 26: the SR copied the source's whole Patient and Study modules, Type 3 free text
+    included (PatientComments "HIV positive", MedicalAlerts, AdditionalPatientHistory). The SR and
+    the SC carry the identifiers and Type 2 attributes that file them into the study, nothing
+    more."""
+    source = factory_source(index=42)
+    for keyword, value in UNNEEDED_PATIENT_TEXT.items():
+        setattr(source, keyword, value)
+    facts = ResultFacts.from_answer(ANSWER, positive_class="PNEUMONIA")
+    for obj in render_objects(source, facts, grey_u8()):
+        ds = pydicom.dcmread(io.BytesIO(obj.payload))
+        for keyword, value in UNNEEDED_PATIENT_TEXT.items():
+            assert keyword not in ds, (obj.kind, keyword)
+            assert value.encode() not in obj.payload, (obj.kind, keyword)
+        for keyword in PATIENT_STUDY:
+            assert ds.get(keyword, "") == source.get(keyword, ""), (obj.kind, keyword)
