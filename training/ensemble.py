@@ -74,7 +74,8 @@ def combined_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         "best_epoch": "+".join(str(s["best_epoch"]) for s in summaries),
         "training_seconds": round(sum(s["training_seconds"] for s in summaries), 1),
         "hardware": first["hardware"],
-        "seed": [s["seed"] for s in summaries],
+        # the members share the split (its seed, `data.split_sha256`) and differ in initialisation
+        "seed": [s.get("init_seed", s["seed"]) for s in summaries],
         "hyperparameters": [s["hyperparameters"] for s in summaries],
         "data": first["data"],
     }

@@ -243,14 +243,38 @@ def _cam_line(meta: ModelMetadata) -> str:
     )
 
 
+def _stability_note(prov: dict[str, Any]) -> str:
+    selection = prov.get("selection")
+    if not isinstance(selection, dict) or "stability" not in selection:
+        return ""
+    st = selection["stability"]
+    rows = [
+        f"`{name}` {m['mean_abs_change_gamma_0.7']:.4f} and {m['mean_abs_change_gamma_1.4']:.4f}"
+        for name, m in st["models"].items()
+    ]
+    return (
+        f"\nUnder tone curves of the uploads (each of the {st['n_images']} test X-rays as sent, and "
+        "through gamma 0.7 and 1.4 as PNG; no labels), the mean change of p(PNEUMONIA) is: "
+        + "; ".join(rows)
+        + ".\n"
+    )
+
+
 def _successor_notes(training: dict[str, Any], prov: dict[str, Any]) -> str:
     """What changed for the successor of 1.0.0, where its training record shows it."""
     hyper = training.get("hyperparameters", {})
     augmentation = training.get("augmentation") or {}
+    if isinstance(hyper, list) and isinstance(augmentation, list):
+        # an ensemble lists its members' records: described when its members share the recipe
+        if any(a != augmentation[0] for a in augmentation) or not hyper:
+            return ""
+        emas = {h.get("ema_momentum") for h in hyper}
+        hyper = {"ema_momentum": emas.pop()} if len(emas) == 1 else {}
+        augmentation = augmentation[0]
     if not isinstance(hyper, dict) or not isinstance(augmentation, dict):
-        return ""  # an ensemble lists its members' records
+        return ""
     notes = []
-    if str(prov.get("architecture", "")).startswith("cxr_net_7"):
+    if "cxr_net_7" in str(prov.get("architecture", "")):
         notes.append(
             "- `cxr_net_7`: 1.0.0's network without its last pooling, so the class activation map "
             "has 7x7 cells (every 32 px) instead of 3x3 cells that a floor pooling had shifted up to "
@@ -375,7 +399,9 @@ The model was trained on JPEGs only; DICOM rendering is matched to them, and
 within 0.02.
 
 ## Performance
-{test_note} Intervals are 95% percentile-bootstrap intervals over patients (1000 resamples).
+{test_note} Intervals are 95% percentile-bootstrap intervals over patients (1,000 resamples; 2,000
+for the test halves).
+{_stability_note(prov)}
 
 {_metric_table(meta.metrics)}
 

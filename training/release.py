@@ -22,6 +22,7 @@ import json
 import shutil
 from pathlib import Path
 
+from app.contract import dump_metadata
 from training import export, model_card, selection, train
 
 
@@ -71,6 +72,11 @@ def ship(args: argparse.Namespace) -> int:
     for suffix in (".onnx", ".json", ".split.csv"):
         shutil.copyfile(source_dir / f"{name}{suffix}", models / f"{name}{suffix}")
     shipped = models / f"{name}.json"
+    if args.version:
+        raw = json.loads(shipped.read_text())
+        candidate_version, raw["version"] = raw["version"], args.version
+        raw.setdefault("provenance", {})["release_candidate"] = candidate_version
+        shipped.write_text(dump_metadata(raw))
     stability = selection.stability(
         [shipped, *sorted(models.glob(f"*/{name}.json"))], args.data_dir
     )
@@ -83,6 +89,12 @@ def ship(args: argparse.Namespace) -> int:
     figures.mkdir(parents=True, exist_ok=True)
     run = args.run_dir
     b_plots = Path("runs/selection") / f"{winner[:12]}-B"
+    for stale in figures.glob("training_curves*.png"):
+        stale.unlink()
+    summary = json.loads((run / "summary.json").read_text())
+    members = [Path(m) for m in summary.get("members", [])]
+    for i, member in enumerate(members, start=1):
+        shutil.copyfile(member / "training_curves.png", figures / f"training_curves_member{i}.png")
     for src, dst in (
         (run / "training_curves.png", "training_curves.png"),
         (run / "class_distribution.png", "class_distribution.png"),
@@ -116,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--data-dir", type=Path, required=True, help="for the stability measurement")
     s.add_argument("--run-dir", type=Path, required=True, help="the winner's run directory")
     s.add_argument("--models-dir", type=Path, default=Path("models"))
+    s.add_argument("--version", help="the version it ships as (a release candidate's `-rc.N` off)")
     args, rest = p.parse_known_args(argv)
     try:
         if args.command == "candidate":

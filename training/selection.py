@@ -245,7 +245,25 @@ def calibrate_run(run: Path, cache_dir: Path | None) -> dict[str, Any]:
     )
     summary["shift_metrics"] = shift_figures(val.labels, clean, shifted, point["threshold"])
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    validation_plots(run)
     return summary
+
+
+def validation_plots(run: Path) -> None:
+    """Validation ROC and reliability at the recipe's operating point, from `shift_logits.npz`
+    and `summary.json` (replacing training's, which were drawn at its own temperature)."""
+    from training import plots
+
+    summary = json.loads((run / "summary.json").read_text())
+    saved = np.load(run / "shift_logits.npz")
+    labels, logits = saved["labels"], saved["clean"]
+    cal = summary["calibration"]
+    z = logits[:, 1] - logits[:, 0]
+    raw = 1.0 / (1.0 + np.exp(-z))
+    clean = 1.0 / (1.0 + np.exp(-(z / cal["temperature"] + cal["logit_bias"][1])))
+    threshold = summary["decision"]["threshold"]
+    plots.roc(labels, clean, threshold, run / "val_roc.png", title="Validation ROC")
+    plots.calibration_curve(labels, raw, clean, run / "val_reliability.png")
 
 
 def onnx_t0_t1(meta_path: Path, cache_dir: Path | None) -> dict[str, Any]:
@@ -471,7 +489,7 @@ def score_half(
         from training import plots
 
         plots_dir.mkdir(parents=True, exist_ok=True)
-        title = f"{meta.name} {meta.version}, test half {half} ({len(records)} images)"
+        title = f"{meta.version}, test half {half} ({len(records)} images)"
         plots.roc(labels, p, meta.decision.threshold, plots_dir / "roc.png", title=f"ROC, {title}")
         plots.confusion_matrix(
             figures["confusion_matrix"],  # type: ignore[arg-type]
