@@ -90,6 +90,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             logger.error("dicom networking not ready", extra={"fields": {"reason": reason}})
             await step.aclose()
         else:
+            pipeline_started = app.state.pipeline
+            if pipeline_started is not None:
+                # A C-STORE port that is taken is a fact served by readiness and `/model`, not a
+                # service that refuses every upload.
+                state.dicom_listener_down = pipeline_started.listener_down
             state.serve(step)
         meta = classifier.metadata
         logger.info(

@@ -19,11 +19,13 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]] || ! .venv/bin/python -c "impo
     echo "$want" >"$stamp"
 fi
 # DICOM networking as in the container: results and received images kept in .state/, and the
-# C-STORE listener (AE title CXR_AI) on 127.0.0.1:11112 (CXR_DICOM_PORT= empty turns it off).
+# C-STORE listener (AE title CXR_AI) on 127.0.0.1:11112 (CXR_DICOM_PORT= empty turns it off,
+# CXR_DICOM_PORT=11113 moves it). A port that is taken leaves HTTP serving: the log's ERROR line
+# "dicom listener not started", /health/ready and /model (`dicom_listener_down`) say why.
 export CXR_STATE_DIR="${CXR_STATE_DIR:-$PWD/.state}"
 export CXR_DICOM_PORT="${CXR_DICOM_PORT-11112}"
 echo "[serve] starting on http://${CXR_HOST:-127.0.0.1}:${CXR_PORT:-8000} (docs: /docs; Ctrl-C stops it)"
 if [[ -n $CXR_DICOM_PORT ]]; then
-    echo "[serve] C-STORE listener ${CXR_DICOM_AE_TITLE:-CXR_AI}@${CXR_DICOM_HOST:-127.0.0.1}:$CXR_DICOM_PORT; state in $CXR_STATE_DIR"
+    echo "[serve] C-STORE listener ${CXR_DICOM_AE_TITLE:-CXR_AI}@${CXR_DICOM_HOST:-127.0.0.1}:$CXR_DICOM_PORT (CXR_DICOM_PORT= turns it off); state in $CXR_STATE_DIR"
 fi
 exec .venv/bin/pneumonia-serve

@@ -43,7 +43,7 @@ class ProbeAnswers:
     live answer must not outlive the loop that serves everything else."""
 
     def __init__(self, loop_stall_s: float = 10.0) -> None:
-        self._ready_body: tuple[Classifier, bytes] | None = None
+        self._ready_body: tuple[Classifier, str | None, bytes] | None = None
         self.loop_stall_s = loop_stall_s
 
     def answer(self, state: ServiceState, path: str) -> tuple[int, bytes]:
@@ -59,14 +59,16 @@ class ProbeAnswers:
         if reason is not None or classifier is None:
             error = {"code": ModelNotReady.code, "message": reason or "model is not loaded"}
             return HTTPStatus.SERVICE_UNAVAILABLE, json.dumps({"error": error}).encode()
+        down = state.dicom_listener_down
         cached = self._ready_body
-        if cached is None or cached[0] is not classifier:
+        if cached is None or cached[0] is not classifier or cached[1] != down:
             answer = schemas.ReadyResponse(
                 model=schemas.model_identity(classifier),
                 execution_provider=classifier.execution_provider,
+                dicom_listener_down=down,
             )
-            cached = self._ready_body = (classifier, answer.model_dump_json().encode())
-        return HTTPStatus.OK, cached[1]
+            cached = self._ready_body = (classifier, down, answer.model_dump_json().encode())
+        return HTTPStatus.OK, cached[2]
 
 
 class _ProbeHandler(BaseHTTPRequestHandler):

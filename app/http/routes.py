@@ -157,6 +157,8 @@ async def predict(
     step.check_explanation_request(explain, explain_class)  # before the body is read
     results = await get_pipeline(request, step) if deliver else None
     explain = explain or (results is not None and results.explains)
+    if results is not None and explain_class is None:
+        explain_class = results.explain_class  # the heat map's class (the positive one), or None
     timer = context.timer
     declared_upload_bytes(framing, settings.max_upload_bytes)  # 413 before the body is read
     with held_upload(request, step.admission) as ticket:
@@ -294,14 +296,17 @@ async def live() -> LiveResponse:
 async def ready(state: ServiceStateDep) -> ReadyResponse:
     """Readiness: 200 only when a model is loaded, its metadata matched the ONNX session, and a
     warm-up inference passed. Otherwise 503 with the reason (missing or invalid metadata, sha256
-    mismatch, signature mismatch, unavailable provider, shutting down)."""
+    mismatch, signature mismatch, unavailable provider, shutting down). A C-STORE listener that
+    could not start does not make it 503: the HTTP API serves; `dicom_listener_down` says why."""
     # The one readiness rule (`ServiceState.not_ready_reason`); the `cxr_ready` gauge reads it too.
     reason = state.not_ready_reason
     classifier = state.classifier
     if reason is not None or classifier is None:
         raise ModelNotReady(reason or "model is not loaded")
     return ReadyResponse(
-        model=schemas.model_identity(classifier), execution_provider=classifier.execution_provider
+        model=schemas.model_identity(classifier),
+        execution_provider=classifier.execution_provider,
+        dicom_listener_down=state.dicom_listener_down,
     )
 
 
@@ -317,11 +322,15 @@ router.add_api_route("/health/ready", ready, methods=["HEAD"], include_in_schema
     tags=["model"],
     dependencies=REQUIRE_API_KEY,
 )
-async def model_info(classifier: ClassifierDep) -> ModelInfo:
+async def model_info(classifier: ClassifierDep, state: ServiceStateDep) -> ModelInfo:
     """The served model's metadata: classes in output order, input contract, preprocessing,
     operating threshold, calibration, metrics and provenance, plus the active execution provider,
-    and `site_calibration` when a site profile is loaded."""
-    return schemas.model_info(classifier)
+    `site_calibration` when a site profile is loaded, and `dicom_listener_down` when the C-STORE
+    listener could not start."""
+    info = schemas.model_info(classifier)
+    if state.dicom_listener_down is not None:
+        info = info.model_copy(update={"dicom_listener_down": state.dicom_listener_down})
+    return info
 
 
 @router.get(

@@ -244,10 +244,19 @@ class LiveResponse(BaseModel):
     status: Literal["alive"] = "alive"
 
 
+_LISTENER_DOWN = (
+    "Present only when the DICOM C-STORE listener (`CXR_DICOM_PORT`) could not start: why. "
+    "The HTTP API (uploads, STOW-RS, results) serves without it."
+)
+
+
 class ReadyResponse(BaseModel):
     status: Literal["ready"] = "ready"
     model: ModelIdentity
     execution_provider: str
+    dicom_listener_down: str | None = Field(
+        default=None, exclude_if=_absent_when_none, description=_LISTENER_DOWN
+    )
 
 
 class ModelInfo(BaseModel):
@@ -277,6 +286,9 @@ class ModelInfo(BaseModel):
         exclude_if=_absent_when_none,
         description="Present only when a site profile is loaded: the site's recalibration, applied "
         "after `calibration`, and the threshold that gives the label instead of `decision`'s.",
+    )
+    dicom_listener_down: str | None = Field(
+        default=None, exclude_if=_absent_when_none, description=_LISTENER_DOWN
     )
     disclaimer: str = DISCLAIMER
 

@@ -25,7 +25,6 @@ Nothing here logs a header value: log lines carry outcome codes and counts only.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import io
@@ -39,16 +38,15 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from PIL import Image
 from pydicom.dataset import Dataset
 
 from app.contract import ModelMetadata
 from app.errors import Overloaded, ServiceError
-from app.imaging.dicom import intended_use_refusal
+from app.imaging.dicom import DicomPolicy, intended_use_refusal, open_dicom
 from app.pacs.delivery import DeliveryWorker, Destination, DimseDestination, StowRsDestination
 from app.pacs.fhir import FhirDestination, FhirProfile, render_bundle
 from app.pacs.hl7 import Hl7Profile, MllpDestination, render_oru
-from app.pacs.objects import ResultFacts, render_objects
+from app.pacs.objects import ResultFacts, heatmap_base, render_objects, wants_heatmap
 from app.pacs.outbox import Outbox, ResultObject, StoredResult
 from app.pacs.ris import FHIR_KIND, HL7_KIND, OrderFacts
 from app.pacs.scp import StorageListener
@@ -229,6 +227,10 @@ class ResultsPipeline:
             if settings.dicom_port is not None
             else None
         )
+        # Why the C-STORE listener is not listening although one was asked for (its port is
+        # taken, say); the rest of the pipeline serves without it. None when it listens or none
+        # was configured.
+        self.listener_down: str | None = None
         # Outcomes of spooled images and of `record`, by closed-set code (metric labels).
         self.stats: Counter[str] = Counter()
         self._readers: list[asyncio.Task[None]] = []
@@ -239,12 +241,29 @@ class ResultsPipeline:
 
     def start(self) -> None:
         """Return interrupted spool entries to the queue, then start delivering, listening and
-        reading. Call on the event loop that serves requests."""
+        reading. Call on the event loop that serves requests.
+
+        A listener that cannot open its port (taken by another process, not permitted) does not
+        stop the rest: `listener_down` says why, logged as an error, and the HTTP intakes, the
+        outbox and its delivery serve on."""
         recovered = self.spool.recover()
         if self.worker is not None:
             self.worker.start()
         if self.listener is not None:
-            self.listener.start()
+            try:
+                self.listener.start()
+            except OSError as exc:
+                where = f"{self.settings.dicom_host}:{self.settings.dicom_port}"
+                self.listener_down = (
+                    f"the DICOM C-STORE listener could not listen on {where} "
+                    f"({type(exc).__name__}: {exc.strerror or exc}); set CXR_DICOM_PORT to a free "
+                    "port, or leave it empty for no listener"
+                )[:300]
+                self.listener = None
+                logger.error(
+                    "dicom listener not started",
+                    extra={"fields": {"reason": self.listener_down}},
+                )
         readers = max(1, self.settings.decode_slots)
         self._readers = [asyncio.create_task(self._read_spool()) for _ in range(readers)]
         logger.info(
@@ -253,6 +272,7 @@ class ResultsPipeline:
                 "fields": {
                     "destinations": [d.name for d in self.destinations],
                     "dicom_listener": self.listener is not None,
+                    "dicom_listener_down": self.listener_down,
                     "spool_pending": self.spool.pending_count(),
                     "spool_recovered": recovered,
                 }
@@ -309,7 +329,9 @@ class ResultsPipeline:
         while True:
             try:
                 with self.step.admit(1, len(data)):
-                    prediction = await self.step.predict(data, explain=self.explains, timer=None)
+                    prediction = await self.step.predict(
+                        data, explain=self.explains, explain_class=self.explain_class, timer=None
+                    )
                 break
             except Overloaded as exc:
                 # HTTP clients come first; the spool waits (it is on disk, and bounded).
@@ -341,6 +363,13 @@ class ResultsPipeline:
         heat-map Secondary Capture is configured and the model has one)."""
         return self.settings.results_heatmap and self.step.classifier.explains
 
+    @property
+    def explain_class(self) -> str | None:
+        """The class whose map the heat map shows: the positive class, for every answer (a
+        NORMAL answer's heat map shows where the evidence for the finding was, not a map of
+        NORMAL). None when no heat map is made."""
+        return self.metadata.decision.positive_class if self.explains else None
+
     # -- results -----------------------------------------------------------------------------------
 
     async def record(
@@ -366,8 +395,16 @@ class ResultsPipeline:
             ResultFacts.from_answer(answer, self.metadata.decision.positive_class),
             pixel_digest=digest,
         )
-        image = _explained_image(prediction)
-        objects = render_objects(source, facts, image)
+        answers = self.settings.results_heatmap_answers
+        image = (
+            self._heatmap_picture(data)
+            if self.settings.results_heatmap and wants_heatmap(facts, answers)
+            else None
+        )
+        spec = self.metadata.preprocessing
+        objects = render_objects(
+            source, facts, image, input_size=(spec.width, spec.height), heatmap_answers=answers
+        )
         key = result_key(sop_uid, self.metadata.sha256, facts.site_profile_sha256, digest)
         warnings = [str(w) for w in answer.get("warnings") or []]
         messages = render_messages(
@@ -381,6 +418,21 @@ class ResultsPipeline:
             raise RuntimeError("the recorded result is no longer in the outbox")
         kept = self.outbox.objects(key)
         return RecordedResult(key, sop_uid, kept, names, stored)
+
+    def _heatmap_picture(self, data: bytes) -> np.ndarray:
+        """The source as the model's DICOM display pipeline renders it (VOI LUT or window,
+        MONOCHROME1 inversion: `app.imaging.dicom`, the rendering the model input is made from),
+        at full resolution (no JPEG 2000 reduction), sized by `heatmap_base`."""
+        max_pixels = self.settings.max_image_pixels
+        policy = DicomPolicy(
+            rendering=self.metadata.preprocessing.dicom,
+            intended_use=self.metadata.intended_use,
+            max_inflated_bytes=max_pixels * 2 + 16 * 1024 * 1024,
+        )
+        opened = open_dicom(data, max_pixels, self.settings.min_image_side, policy)
+        with opened.render(policy).image as rendered:
+            grey = np.asarray(rendered.convert("L"))
+        return heatmap_base(grey)
 
     def result(self, source_sop_instance_uid: str) -> StoredResult | None:
         """The stored answer and delivery states for a source image (by its SOP Instance UID) or
@@ -402,12 +454,3 @@ class ResultsPipeline:
             return None
         found = [o for o in self.outbox.objects(stored.result_key) if o.kind.startswith(kind)]
         return found[0].payload if found else None
-
-
-def _explained_image(prediction: Prediction) -> np.ndarray | None:
-    """The 8-bit grey model input the answer's CAM was computed on, when it has one."""
-    if prediction.explanation is None:
-        return None
-    png = base64.b64decode(prediction.explanation.images.image_png)
-    with Image.open(io.BytesIO(png)) as image:
-        return np.asarray(image.convert("L"))

@@ -27,6 +27,9 @@ class ServiceState:
     draining: bool = False
     stopped: bool = False
     loop_beat: float | None = None  # time.monotonic() of the event loop's last heartbeat
+    # A part that could not start while the rest serves (the C-STORE listener on a port that is
+    # taken): readiness and `GET /model` carry this reason; None when everything started.
+    dicom_listener_down: str | None = None
 
     def loop_silence_s(self) -> float:
         """Seconds since the event loop last beat (0 before its first beat)."""
