@@ -362,9 +362,17 @@ class Settings(BaseSettings):
     )
     results_heatmap: bool = Field(
         default=False,
-        description="Also send a Secondary Capture with the class activation map burned in (and "
-        "its legend and the disclaimer) beside each SR; `deliver=true` answers then carry the "
-        "`explanation` it was drawn from.",
+        description="Also send a Secondary Capture beside each SR: the source X-ray at its own "
+        "resolution with the positive class's activation map over it, the headline, legend and "
+        "disclaimer in a band below (see `results_heatmap_answers`); `deliver=true` answers then "
+        "carry the `explanation` it was drawn from (of the positive class unless `explain_class` "
+        "names another, which makes no heat map).",
+    )
+    results_heatmap_answers: Literal["all", "positive"] = Field(
+        default="all",
+        description="With `results_heatmap`: which answers get the heat map, `all` (each one, "
+        "showing where the model saw evidence for the positive class whatever the answer) or "
+        "`positive` (only answers at or above the operating threshold).",
     )
     results_max_backoff_s: float = Field(
         default=30.0,

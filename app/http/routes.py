@@ -157,6 +157,8 @@ async def predict(
     step.check_explanation_request(explain, explain_class)  # before the body is read
     results = await get_pipeline(request, step) if deliver else None
     explain = explain or (results is not None and results.explains)
+    if results is not None and explain_class is None:
+        explain_class = results.explain_class  # the heat map's class (the positive one), or None
     timer = context.timer
     declared_upload_bytes(framing, settings.max_upload_bytes)  # 413 before the body is read
     with held_upload(request, step.admission) as ticket:

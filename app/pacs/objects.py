@@ -719,46 +719,110 @@ def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: 
     return lines
 
 
-def render_heatmap(image_u8: np.ndarray, facts: ResultFacts, opacity: float = 0.45) -> np.ndarray:
-    """RGB pixels: the CAM over the grey image, a colour legend, the result and the disclaimer."""
+# The heat map keeps the source's own pixels up to this short side; a larger source is scaled down
+# (keeping its aspect ratio) to it: its detail beyond that adds megabytes, not reading.
+HEATMAP_MAX_SHORT_SIDE = 2048
+HeatmapAnswers = Literal["all", "positive"]
+
+
+def heatmap_size(columns: int, rows: int) -> tuple[int, int]:
+    """The (width, height) of the heat map's image area for a source of `columns` x `rows`: the
+    source's own size, or scaled to a short side of `HEATMAP_MAX_SHORT_SIDE` (aspect ratio kept to
+    within a pixel) when it is larger."""
+    short = min(columns, rows)
+    if short <= HEATMAP_MAX_SHORT_SIDE:
+        return columns, rows
+    scale = HEATMAP_MAX_SHORT_SIDE / short
+    return max(1, round(columns * scale)), max(1, round(rows * scale))
+
+
+def heatmap_base(rendered_u8: np.ndarray) -> np.ndarray:
+    """The source as the display pipeline rendered it (`app.imaging`), at `heatmap_size`."""
+    if rendered_u8.dtype != np.uint8 or rendered_u8.ndim != 2:
+        raise ValueError("rendered_u8 must be a 2-D uint8 grey image")
+    rows, columns = rendered_u8.shape
+    size = heatmap_size(columns, rows)
+    if size == (columns, rows):
+        return rendered_u8
+    resized = Image.fromarray(rendered_u8).resize(size, Image.Resampling.BOX)
+    return np.asarray(resized)
+
+
+def heatmap_overlay(
+    image_u8: np.ndarray,
+    facts: ResultFacts,
+    opacity: float = 0.45,
+    input_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """RGB pixels of the image area alone: the map over the grey image, no text.
+
+    `input_size` is the model input's (width, height). The model input is the whole source resized
+    without keeping its aspect ratio, so a cell's receptive field scales onto the picture per axis:
+    `upsample` puts each cell's value at its field's centre there. None: `image_u8` is the model
+    input itself. The map is min-max scaled over the image (its colours say where the evidence is
+    relatively strongest, as in the answer's own pictures)."""
     if image_u8.dtype != np.uint8 or image_u8.ndim != 2:
         raise ValueError("image_u8 must be a 2-D uint8 grey image")
     if facts.cam_grid is None:
         raise ValueError("a heat map needs the answer's CAM grid")
     rows, columns = image_u8.shape
-    grid = np.asarray(facts.cam_grid, dtype=np.float32)
-    cam = upsample(grid, columns, rows)
+    grid = np.asarray(facts.cam_grid, dtype=np.float64)
+    lo, hi = float(grid.min()), float(grid.max())
+    grid = (grid - lo) / (hi - lo) if hi > lo else np.zeros_like(grid)
+    cam = upsample(grid, columns, rows, input_size)
     grey = np.repeat(image_u8[..., None].astype(np.float64), 3, axis=2)
-    blended = grey * (1.0 - opacity) + _colour(cam.astype(np.float64)) * opacity
-    canvas = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), mode="RGB")
+    blended = grey * (1.0 - opacity) + _colour(cam) * opacity
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
-    draw = ImageDraw.Draw(canvas)
-    unit = max(10, min(rows, columns) // 40)
+
+def heatmap_headline(facts: ResultFacts) -> str:
+    """What the map is of, and the answer: never the map's class as if it were the verdict."""
+    relation = "at or above" if facts.positive else "below"
+    return (
+        f"Heat map: where the model saw evidence for {facts.positive_class} (class activation "
+        f"map, relative). AI answer: {facts.label} (p({facts.positive_class}) = "
+        f"{facts.positive_probability:.3f}, {relation} the threshold {facts.threshold:.3f}). "
+        f"{facts.model_name} {facts.model_version}"
+    )
+
+
+def render_heatmap(
+    image_u8: np.ndarray,
+    facts: ResultFacts,
+    opacity: float = 0.45,
+    *,
+    input_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """RGB pixels: the image area (`heatmap_overlay`, untouched by text) with a band added below
+    it that holds the headline (`heatmap_headline`), the colour legend and the disclaimer."""
+    overlay = heatmap_overlay(image_u8, facts, opacity, input_size)
+    rows, columns = image_u8.shape
+    unit = max(12, min(48, columns // 64))
     font = _font(unit)
     margin = unit
-    # legend: a vertical bar at the right edge, "1" (most evidence) at the top
-    bar_w, bar_h = unit, max(4 * unit, rows // 3)
-    x0, y0 = columns - margin - bar_w - 3 * unit, margin
-    ramp = _colour(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(bar_w, axis=1)
-    canvas.paste(Image.fromarray(ramp.astype(np.uint8), mode="RGB"), (x0, y0))
-    draw.rectangle((x0 - 1, y0 - 1, x0 + bar_w, y0 + bar_h), outline=(255, 255, 255))
+    line = unit + unit // 3
+    width = max(unit * 10, columns - 2 * margin)
+    headline = _wrap(heatmap_headline(facts), font, width)
+    disclaimer = _wrap(facts.disclaimer, font, width)
+    legend_top = margin + len(headline) * line + unit // 2
+    disclaimer_top = legend_top + line + unit // 2
+    band = disclaimer_top + len(disclaimer) * line + margin
+    canvas = Image.new("RGB", (columns, rows + band), (0, 0, 0))
+    canvas.paste(Image.fromarray(overlay, mode="RGB"), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    top = rows
+    for i, text in enumerate(headline):
+        draw.text((margin, top + margin + i * line), text, fill=(255, 255, 255), font=font)
+    # legend: a horizontal bar, "low" (least evidence) at the left, "high" at the right
+    low_w = int(font.getlength("low ")) + 1
+    bar_w = max(unit * 4, min(columns // 3, width - 2 * low_w - unit * 4))
+    x0, y0 = margin + low_w, top + legend_top
+    ramp = _colour(np.linspace(0.0, 1.0, bar_w))[None, :, :].repeat(unit, axis=0)
+    canvas.paste(Image.fromarray(np.rint(ramp).astype(np.uint8), mode="RGB"), (x0, y0))
+    draw.text((margin, y0), "low", fill=(255, 255, 255), font=font)
     draw.text((x0 + bar_w + unit // 3, y0), "high", fill=(255, 255, 255), font=font)
-    draw.text((x0 + bar_w + unit // 3, y0 + bar_h - unit), "low", fill=(255, 255, 255), font=font)
-    # result line at the top left, disclaimer at the bottom over a dark band
-    verdict = "present" if facts.positive else "absent"
-    headline = (
-        f"AI: {facts.positive_class} {verdict} (p={facts.positive_probability:.3f}, "
-        f"threshold {facts.threshold:.3f}) {facts.model_name} {facts.model_version}"
-    )
-    text_width = max(unit * 10, x0 - 2 * margin)
-    for i, line in enumerate(_wrap(headline, font, text_width)):
-        draw.text((margin, margin + i * (unit + 4)), line, fill=(255, 255, 255), font=font)
-    lines = _wrap(facts.disclaimer, font, columns - 2 * margin)
-    band = len(lines) * (unit + 4) + margin
-    draw.rectangle((0, rows - band, columns, rows), fill=(0, 0, 0))
-    for i, line in enumerate(lines):
-        top = rows - band + margin // 2 + i * (unit + 4)
-        draw.text((margin, top), line, fill=(255, 255, 255), font=font)
+    for i, text in enumerate(disclaimer):
+        draw.text((margin, top + disclaimer_top + i * line), text, fill=(255, 255, 255), font=font)
     return np.asarray(canvas)
 
 
@@ -768,11 +832,16 @@ def build_heatmap_sc(
     image_u8: np.ndarray,
     *,
     series_number: int = SC_SERIES_NUMBER,
+    input_size: tuple[int, int] | None = None,
 ) -> Dataset:
-    """A Secondary Capture of the heat map burned in over `image_u8` (the image as the model saw
-    it, at any size), with its legend and the disclaimer; BurnedInAnnotation YES."""
+    """A Secondary Capture of the heat map burned in over `image_u8`, with the headline, legend and
+    disclaimer in a band below the image; BurnedInAnnotation YES.
+
+    `image_u8` is the source rendered by the service's display pipeline (`heatmap_base`) and
+    `input_size` the model input's (width, height); without `input_size`, `image_u8` is the model
+    input itself (the picture the answer's explanation carries)."""
     source_uid = str(source.SOPInstanceUID)
-    pixels = render_heatmap(image_u8, facts)
+    pixels = render_heatmap(image_u8, facts, input_size=input_size)
     orientation = source.get("PatientOrientation")
     evidence = _evidence_view(source)
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -805,7 +874,10 @@ def build_heatmap_sc(
     sc.ImageComments = facts.disclaimer[:10240]
     # dciodvfy's Type 2C rule on the General Series Laterality needs Body Part Examined present.
     sc.BodyPartExamined = source.get("BodyPartExamined", "CHEST")
-    sc.DerivationDescription = "Class activation map of the AI result, burned in"
+    sc.DerivationDescription = (
+        f"Class activation map of {facts.positive_class} over the source image, burned in; "
+        f"the text in a band below the image; AI answer {facts.label}"
+    )[:1024]
     sc.SourceImageSequence = [_reference(source)]
     _stamp(sc, ObjectTime.of_source(source))
     return _explicit_le(sc)
@@ -832,18 +904,27 @@ _KIND_OF_CLASS: dict[str, ObjectKind] = {
 }
 
 
+def wants_heatmap(facts: ResultFacts, heatmap_answers: HeatmapAnswers) -> bool:
+    """Whether an answer gets a heat map: it has the positive class's map, and it is positive
+    or the setting asks for every answer."""
+    return facts.cam_grid is not None and (heatmap_answers == "all" or facts.positive)
+
+
 def render_objects(
     source: Dataset,
     facts: ResultFacts,
     image_u8: np.ndarray | None = None,
     *,
     sr_class: SrClass = "comprehensive-3d",
+    input_size: tuple[int, int] | None = None,
+    heatmap_answers: HeatmapAnswers = "all",
 ) -> list[ResultObject]:
     """The encoded objects of one answer, ready for `Outbox.enqueue`: the SR always, the heat-map
-    SC when the answer has a CAM grid and the grey image it was computed on is given."""
+    SC when the answer has a CAM grid of the positive class and the grey image is given
+    (`build_heatmap_sc`), for every answer or (`heatmap_answers="positive"`) positive ones only."""
     objects = [build_sr(source, facts, sr_class=sr_class)]
-    if facts.cam_grid is not None and image_u8 is not None:
-        objects.append(build_heatmap_sc(source, facts, image_u8))
+    if wants_heatmap(facts, heatmap_answers) and image_u8 is not None:
+        objects.append(build_heatmap_sc(source, facts, image_u8, input_size=input_size))
     return [
         ResultObject(
             kind=_KIND_OF_CLASS[str(ds.SOPClassUID)],

@@ -25,7 +25,6 @@ Nothing here logs a header value: log lines carry outcome codes and counts only.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import io
@@ -39,16 +38,15 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from PIL import Image
 from pydicom.dataset import Dataset
 
 from app.contract import ModelMetadata
 from app.errors import Overloaded, ServiceError
-from app.imaging.dicom import intended_use_refusal
+from app.imaging.dicom import DicomPolicy, intended_use_refusal, open_dicom
 from app.pacs.delivery import DeliveryWorker, Destination, DimseDestination, StowRsDestination
 from app.pacs.fhir import FhirDestination, FhirProfile, render_bundle
 from app.pacs.hl7 import Hl7Profile, MllpDestination, render_oru
-from app.pacs.objects import ResultFacts, render_objects
+from app.pacs.objects import ResultFacts, heatmap_base, render_objects, wants_heatmap
 from app.pacs.outbox import Outbox, ResultObject, StoredResult
 from app.pacs.ris import FHIR_KIND, HL7_KIND, OrderFacts
 from app.pacs.scp import StorageListener
@@ -331,7 +329,9 @@ class ResultsPipeline:
         while True:
             try:
                 with self.step.admit(1, len(data)):
-                    prediction = await self.step.predict(data, explain=self.explains, timer=None)
+                    prediction = await self.step.predict(
+                        data, explain=self.explains, explain_class=self.explain_class, timer=None
+                    )
                 break
             except Overloaded as exc:
                 # HTTP clients come first; the spool waits (it is on disk, and bounded).
@@ -363,6 +363,13 @@ class ResultsPipeline:
         heat-map Secondary Capture is configured and the model has one)."""
         return self.settings.results_heatmap and self.step.classifier.explains
 
+    @property
+    def explain_class(self) -> str | None:
+        """The class whose map the heat map shows: the positive class, for every answer (a
+        NORMAL answer's heat map shows where the evidence for the finding was, not a map of
+        NORMAL). None when no heat map is made."""
+        return self.metadata.decision.positive_class if self.explains else None
+
     # -- results -----------------------------------------------------------------------------------
 
     async def record(
@@ -388,8 +395,18 @@ class ResultsPipeline:
             ResultFacts.from_answer(answer, self.metadata.decision.positive_class),
             pixel_digest=digest,
         )
-        image = _explained_image(prediction)
-        objects = render_objects(source, facts, image)
+        answers = self.settings.results_heatmap_answers
+        image = (
+            heatmap_picture(
+                data, self.metadata, self.settings.max_image_pixels, self.settings.min_image_side
+            )
+            if self.settings.results_heatmap and wants_heatmap(facts, answers)
+            else None
+        )
+        spec = self.metadata.preprocessing
+        objects = render_objects(
+            source, facts, image, input_size=(spec.width, spec.height), heatmap_answers=answers
+        )
         key = result_key(sop_uid, self.metadata.sha256, facts.site_profile_sha256, digest)
         warnings = [str(w) for w in answer.get("warnings") or []]
         messages = render_messages(
@@ -426,10 +443,19 @@ class ResultsPipeline:
         return found[0].payload if found else None
 
 
-def _explained_image(prediction: Prediction) -> np.ndarray | None:
-    """The 8-bit grey model input the answer's CAM was computed on, when it has one."""
-    if prediction.explanation is None:
-        return None
-    png = base64.b64decode(prediction.explanation.images.image_png)
-    with Image.open(io.BytesIO(png)) as image:
-        return np.asarray(image.convert("L"))
+def heatmap_picture(
+    data: bytes, metadata: ModelMetadata, max_pixels: int, min_side: int
+) -> np.ndarray:
+    """The picture a heat map is drawn on: the DICOM source as the model's display pipeline
+    renders it (Modality LUT, VOI LUT or window, MONOCHROME1 inversion: `app.imaging.dicom`, the
+    rendering the model input is made from), at full resolution (no JPEG 2000 reduction), sized by
+    `heatmap_base`."""
+    policy = DicomPolicy(
+        rendering=metadata.preprocessing.dicom,
+        intended_use=metadata.intended_use,
+        max_inflated_bytes=max_pixels * 2 + 16 * 1024 * 1024,
+    )
+    opened = open_dicom(data, max_pixels, min_side, policy)
+    with opened.render(policy).image as rendered:
+        grey = np.asarray(rendered.convert("L"))
+    return heatmap_base(grey)

@@ -286,7 +286,9 @@ def test_heatmap_sc_burns_the_map_legend_and_disclaimer(source: Dataset, tmp_pat
     for keyword in PATIENT_STUDY:
         assert sc.get(keyword, "") == source.get(keyword, ""), keyword
     pixels = sc.pixel_array
-    assert pixels.shape == (*image.shape, 3)
+    # the image at its own size, the text in a band added below it
+    assert pixels.shape[1:] == (image.shape[1], 3) and pixels.shape[0] > image.shape[0]
+    assert (sc.Rows, sc.Columns) == pixels.shape[:2]
     # the hottest CAM cell (row 1, column 2 of 4x4) is red-dominant, the coldest blue-dominant
     hot = pixels[int(1.5 * 224 / 4), int(2.5 * 224 / 4)].astype(int)
     cold = pixels[int(3.5 * 224 / 4) - 40, int(0.5 * 224 / 4)].astype(int)
@@ -303,9 +305,10 @@ def test_heatmap_text_is_really_burned_in() -> None:
     bottom = slice(-40, None)
     # different disclaimer text changes the bottom band's pixels
     assert not np.array_equal(with_text[bottom], blank[bottom])
-    # and the legend bar at the right edge holds the whole colour ramp, red at the top
-    legend = with_text[20:80, :, :]
-    assert (legend[..., 0].astype(int) - legend[..., 2]).max() > 150
+    # and the legend bar in the band below the image holds the whole colour ramp
+    legend = with_text[224:, :, :].astype(int)
+    assert (legend[..., 0] - legend[..., 2]).max() > 150
+    assert (legend[..., 2] - legend[..., 0]).max() > 150
 
 
 @pytest.mark.parametrize("kind", ["sr", "sr-enhanced", "sc", "sr-site-profile"])
