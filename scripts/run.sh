@@ -8,6 +8,10 @@
 #                once the container is healthy and leaves it running (stop: docker compose down);
 #   without      otherwise: scripts/serve.sh sets up .venv (serving dependencies only) and runs
 #                the service in the foreground (Ctrl-C stops it).
+# Both also start the DICOM C-STORE listener (CXR_AI) on 127.0.0.1:11112. Without Docker,
+# CXR_DICOM_PORT moves it (empty: none), and a port that is taken leaves the HTTP API serving
+# with /health/ready and /model saying why (`dicom_listener_down`); with Docker,
+# CXR_DICOM_HOST_PORT moves it, and a taken 11112 moves it to the next free port, loudly.
 #
 # Usage:  scripts/run.sh [--docker | --venv]
 #   --docker  use Docker or fail, saying what is missing and how to install it
@@ -21,7 +25,7 @@ for arg in "$@"; do
     case "$arg" in
         --docker) MODE=docker ;;
         --venv) MODE=venv ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -51,6 +55,20 @@ say "running with Docker: $(docker compose version 2>/dev/null | head -n1), engi
 ensure_base_image
 export_build_index_url
 port="${CXR_PORT:-8000}"
+# The C-STORE listener's host port: compose publishes it, and Docker refuses to start the
+# container when another process holds it. Not asked for (CXR_DICOM_HOST_PORT unset) and 11112
+# taken: publish it on the next free port and say so; asked for and taken: stop and say so.
+port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+if [[ -n ${CXR_DICOM_HOST_PORT:-} ]]; then
+    port_taken "$CXR_DICOM_HOST_PORT" \
+        && die "port $CXR_DICOM_HOST_PORT (CXR_DICOM_HOST_PORT) is taken; choose another for the C-STORE listener"
+elif port_taken 11112; then
+    for candidate in $(seq 11113 11199); do
+        port_taken "$candidate" || { export CXR_DICOM_HOST_PORT=$candidate; break; }
+    done
+    [[ -n ${CXR_DICOM_HOST_PORT:-} ]] || die "ports 11112-11199 are all taken; set CXR_DICOM_HOST_PORT"
+    say "WARNING: port 11112 is taken by another process; the C-STORE listener is published on $CXR_DICOM_HOST_PORT instead (CXR_DICOM_HOST_PORT=... chooses)"
+fi
 say "docker compose up --build --wait (first build: a minute or two)"
 docker compose up --build --wait --wait-timeout 300 api \
     || die "the service did not become healthy; see: docker compose logs api"
