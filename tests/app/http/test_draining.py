@@ -22,10 +22,12 @@ from tests.support.testkit import UvicornProcess, encode, process_settings
 # the service's one Retry-After (CXR_RETRY_AFTER_S), unset in these processes
 RETRY_AFTER_SECONDS = Settings.model_fields["retry_after_s"].default
 
-# Each inference squares a 2240x2240 matrix (about 0.3 s on one core) and only one runs at a time,
-# so CONCURRENT requests queue for several seconds: longer than the drain window below.
-BUSY_WORK = 10
-CONCURRENT = 16
+# Each inference squares a 3136x3136 matrix (about 0.27 s on one core of a fast spell of this
+# machine, 0.8 s in a slow one) and only one runs at a time, so CONCURRENT requests queue for 6 s or
+# more: far longer than the drain window below. (2240x2240 and 16 requests queued for only 1.6 s on
+# a fast core, shorter than the window, and the test failed for want of a queue.)
+BUSY_WORK = 14
+CONCURRENT = 24
 DRAIN_SECONDS = 2.0
 
 

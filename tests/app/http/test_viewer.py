@@ -4,6 +4,7 @@ A screenshot of each rendered answer is written next to the server log and its p
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def test_a_test_x_ray_is_answered_with_its_heat_map(browser, service, tmp_path: 
     assert page.url.endswith("/viewer")
     # A locator wait, not wait_for_function: a string predicate is evaluated with eval(), which
     # the page's CSP (rightly) refuses whenever the first check is not already true.
-    page.locator("#model", has_text="1.").wait_for(timeout=20_000)
+    version = json.loads(SHIPPED_METADATA.read_text())["version"]
+    page.locator("#model", has_text=version).wait_for(timeout=20_000)
     assert "pneumonia_cxr" in page.inner_text("#model")
     _choose_and_wait(page, source)
 

@@ -38,7 +38,7 @@ from tests.app.pacs.pacs_servers import Orthanc
 from tests.support.offline_browser import open_offline
 
 ERROR_BOUNDARY = "Something went wrong"
-RENDER_TIMEOUT_MS = 30_000
+RENDER_TIMEOUT_MS = 60_000  # OHIF starts slowly on a loaded 2-core machine (30 s ran out once)
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,9 @@ def test_every_result_object_opens_in_ohif(browser: Any, viewer: str, studies: l
             for text in series.expected_text:
                 page.get_by_text(text).first.wait_for(timeout=RENDER_TIMEOUT_MS)
             if not is_sr:
-                page.locator(".cornerstone-canvas, canvas").first.wait_for(timeout=10_000)
+                page.locator(".cornerstone-canvas, canvas").first.wait_for(
+                    timeout=RENDER_TIMEOUT_MS
+                )
                 page.wait_for_timeout(1_500)  # the frame's pixels, for the screenshot
             body = page.inner_text("body")
             assert ERROR_BOUNDARY not in body, (series.name, offline.page_errors, console_errors)
