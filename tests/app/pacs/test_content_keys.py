@@ -10,9 +10,7 @@ with exactly what is stored and delivered for its image.
 from __future__ import annotations
 
 import io
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +24,16 @@ from pydicom.sr.codedict import codes
 from app.main import create_app
 from app.pacs.uids import pixel_data_digest, result_instance_uid
 from app.testing import dicom_files as factory
+from tests.app.pacs import test_pacs_duplicates
 from tests.app.pacs.intake_tools import instance, unique_uid, wait_until
-from tests.app.pacs.test_pacs_duplicates import Archive, ArchiveServer
+from tests.app.pacs.test_pacs_duplicates import ArchiveServer
 from tests.support.testkit import make_settings
+
+# the loopback STOW-RS/WADO-RS archive fixture, shared with the duplicate-delivery tests
+archive = test_pacs_duplicates.archive
 
 GENUINE_UID = unique_uid(26, 3, 1)
 BOUNDARY = "content-keys-boundary"
-
-
-@pytest.fixture
-def archive() -> Iterator[ArchiveServer]:
-    server = ArchiveServer(Archive())
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        thread.join(5)
 
 
 def _image(level: float, uid: str = GENUINE_UID) -> bytes:
