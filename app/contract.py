@@ -225,6 +225,13 @@ class Preprocessing(_Strict):
     3. Resize to `height` x `width` with `resize_filter`, ignoring aspect ratio (`resize_mode:
        "stretch"`), as the training images were produced.
     4. float32 value = uint8 value * `scale` + `offset`; shape (1, height, width, channels).
+    5. With `equalization: "histogram"`, the model's input is the step-3 image equalised per image
+       and per channel before step 4's scaling: a grey level v becomes
+       float32(255 * (c(v) - c_min)) / float32(P - c_min), where c(v) counts the image's pixels at
+       or below v, c_min counts those at its darkest level and P = height * width (a constant
+       image becomes 0). Every strictly increasing tone curve (gamma, a window, a VOI LUT without
+       clipping) applied before step 3 leaves this input unchanged up to 8-bit rounding. Step 4's
+       value (before equalisation) stays what drift statistics and overlays describe.
     """
 
     color_mode: Literal["grayscale", "rgb"] = "grayscale"
@@ -237,6 +244,11 @@ class Preprocessing(_Strict):
     scale: float = 1.0 / 255.0
     offset: float = 0.0
     high_bit_depth: Literal["minmax"] = "minmax"
+    # "none": metadata written before step 5 existed, and models trained without it.
+    # Left out of dumps when "none", so that earlier metadata and cache keys stay byte for byte.
+    equalization: Literal["none", "histogram"] = Field(
+        default="none", exclude_if=lambda value: value == "none"
+    )
     dicom: DicomRendering
     # None: every JPEG is decoded at full size (metadata written before this rule existed).
     jpeg_dct_scaling: JpegDctScaling | None = None

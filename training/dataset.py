@@ -64,7 +64,11 @@ def load_images(
 ) -> np.ndarray:
     """Decode `records` to one uint8 array (N, H, W, C), cached on disk by content of the list."""
     key = hashlib.sha256(
-        ("\n".join(f"{r.path}|{r.sha256}" for r in records) + spec.model_dump_json()).encode()
+        # the cached images are step 3's: equalisation (step 5) happens on the way to the model
+        (
+            "\n".join(f"{r.path}|{r.sha256}" for r in records)
+            + spec.model_dump_json(exclude={"equalization"})
+        ).encode()
     ).hexdigest()[:16]
     cache = Path(cache_dir) / f"images-{key}.npy" if cache_dir else None
     if cache is not None and cache.is_file():

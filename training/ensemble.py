@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from app.contract import Preprocessing
 from training import train
 from training.data import read_split
 from training.metrics import evaluate_scores, format_summary
@@ -65,6 +66,8 @@ def average_logits(models: list[Any]) -> Any:
 def combined_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """The members' records side by side; sums where a sum means something (time, epochs)."""
     first = summaries[0]
+    if any(s["preprocessing"] != first["preprocessing"] for s in summaries):
+        raise ValueError("the members were trained under different preprocessing contracts")
     return {
         "architecture": f"ensemble of {len(summaries)} x {first['architecture']}",
         "preprocessing": first["preprocessing"],
@@ -99,7 +102,8 @@ def build(runs: list[Path], out: Path, cache_dir: Path | None, target_sensitivit
 
     seed = summaries[0]["seed"]  # for the bootstrap intervals, as in a single run
     splits = read_split(out / "split.csv")
-    val = train.Slice.load(splits["val"], cache_dir)
+    spec = Preprocessing.model_validate(summaries[0]["preprocessing"])
+    val = train.Slice.load(splits["val"], cache_dir, spec)
     point = train.choose_operating_point(model, val, target_sensitivity)
     summary = combined_summary(summaries)
     summary["parameters"] = int(model.count_params())
@@ -114,7 +118,7 @@ def build(runs: list[Path], out: Path, cache_dir: Path | None, target_sensitivit
         val.labels, point.val_calibrated, point.threshold, val.groups, seed=seed
     )
     if "holdout" in splits:
-        holdout = train.Slice.load(splits["holdout"], cache_dir)
+        holdout = train.Slice.load(splits["holdout"], cache_dir, spec)
         summary["holdout_metrics"] = train.score_holdout(model, holdout, point, seed=seed)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -177,12 +177,50 @@ def load_image(path: Path, spec: Preprocessing = DEFAULT_PREPROCESSING) -> np.nd
 PIXEL_MAX = 255.0  # the largest 8-bit grey value: what augmentation works in before `scale`
 
 
+def equalize(levels: np.ndarray) -> np.ndarray:
+    """Contract step 5 on uint8 images (N, H, W, C) or one image (H, W, C): each image and
+    channel's grey levels through its own cumulative histogram, float32 in [0, 255]."""
+    if levels.ndim == 3:
+        return equalize(levels[np.newaxis])[0]
+    n, h, w, c = levels.shape
+    flat = levels.transpose(0, 3, 1, 2).reshape(n * c, h * w)
+    out = np.empty(flat.shape, dtype=np.float32)
+    for i, row in enumerate(flat):
+        counts = np.cumsum(np.bincount(row, minlength=256))
+        lowest = counts[row.min()]
+        out[i] = np.float32(255) * (counts[row] - lowest).astype(np.float32)
+        out[i] /= np.float32(max(h * w - lowest, 1))
+    return out.reshape(n, c, h, w).transpose(0, 2, 3, 1)
+
+
+def equalize_tf(pixels: Any) -> Any:
+    """`equalize` in TF ops for float pixel batches in [0, PIXEL_MAX] (the augmented tf.data
+    batches), first rounded to 8-bit levels as an upload would be."""
+    import tensorflow as tf
+
+    shape = tf.shape(pixels)
+    n, h, w, c = shape[0], shape[1], shape[2], shape[3]
+    levels = tf.cast(tf.round(tf.clip_by_value(pixels, 0.0, PIXEL_MAX)), tf.int32)
+    flat = tf.reshape(tf.transpose(levels, [0, 3, 1, 2]), [n * c, h * w])
+    counts = tf.cumsum(tf.math.bincount(flat, minlength=256, maxlength=256, axis=-1), axis=1)
+    at_level = tf.gather(counts, flat, batch_dims=1)
+    lowest = tf.gather(counts, tf.reduce_min(flat, axis=1), batch_dims=1)[:, tf.newaxis]
+    numerator = tf.cast(at_level - lowest, tf.float32) * 255.0
+    denominator = tf.cast(tf.maximum(h * w - lowest, 1), tf.float32)
+    out = tf.reshape(numerator / denominator, [n, c, h, w])
+    return tf.transpose(out, [0, 2, 3, 1])
+
+
 def scale(pixels: Any, spec: Preprocessing = DEFAULT_PREPROCESSING) -> Any:
-    """Contract step 4, the one place training maps pixel values to model input values.
+    """Contract steps 4 and 5, the one place training maps pixel values to model input values.
 
     Takes uint8 NumPy arrays, or float32 TF tensors of pixel values in [0, PIXEL_MAX] (the
     augmented tf.data batches); returns float32 of the same kind.
     """
     if isinstance(pixels, np.ndarray):
+        if spec.equalization == "histogram":
+            pixels = equalize(pixels.astype(np.uint8, copy=False))
         pixels = pixels.astype(np.float32)
+    elif spec.equalization == "histogram":
+        pixels = equalize_tf(pixels)
     return pixels * np.float32(spec.scale) + np.float32(spec.offset)

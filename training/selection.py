@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from app.contract import Preprocessing
 from training import shift
 from training.data import CLASSES, Record, read_split
 from training.dataset import load_images
@@ -105,7 +106,10 @@ def read_halves(path: Path = HALVES_FILE) -> dict[str, str]:
 
 PROTOCOL_FILE = Path("docs/SELECTION_PROTOCOL.md")
 LEDGER_FILE = Path("models/selection_ledger.jsonl")
-INCUMBENT = Path("models/pneumonia_cxr.json")
+# The protocol's baseline of every round (the rule on A, the gates, the veto) ...
+INCUMBENT = Path("models/1.0.0/pneumonia_cxr.json")
+# ... and the model shipped now, which from round 2 a winner must also match (the amendment).
+SHIPPED = Path("models/pneumonia_cxr.json")
 TARGET_SENSITIVITY = 0.95
 MAX_CANDIDATES_PER_ROUND = 3
 BOOTSTRAP = 2000
@@ -207,13 +211,13 @@ def fit_operating_point(
 
 
 def keras_shift_logits(
-    model: Any, images: np.ndarray, cache_dir: Path | None
+    model: Any, images: np.ndarray, spec: Preprocessing, cache_dir: Path | None
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     from training.train import keras_logits
 
-    clean = keras_logits(model, images)
+    clean = keras_logits(model, images, spec)
     rendered = shift.render_all(images, cache_dir)
-    return clean, {name: keras_logits(model, x) for name, x in rendered.items()}
+    return clean, {name: keras_logits(model, x, spec) for name, x in rendered.items()}
 
 
 def calibrate_run(run: Path, cache_dir: Path | None) -> dict[str, Any]:
@@ -225,9 +229,10 @@ def calibrate_run(run: Path, cache_dir: Path | None) -> dict[str, Any]:
     from training.train import Slice
 
     summary = json.loads((run / "summary.json").read_text())
-    val = Slice.load(read_split(run / "split.csv")["val"], cache_dir)
+    spec = Preprocessing.model_validate(summary["preprocessing"])
+    val = Slice.load(read_split(run / "split.csv")["val"], cache_dir, spec)
     model = keras.models.load_model(run / "best.keras", compile=False)
-    clean_logits, shifted_logits = keras_shift_logits(model, val.images, cache_dir)
+    clean_logits, shifted_logits = keras_shift_logits(model, val.images, spec, cache_dir)
     point = fit_operating_point(val.labels, clean_logits, shifted_logits)
     calibrated = point["calibrated"]
     clean = calibrated(clean_logits)
@@ -419,8 +424,12 @@ def check_scorable_on_b(ledger: list[dict[str, Any]], sha: str, incumbent: str) 
         raise ProtocolError("only the winner of a decision on A (or 1.0.0) is scored on B")
 
 
-def decide(scorings: dict[str, dict[str, Any]], incumbent: str) -> dict[str, Any]:
-    """The protocol's rule on A. `scorings`: model sha256 -> its A figures (incumbent included)."""
+def decide(
+    scorings: dict[str, dict[str, Any]], incumbent: str, shipped: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The protocol's rule on A. `scorings`: model sha256 -> its A figures (incumbent included);
+    `shipped`: the A figures of the model shipped now, when that is not the incumbent (round 2
+    and later: a winner must also reach its specificity and not exceed its ECE)."""
     base = scorings[incumbent]
 
     def v(m: dict[str, Any], key: str) -> float:
@@ -437,6 +446,11 @@ def decide(scorings: dict[str, dict[str, Any]], incumbent: str) -> dict[str, Any
             "roc_auc_within_0.01": v(m, "roc_auc") >= v(base, "roc_auc") - 0.01,
             "ece_not_worse": v(m, "ece") <= v(base, "ece"),
         }
+        if shipped is not None:
+            checks[sha]["specificity_not_below_shipped"] = v(m, "specificity") >= v(
+                shipped, "specificity"
+            )
+            checks[sha]["ece_not_above_shipped"] = v(m, "ece") <= v(shipped, "ece")
     qualified = [sha for sha, c in checks.items() if all(c.values())]
     qualified.sort(
         key=lambda s: (
@@ -448,9 +462,12 @@ def decide(scorings: dict[str, dict[str, Any]], incumbent: str) -> dict[str, Any
     return {"winner_sha256": qualified[0] if qualified else None, "checks": checks}
 
 
-def veto(winner: dict[str, Any], incumbent: dict[str, Any]) -> dict[str, bool]:
-    """The protocol's safety veto on B: any True vetoes."""
-    return {
+def veto(
+    winner: dict[str, Any], incumbent: dict[str, Any], shipped: dict[str, Any] | None = None
+) -> dict[str, bool]:
+    """The protocol's safety veto on B: any True vetoes. `shipped`: the B figures of the model
+    shipped now, when that is not the incumbent (its ledger line; never re-scored)."""
+    vetoes = {
         "sensitivity_below_0.93": winner["recall"]["value"] < 0.93,
         "sensitivity_upper_ci_below_0.95": winner["recall"]["ci95"][1] < 0.95,
         "roc_auc_below_incumbent_minus_0.02": winner["roc_auc"]["value"]
@@ -458,6 +475,24 @@ def veto(winner: dict[str, Any], incumbent: dict[str, Any]) -> dict[str, bool]:
         "specificity_below_incumbent": winner["specificity"]["value"]
         < incumbent["specificity"]["value"],
     }
+    if shipped is not None:
+        vetoes["specificity_below_shipped"] = (
+            winner["specificity"]["value"] < shipped["specificity"]["value"]
+        )
+    return vetoes
+
+
+def shipped_figures(
+    ledger: list[dict[str, Any]], shipped_sha: str, incumbent_sha: str, event: str
+) -> dict[str, Any] | None:
+    """The shipped model's figures on a half from its own ledger line (`score_a`, `score_b`), or
+    None while the shipped model is the incumbent itself."""
+    if shipped_sha == incumbent_sha:
+        return None
+    lines = [e for e in ledger if e["event"] == event and e["model_sha256"] == shipped_sha]
+    if not lines:
+        raise ProtocolError(f"the shipped model has no {event} line in the ledger")
+    return dict(lines[-1]["figures"])
 
 
 def score_half(
@@ -596,11 +631,13 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--model", type=Path, required=True)
     a.add_argument("--data-dir", type=Path, required=True)
     a.add_argument("--incumbent", type=Path, default=INCUMBENT)
-    sub.add_parser("decide", help="apply the decision rule to this round's A scorings")
+    dd = sub.add_parser("decide", help="apply the decision rule to this round's A scorings")
+    dd.add_argument("--shipped", type=Path, default=SHIPPED)
     b = sub.add_parser("score-b", help="the one scoring on half B (winner and 1.0.0)")
     b.add_argument("--model", type=Path, required=True)
     b.add_argument("--data-dir", type=Path, required=True)
     b.add_argument("--incumbent", type=Path, default=INCUMBENT)
+    b.add_argument("--shipped", type=Path, default=SHIPPED)
     st = sub.add_parser("stability", help="answers under tone curves of the uploads (no labels)")
     st.add_argument("--model", type=Path, nargs="+", required=True)
     st.add_argument("--data-dir", type=Path, required=True)
@@ -724,7 +761,10 @@ def _run(args: argparse.Namespace) -> int:
         incumbents = [sha for sha in scorings if sha not in declared]
         if len(incumbents) != 1:
             raise ProtocolError("score 1.0.0 on A in this round before deciding")
-        result = decide(scorings, incumbents[0])
+        shipped = shipped_figures(
+            ledger, model_identity(args.shipped)["model_sha256"], incumbents[0], "score_a"
+        )
+        result = decide(scorings, incumbents[0], shipped)
         names = {e["model_sha256"]: e["name"] for e in ledger if "name" in e}
         append(
             {
@@ -752,7 +792,13 @@ def _run(args: argparse.Namespace) -> int:
         b = {e["model_sha256"]: e["figures"] for e in read_ledger() if e["event"] == "score_b"}
         winners = [e["winner_sha256"] for e in ledger if e["event"] == "decision"]
         if winners and winners[-1] in b and incumbent_sha in b:
-            vetoes = veto(b[winners[-1]], b[incumbent_sha])
+            shipped_sha = model_identity(args.shipped)["model_sha256"]
+            shipped_b = (
+                None
+                if shipped_sha == winners[-1]
+                else shipped_figures(ledger, shipped_sha, incumbent_sha, "score_b")
+            )
+            vetoes = veto(b[winners[-1]], b[incumbent_sha], shipped_b)
             append({"event": "veto_check", "winner_sha256": winners[-1], "veto": vetoes})
             print(
                 f"[score-b] veto conditions {vetoes}: "

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from app.contract import Preprocessing
 from training.data import (
     CLASSES,
     Record,
@@ -155,6 +156,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--horizontal-flip", action="store_true", help="off by default, see Augmentation"
     )
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument(
+        "--equalize",
+        choices=["none", "histogram"],
+        default="none",
+        help="contract step 5: per-image histogram equalisation of the model input (app.contract)",
+    )
     p.add_argument("--cache-dir", type=Path, default=Path("runs/.cache"))
     args = p.parse_args(argv)
     if bool(args.data_dir) == bool(args.rsna_labels):
@@ -189,11 +196,18 @@ class Slice:
     records: list[Record]
     images: np.ndarray
     labels: np.ndarray
+    spec: Preprocessing = DEFAULT_PREPROCESSING  # the contract the images go to the model by
 
     @classmethod
-    def load(cls, records: list[Record], cache_dir: Path | None) -> Slice:
-        images = load_images(records, DEFAULT_PREPROCESSING, cache_dir)
-        return cls(records, images, np.array([r.label for r in records], dtype=int))
+    def load(
+        cls, records: list[Record], cache_dir: Path | None, spec: Preprocessing | None = None
+    ) -> Slice:
+        spec = spec or DEFAULT_PREPROCESSING
+        images = load_images(records, spec, cache_dir)
+        return cls(records, images, np.array([r.label for r in records], dtype=int), spec)
+
+    def logits(self, model: Any, batch_size: int = 64) -> np.ndarray:
+        return keras_logits(model, self.images, self.spec, batch_size)
 
     @property
     def groups(self) -> list[str]:
@@ -232,11 +246,12 @@ def prepare_data(args: argparse.Namespace, out: Path) -> PreparedData:
         flush=True,
     )
     holdout = splits.get("holdout")
+    spec = DEFAULT_PREPROCESSING.model_copy(update={"equalization": args.equalize})
     return PreparedData(
         all_records=records,
-        train=Slice.load(train_recs, args.cache_dir),
-        val=Slice.load(val_recs, args.cache_dir),
-        holdout=Slice.load(holdout, args.cache_dir) if holdout else None,
+        train=Slice.load(train_recs, args.cache_dir, spec),
+        val=Slice.load(val_recs, args.cache_dir, spec),
+        holdout=Slice.load(holdout, args.cache_dir, spec) if holdout else None,
         split_sha256=split_sha,
     )
 
@@ -267,9 +282,11 @@ def augmentation_from_args(args: argparse.Namespace) -> Augmentation | None:
     )
 
 
-def keras_logits(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Keras logits for uint8 images, through the contract's scaling."""
-    return np.asarray(model.predict(scale(images), batch_size=batch_size, verbose=0))
+def keras_logits(
+    model: Any, images: np.ndarray, spec: Preprocessing, batch_size: int = 64
+) -> np.ndarray:
+    """Keras logits for uint8 images, through the contract's scaling (and equalisation)."""
+    return np.asarray(model.predict(scale(images, spec), batch_size=batch_size, verbose=0))
 
 
 def validation_callback(val: Slice, batch_size: int) -> Any:
@@ -279,7 +296,7 @@ def validation_callback(val: Slice, batch_size: int) -> Any:
 
     class ValidationMetrics(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            logits = keras_logits(self.model, val.images, batch_size * 2)
+            logits = val.logits(self.model, batch_size * 2)
             probs = softmax(logits)[:, 1]
             logs = logs if logs is not None else {}
             logs["val_loss"] = negative_log_likelihood(logits, val.labels, 1.0)
@@ -332,7 +349,7 @@ def build_and_fit(
 
     from training.models import build_model, unfreeze_top
 
-    spec = DEFAULT_PREPROCESSING
+    spec = data.train.spec
     train_ds = make_dataset(
         data.train.images,
         data.train.labels,
@@ -418,7 +435,7 @@ def build_and_fit(
         # fit() ends by writing the last epoch's averages into the model, over what early stopping
         # restored: the best epoch's averaged weights are the checkpoint's
         model.load_weights(str(checkpoint))
-        recompute_batch_norm(model, data.train.images, args.batch_size)
+        recompute_batch_norm(model, data.train, args.batch_size)
     seconds = time.monotonic() - start
     model.save(checkpoint)  # restore_best_weights: the in-memory model is the best one
 
@@ -427,9 +444,7 @@ def build_and_fit(
     return FitResult(model, rows, epochs_run, _best_epoch(rows, monitor, mode), seconds)
 
 
-def recompute_batch_norm(
-    model: Any, images: np.ndarray, batch_size: int, batches: int = 60
-) -> None:
+def recompute_batch_norm(model: Any, train: Slice, batch_size: int, batches: int = 60) -> None:
     """BatchNorm moving statistics for the weights the model holds now (averaged ones, which the
     statistics gathered during training never saw): forward passes in training mode over clean
     training images. Nothing trainable changes; momentum 0.9 forgets the old statistics within
@@ -437,10 +452,10 @@ def recompute_batch_norm(
     import keras
 
     rng = np.random.default_rng(0)
-    order = rng.permutation(len(images))
-    count = max(1, min(batches, len(images) // batch_size))
+    order = rng.permutation(len(train.images))
+    count = max(1, min(batches, len(train.images) // batch_size))
     for i in range(count):
-        batch = scale(images[order[i * batch_size : (i + 1) * batch_size]])
+        batch = scale(train.images[order[i * batch_size : (i + 1) * batch_size]], train.spec)
         model(keras.ops.convert_to_tensor(batch), training=True)
     print(f"[train] BatchNorm statistics recomputed over {count} batches", flush=True)
 
@@ -467,7 +482,7 @@ class OperatingPoint:
 
 def choose_operating_point(model: Any, val: Slice, target_sensitivity: float) -> OperatingPoint:
     """Calibration and operating point: validation only."""
-    logits = keras_logits(model, val.images)
+    logits = val.logits(model)
     temperature = fit_temperature(logits, val.labels)
     raw = softmax(logits)[:, 1]
     calibrated = softmax(logits, temperature)[:, 1]
@@ -486,7 +501,7 @@ def score_holdout(
     model: Any, holdout: Slice, point: OperatingPoint, seed: int
 ) -> dict[str, object]:
     """The hold-out slice at the validation-fitted temperature and threshold."""
-    logits = keras_logits(model, holdout.images)
+    logits = holdout.logits(model)
     return evaluate_scores(
         holdout.labels, point.probabilities(logits), point.threshold, holdout.groups, seed=seed
     )
@@ -534,7 +549,7 @@ def write_summary(
     summary: dict[str, object] = {
         "architecture": args.arch,
         "parameters": int(fit.model.count_params()),
-        "preprocessing": DEFAULT_PREPROCESSING.model_dump(),
+        "preprocessing": data.train.spec.model_dump(),
         "augmentation": augmentation.as_dict() if augmentation else None,
         "class_weights": dict(zip(CLASSES, weights.round(4).tolist(), strict=True)),
         "epochs_run": fit.epochs_run,

@@ -192,3 +192,24 @@ def to_model_input(
         pixels = pixels[:, :, np.newaxis]
     scaled = pixels * np.float32(spec.scale) + np.float32(spec.offset)
     return scaled[np.newaxis, ...].astype(np.float32, copy=False)
+
+
+def equalized_model_input(tensor: np.ndarray, spec: Preprocessing) -> np.ndarray:
+    """The contract's step 5 for a batch of step-4 tensors (N, H, W, C) float32: what the graph
+    receives. Without `equalization` the tensor itself; with "histogram", each image's and
+    channel's grey levels (recovered exactly from `uint8 * scale + offset`) through its own
+    cumulative histogram, then step 4's scaling again."""
+    if spec.equalization == "none":
+        return tensor
+    levels = np.rint((tensor - np.float32(spec.offset)) / np.float32(spec.scale))
+    levels = np.clip(levels, 0, 255).astype(np.intp)
+    n, h, w, c = levels.shape
+    out = np.empty(levels.shape, dtype=np.float32)
+    for i in range(n):
+        for k in range(c):
+            grey = levels[i, :, :, k]
+            at_or_below = np.cumsum(np.bincount(grey.ravel(), minlength=256))
+            darkest = int(at_or_below[grey.min()])
+            numerator = (255 * (at_or_below[grey] - darkest)).astype(np.float32)
+            out[i, :, :, k] = numerator / np.float32(max(h * w - darkest, 1))
+    return out * np.float32(spec.scale) + np.float32(spec.offset)

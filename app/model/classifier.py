@@ -20,7 +20,12 @@ from app.errors import ModelLoadError
 from app.imaging.boundary import image_boundary
 from app.imaging.dicom import DicomFindings, DicomPolicy
 from app.imaging.formats import OpenedUpload, open_upload
-from app.imaging.preprocessing import j2k_reduction_level, jpeg_scale_denominator, to_model_input
+from app.imaging.preprocessing import (
+    equalized_model_input,
+    j2k_reduction_level,
+    jpeg_scale_denominator,
+    to_model_input,
+)
 from app.imaging.types import DecodeLimits
 from app.model.explain import ClassActivationMap, class_activation_map
 from app.model.site_profile import SiteProfile
@@ -131,9 +136,17 @@ class Classifier:
         if batch.ndim != 4 or batch.shape[1:] != self._input_shape:
             raise ValueError(f"batch shape {batch.shape} is not (N, {self._input_shape})")
         (outputs,) = self._session.run(
-            [self.metadata.output.name], {self.metadata.input.name: batch.astype(np.float32)}
+            [self.metadata.output.name], {self.metadata.input.name: self._graph_input(batch)}
         )
         return calibrated_probabilities(outputs, self.metadata)
+
+    def _graph_input(self, batch: np.ndarray) -> np.ndarray:
+        """Model input tensors (contract step 4) -> what the graph takes (step 5, equalisation,
+        when the contract asks for it). The tensors themselves stay what drift statistics and
+        overlays describe."""
+        return equalized_model_input(
+            batch.astype(np.float32, copy=False), self.metadata.preprocessing
+        )
 
     @property
     def explains(self) -> bool:
@@ -151,7 +164,7 @@ class Classifier:
             raise ValueError("this model has no class-activation-map output")
         outputs = [self.metadata.output.name, cam_output.name]
         scores, features = self._session.run(
-            outputs, {self.metadata.input.name: tensor.astype(np.float32)}
+            outputs, {self.metadata.input.name: self._graph_input(tensor)}
         )
         probabilities = calibrated_probabilities(scores, self.metadata)[0]
         label = class_name or self.label_for(probabilities)
@@ -218,7 +231,8 @@ class Classifier:
         if cam_output is None or self.metadata.output.kind != "logits":
             return
         logits, features = self._session.run(
-            [self.metadata.output.name, cam_output.name], {self.metadata.input.name: tensor}
+            [self.metadata.output.name, cam_output.name],
+            {self.metadata.input.name: self._graph_input(tensor)},
         )
         assert self.metadata.cam is not None
         for index, name in enumerate(self.metadata.classes):

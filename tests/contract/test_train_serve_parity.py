@@ -25,7 +25,12 @@ from app.contract import (
 )
 from app.imaging.dicom import DicomPolicy, j2k_main_header
 from app.imaging.formats import DecodeLimits, decode_upload
-from app.imaging.preprocessing import j2k_reduction_level, jpeg_scale_denominator, to_model_input
+from app.imaging.preprocessing import (
+    equalized_model_input,
+    j2k_reduction_level,
+    jpeg_scale_denominator,
+    to_model_input,
+)
 from app.testing.dicom_files import SYNTAXES, make_dataset, make_dicom, ramp
 from tests.support.realdata import DATA_DIR, requires_data
 from training.dicom import contract_j2k_level, read_dicom_as_image
@@ -73,6 +78,43 @@ def test_real_images_preprocess_identically(split: str) -> None:
         np.testing.assert_array_equal(
             _serving_input(path.read_bytes()), _training_input(path), err_msg=path.name
         )
+
+
+EQUALIZED = DEFAULT_PREPROCESSING.model_copy(update={"equalization": "histogram"})
+
+
+@requires_data
+def test_real_images_equalise_identically() -> None:
+    """Step 5: training equalises inside `scale`; the service equalises the step-4 tensor on its
+    way to the graph. Every test image and a sample of train, bit for bit."""
+    paths = sorted(DATA_DIR.glob("test/*/*.jpeg")) + sorted(DATA_DIR.glob("train/*/*.jpeg"))[::40]
+    assert len(paths) > 700
+    for path in paths:
+        served = equalized_model_input(_serving_input(path.read_bytes(), EQUALIZED), EQUALIZED)
+        np.testing.assert_array_equal(served, _training_input(path, EQUALIZED), err_msg=path.name)
+
+
+def test_equalisation_really_changes_the_input_so_the_parity_test_can_fail() -> None:
+    grey = Image.fromarray(np.tile(np.arange(224, dtype=np.uint8)[:, None] // 2, (1, 224)))
+    plain = to_model_input(grey, DEFAULT_PREPROCESSING)
+    equalized = equalized_model_input(plain, EQUALIZED)
+    assert np.abs(equalized - plain).max() > 0.4
+    np.testing.assert_array_equal(equalized_model_input(plain, DEFAULT_PREPROCESSING), plain)
+
+
+def test_equalisation_in_the_training_pipeline_equals_the_numpy_one() -> None:
+    """The augmented tf.data batches are equalised by TF ops: the same numbers as NumPy's."""
+    import tensorflow as tf
+
+    from training.preprocessing import equalize, equalize_tf
+
+    rng = np.random.default_rng(7)
+    images = rng.integers(0, 256, (3, 224, 224, 1), dtype=np.uint8)
+    images[1] = images[1] // 8 + 100  # a narrow window
+    images[2] = 42  # constant: becomes 0
+    from_tf = equalize_tf(tf.constant(images.astype(np.float32))).numpy()
+    np.testing.assert_array_equal(from_tf, equalize(images))
+    assert float(from_tf[2].max()) == 0.0
 
 
 # Sizes a PACS sends, chosen to cross every DCT scale the contract can ask for (min_ratio 4 at

@@ -172,6 +172,41 @@ def test_b_vetoes_on_safety_only() -> None:
     ]
 
 
+def test_from_round_two_a_winner_must_also_match_the_shipped_model() -> None:
+    """The amendment: beating 1.0.0 is not enough once a successor ships; a candidate also needs
+    the shipped model's specificity on A and no higher ECE, and B vetoes one below its
+    specificity on B."""
+    base = _figures(spec=0.80, sens=0.98, auc=0.973, ece=0.13)
+    shipped = _figures(spec=0.89, sens=0.97, auc=0.98, ece=0.11)
+    scorings = {
+        "incumbent": base,
+        "beats_1_0_only": _figures(spec=0.86, sens=0.96, auc=0.975, ece=0.07),
+        "beats_both": _figures(spec=0.92, sens=0.96, auc=0.975, ece=0.07),
+        "sharper_but_worse_calibrated": _figures(spec=0.95, sens=0.96, auc=0.98, ece=0.12),
+    }
+    assert selection.decide(scorings, "incumbent")["winner_sha256"] == (
+        "sharper_but_worse_calibrated"
+    )
+    result = selection.decide(scorings, "incumbent", shipped)
+    assert result["winner_sha256"] == "beats_both"
+    assert not result["checks"]["beats_1_0_only"]["specificity_not_below_shipped"]
+    assert not result["checks"]["sharper_but_worse_calibrated"]["ece_not_above_shipped"]
+    winner = _figures(spec=0.85, sens=0.97, auc=0.98, ece=0.05)
+    assert not any(selection.veto(winner, base).values())
+    assert selection.veto(winner, base, shipped)["specificity_below_shipped"]
+
+
+def test_the_shipped_models_figures_come_from_its_own_ledger_line() -> None:
+    ledger = [
+        _line("score_a", model_sha256="s", figures={"specificity": 0.89}),
+        _line("score_b", model_sha256="s", figures={"specificity": 0.81}),
+    ]
+    assert selection.shipped_figures(ledger, "s", "inc", "score_b") == {"specificity": 0.81}
+    assert selection.shipped_figures(ledger, "inc", "inc", "score_a") is None
+    with pytest.raises(selection.ProtocolError):
+        selection.shipped_figures(ledger, "unknown", "inc", "score_a")
+
+
 def _line(event: str, **fields: object) -> dict:
     return {"event": event, **fields}
 

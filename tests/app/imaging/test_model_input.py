@@ -124,3 +124,20 @@ def test_rgb_color_mode_gives_three_channels():
     assert x.shape == (1, 224, 224, 3)
     # A grey source stays grey: all three channels equal.
     np.testing.assert_array_equal(x[..., 0], x[..., 2])
+
+
+def test_histogram_equalisation_undoes_a_tone_curve_applied_before_it() -> None:
+    """Contract step 5: a strictly increasing tone curve on the upload leaves the graph's input
+    unchanged (up to 8-bit merging of levels, none here: the curve keeps 64 distinct levels)."""
+    from app.imaging.preprocessing import equalized_model_input
+
+    contract = spec(equalization="histogram")
+    ramp = np.tile((np.arange(224) // 3.5).astype(np.uint8)[:, None] * 2 + 60, (1, 224))
+    curved = np.round(255 * (ramp / 255.0) ** 0.7).astype(np.uint8)
+    assert len(np.unique(curved)) == len(np.unique(ramp))
+    inputs = [
+        equalized_model_input(to_model_input(Image.fromarray(a), contract), contract)
+        for a in (ramp, curved)
+    ]
+    np.testing.assert_array_equal(inputs[0], inputs[1])
+    assert inputs[0].min() == 0.0 and inputs[0].max() == pytest.approx(1.0)
