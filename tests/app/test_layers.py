@@ -16,8 +16,9 @@ import pytest
 
 APP = Path(__file__).resolve().parents[2] / "app"
 
-# Lowest first. `app.site` (the site-validation tool) drives the whole service, and `app.testing`
-# (what tests and tools share to start it) only ever starts it, so they sit on top.
+# Lowest first. `app.site` (the site-validation tool) and `app.cli` (offline tools) drive the whole
+# service, and `app.testing` (what tests and tools share to start it) only ever starts it, so they
+# sit on top.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("app.settings", "app.contract", "app.errors"),
     ("app.imaging",),
@@ -27,7 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("app.ops",),
     ("app.http",),
     ("app.main", "app.__main__"),
-    ("app.site", "app.testing"),
+    ("app.site", "app.testing", "app.cli"),
 )
 
 

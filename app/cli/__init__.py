@@ -1,0 +1,1 @@
+"""Command-line tools that run the service's own steps without a server."""
