@@ -506,10 +506,15 @@ class ModelMetadata(_Strict):
         return probabilities
 
     def label_at_operating_point(self, probabilities: np.ndarray) -> str:
-        """The decision rule for one image's calibrated probabilities: the positive class when
-        its probability reaches the threshold, otherwise the most probable other class."""
+        """The decision rule at the model's own threshold (`label_at_threshold`)."""
+        return self.label_at_threshold(probabilities, self.decision.threshold)
+
+    def label_at_threshold(self, probabilities: np.ndarray, threshold: float) -> str:
+        """The decision rule, the one place it is written: for one image's probabilities, the
+        positive class when its probability reaches `threshold` (the model's, or a site
+        profile's on the site's probabilities), otherwise the most probable other class."""
         positive = self.positive_index
-        if probabilities[positive] >= self.decision.threshold:
+        if probabilities[positive] >= threshold:
             return self.decision.positive_class
         others = [i for i in range(len(self.classes)) if i != positive]
         return self.classes[max(others, key=lambda i: probabilities[i])]

@@ -178,14 +178,9 @@ class Classifier:
         contract's rule: the positive class when its calibrated probability reaches the metadata's
         threshold, else the likeliest other). With a site profile, the same rule on the site's
         probabilities (`answer_probabilities`) with the site's threshold."""
-        if self.site_profile is None:
-            return self.metadata.label_at_operating_point(probabilities)
-        site = self.answer_probabilities(probabilities)
-        positive = self.metadata.positive_index
-        if site[positive] >= self.site_profile.operating.threshold:
-            return self.metadata.decision.positive_class
-        others = [i for i in range(len(self.metadata.classes)) if i != positive]
-        return self.metadata.classes[max(others, key=lambda i: site[i])]
+        return self.metadata.label_at_threshold(
+            self.answer_probabilities(probabilities), self.threshold
+        )
 
     def answer_probabilities(self, probabilities: np.ndarray) -> np.ndarray:
         """The probabilities an answer reports, from the model's calibrated ones: those same ones,

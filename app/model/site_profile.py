@@ -133,10 +133,6 @@ class SiteProfile(_Strict):
         recal = self.recalibration
         return recalibrate(p_positive, recal.slope, recal.intercept)
 
-    def is_positive(self, p_site: float) -> bool:
-        """The site's decision rule on a recalibrated probability."""
-        return p_site >= self.operating.threshold
-
     def site_probabilities(self, probabilities: FloatArray, positive_index: int) -> FloatArray:
         """One image's class probabilities (the model's calibrated ones, summing to 1) -> the
         site's.

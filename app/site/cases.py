@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+from app.evaluation import kermany_patient
+
 CLASSES = ("NORMAL", "PNEUMONIA")
 LABELS_FILE = "labels.csv"
 MANIFEST_FILE = "manifest.csv"
@@ -32,11 +34,6 @@ SIDECARS = frozenset({LABELS_FILE, MANIFEST_FILE})
 MAX_FILES = 200_000
 MAX_MANUFACTURERS = 6
 
-_KERMANY_PATIENT = (
-    re.compile(r"^(person\d+)_"),
-    re.compile(r"^(NORMAL2-IM-\d+)-"),
-    re.compile(r"^(IM-\d+)-"),
-)
 _KERMANY_SUBTYPE = re.compile(r"^person\d+_(bacteria|virus)_", re.IGNORECASE)
 _LABEL_WORDS = {
     "normal": False,
@@ -148,10 +145,9 @@ def _kaggle_patient(
         return manifest[(class_name, path.name)], "manifest"
     if header is not None and header.patient_id:
         return "dicom:" + header.patient_id, "dicom"
-    for pattern in _KERMANY_PATIENT:
-        match = pattern.match(path.name)
-        if match:
-            return match.group(1), "file name"
+    patient = kermany_patient(path.name)
+    if patient is not None:
+        return patient, "file name"
     return "file:" + str(path), "file"
 
 

@@ -13,26 +13,19 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+# The figures the model card shares are written once, in app.evaluation; re-exported here so that
+# the report's code reads every figure from one module.
+from app.evaluation import ECE_BINS as ECE_BINS
+from app.evaluation import BoolArray, weighted_auc
+from app.evaluation import confusion as confusion
+from app.evaluation import expected_calibration_error as expected_calibration_error
+from app.evaluation import roc_auc as roc_auc
+from app.evaluation import roc_curve as roc_curve
 from app.model.site_profile import FloatArray
 
 IntArray = npt.NDArray[np.int64]
-BoolArray = npt.NDArray[np.bool_]
 
-# Equal-width bins, as the model card's ECE (training.metrics.expected_calibration_error), so
-# that the site's figure compares with the card's 0.015 (validation) and 0.134 (test).
-ECE_BINS = 15
 RATES = ("sensitivity", "specificity", "ppv", "npv")
-
-
-def confusion(labels: BoolArray, scores: FloatArray, threshold: float) -> dict[str, int]:
-    """Counts of the decision `score >= threshold` against the labels."""
-    called = scores >= threshold
-    return {
-        "tp": int(np.sum(called & labels)),
-        "fp": int(np.sum(called & ~labels)),
-        "tn": int(np.sum(~called & ~labels)),
-        "fn": int(np.sum(~called & labels)),
-    }
 
 
 def rates(counts: dict[str, int]) -> dict[str, float | None]:
@@ -47,52 +40,6 @@ def rates(counts: dict[str, int]) -> dict[str, float | None]:
         "ppv": ratio(counts["tp"], counts["fp"]),
         "npv": ratio(counts["tn"], counts["fn"]),
     }
-
-
-def roc_curve(labels: BoolArray, scores: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """(false positive rate, true positive rate, threshold) at every distinct score, from the
-    highest threshold down; the first point is (0, 0) at +inf."""
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], labels[order]
-    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tps = np.cumsum(y)[distinct]
-    fps = (distinct + 1) - tps
-    positives, negatives = max(int(y.sum()), 1), max(int((~y).sum()), 1)
-    fpr = np.r_[0.0, fps / negatives]
-    tpr = np.r_[0.0, tps / positives]
-    return fpr, tpr, np.r_[np.inf, s[distinct]]
-
-
-def roc_auc(labels: BoolArray, scores: FloatArray, weights: FloatArray | None = None) -> float:
-    """Area under the ROC curve (ties count one half), optionally with per-image weights."""
-    w = np.ones(len(scores)) if weights is None else weights
-    return float(_weighted_auc(labels, scores, w[None, :])[0])
-
-
-def _weighted_auc(labels: BoolArray, scores: FloatArray, weights: FloatArray) -> FloatArray:
-    """AUC for each row of `weights` (resamples x images): the weighted Mann-Whitney statistic."""
-    order = np.argsort(scores, kind="mergesort")
-    s, y, w = scores[order], labels[order], weights[:, order]
-    starts = np.r_[0, np.flatnonzero(np.diff(s)) + 1]  # groups of tied scores
-    w_pos = np.add.reduceat(np.where(y, w, 0.0), starts, axis=1)
-    w_neg = np.add.reduceat(np.where(y, 0.0, w), starts, axis=1)
-    below = np.cumsum(w_neg, axis=1) - w_neg  # negatives strictly below each group
-    pairs = w_pos.sum(axis=1) * w_neg.sum(axis=1)
-    wins = np.sum(w_pos * (below + 0.5 * w_neg), axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc: FloatArray = np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1.0), np.nan)
-    return auc
-
-
-def expected_calibration_error(labels: BoolArray, p: FloatArray, n_bins: int = ECE_BINS) -> float:
-    """ECE of the positive-class probability over equal-width bins (weighted by bin size)."""
-    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
-    total = 0.0
-    for b in range(n_bins):
-        mask = bins == b
-        if mask.any():
-            total += mask.mean() * abs(labels[mask].mean() - p[mask].mean())
-    return float(total)
 
 
 @dataclass(frozen=True)
@@ -244,7 +191,7 @@ def bootstrap_rates(
 def bootstrap_auc(
     labels: BoolArray, scores: FloatArray, weights: FloatArray, level: float = 0.95
 ) -> tuple[float, float] | None:
-    values = _weighted_auc(labels, scores, weights)
+    values = weighted_auc(labels, scores, weights)
     values = values[np.isfinite(values)]
     return _percentiles(values, level) if len(values) else None
 

@@ -111,8 +111,13 @@ def test_profile_reproduces_the_site_probabilities(kaggle_run: dict[str, Any]) -
     assert len(answered) == profile.data.n_images == 80
     p = np.array([i["p_served"] for i in answered])
     np.testing.assert_allclose(profile.apply(p), [i["p_site"] for i in answered], rtol=1e-12)
-    called = [i["site_call"] == "PNEUMONIA" for i in answered]
-    assert called == [profile.is_positive(float(v)) for v in profile.apply(p)]
+    # the contract's one decision rule, at the site's threshold on the site's probabilities
+    meta = load_metadata(SHIPPED_METADATA)
+    called = [i["site_call"] for i in answered]
+    assert called == [
+        meta.label_at_threshold(np.array([1.0 - v, v]), profile.operating.threshold)
+        for v in profile.apply(p)
+    ]
     # 40 of each class: enough for the two-parameter fit
     assert profile.recalibration.method == "platt"
     site = results["figures"]["at_site_threshold"]
