@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import random
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -17,15 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from app.evaluation import kermany_patient
+
 CLASSES = ("NORMAL", "PNEUMONIA")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
-
-# Kermany file names: "person1_bacteria_1.jpeg", "IM-0115-0001.jpeg", "NORMAL2-IM-0123-0001.jpeg".
-_PATIENT_PATTERNS = (
-    re.compile(r"^(person\d+)_"),
-    re.compile(r"^(NORMAL2-IM-\d+)-"),
-    re.compile(r"^(IM-\d+)-"),
-)
 
 
 @dataclass(frozen=True)
@@ -42,11 +36,7 @@ class Record:
 
 def patient_from_filename(name: str) -> str:
     """Patient id encoded in a Kermany file name; the file stem when no pattern matches."""
-    for pattern in _PATIENT_PATTERNS:
-        match = pattern.match(name)
-        if match:
-            return match.group(1)
-    return Path(name).stem
+    return kermany_patient(name) or Path(name).stem
 
 
 def load_kaggle_directory(root: Path, split: str) -> list[Record]:

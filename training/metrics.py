@@ -10,6 +10,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# Written once for training and the site tool (a site compares its ECE with the model card's).
+from app.evaluation import confusion as confusion
+from app.evaluation import expected_calibration_error as expected_calibration_error
+from app.evaluation import roc_auc as roc_auc
+from app.evaluation import roc_curve as roc_curve
+
 POINT_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
 
@@ -20,48 +26,12 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve via the Mann-Whitney statistic (ties count one half)."""
-    y_true = np.asarray(y_true).astype(bool)
-    n_pos, n_neg = int(y_true.sum()), int((~y_true).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = np.asarray(scores)[order]
-    ranks = np.empty(len(scores), dtype=np.float64)
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def roc_curve(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate, thresholds), thresholds descending."""
-    y_true = np.asarray(y_true).astype(bool)
-    thresholds = np.unique(scores)[::-1]
-    tpr = np.array([(scores[y_true] >= t).mean() for t in thresholds])
-    fpr = np.array([(scores[~y_true] >= t).mean() for t in thresholds])
-    return np.r_[0.0, fpr, 1.0], np.r_[0.0, tpr, 1.0], np.r_[np.inf, thresholds, -np.inf]
-
-
-def confusion(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, int]:
-    y_true = np.asarray(y_true).astype(bool)
-    y_pred = np.asarray(y_pred).astype(bool)
-    return {
-        "tn": int((~y_true & ~y_pred).sum()),
-        "fp": int((~y_true & y_pred).sum()),
-        "fn": int((y_true & ~y_pred).sum()),
-        "tp": int((y_true & y_pred).sum()),
-    }
-
-
 def _ratio(a: float, b: float) -> float:
     return float(a / b) if b else float("nan")
 
 
 def point_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
-    c = confusion(y_true, scores >= threshold)
+    c = confusion(y_true, scores, threshold)
     precision = _ratio(c["tp"], c["tp"] + c["fp"])
     recall = _ratio(c["tp"], c["tp"] + c["fn"])
     return {
@@ -107,7 +77,7 @@ def evaluate_scores(
         }
         for k in POINT_METRICS
     }
-    result["confusion_matrix"] = confusion(y_true, scores >= threshold)
+    result["confusion_matrix"] = confusion(y_true, scores, threshold)
     result["threshold"] = round(float(threshold), 6)
     result["n"] = len(y_true)
     result["n_patients"] = len(unique)
@@ -130,19 +100,6 @@ def select_threshold(y_true: np.ndarray, scores: np.ndarray, target_sensitivity:
     k = int(np.ceil(target_sensitivity * len(positives)))  # positives that must be called
     k = min(max(k, 1), len(positives))
     return float(positives[k - 1])
-
-
-def expected_calibration_error(y_true: np.ndarray, scores: np.ndarray, n_bins: int = 15) -> float:
-    """ECE of the positive-class probability with equal-width bins."""
-    y_true = np.asarray(y_true).astype(float)
-    scores = np.asarray(scores, dtype=np.float64)
-    bins = np.minimum((scores * n_bins).astype(int), n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        mask = bins == b
-        if mask.any():
-            ece += mask.mean() * abs(y_true[mask].mean() - scores[mask].mean())
-    return float(ece)
 
 
 def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:

@@ -27,9 +27,11 @@ def test_training_takes_only_the_contract_schema_from_the_service(path: Path) ->
     """The artifact's schema is the one thing the two sides share; sharing any other code (a
     resize table, a decoder) would let one bug hide on both sides of the parity test."""
     from_app = {m for m in _imported_modules(path) if m == "app" or m.startswith("app.")}
-    # ... and the DICOM test-file writer, which a measurement tool uses to encode inputs (it
-    # decodes nothing, so it cannot hide a decoding bug on both sides).
-    assert from_app <= {"app.contract", "app.testing.dicom_files"}, from_app
+    # ... the evaluation arithmetic (labels and scores, never pixels: the model card's figures and
+    # a site's report must be the same sums) and the DICOM test-file writer, which a measurement
+    # tool uses to encode inputs (it decodes nothing, so it cannot hide a decoding bug on both
+    # sides).
+    assert from_app <= {"app.contract", "app.evaluation", "app.testing.dicom_files"}, from_app
 
 
 def _scripts() -> dict[str, str]:

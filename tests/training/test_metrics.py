@@ -95,3 +95,14 @@ def test_softmax_rows_sum_to_one_for_extreme_logits() -> None:
     p = softmax(np.array([[1000.0, -1000.0], [0.0, 0.0]]))
     assert np.allclose(p.sum(axis=1), 1.0)
     assert p[1, 0] == pytest.approx(0.5)
+
+
+def test_the_model_cards_figures_are_the_site_reports_sums() -> None:
+    """Training and the site tool share one implementation (`app.evaluation`): a site's ECE is
+    comparable with the model card's because it is the same function."""
+    from app import evaluation
+    from app.site import metrics as site
+    from training import metrics
+
+    for name in ("roc_auc", "roc_curve", "confusion", "expected_calibration_error"):
+        assert getattr(metrics, name) is getattr(evaluation, name) is getattr(site, name), name
