@@ -11,6 +11,7 @@ module and the contract only).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +39,29 @@ def kermany_patient(name: str) -> str | None:
         if match:
             return match.group(1)
     return None
+
+
+def linked_groups(keys: Sequence[Iterable[str]]) -> list[int]:
+    """Items linked through any key they share (a patient id, an image digest), transitively:
+    for each item, the index of the first item of its group. Splits, halves, folds and bootstrap
+    intervals group by this, so that neither a patient nor a byte-identical image filed under two
+    patients ends up on both sides."""
+    parent = list(range(len(keys)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_with: dict[str, int] = {}
+    for i, item_keys in enumerate(keys):
+        for key in item_keys:
+            j = first_with.setdefault(key, i)
+            a, b = root(i), root(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)  # the root stays the group's first item
+    return [root(i) for i in range(len(keys))]
 
 
 def confusion(labels: npt.ArrayLike, scores: npt.ArrayLike, threshold: float) -> dict[str, int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.evaluation import kermany_patient
+from app.evaluation import kermany_patient, linked_groups
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
@@ -139,29 +139,12 @@ def _majority_label(group: Sequence[Record]) -> int:
 def _connected_groups(records: Iterable[Record]) -> list[list[Record]]:
     """Union-find over records sharing a patient id or an image hash."""
     records = list(records)
-    parent = list(range(len(records)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first_seen: dict[str, int] = {}
-    for i, record in enumerate(records):
-        for key in (
-            f"patient:{record.patient_id}",
-            f"sha:{record.sha256}" if record.sha256 else "",
-        ):
-            if not key:
-                continue
-            if key in first_seen:
-                parent[find(i)] = find(first_seen[key])
-            else:
-                first_seen[key] = i
+    groups = linked_groups(
+        [[f"patient:{r.patient_id}", *([f"sha:{r.sha256}"] if r.sha256 else [])] for r in records]
+    )
     grouped: dict[int, list[Record]] = defaultdict(list)
-    for i, record in enumerate(records):
-        grouped[find(i)].append(record)
+    for group, record in zip(groups, records, strict=True):
+        grouped[group].append(record)
     return list(grouped.values())
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from app.contract import Preprocessing
+from app.evaluation import linked_groups
 from training import shift
 from training.data import CLASSES, Record, read_split
 from training.dataset import load_images
@@ -56,28 +57,13 @@ def test_halves(manifest_rows: Iterable[dict[str, str]]) -> list[dict[str, str]]
     `int(sha256(HALVES_SALT + smallest patient_id of the group), 16) % 2 == 1`, else to A.
     """
     rows = [r for r in manifest_rows if r["split"] == "test"]
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    first_with_sha: dict[str, str] = {}
-    for r in rows:
-        find(r["patient_id"])
-        other = first_with_sha.setdefault(r["sha256"], r["patient_id"])
-        a, b = find(other), find(r["patient_id"])
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    members: dict[str, list[str]] = {}
-    for r in rows:
-        members.setdefault(find(r["patient_id"]), []).append(r["patient_id"])
+    groups = linked_groups([(r["patient_id"], "sha:" + r["sha256"]) for r in rows])
+    members: dict[int, list[str]] = {}
+    for group_index, r in zip(groups, rows, strict=True):
+        members.setdefault(group_index, []).append(r["patient_id"])
     out = []
-    for r in rows:
-        group = min(members[find(r["patient_id"])])
+    for group_index, r in zip(groups, rows, strict=True):
+        group = min(members[group_index])
         digest = hashlib.sha256((HALVES_SALT + group).encode()).hexdigest()
         half = "B" if int(digest, 16) % 2 == 1 else "A"
         out.append({**{k: r[k] for k in HALVES_COLUMNS if k in r}, "group": group, "half": half})

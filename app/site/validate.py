@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from app.evaluation import linked_groups
 from app.model import site_profile
 from app.site import analysis, metrics
 from app.site.cases import Case, Cases, CasesError, find_cases
@@ -115,24 +116,17 @@ def _metadata_path(model: Path) -> Path:
 
 
 def _union_patients(cases: list[Case], digests: list[str]) -> list[str]:
-    """One group per patient, byte-identical images joined with their patients (union-find)."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for case, digest in zip(cases, digests, strict=True):
-        if not digest:  # not read: nothing to join it by
-            find("patient:" + case.patient)
-            continue
-        a, b = find("patient:" + case.patient), find("image:" + digest)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    return [find("patient:" + case.patient) for case in cases]
+    """One group per patient, byte-identical images joined with their patients; each group named
+    by the smallest of its keys ("image:<digest>" before "patient:<id>")."""
+    keys = [
+        ["patient:" + case.patient, *(["image:" + digest] if digest else [])]
+        for case, digest in zip(cases, digests, strict=True)
+    ]
+    groups = linked_groups(keys)
+    names: dict[int, str] = {}
+    for group, item_keys in zip(groups, keys, strict=True):
+        names[group] = min([names.get(group, item_keys[0]), *item_keys])
+    return [names[group] for group in groups]
 
 
 def make_profile(
