@@ -63,3 +63,16 @@ def test_the_site_report_and_training_take_their_figures_from_here() -> None:
     assert site.expected_calibration_error is ev.expected_calibration_error
     assert site.roc_auc is ev.roc_auc
     assert site.confusion is ev.confusion
+
+
+def test_groups_link_through_any_shared_key_transitively() -> None:
+    keys = [
+        ["patient:a", "image:1"],
+        ["patient:b"],
+        ["patient:c", "image:1"],  # the same image filed under patient c: joins a
+        ["patient:c", "image:2"],
+        ["patient:b", "image:3"],
+        ["patient:d"],
+    ]
+    assert ev.linked_groups(keys) == [0, 1, 0, 0, 1, 5]
+    assert ev.linked_groups([]) == []
