@@ -42,6 +42,7 @@ from app.ops.metrics import ServiceMetrics
 from app.ops.observability import RequestContextMiddleware, configure_logging
 from app.pacs.outbox import OutboxUnavailable
 from app.pacs.pipeline import ResultsPipeline
+from app.pacs.scp import ListenerRefused, listener_from_settings
 from app.serving.prediction import Prediction, PredictionStep, start_prediction
 from app.serving.state import ServiceState
 from app.settings import Settings
@@ -168,6 +169,14 @@ async def start_results_pipeline(
         return answer.model_dump(mode="json")
 
     pipeline = await anyio.to_thread.run_sync(ResultsPipeline, settings, step, shape_answer)
+    if settings.dicom_port is not None:
+        # The C-STORE listener admits the peers the site lists (`listener_from_settings`), and
+        # with none listed, and no CXR_DICOM_OPEN, it does not start while the rest serves.
+        try:
+            pipeline.listener = listener_from_settings(settings, pipeline.spool, pipeline.gate)
+        except ListenerRefused as exc:
+            pipeline.listener, pipeline.listener_down = None, str(exc)
+            logger.error("dicom listener not started", extra={"fields": {"reason": str(exc)}})
     pipeline.start()
     return pipeline
 

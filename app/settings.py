@@ -7,8 +7,10 @@ instead of surfacing as odd behaviour under load. The field descriptions are the
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -52,6 +54,59 @@ def _is_postgresql_url(url: str) -> bool:
     except ValueError:
         return False
     return parts.scheme in ("postgresql", "postgres") and bool(parts.hostname)
+
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+ANY_AE = "*"
+# Every address, for the AE titles of the deprecated CXR_DICOM_ALLOWED_AETS.
+_ANYWHERE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
+
+@dataclass(frozen=True)
+class DicomPeer:
+    """A caller the C-STORE listener admits: a calling AE title (`*`: any) from a network."""
+
+    ae_title: str
+    network: IpNetwork
+
+    def admits(self, ae_title: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return (self.ae_title in (ANY_AE, ae_title)) and address in self.network
+
+    def __str__(self) -> str:
+        host = self.network.num_addresses == 1
+        return f"{self.ae_title}@{self.network.network_address if host else self.network}"
+
+
+def parse_dicom_peers(text: str) -> tuple[DicomPeer, ...]:
+    """`AE@address[/prefix],...` as CXR_DICOM_PEERS writes it; ValueError naming the bad entry.
+
+    The address is an IP address or a network (CIDR), never a host name: a name would be trusted
+    as whatever DNS says at the moment of the check. An AE title is 1-16 characters of the DICOM
+    default repertoire without a backslash; `*` stands for any calling AE title."""
+    peers = []
+    for entry in _listed(text):
+        ae_title, at, address = entry.rpartition("@")
+        ae_title = ae_title.strip()
+        if not at or not ae_title:
+            raise ValueError(f"{entry!r}: write each peer as AE@address or AE@network/prefix")
+        if ae_title != ANY_AE and (
+            len(ae_title) > 16 or not all(" " <= c <= "~" and c != "\\" for c in ae_title)
+        ):
+            raise ValueError(
+                f"{entry!r}: an AE title is 1-16 printable ASCII characters without a backslash "
+                "(or * for any)"
+            )
+        try:
+            network = ipaddress.ip_network(address.strip().strip("[]"), strict=True)
+        except ValueError as exc:
+            raise ValueError(
+                f"{entry!r}: {address.strip()!r} is not an IP address or network in CIDR form "
+                f"({exc}); host names are not accepted"
+            ) from None
+        peers.append(DicomPeer(ae_title, network))
+    if not peers:
+        raise ValueError("names no peer; write AE@address[/prefix], comma-separated")
+    return tuple(peers)
 
 
 def _listed(value: str | None, *, lower: bool = False) -> tuple[str, ...]:
@@ -494,10 +549,28 @@ class Settings(BaseSettings):
         description="AE title of the C-STORE listener, and the calling AE title of C-STORE "
         "deliveries.",
     )
+    dicom_peers: str | None = Field(
+        json_schema_extra=README,
+        default=None,
+        description="Who the C-STORE listener admits: comma-separated `AE@address` pairs, the "
+        "address an IP address or a network in CIDR form, e.g. "
+        "`MODALITY1@10.1.2.0/24,PACS@192.168.5.7` (`*@10.1.2.0/24`: any calling AE title from "
+        "that network). Any other caller, and a listed AE title from another address, is "
+        "rejected (A-ASSOCIATE-RJ, calling AE title not recognised), logged and counted. Unset: "
+        "the listener does not start (the HTTP API serves; `dicom_listener_down` says why) "
+        "unless `dicom_open` is true.",
+    )
+    dicom_open: bool = Field(
+        default=False,
+        description="Run the C-STORE listener without `dicom_peers`, admitting any caller from "
+        "anywhere: for a network where something else admits callers. Logged as a WARNING at "
+        "start-up and shown in `GET /model` (`dicom_listener.admits`: `anyone`).",
+    )
     dicom_allowed_aets: str | None = Field(
         default=None,
-        description="Comma-separated calling AE titles the listener accepts associations from; "
-        "unset: any.",
+        description="Deprecated: use `dicom_peers`. Comma-separated calling AE titles, read as "
+        "peers from any address (`AE@0.0.0.0/0`, `AE@::/0`) with a WARNING at start-up: a title "
+        "is only what a caller says it is. Not allowed together with `dicom_peers`.",
     )
     dicom_max_associations: int = Field(
         default=10, ge=1, le=256, description="Concurrent associations the listener accepts."
@@ -538,6 +611,26 @@ class Settings(BaseSettings):
         if wanted and self.state_dir is None:
             names = ", ".join(f"CXR_{name.upper()}" for name in wanted)
             raise ValueError(f"{names} need CXR_STATE_DIR (where results and images are kept)")
+        return self
+
+    @field_validator("dicom_peers")
+    @classmethod
+    def _dicom_peers(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_dicom_peers(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_peer_list(self) -> Settings:
+        if self.dicom_peers is not None and self.dicom_allowed_aets is not None:
+            raise ValueError(
+                "CXR_DICOM_ALLOWED_AETS is replaced by CXR_DICOM_PEERS: set only CXR_DICOM_PEERS "
+                "(AE@address, ...)"
+            )
+        if self.dicom_open and (self.dicom_peers or self.dicom_allowed_aets) is not None:
+            raise ValueError(
+                "CXR_DICOM_OPEN=true admits anyone, CXR_DICOM_PEERS lists who is admitted: set one"
+            )
         return self
 
     @field_validator("state_url")
@@ -599,6 +692,17 @@ class Settings(BaseSettings):
             return None
         return {a.strip() for a in self.dicom_allowed_aets.split(",") if a.strip()} or None
 
+    @property
+    def dicom_peer_list(self) -> tuple[DicomPeer, ...] | None:
+        """Who the C-STORE listener admits: `dicom_peers`, or the deprecated
+        `dicom_allowed_aets` from any address; None when neither is set."""
+        if self.dicom_peers is not None:
+            return parse_dicom_peers(self.dicom_peers)
+        titles = self.allowed_calling_aets
+        if titles is None:
+            return None
+        return tuple(DicomPeer(t, network) for t in sorted(titles) for network in _ANYWHERE)
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: object) -> object:
@@ -619,6 +723,7 @@ class Settings(BaseSettings):
         "results_fhir_client_key",
         "results_fhir_ca_file",
         "dicom_port",
+        "dicom_peers",
         "dicom_allowed_aets",
         "probe_port",
         "trusted_hosts",

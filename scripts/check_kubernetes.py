@@ -7,7 +7,9 @@ object is well formed; this says that they fit together and fit the service: pro
 endpoints, thread settings by the service's rule for the CPU limit, a shutdown budget that covers
 the preStop delay, the drain window and uvicorn's graceful timeout in `pneumonia-serve`, the API-key
 file where the Secret is mounted, the DICOM state directory on a claim of the pod's own (not a
-volume that dies with the pod), selectors that match the pods, a non-root read-only container, and
+volume that dies with the pod), selectors that match the pods, a NetworkPolicy that lets the C-STORE
+port be reached only from listed sources and the probe port by the kubelet only, a non-root
+read-only container, and
 for the GPU variant a GPU, the gpu image and CXR_PROVIDER=cuda. Exit status 1 on any failure.
 """
 
@@ -60,6 +62,29 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
+def _lets_through(rule: Manifest, name: str, ports: dict[str, int]) -> bool:
+    """Whether a NetworkPolicy ingress rule covers the container port `name` (a rule without
+    `ports` covers them all)."""
+    listed = rule.get("ports")
+    return not listed or any(p.get("port") in (None, name, ports.get(name)) for p in listed)
+
+
+def _from_anyone(rule: Manifest) -> bool:
+    """Whether a NetworkPolicy ingress rule admits every source: no `from`, or a peer that is
+    every namespace, every pod, or every address."""
+    peers = rule.get("from")
+    if not peers:
+        return True
+    for peer in peers:
+        cidr = peer.get("ipBlock", {}).get("cidr", "")
+        everywhere = cidr.endswith("/0")
+        every_pod = "podSelector" in peer and not peer["podSelector"]
+        every_namespace = peer.get("namespaceSelector") == {} and not peer.get("podSelector")
+        if everywhere or (every_pod and "namespaceSelector" not in peer) or every_namespace:
+            return True
+    return False
+
+
 def check_variant(docs: list[Manifest], graceful_s: int) -> list[str]:
     """Every inconsistency found in one rendered variant (an empty list when there is none)."""
     failures: list[str] = []
@@ -67,6 +92,7 @@ def check_variant(docs: list[Manifest], graceful_s: int) -> list[str]:
     service = one(docs, "Service", failures)
     hpa = one(docs, "HorizontalPodAutoscaler", failures)
     pdb = one(docs, "PodDisruptionBudget", failures)
+    policy = one(docs, "NetworkPolicy", failures)
     secrets = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "Secret"}
     if failures:
         return failures
@@ -112,6 +138,32 @@ def check_variant(docs: list[Manifest], graceful_s: int) -> list[str]:
             f"CXR_DICOM_PORT={env['CXR_DICOM_PORT']} but container port `dicom` is "
             f"{ports.get('dicom')}",
         )
+
+    # Who reaches which port: the API from the cluster, the C-STORE listener only from listed
+    # sources, the probe port from no one but the kubelet on the pod's node (which network
+    # plugins let through whatever a policy says).
+    policy_spec = policy.get("spec", {})
+    expect(
+        selects(policy_spec.get("podSelector", {}).get("matchLabels", {}), pod_labels),
+        "NetworkPolicy selects no pod",
+    )
+    expect(
+        "Ingress" in policy_spec.get("policyTypes", []),
+        "NetworkPolicy does not restrict ingress (policyTypes)",
+    )
+    rules = policy_spec.get("ingress", [])
+    expect(
+        any(_lets_through(rule, "http", ports) for rule in rules),
+        "NetworkPolicy lets no one reach port `http`",
+    )
+    expect(
+        not any(_lets_through(rule, "dicom", ports) and _from_anyone(rule) for rule in rules),
+        "NetworkPolicy opens port `dicom` to every source",
+    )
+    expect(
+        not any(_lets_through(rule, "probes", ports) for rule in rules),
+        "NetworkPolicy opens port `probes` beyond the kubelet",
+    )
 
     # Probes on the health endpoints, on the probe port (served from a thread of its own, so
     # that a saturated API does not fail its probes and get the pod restarted at peak load).

@@ -8,10 +8,13 @@
 #                once the container is healthy and leaves it running (stop: docker compose down);
 #   without      otherwise: scripts/serve.sh sets up .venv (serving dependencies only) and runs
 #                the service in the foreground (Ctrl-C stops it).
-# Both also start the DICOM C-STORE listener (CXR_AI) on 127.0.0.1:11112. Without Docker,
-# CXR_DICOM_PORT moves it (empty: none), and a port that is taken leaves the HTTP API serving
-# with /health/ready and /model saying why (`dicom_listener_down`); with Docker,
-# CXR_DICOM_HOST_PORT moves it, and a taken 11112 moves it to the next free port, loudly.
+# Both also ask for the DICOM C-STORE listener (CXR_AI) on 127.0.0.1:11112. Without Docker it
+# admits any AE title from this machine (CXR_DICOM_PEERS='*@127.0.0.1'); with Docker only the
+# callers CXR_DICOM_PEERS lists (AE@address), or anyone with CXR_DICOM_OPEN=true, and with
+# neither it stays off while HTTP serves. Without Docker, CXR_DICOM_PORT moves it (empty: none),
+# and a port that is taken leaves the HTTP API serving with /health/ready and /model saying why
+# (`dicom_listener_down`); with Docker, CXR_DICOM_HOST_PORT moves it, and a taken 11112 moves it
+# to the next free port, loudly.
 #
 # Usage:  scripts/run.sh [--docker | --venv]
 #   --docker  use Docker or fail, saying what is missing and how to install it
@@ -25,7 +28,7 @@ for arg in "$@"; do
     case "$arg" in
         --docker) MODE=docker ;;
         --venv) MODE=venv ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -73,5 +76,11 @@ say "docker compose up --build --wait (first build: a minute or two)"
 docker compose up --build --wait --wait-timeout 300 api \
     || die "the service did not become healthy; see: docker compose logs api"
 say "the service is up on http://127.0.0.1:$port (docs: http://127.0.0.1:$port/docs)"
-say "C-STORE listener: ${CXR_DICOM_AE_TITLE:-CXR_AI}@127.0.0.1:${CXR_DICOM_HOST_PORT:-11112}; STOW-RS: http://127.0.0.1:$port/dicomweb/studies"
+if [[ -n ${CXR_DICOM_PEERS:-}${CXR_DICOM_ALLOWED_AETS:-} ]] \
+        || ! [[ ${CXR_DICOM_OPEN:-false} =~ ^(false|False|FALSE|0|no|off)$ ]]; then
+    say "C-STORE listener: ${CXR_DICOM_AE_TITLE:-CXR_AI}@127.0.0.1:${CXR_DICOM_HOST_PORT:-11112}"
+else
+    say "C-STORE listener: not started, no caller is listed: CXR_DICOM_PEERS=AE@address,... (or CXR_DICOM_OPEN=true, this machine only: the port is published on 127.0.0.1) scripts/run.sh"
+fi
+say "STOW-RS: http://127.0.0.1:$port/dicomweb/studies"
 say "logs: docker compose logs -f api    stop: docker compose down"

@@ -22,6 +22,7 @@ from app.http.deps import (
     DeadlineDep,
     FramingDep,
     MetricsDep,
+    OptionalPipelineDep,
     ServiceStateDep,
     SettingsDep,
     StepDep,
@@ -322,14 +323,27 @@ router.add_api_route("/health/ready", ready, methods=["HEAD"], include_in_schema
     tags=["model"],
     dependencies=REQUIRE_API_KEY,
 )
-async def model_info(classifier: ClassifierDep, state: ServiceStateDep) -> ModelInfo:
+async def model_info(
+    classifier: ClassifierDep, state: ServiceStateDep, pipeline: OptionalPipelineDep
+) -> ModelInfo:
     """The served model's metadata: classes in output order, input contract, preprocessing,
     operating threshold, calibration, metrics and provenance, plus the active execution provider,
-    `site_calibration` when a site profile is loaded, and `dicom_listener_down` when the C-STORE
-    listener could not start."""
+    `site_calibration` when a site profile is loaded, `dicom_listener` (whom it admits) while the
+    C-STORE listener runs, and `dicom_listener_down` when it could not start."""
     info = schemas.model_info(classifier)
     if state.dicom_listener_down is not None:
         info = info.model_copy(update={"dicom_listener_down": state.dicom_listener_down})
+    listener = pipeline.listener if pipeline is not None else None
+    if listener is not None and listener.running:
+        peers = listener.peers
+        described = schemas.DicomListenerInfo(
+            ae_title=listener.ae_title,
+            port=listener.port,
+            admits="anyone" if peers is None else "listed_peers",
+            peers=[str(peer) for peer in peers or ()],
+            warning=schemas.OPEN_LISTENER_WARNING if peers is None else None,
+        )
+        info = info.model_copy(update={"dicom_listener": described})
     return info
 
 

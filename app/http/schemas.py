@@ -259,6 +259,25 @@ class ReadyResponse(BaseModel):
     )
 
 
+class DicomListenerInfo(BaseModel):
+    """The running C-STORE listener and whom it admits."""
+
+    ae_title: str
+    port: int
+    admits: Literal["listed_peers", "anyone"] = Field(
+        description="`listed_peers`: only the (AE title, address) pairs in `peers`; `anyone`: "
+        "any caller from anywhere (`CXR_DICOM_OPEN=true`)."
+    )
+    peers: list[str] = Field(description="`AE@address` or `AE@network/prefix`; `*`: any title.")
+    warning: str | None = Field(default=None, exclude_if=_absent_when_none)
+
+
+OPEN_LISTENER_WARNING = (
+    "CXR_DICOM_OPEN=true: any host that reaches this port can store images and have results "
+    "written into the PACS; list the callers in CXR_DICOM_PEERS"
+)
+
+
 class ModelInfo(BaseModel):
     """Everything a client needs to interpret an answer: the metadata contract, as served."""
 
@@ -289,6 +308,12 @@ class ModelInfo(BaseModel):
     )
     dicom_listener_down: str | None = Field(
         default=None, exclude_if=_absent_when_none, description=_LISTENER_DOWN
+    )
+    dicom_listener: DicomListenerInfo | None = Field(
+        default=None,
+        exclude_if=_absent_when_none,
+        description="Present only while the C-STORE listener runs: its AE title, port, and whom "
+        "it admits.",
     )
     disclaimer: str = DISCLAIMER
 

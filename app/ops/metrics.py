@@ -206,7 +206,9 @@ class _PacsCollector(Collector):
             "cxr_intake_instances",
             "DICOM instances by intake (stow, dimse, predict) and outcome: stored/spooled, "
             "recorded (result objects made), refused:<code>, ignored_* (C-STORE answered success "
-            "without a result: another SOP class, or not a frontal chest X-ray).",
+            "without a result: another SOP class, or not a frontal chest X-ray); for dimse also "
+            "associations_*, and rejected_calling_ae / rejected_source_address (callers "
+            "CXR_DICOM_PEERS does not list, or lists for another address).",
             labels=["intake", "outcome"],
         )
         for key, count in sorted(pipeline.stats.items()):

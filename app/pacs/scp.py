@@ -31,10 +31,17 @@ Statuses that ask the sender to act:
 - 0xC000 (cannot understand) when the header cannot be read, has no SOP Instance UID, or the
   gate raises on it: a retry would not help, and the sender should know.
 
-Associations: the calling AE title must be in `allowed_calling_aets` (when given), or the
-association is rejected; `max_associations` bounds concurrency (pynetdicom rejects the next one
-as transient, "local limit exceeded"); `max_pdu`, and the ACSE, DIMSE and network timeouts are
-pynetdicom's settings of the same names.
+Associations: with `peers`, a caller is admitted only when its calling AE title and the address
+its connection comes from match one listed (AE title, network) pair; any other is rejected
+(A-ASSOCIATE-RJ: rejected permanent, service user, calling AE title not recognised) as soon as
+its A-ASSOCIATE-RQ is read, before presentation contexts are negotiated, logged (address, AE
+title and which check failed: nothing of a data set) and counted (`rejected_calling_ae`: the AE
+title is listed for no address; `rejected_source_address`: it is, but not for this one). A title is
+only what the caller says it is; the address is what the network says, which is why both are
+checked. Without `peers` the listener admits anyone: `listener_from_settings` builds it that way
+only when the site says so (`CXR_DICOM_OPEN`). `max_associations` bounds concurrency (pynetdicom
+rejects the next one as transient, "local limit exceeded"); `max_pdu`, and the ACSE, DIMSE and
+network timeouts are pynetdicom's settings of the same names.
 
 Patient data: nothing from a data set is logged; `start` turns pynetdicom's standard log
 handlers off (they print DIMSE message contents at debug level), for every AE the process creates
@@ -43,10 +50,11 @@ afterwards, which is what the result-sending side wants too.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -60,6 +68,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from app.imaging.dicom import DECODABLE_TRANSFER_SYNTAXES
 from app.pacs.spool import Spool, SpoolFull
 from app.pacs.stow import UnreadableInstance, read_instance_header
+from app.settings import DicomPeer, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +80,63 @@ INTAKE_SOP_CLASSES = (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected permanent, by the service user, calling AE title not
+# recognised; said to an unlisted peer whichever of its title or its address failed the check.
+REJECT_UNLISTED = (0x01, 0x01, 0x03)
 
 Gate = Callable[[Dataset], "str | None"]
+
+
+class ListenerRefused(Exception):
+    """The settings ask for a C-STORE listener but list no peer, and do not say to run it open:
+    it is not started (the rest of the service serves), and the message says what to set."""
+
+
+def listener_from_settings(settings: Settings, spool: Spool, gate: Gate) -> StorageListener:
+    """The service's C-STORE listener (`CXR_DICOM_PORT`), admitting the peers the site lists
+    (`CXR_DICOM_PEERS`, or the deprecated `CXR_DICOM_ALLOWED_AETS`), or anyone when
+    `CXR_DICOM_OPEN` says so (a WARNING). ListenerRefused when neither is set."""
+    if settings.dicom_port is None:
+        raise ValueError("no CXR_DICOM_PORT: no listener")
+    peers = settings.dicom_peer_list
+    if peers is None and not settings.dicom_open:
+        raise ListenerRefused(
+            "the DICOM C-STORE listener admits only listed peers and none is listed: set "
+            "CXR_DICOM_PEERS to AE@address pairs (e.g. MODALITY1@10.1.2.0/24,PACS@192.168.5.7), "
+            "or CXR_DICOM_OPEN=true to admit any caller, or leave CXR_DICOM_PORT empty for no "
+            "listener"
+        )
+    if settings.dicom_allowed_aets is not None:
+        logger.warning(
+            "CXR_DICOM_ALLOWED_AETS is deprecated",
+            extra={
+                "fields": {
+                    "read_as": [str(p) for p in peers or ()],
+                    "instead": "CXR_DICOM_PEERS=AE@address,...: an AE title alone is only what "
+                    "a caller says it is",
+                }
+            },
+        )
+    if peers is None:
+        logger.warning(
+            "dicom listener open to any caller",
+            extra={
+                "fields": {
+                    "setting": "CXR_DICOM_OPEN=true",
+                    "effect": "any host that reaches the port can store images and have "
+                    "results written into the PACS; list callers in CXR_DICOM_PEERS",
+                }
+            },
+        )
+    return StorageListener(
+        spool=spool,
+        gate=gate,
+        port=settings.dicom_port,
+        ae_title=settings.dicom_ae_title,
+        host=settings.dicom_host,
+        peers=peers,
+        max_associations=settings.dicom_max_associations,
+    )
 
 
 @dataclass
@@ -82,6 +146,8 @@ class IntakeStats:
     associations_accepted: int = 0
     associations_rejected: int = 0
     associations_aborted: int = 0
+    rejected_calling_ae: int = 0
+    rejected_source_address: int = 0
     echoes: int = 0
     spooled: int = 0
     ignored_sop_class: int = 0
@@ -111,6 +177,7 @@ class StorageListener:
         port: int,
         ae_title: str = "CXR_AI",
         host: str = "0.0.0.0",
+        peers: Sequence[DicomPeer] | None = None,
         allowed_calling_aets: set[str] | None = None,
         max_associations: int = 10,
         max_pdu: int = 65536,
@@ -121,6 +188,15 @@ class StorageListener:
         if allowed_calling_aets is not None and not allowed_calling_aets:
             # pynetdicom reads an empty list as "anyone": refuse the ambiguity.
             raise ValueError("allowed_calling_aets must be None (anyone) or name at least one AE")
+        if peers is not None and not peers:
+            raise ValueError("peers must be None (anyone) or name at least one peer")
+        if allowed_calling_aets is not None:
+            # AE titles alone (the deprecated form): each from any address.
+            anywhere = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+            listed = [DicomPeer(t, n) for t in sorted(allowed_calling_aets) for n in anywhere]
+            peers = [*(peers or ()), *listed]
+        self.peers: tuple[DicomPeer, ...] | None = None if peers is None else tuple(peers)
+        self.ae_title = ae_title
         self.spool = spool
         self.gate = gate
         self.host = host
@@ -134,8 +210,6 @@ class StorageListener:
         ae.acse_timeout = acse_timeout
         ae.dimse_timeout = dimse_timeout
         ae.network_timeout = network_timeout
-        if allowed_calling_aets is not None:
-            ae.require_calling_aet = sorted(allowed_calling_aets)
         ae.add_supported_context(VERIFICATION)
         for sop_class in INTAKE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(DECODABLE_TRANSFER_SYNTAXES))
@@ -144,6 +218,10 @@ class StorageListener:
             if other not in INTAKE_SOP_CLASSES:
                 ae.add_supported_context(other, ALL_TRANSFER_SYNTAXES)
         self.ae = ae
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
 
     @property
     def port(self) -> int:
@@ -168,6 +246,7 @@ class StorageListener:
         # pynetdicom's standard handlers log DIMSE contents; nothing of a data set may be logged.
         pynetdicom._config.LOG_HANDLER_LEVEL = "none"
         handlers: list[evt.EventHandlerType] = [
+            (evt.EVT_REQUESTED, self._admit),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._count("associations_accepted")),
@@ -201,6 +280,51 @@ class StorageListener:
             self.stats.add(name)
 
         return handler
+
+    def refusal(self, ae_title: str, address: str) -> str | None:
+        """None when the peer list admits `ae_title` calling from `address`; otherwise the
+        counter that names why not (`rejected_calling_ae`, `rejected_source_address`)."""
+        if self.peers is None:
+            return None
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return "rejected_source_address"
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # a dual-stack socket's view of an IPv4 caller
+        if any(peer.admits(ae_title, ip) for peer in self.peers):
+            return None
+        titles = {peer.ae_title for peer in self.peers}
+        return "rejected_source_address" if ae_title in titles else "rejected_calling_ae"
+
+    def _admit(self, event: evt.Event) -> None:
+        """EVT_REQUESTED: the A-ASSOCIATE-RQ has been read and nothing negotiated yet; a caller the
+        peer list does not admit gets its A-ASSOCIATE-RJ here (pynetdicom then skips the
+        negotiation and closes the connection)."""
+        requestor = event.assoc.requestor
+        request = requestor.primitive  # set by pynetdicom before EVT_REQUESTED
+        # The request's own titles: pynetdicom copies them to `requestor.ae_title` only later.
+        ae_title = str(request.calling_ae_title).strip() if request else ""
+        called = str(request.called_ae_title).strip() if request else ""
+        address = str(requestor.address)
+        reason = self.refusal(ae_title, address)
+        if reason is None:
+            return
+        self.stats.add("associations_rejected")
+        self.stats.add(reason)
+        logger.warning(
+            "dicom association rejected",
+            extra={
+                "fields": {
+                    "reason": reason,
+                    "calling_ae": ae_title[:16],
+                    "address": address,
+                    "called_ae": called[:16],
+                }
+            },
+        )
+        event.assoc.acse.send_reject(*REJECT_UNLISTED)
+        event.assoc.kill()
 
     def _on_echo(self, event: evt.Event) -> int:
         self.stats.add("echoes")

@@ -162,6 +162,47 @@ def _state_dir_unmounted(docs):
     set_env(docs, "CXR_STATE_DIR", "/var/lib/elsewhere")
 
 
+def _network_policy(docs):
+    return next(d for d in docs if d["kind"] == "NetworkPolicy")
+
+
+def _no_network_policy(docs):
+    docs.remove(_network_policy(docs))
+
+
+def _policy_selects_nothing(docs):
+    _network_policy(docs)["spec"]["podSelector"] = {"matchLabels": {"app": "other"}}
+
+
+def _policy_without_ingress(docs):
+    _network_policy(docs)["spec"]["policyTypes"] = ["Egress"]
+
+
+def _dicom_from_anyone(docs):
+    rules = _network_policy(docs)["spec"]["ingress"]
+    rules.append({"ports": [{"port": 11112, "protocol": "TCP"}]})
+
+
+def _dicom_from_every_namespace(docs):
+    (rule,) = [r for r in _network_policy(docs)["spec"]["ingress"] if "from" in r]
+    rule["from"].append({"namespaceSelector": {}})
+
+
+def _dicom_from_everywhere(docs):
+    (rule,) = [r for r in _network_policy(docs)["spec"]["ingress"] if "from" in r]
+    rule["from"].append({"ipBlock": {"cidr": "0.0.0.0/0"}})
+
+
+def _every_port_from_peers(docs):
+    (rule,) = [r for r in _network_policy(docs)["spec"]["ingress"] if "from" in r]
+    del rule["ports"]
+
+
+def _api_closed(docs):
+    rules = _network_policy(docs)["spec"]["ingress"]
+    rules[:] = [r for r in rules if "from" in r]
+
+
 def _pdb_blocks_all(docs):
     pdb = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
     pdb["spec"]["maxUnavailable"] = 2
@@ -187,6 +228,14 @@ def _pdb_blocks_all(docs):
         (_burstable, "memory request and limit differ"),
         (_service_selects_nothing, "Service selects no pod"),
         (_pdb_blocks_all, "PodDisruptionBudget maxUnavailable 2 leaves no pod of minReplicas 2"),
+        (_no_network_policy, "expected one NetworkPolicy, found 0"),
+        (_policy_selects_nothing, "NetworkPolicy selects no pod"),
+        (_policy_without_ingress, "NetworkPolicy does not restrict ingress"),
+        (_dicom_from_anyone, "NetworkPolicy opens port `dicom` to every source"),
+        (_dicom_from_every_namespace, "NetworkPolicy opens port `dicom` to every source"),
+        (_dicom_from_everywhere, "NetworkPolicy opens port `dicom` to every source"),
+        (_every_port_from_peers, "NetworkPolicy opens port `probes` beyond the kubelet"),
+        (_api_closed, "NetworkPolicy lets no one reach port `http`"),
         (_state_on_an_emptydir, "CXR_STATE_DIR=/var/lib/pneumonia is not on a volumeClaimTemplate"),
         (_state_dir_unmounted, "CXR_STATE_DIR=/var/lib/elsewhere is not on a volumeClaimTemplate"),
     ],

@@ -36,6 +36,7 @@ def test_a_taken_dicom_port_leaves_the_http_api_serving(
         state_dir=tmp_path / "state",
         dicom_port=held_port,
         dicom_host="127.0.0.1",
+        dicom_peers="*@127.0.0.1",
         log_level="INFO",
     )
     app = create_app(settings)
@@ -85,7 +86,11 @@ def test_a_free_dicom_port_is_not_reported_down(model_path: Path, tmp_path: Path
         probe.bind(("127.0.0.1", 0))
         free = int(probe.getsockname()[1])
     settings = make_settings(
-        model_path, state_dir=tmp_path / "state", dicom_port=free, dicom_host="127.0.0.1"
+        model_path,
+        state_dir=tmp_path / "state",
+        dicom_port=free,
+        dicom_host="127.0.0.1",
+        dicom_peers="*@127.0.0.1",
     )
     with TestClient(create_app(settings)) as client:
         assert "dicom_listener_down" not in client.get("/health/ready").json()

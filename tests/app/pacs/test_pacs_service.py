@@ -163,6 +163,8 @@ class Loop:
             results_dicomweb_url=orthanc.dicomweb,
             dicom_port=str(self.dicom_port),
             dicom_ae_title=SERVICE_AET,
+            # Orthanc, storescu and echoscu, all on this machine
+            dicom_peers="*@127.0.0.1",
             results_max_backoff_s="1",
             log_level="debug",
         )

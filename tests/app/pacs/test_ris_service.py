@@ -65,6 +65,8 @@ class RisLoop:
             state_dir=str(self.workdir / "state"),
             dicom_port=str(self.dicom_port),
             dicom_ae_title=SERVICE_AET,
+            # Orthanc, storescu and echoscu, all on this machine
+            dicom_peers="*@127.0.0.1",
             results_hl7=self.mllp.address,
             results_hl7_receiving_application="RIS",
             results_fhir_url=self.fhir.url,

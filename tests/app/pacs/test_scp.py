@@ -1,5 +1,6 @@
 """The C-STORE SCP against DCMTK's echoscu/storescu and raw sockets on 127.0.0.1: negotiation,
-every decodable transfer syntax over the wire, the AE allow-list, the SOP-class and intended-use
+every decodable transfer syntax over the wire, the peer list (tests/app/pacs/test_dicom_peers.py
+has the rest of it), the SOP-class and intended-use
 policy, a full spool, parallel senders, a sender killed mid-transfer, garbage on the port, and
 a draining stop."""
 
@@ -28,6 +29,7 @@ from app.pacs.scp import (
     StorageListener,
 )
 from app.pacs.spool import Spool
+from app.settings import parse_dicom_peers
 from app.testing import dicom_files as factory
 from tests.app.pacs.intake_tools import (
     LOOPBACK,
@@ -49,7 +51,7 @@ def make_listener(tmp_path: Path, **options: object) -> StorageListener:
     spool_options = {"max_entries": 1000, "max_bytes": 2 * 10**9}
     spool_options.update(options.pop("spool", {}))  # type: ignore[arg-type]
     spool = Spool(tmp_path / "spool", **spool_options)  # type: ignore[arg-type]
-    options.setdefault("allowed_calling_aets", {SENDER, "ORTHANC"})
+    options.setdefault("peers", parse_dicom_peers(f"{SENDER}@{LOOPBACK},ORTHANC@{LOOPBACK}"))
     return StorageListener(
         spool=spool,
         gate=chest_gate,
