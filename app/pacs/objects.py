@@ -34,7 +34,14 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from app.model.explain import upsample
 from app.pacs.outbox import ResultObject
-from app.pacs.uids import ObjectKind, device_uid, result_instance_uid, result_series_uid
+from app.pacs.uids import (
+    ObjectKind,
+    device_uid,
+    result_instance_uid,
+    result_series_uid,
+    study_result_instance_uid,
+    study_result_series_uid,
+)
 
 # highdicom logs the UIDs of the data sets it copies from at INFO; those are study header values.
 logging.getLogger("highdicom").setLevel(logging.WARNING)
@@ -71,6 +78,7 @@ PROCESSING_ALGORITHM = hd.sr.CodedConcept(
 ACQUISITION_EQUIPMENT = str(codes.DCM.AcquisitionEquipment.value)
 SR_SERIES_DESCRIPTION = "AI RESULT - RESEARCH USE ONLY"
 SC_SERIES_DESCRIPTION = "AI HEAT MAP - RESEARCH USE ONLY"
+STUDY_SR_SERIES_DESCRIPTION = "AI STUDY RESULT - RESEARCH USE ONLY"
 SR_SERIES_NUMBER = 901
 SC_SERIES_NUMBER = 902
 MANUFACTURER = "pneumonia-screening"
@@ -526,50 +534,15 @@ def build_sr(
     """
     source_uid = str(source.SOPInstanceUID)
     kind: ObjectKind = "sr" if sr_class == "comprehensive-3d" else "sr-enhanced"
-    algorithm = _algorithm(facts)
     present = codes.DCM.Present if facts.positive else codes.DCM.Absent
-    probability = round(float(facts.positive_probability), 6)
-    rows, columns = int(source.Rows), int(source.Columns)
-
     group_uid = (
         result_instance_uid(
             source_uid, facts.model_sha256, kind, facts.site_profile_sha256, facts.pixel_digest
         )
         + ".1"
     )
-    classification = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=group_uid, identifier="pneumonia classification"
-        ),
-        finding_type=PNEUMONIA,
-        algorithm_id=algorithm,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
-        measurements=[
-            hd.sr.Measurement(
-                name=codes.DCM.Probability,
-                value=probability,
-                unit=codes.UCUM.NoUnits,
-                algorithm_id=algorithm,
-                referenced_coordinates=[
-                    hd.sr.CoordinatesForMeasurement(
-                        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                        graphic_data=_whole_image_outline(rows, columns),
-                        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
-                    )
-                ],
-            ),
-            hd.sr.Measurement(
-                name=codes.DCM.ThresholdValue,
-                value=round(float(facts.threshold), 6),
-                unit=codes.UCUM.NoUnits,
-            ),
-        ],
-    )
-    # OHIF shows a group's Comment as the first line of its label, before the numbers; kept
-    # short, as its label box is not wrapped
-    classification[0].ContentSequence.insert(
-        _after_finding(classification[0]),
-        _text(COMMENT, f"Pneumonia {'likely' if facts.positive else 'unlikely'}"),
+    classification = _classification_group(
+        source, facts, group_uid, f"Pneumonia {'likely' if facts.positive else 'unlikely'}"
     )
     groups: list[
         hd.sr.MeasurementsAndQualitativeEvaluations
@@ -578,17 +551,8 @@ def build_sr(
     if _shows_region(facts):
         assert facts.cam_grid is not None
         groups.append(_attention_group(source, facts, group_uid[:-1] + "2"))
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid(facts.model_sha256),
-            name=facts.model_name[:64],
-            manufacturer_name=MANUFACTURER,
-            model_name=facts.model_name[:64],
-        ),
-    )
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        observation_context=_device_observation(facts),
         procedure_reported=PLAIN_CHEST_XRAY,
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
@@ -632,6 +596,224 @@ def build_sr(
     sr.copy_patient_and_study_information(evidence)
     _keep_filing_only(sr)
     _stamp(sr, ObjectTime.of_source(source))
+    return _explicit_le(sr)
+
+
+def _classification_group(
+    source: Dataset,
+    facts: ResultFacts,
+    uid: str,
+    comment: str,
+    identifier: str = "pneumonia classification",
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The whole-image TID 1501 group of one image's answer: finding Pneumonia, the algorithm,
+    the source image, `comment` (the result in words), the calibrated probability inferred from
+    an outline of the whole image (OHIF's SR loader reads the first coordinate of every group,
+    OHIF/Viewers#3390) and the operating threshold."""
+    algorithm = _algorithm(facts)
+    probability = round(float(facts.positive_probability), 6)
+    rows, columns = int(source.Rows), int(source.Columns)
+    classification = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier),
+        finding_type=PNEUMONIA,
+        algorithm_id=algorithm,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.DCM.Probability,
+                value=probability,
+                unit=codes.UCUM.NoUnits,
+                algorithm_id=algorithm,
+                referenced_coordinates=[
+                    hd.sr.CoordinatesForMeasurement(
+                        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                        graphic_data=_whole_image_outline(rows, columns),
+                        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+                    )
+                ],
+            ),
+            hd.sr.Measurement(
+                name=codes.DCM.ThresholdValue,
+                value=round(float(facts.threshold), 6),
+                unit=codes.UCUM.NoUnits,
+            ),
+        ],
+    )
+    # OHIF shows a group's Comment as the first line of its label, before the numbers; kept
+    # short, as its label box is not wrapped
+    classification[0].ContentSequence.insert(
+        _after_finding(classification[0]), _text(COMMENT, comment)
+    )
+    return classification
+
+
+def _device_observation(facts: ResultFacts) -> hd.sr.ObservationContext:
+    """The observation context of a report: the algorithm as the observing device."""
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(facts.model_sha256),
+            name=facts.model_name[:64],
+            manufacturer_name=MANUFACTURER,
+            model_name=facts.model_name[:64],
+        ),
+    )
+    return hd.sr.ObservationContext(observer_device_context=observer)
+
+
+@dataclass(frozen=True)
+class StudyImage:
+    """One frontal image a study result was made from: its header (no pixels) and its answer."""
+
+    source: Dataset
+    facts: ResultFacts
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.source.SOPInstanceUID)
+
+
+@dataclass(frozen=True)
+class SetAsideImage:
+    """An image of the study that was not read, and why (coded values only)."""
+
+    sop_instance_uid: str
+    reason: str
+
+
+STUDY_RULE = (
+    "Study rule: the most positive frontal image decides (the highest probability; the study is "
+    "likely when that image is at or above the operating threshold)"
+)
+
+
+def deciding_image(images: Sequence[StudyImage]) -> StudyImage:
+    """The image whose answer is the study's: the highest probability of the positive class,
+    the lowest SOP Instance UID among equals (so the choice never depends on arrival order)."""
+    if not images:
+        raise ValueError("a study result needs at least one image that was read")
+    return min(images, key=lambda i: (-i.facts.positive_probability, i.sop_instance_uid))
+
+
+def study_texts(images: Sequence[StudyImage], set_aside: Sequence[SetAsideImage]) -> list[str]:
+    """The free text of a study report, in reading order: the study's result in words, the
+    rule, each image read with its own figures, each image set aside with the reason, the
+    disclaimer, then every warning of the answers (once each)."""
+    decider = deciding_image(images)
+    facts = decider.facts
+    count = f"{len(images)} frontal image{'s' if len(images) != 1 else ''}"
+    texts = [f"Study: {summary_text(facts)}, from the most positive of {count}", STUDY_RULE]
+    for number, image in enumerate(images, start=1):
+        verdict = "likely" if image.facts.positive else "unlikely"
+        texts.append(
+            f"Image {number} read ({image.sop_instance_uid}): pneumonia {verdict}, probability "
+            f"{image.facts.positive_probability:.3f}, threshold {image.facts.threshold:.3f}"
+            + (" (decides the study)" if image is decider else "")
+        )
+    texts += [f"Set aside ({item.sop_instance_uid}): {item.reason}" for item in set_aside]
+    texts.append(facts.disclaimer)
+    warnings = dict.fromkeys(w for image in images for w in image.facts.warnings)
+    texts += [f"Warning: {warning}" for warning in warnings]
+    return texts
+
+
+def _latest_time(sources: Sequence[Dataset]) -> ObjectTime:
+    """The latest of the sources' own times (a study result cannot predate its last image)."""
+    times = [ObjectTime.of_source(source) for source in sources]
+    return max(times, key=lambda t: (t.date, t.time.split(".")[0].ljust(6, "0"), t.time))
+
+
+def build_study_sr(
+    images: Sequence[StudyImage],
+    set_aside: Sequence[SetAsideImage],
+    images_digest: str,
+    *,
+    series_number: int = SR_SERIES_NUMBER,
+    sr_class: SrClass = "comprehensive-3d",
+) -> Dataset:
+    """One TID 1500 Measurement Report for a study: its verdict and every frontal image's own.
+
+    - Imaging Measurements: per image read, in SOP Instance UID order, the whole-image TID 1501
+      group of `build_sr` ("pneumonia classification, image N", its Comment "Image N: pneumonia
+      likely/unlikely"), and, beside a Present answer with a CAM grid, its attention-peak group.
+    - Image Library and the evidence: the images read; the images set aside are named in the text
+      only (they were not used).
+    - Qualitative Evaluations: Pneumonia = Present/Absent for the study (`deciding_image`), then
+      `study_texts`.
+
+    Patient, study and request come from the deciding image; the object's date and time are the
+    latest of the images' own. UIDs from the study, the reading and `images_digest`
+    (`app.pacs.uids.image_set_digest` of every image considered, read or set aside).
+    """
+    ordered = sorted(images, key=lambda i: i.sop_instance_uid)
+    decider = deciding_image(ordered)
+    facts = decider.facts
+    study_uid = str(decider.source.StudyInstanceUID)
+    kind: ObjectKind = "sr" if sr_class == "comprehensive-3d" else "sr-enhanced"
+    instance_uid = study_result_instance_uid(
+        study_uid, facts.model_sha256, kind, facts.site_profile_sha256, images_digest
+    )
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    ] = []
+    for number, image in enumerate(ordered, start=1):
+        verdict = "likely" if image.facts.positive else "unlikely"
+        groups.append(
+            _classification_group(
+                image.source,
+                image.facts,
+                f"{instance_uid}.{2 * number - 1}",
+                f"Image {number}: pneumonia {verdict}",
+                identifier=f"pneumonia classification, image {number}",
+            )
+        )
+        if _shows_region(image.facts):
+            groups.append(
+                _attention_group(image.source, image.facts, f"{instance_uid}.{2 * number}")
+            )
+    report = hd.sr.MeasurementReport(
+        observation_context=_device_observation(facts),
+        procedure_reported=PLAIN_CHEST_XRAY,
+        imaging_measurements=groups,
+        title=codes.cid7021.ImagingMeasurementReport,
+        referenced_images=[_library_view(image.source) for image in ordered],
+    )
+    conclusions = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    conclusions.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.CodeContentItem(
+                name=PNEUMONIA,
+                value=codes.DCM.Present if facts.positive else codes.DCM.Absent,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            ),
+            *(_text(COMMENT, text) for text in study_texts(ordered, set_aside)),
+        ]
+    )
+    report[0].ContentSequence.append(conclusions)
+    evidence = [_evidence_view(image.source) for image in ordered]
+    first = evidence[ordered.index(decider)]
+    document = hd.sr.Comprehensive3DSR if sr_class == "comprehensive-3d" else hd.sr.EnhancedSR
+    sr = document(
+        evidence=[_builder_view(view) for view in evidence],
+        content=report[0],
+        series_instance_uid=study_result_series_uid(
+            study_uid, facts.model_sha256, "sr", facts.site_profile_sha256
+        ),
+        series_number=series_number,
+        sop_instance_uid=instance_uid,
+        instance_number=len(ordered) + len(set_aside),
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        requested_procedures=_referenced_requests(decider.source),
+        contributing_equipment=[_contributing_equipment(facts)],
+        series_description=STUDY_SR_SERIES_DESCRIPTION,
+    )
+    sr.copy_patient_and_study_information(first)
+    _keep_filing_only(sr)
+    _stamp(sr, _latest_time([image.source for image in ordered]))
     return _explicit_le(sr)
 
 
@@ -933,4 +1115,23 @@ def render_objects(
             payload=encode(ds),
         )
         for ds in objects
+    ]
+
+
+def render_study_objects(
+    images: Sequence[StudyImage],
+    set_aside: Sequence[SetAsideImage],
+    images_digest: str,
+    *,
+    sr_class: SrClass = "comprehensive-3d",
+) -> list[ResultObject]:
+    """The encoded study SR, ready for `Outbox.enqueue`."""
+    ds = build_study_sr(images, set_aside, images_digest, sr_class=sr_class)
+    return [
+        ResultObject(
+            kind=_KIND_OF_CLASS[str(ds.SOPClassUID)],
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            payload=encode(ds),
+        )
     ]

@@ -126,3 +126,61 @@ def result_key_prefix(
 ) -> str:
     """What every content-keyed result of one source UID under one reading starts with."""
     return result_key(source_sop_instance_uid, model_sha256, site_profile_sha256) + "/pixels/"
+
+
+# -- study-level results ------------------------------------------------------------------------
+# One result for a study (`app.pacs.study`): its UIDs come from the Study Instance UID, the reading
+# (model, site profile) and, for the instance, the digest of the image set it was made from, so
+# that the same images give the same SR and another set another one, in the same series.
+
+
+def image_set_digest(images: dict[str, str]) -> str:
+    """The sha256 naming a study's image set: every image considered (used or set aside), by SOP
+    Instance UID and content digest, in UID order."""
+    lines = "\n".join(f"{uid} {digest}" for uid, digest in sorted(images.items()))
+    return hashlib.sha256(lines.encode("ascii")).hexdigest()
+
+
+def study_result_instance_uid(
+    study_instance_uid: str,
+    model_sha256: str,
+    kind: ObjectKind,
+    site_profile_sha256: str | None,
+    images_digest: str,
+) -> str:
+    """SOP Instance UID of a study's `kind` result made from one image set."""
+    _check(study_instance_uid, model_sha256, site_profile_sha256, images_digest)
+    reading = _reading(model_sha256, site_profile_sha256)
+    return _uid_from("study-instance", study_instance_uid, *reading, "images", images_digest, kind)
+
+
+def study_result_series_uid(
+    study_instance_uid: str, model_sha256: str, kind: ObjectKind, site_profile_sha256: str | None
+) -> str:
+    """Series Instance UID of a study's `kind` results under one reading, whatever the image
+    set: a result made again for a changed set joins the same series."""
+    _check(study_instance_uid, model_sha256, site_profile_sha256)
+    reading = _reading(model_sha256, site_profile_sha256)
+    return _uid_from("study-series", study_instance_uid, *reading, kind)
+
+
+def study_result_key_prefix(
+    study_instance_uid: str, model_sha256: str, site_profile_sha256: str | None = None
+) -> str:
+    """What the outbox keys of one study's results under one reading start with."""
+    _check(study_instance_uid, model_sha256, site_profile_sha256)
+    reading = _reading(model_sha256, site_profile_sha256)
+    return "/".join(("study", study_instance_uid, *reading, "images", ""))
+
+
+def study_result_key(
+    study_instance_uid: str,
+    model_sha256: str,
+    site_profile_sha256: str | None,
+    images_digest: str,
+) -> str:
+    """The outbox key of a study's result made from one image set."""
+    _check(study_instance_uid, model_sha256, site_profile_sha256, images_digest)
+    return study_result_key_prefix(study_instance_uid, model_sha256, site_profile_sha256) + (
+        images_digest
+    )
