@@ -594,6 +594,16 @@ class Settings(BaseSettings):
         ge=MiB,
         description="Bytes of images the intake spool holds, with the same refusals past it.",
     )
+    study_stable_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        le=24 * 3600,
+        description="One verdict per study on the intake path (STOW-RS, C-STORE): a study is read "
+        "once no image of it has arrived for this many seconds (as Orthanc's StableAge), and gets "
+        "one study-level SR: its frontal chest images each read, the most positive one deciding, "
+        "laterals and other images set aside by name with the reason. Empty: each image gets its "
+        "own result, as `deliver=true` does (see docs/CONFORMANCE.md).",
+    )
 
     @model_validator(mode="after")
     def _networking_needs_state(self) -> Settings:
@@ -726,6 +736,7 @@ class Settings(BaseSettings):
         "dicom_peers",
         "dicom_allowed_aets",
         "probe_port",
+        "study_stable_seconds",
         "trusted_hosts",
         "allowed_origins",
         mode="before",

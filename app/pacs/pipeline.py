@@ -46,12 +46,29 @@ from app.imaging.dicom import DicomPolicy, intended_use_refusal, open_dicom
 from app.pacs.delivery import DeliveryWorker, Destination, DimseDestination, StowRsDestination
 from app.pacs.fhir import FhirDestination, FhirProfile, render_bundle
 from app.pacs.hl7 import Hl7Profile, MllpDestination, render_oru
-from app.pacs.objects import ResultFacts, heatmap_base, render_objects, wants_heatmap
+from app.pacs.objects import (
+    ResultFacts,
+    SetAsideImage,
+    StudyImage,
+    deciding_image,
+    heatmap_base,
+    render_objects,
+    render_study_objects,
+    wants_heatmap,
+)
 from app.pacs.outbox import Outbox, ResultObject, StoredResult
 from app.pacs.ris import FHIR_KIND, HL7_KIND, OrderFacts
 from app.pacs.scp import StorageListener
 from app.pacs.spool import Spool, SpoolEntry
-from app.pacs.uids import pixel_data_digest, result_key, result_key_prefix
+from app.pacs.stow import read_instance_header
+from app.pacs.study import ImageReading, StudyLedgers, study_answer
+from app.pacs.uids import (
+    pixel_data_digest,
+    result_key,
+    result_key_prefix,
+    study_result_key,
+    study_result_key_prefix,
+)
 from app.serving.prediction import Prediction, PredictionStep
 from app.settings import Settings
 
@@ -231,6 +248,12 @@ class ResultsPipeline:
         # taken, say); the rest of the pipeline serves without it. None when it listens or none
         # was configured.
         self.listener_down: str | None = None
+        # With a stable time, the intake makes one result per study from these ledgers.
+        self.studies = (
+            StudyLedgers(state_dir / "studies")
+            if settings.study_stable_seconds is not None
+            else None
+        )
         # Outcomes of spooled images and of `record`, by closed-set code (metric labels).
         self.stats: Counter[str] = Counter()
         self._readers: list[asyncio.Task[None]] = []
@@ -266,6 +289,8 @@ class ResultsPipeline:
                 )
         readers = max(1, self.settings.decode_slots)
         self._readers = [asyncio.create_task(self._read_spool()) for _ in range(readers)]
+        if self.studies is not None:
+            self._readers.append(asyncio.create_task(self._make_due_studies()))
         logger.info(
             "dicom networking started",
             extra={
@@ -299,7 +324,16 @@ class ResultsPipeline:
     # -- intake ------------------------------------------------------------------------------------
 
     def gate(self, ds: Dataset) -> str | None:
-        """The intakes' header gate: None for a frontal chest CR/DX, else a reason code."""
+        """The intakes' header gate: None for a frontal chest CR/DX, else a reason code.
+
+        When results are made per study, every image of an SOP class the model reads (CR, DX)
+        with a Study Instance UID is taken, laterals and other views included: the study's result
+        names each image it set aside, and why, which it can do only for images it received."""
+        if self.studies is not None:
+            sop_class = str(ds.get("SOPClassUID", "") or "")
+            study = str(ds.get("StudyInstanceUID", "") or "").strip()
+            taken = sop_class in self.metadata.intended_use.sop_class_uids and bool(study)
+            return None if taken else "not_intended_use"
         return (
             None
             if intended_use_refusal(ds, self.metadata.intended_use) is None
@@ -323,27 +357,35 @@ class ResultsPipeline:
                 continue
             await self._classify_spooled(entry)
 
-    async def _classify_spooled(self, entry: SpoolEntry) -> None:
-        data = await asyncio.to_thread(entry.read_data)
-        source = str(entry.meta.get("source", "intake"))
+    async def _predict_spooled(self, data: bytes) -> Prediction:
+        """Classify a spooled image through the prediction step; raises its `ServiceError`
+        (unreadable, not intended use) but waits out `Overloaded`: HTTP clients come first, and
+        the spool waits (it is on disk, and bounded)."""
         while True:
             try:
                 with self.step.admit(1, len(data)):
-                    prediction = await self.step.predict(
+                    return await self.step.predict(
                         data, explain=self.explains, explain_class=self.explain_class, timer=None
                     )
-                break
             except Overloaded as exc:
-                # HTTP clients come first; the spool waits (it is on disk, and bounded).
                 await asyncio.sleep(exc.retry_after_s or 1)
-            except ServiceError as exc:
-                self.stats[f"{source}:refused:{exc.code}"] += 1
-                logger.info(
-                    "spooled image refused",
-                    extra={"fields": {"intake": source, "code": exc.code}},
-                )
-                await asyncio.to_thread(self.spool.done, entry)
-                return
+
+    async def _classify_spooled(self, entry: SpoolEntry) -> None:
+        data = await asyncio.to_thread(entry.read_data)
+        source = str(entry.meta.get("source", "intake"))
+        if self.studies is not None:
+            await self._read_for_study(entry, data, source)
+            return
+        try:
+            prediction = await self._predict_spooled(data)
+        except ServiceError as exc:
+            self.stats[f"{source}:refused:{exc.code}"] += 1
+            logger.info(
+                "spooled image refused",
+                extra={"fields": {"intake": source, "code": exc.code}},
+            )
+            await asyncio.to_thread(self.spool.done, entry)
+            return
         answer = self._shape(prediction, f"{source}-{int(time.time() * 1000)}")
         try:
             await self.record(data, answer, prediction)
@@ -356,6 +398,134 @@ class ResultsPipeline:
         else:
             self.stats[f"{source}:recorded"] += 1
         await asyncio.to_thread(self.spool.done, entry)
+
+    # -- one verdict per study -----------------------------------------------------------------
+
+    async def _read_for_study(self, entry: SpoolEntry, data: bytes, source: str) -> None:
+        """Read one image of a study into its ledger (classified, or set aside with the reason);
+        the study's result is made once it is quiet (`_make_due_studies`)."""
+        assert self.studies is not None
+        try:
+            arrived_at = entry.path.stat().st_mtime
+        except FileNotFoundError:
+            arrived_at = time.time()
+        try:
+            header, digest = await asyncio.to_thread(_header_and_digest, data)
+        except Exception as exc:  # a hostile header: no study to file it in
+            self.stats[f"{source}:failed:{type(exc).__name__}"] += 1
+            await asyncio.to_thread(self.spool.done, entry)
+            return
+        study_uid = str(header.get("StudyInstanceUID", "") or "").strip()
+        sop_uid = str(header.get("SOPInstanceUID", "") or "").strip()
+        try:
+            known = await asyncio.to_thread(self.studies.reading, study_uid, sop_uid)
+            if known is not None and known.digest == digest:
+                reading = known  # a resend: read already
+                self.stats[f"{source}:study:resent"] += 1
+            else:
+                reading = await self._study_reading(header, digest, sop_uid, data, source)
+            await asyncio.to_thread(self.studies.add, study_uid, reading, arrived_at)
+        except Exception as exc:  # a header that cannot be recorded: counted, the spool moves on
+            self.stats[f"{source}:failed:{type(exc).__name__}"] += 1
+            logger.warning(
+                "study image could not be recorded",
+                extra={"fields": {"intake": source, "error": type(exc).__name__}},
+            )
+        await asyncio.to_thread(self.spool.done, entry)
+
+    async def _study_reading(
+        self, header: Dataset, digest: str, sop_uid: str, data: bytes, source: str
+    ) -> ImageReading:
+        without_pixels = header.to_json_dict()
+        refusal = intended_use_refusal(header, self.metadata.intended_use)
+        if refusal is not None:
+            self.stats[f"{source}:study:set_aside"] += 1
+            return ImageReading(sop_uid, digest, without_pixels, set_aside=refusal)
+        try:
+            prediction = await self._predict_spooled(data)
+        except ServiceError as exc:
+            self.stats[f"{source}:study:set_aside"] += 1
+            return ImageReading(
+                sop_uid, digest, without_pixels, set_aside=f"not read: {exc.message}"
+            )
+        self.stats[f"{source}:study:read"] += 1
+        answer = self._shape(prediction, f"{source}-{int(time.time() * 1000)}")
+        return ImageReading(sop_uid, digest, without_pixels, answer=answer)
+
+    async def _make_due_studies(self) -> None:
+        """Make the result of every study that has gone quiet, for as long as the pipeline runs;
+        a study whose result cannot be made is counted and not tried again for that image set."""
+        assert self.studies is not None and self.settings.study_stable_seconds is not None
+        stable_s = self.settings.study_stable_seconds
+        interval = min(max(stable_s / 4, 0.05), 1.0)
+        while not self._closing:
+            await asyncio.sleep(interval)
+            oldest = await asyncio.to_thread(self.spool.oldest_arrival)
+            due = await asyncio.to_thread(self.studies.due, stable_s, time.time(), oldest)
+            for study_uid in due:
+                try:
+                    await asyncio.to_thread(self._record_study, study_uid)
+                except Exception as exc:
+                    self.stats[f"study:failed:{type(exc).__name__}"] += 1
+                    logger.warning(
+                        "study result could not be built",
+                        extra={"fields": {"error": type(exc).__name__}},
+                    )
+                    ledger = await asyncio.to_thread(self.studies.get, study_uid)
+                    if ledger is not None:
+                        await asyncio.to_thread(
+                            self.studies.mark_rendered, study_uid, ledger.images_digest
+                        )
+                if self.worker is not None:
+                    self.worker.wake()
+            if due:
+                await asyncio.to_thread(
+                    self.studies.prune, time.time() - self.settings.results_retention_s
+                )
+
+    def _record_study(self, study_uid: str) -> str | None:
+        """Render a quiet study's one result into the outbox; returns its result key, or None
+        when no frontal image of it was read (no result: nothing to say about the study)."""
+        assert self.studies is not None
+        ledger = self.studies.get(study_uid)
+        if ledger is None:
+            return None
+        digest = ledger.images_digest
+        positive_class = self.metadata.decision.positive_class
+        images: list[StudyImage] = []
+        set_aside: list[SetAsideImage] = []
+        for uid in sorted(ledger.images):
+            reading = ledger.images[uid]
+            if reading.answer is None:
+                set_aside.append(SetAsideImage(uid, reading.set_aside or "not read"))
+                continue
+            facts = dataclasses.replace(
+                ResultFacts.from_answer(reading.answer, positive_class), pixel_digest=reading.digest
+            )
+            images.append(StudyImage(reading.source(), facts))
+        if not images:
+            self.stats["study:no_frontal_image"] += 1
+            self.studies.mark_rendered(study_uid, digest)
+            return None
+        decider = deciding_image(images)
+        reading_sha = (self.metadata.sha256, decider.facts.site_profile_sha256)
+        key = study_result_key(study_uid, *reading_sha, digest)
+        objects = render_study_objects(images, set_aside, digest)
+        answers = {
+            image.sop_instance_uid: ledger.images[image.sop_instance_uid] for image in images
+        }
+        decider_answer = answers[decider.sop_instance_uid].answer or {}
+        result_json = study_answer(study_uid, images, set_aside, decider_answer)
+        warnings = [str(w) for w in result_json["warnings"]]
+        messages = render_messages(
+            decider.source, decider.facts, key, warnings, self.hl7_profile, self.fhir_profile
+        )
+        routes = {o.kind: self._pacs_names for o in objects} | self._ris_names
+        names = [d.name for d in self.destinations]
+        self.outbox.enqueue(key, objects + messages, names, result_json, routes=routes)
+        self.studies.mark_rendered(study_uid, digest)
+        self.stats["study:recorded"] += 1
+        return key
 
     @property
     def explains(self) -> bool:
@@ -427,12 +597,20 @@ class ResultsPipeline:
         read has one result per image: the one recorded last is given (each result object's own
         UID names its own)."""
         reading = (source_sop_instance_uid, self.metadata.sha256, self.site_profile_sha256)
-        return (
+        found = (
             self.outbox.latest_result(result_key_prefix(*reading))
             # results recorded before content joined the key
             or self.outbox.result(result_key(*reading))
             or self.outbox.result(source_sop_instance_uid)
         )
+        if found is None and self.studies is not None:
+            # an image of a study read on the intake path, or the study itself: the study's
+            # result made last (from the largest image set seen so far)
+            study = self.studies.study_of(source_sop_instance_uid) or source_sop_instance_uid
+            found = self.outbox.latest_result(
+                study_result_key_prefix(study, self.metadata.sha256, self.site_profile_sha256)
+            )
+        return found
 
     def payload(self, source_sop_instance_uid: str, kind: str) -> bytes | None:
         """The encoded result object of `kind` ("sr", "sc") for a source image."""
@@ -459,3 +637,12 @@ def heatmap_picture(
     with opened.render(policy).image as rendered:
         grey = np.asarray(rendered.convert("L"))
     return heatmap_base(grey)
+
+
+def _header_and_digest(data: bytes) -> tuple[Dataset, str]:
+    """A spooled instance's header (no pixels, read as the intakes read it) and the digest of its
+    pixel data (`app.pacs.uids.pixel_data_digest`)."""
+    header = read_instance_header(data)
+    source = pydicom.dcmread(io.BytesIO(data))
+    pixels = source.get(0x7FE00010)
+    return header, pixel_data_digest(bytes(pixels.value or b"") if pixels is not None else b"")

@@ -151,6 +151,21 @@ class Spool:
         """Entries a worker has claimed and not yet finished."""
         return sum(1 for name in os.listdir(self.claimed_dir) if self._is_entry(name))
 
+    def oldest_arrival(self) -> float | None:
+        """When the oldest entry still held (pending or claimed) was put, in epoch seconds (its
+        file's modification time, which `claim`'s rename keeps); None when none is held."""
+        oldest: float | None = None
+        for directory in (self.pending_dir, self.claimed_dir):
+            for item in os.scandir(directory):
+                if not self._is_entry(item.name):
+                    continue
+                try:  # claimed or finished meanwhile
+                    when = item.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                oldest = when if oldest is None else min(oldest, when)
+        return oldest
+
     @staticmethod
     def _is_entry(name: str) -> bool:
         return name.endswith(_SUFFIX) and not name.startswith(_TEMP_PREFIX)
