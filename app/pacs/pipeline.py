@@ -84,6 +84,12 @@ HL7 = "hl7"
 FHIR = "fhir"
 # A C-STORE handler only writes the spool; readers look for new entries this often.
 _IDLE_POLL_S = 0.2
+# A study result the outbox could not store is tried again after this long.
+_STUDY_RETRY_S = 30.0
+
+
+class StudyNotStored(Exception):
+    """A study's result was built but the outbox did not store it (its cause says why)."""
 
 
 @dataclass(frozen=True)
@@ -453,18 +459,31 @@ class ResultsPipeline:
         return ImageReading(sop_uid, digest, without_pixels, answer=answer)
 
     async def _make_due_studies(self) -> None:
-        """Make the result of every study that has gone quiet, for as long as the pipeline runs;
-        a study whose result cannot be made is counted and not tried again for that image set."""
+        """Make the result of every study that has gone quiet, for as long as the pipeline runs.
+        A study whose result cannot be built (a hostile header) is counted and not tried again
+        for that image set; one the outbox could not store (full, unreachable) is tried again
+        after `_STUDY_RETRY_S`."""
         assert self.studies is not None and self.settings.study_stable_seconds is not None
         stable_s = self.settings.study_stable_seconds
         interval = min(max(stable_s / 4, 0.05), 1.0)
+        retry_at: dict[str, float] = {}
         while not self._closing:
             await asyncio.sleep(interval)
             oldest = await asyncio.to_thread(self.spool.oldest_arrival)
             due = await asyncio.to_thread(self.studies.due, stable_s, time.time(), oldest)
+            now = time.monotonic()
+            due = [uid for uid in due if retry_at.get(uid, 0.0) <= now]
             for study_uid in due:
+                retry_at.pop(study_uid, None)
                 try:
                     await asyncio.to_thread(self._record_study, study_uid)
+                except StudyNotStored as exc:
+                    cause = type(exc.__cause__).__name__
+                    self.stats[f"study:deferred:{cause}"] += 1
+                    logger.warning(
+                        "study result not stored; trying again", extra={"fields": {"error": cause}}
+                    )
+                    retry_at[study_uid] = time.monotonic() + _STUDY_RETRY_S
                 except Exception as exc:
                     self.stats[f"study:failed:{type(exc).__name__}"] += 1
                     logger.warning(
@@ -511,10 +530,7 @@ class ResultsPipeline:
         reading_sha = (self.metadata.sha256, decider.facts.site_profile_sha256)
         key = study_result_key(study_uid, *reading_sha, digest)
         objects = render_study_objects(images, set_aside, digest)
-        answers = {
-            image.sop_instance_uid: ledger.images[image.sop_instance_uid] for image in images
-        }
-        decider_answer = answers[decider.sop_instance_uid].answer or {}
+        decider_answer = ledger.images[decider.sop_instance_uid].answer or {}
         result_json = study_answer(study_uid, images, set_aside, decider_answer)
         warnings = [str(w) for w in result_json["warnings"]]
         messages = render_messages(
@@ -522,7 +538,10 @@ class ResultsPipeline:
         )
         routes = {o.kind: self._pacs_names for o in objects} | self._ris_names
         names = [d.name for d in self.destinations]
-        self.outbox.enqueue(key, objects + messages, names, result_json, routes=routes)
+        try:
+            self.outbox.enqueue(key, objects + messages, names, result_json, routes=routes)
+        except Exception as exc:
+            raise StudyNotStored from exc
         self.studies.mark_rendered(study_uid, digest)
         self.stats["study:recorded"] += 1
         return key

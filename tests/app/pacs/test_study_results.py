@@ -17,10 +17,14 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
+from fastapi.testclient import TestClient
 from pydicom.sr.codedict import codes
 from pynetdicom import AE
 
+import app.pacs.pipeline as pipeline_module
+from app.main import create_app
 from app.pacs.objects import SetAsideImage, StudyImage, build_study_sr, encode
+from app.pacs.outbox import Outbox
 from app.pacs.spool import Spool
 from app.pacs.study import ImageReading, StudyLedgers
 from app.pacs.uids import image_set_digest
@@ -29,7 +33,7 @@ from tests.app.pacs.intake_tools import instance, run_tool
 from tests.app.pacs.pacs_results import make_facts
 from tests.app.pacs.pacs_servers import Orthanc, free_port, orthanc_server, require_tool
 from tests.app.pacs.test_sr_report import PIXELMED_BASELINE_CID_100, _pixelmed
-from tests.support.testkit import UvicornProcess, process_settings
+from tests.support.testkit import UvicornProcess, make_settings, process_settings
 
 SERVICE_AET = "CXR_AI"
 STABLE_S = 4.0
@@ -413,3 +417,39 @@ def test_the_spool_says_when_its_oldest_unread_image_arrived(tmp_path: Path) -> 
     assert spool.oldest_arrival() == 1000.0
     spool.done(claimed)
     assert spool.oldest_arrival() == 2000.0
+
+
+def test_a_study_result_the_outbox_could_not_store_is_stored_on_a_later_try(
+    model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline_module, "_STUDY_RETRY_S", 0.2)
+    settings = make_settings(model_path, state_dir=tmp_path / "state", study_stable_seconds=0.2)
+    image = study_images(unique())["frontal"]
+    uid = sop_uid(image)
+    with TestClient(create_app(settings)) as client:
+        pipeline = client.app.state.pipeline  # type: ignore[attr-defined]
+        working = pipeline.outbox
+        # an outbox that cannot be written (closed): the study waits instead of being dropped
+        closed = Outbox.open(tmp_path / "closed", None)
+        closed.close()
+        pipeline.outbox = closed
+        try:
+            headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'}
+            body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + image + b"\r\n--b--\r\n"
+            assert (
+                client.post("/dicomweb/studies", content=body, headers=headers).status_code == 200
+            )
+            wait_for(
+                lambda: any(k.startswith("study:deferred:") for k in pipeline.stats),
+                20.0,
+                "the failed store counted",
+            )
+        finally:
+            pipeline.outbox = working
+        stored = wait_for(
+            lambda: client.get(f"/results/{uid}").status_code == 200, 20.0, "the study stored"
+        )
+        assert stored
+        answer = client.get(f"/results/{uid}").json()["answer"]
+        assert [i["sop_instance_uid"] for i in answer["study"]["images_read"]] == [uid]
+        assert pipeline.stats["study:recorded"] == 1
