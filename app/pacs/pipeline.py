@@ -86,6 +86,8 @@ FHIR = "fhir"
 _IDLE_POLL_S = 0.2
 # A study result the outbox could not store is tried again after this long.
 _STUDY_RETRY_S = 30.0
+# Ledgers of studies made and quiet for the retention time are looked for this often.
+_STUDY_PRUNE_EVERY_S = 600.0
 
 
 class StudyNotStored(Exception):
@@ -467,6 +469,7 @@ class ResultsPipeline:
         stable_s = self.settings.study_stable_seconds
         interval = min(max(stable_s / 4, 0.05), 1.0)
         retry_at: dict[str, float] = {}
+        prune_at = 0.0
         while not self._closing:
             await asyncio.sleep(interval)
             oldest = await asyncio.to_thread(self.spool.oldest_arrival)
@@ -497,10 +500,11 @@ class ResultsPipeline:
                         )
                 if self.worker is not None:
                     self.worker.wake()
-            if due:
+            if time.monotonic() >= prune_at:
                 await asyncio.to_thread(
                     self.studies.prune, time.time() - self.settings.results_retention_s
                 )
+                prune_at = time.monotonic() + _STUDY_PRUNE_EVERY_S
 
     def _record_study(self, study_uid: str) -> str | None:
         """Render a quiet study's one result into the outbox; returns its result key, or None

@@ -18,6 +18,9 @@ Layout under the state directory (files mode 0600: the headers are patient data)
 
     studies/<Study Instance UID>.json    the study's ledger (atomic: temporary file, fsync, rename)
     studies/by-image/<SOP Instance UID>  the study an image belongs to (for `/results/{image}`)
+    studies/waiting/<Study Instance UID> its image set has no result yet: what `due` reads, so
+                                         that finding the quiet studies costs what the waiting
+                                         ones cost, however many studies are kept
 
 A ledger keeps each image's header without its pixels (DICOM JSON), so that a study made again
 later can still describe the images read before. Ledgers untouched for `prune`'s age go.
@@ -101,10 +104,12 @@ class StudyLedgers:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.by_image = self.root / "by-image"
-        for directory in (self.root, self.by_image):
+        self.waiting = self.root / "waiting"
+        for directory in (self.root, self.by_image, self.waiting):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for leftover in self.root.glob(".tmp-*"):
-            leftover.unlink(missing_ok=True)
+        for directory in (self.root, self.by_image, self.waiting):
+            for leftover in directory.glob(".tmp-*"):
+                leftover.unlink(missing_ok=True)
         self._lock = threading.Lock()
 
     def _path(self, study_uid: str) -> Path:
@@ -145,14 +150,17 @@ class StudyLedgers:
         uid = _checked_uid(reading.sop_instance_uid)
         with self._lock:
             ledger = self.get(study_uid) or StudyLedger(study_uid, arrived_at, {}, None)
-            self._put(
-                StudyLedger(
-                    study_uid,
-                    max(ledger.last_arrival, arrived_at),
-                    {**ledger.images, uid: reading},
-                    ledger.rendered,
-                )
+            updated = StudyLedger(
+                study_uid,
+                max(ledger.last_arrival, arrived_at),
+                {**ledger.images, uid: reading},
+                ledger.rendered,
             )
+            if updated.rendered != updated.images_digest:
+                # marked before the ledger is written: a crash between leaves a mark too many
+                # (`due` passes over a study already made), never one too few
+                _write_atomic(self.waiting / study_uid, b"")
+            self._put(updated)
             _write_atomic(self.by_image / uid, study_uid.encode("ascii"))
 
     def mark_rendered(self, study_uid: str, images_digest: str) -> None:
@@ -161,6 +169,8 @@ class StudyLedgers:
             ledger = self.get(study_uid)
             if ledger is not None:
                 self._put(StudyLedger(study_uid, ledger.last_arrival, ledger.images, images_digest))
+                if ledger.images_digest == images_digest:
+                    (self.waiting / study_uid).unlink(missing_ok=True)
 
     def study_of(self, sop_instance_uid: str) -> str | None:
         """The Study Instance UID recorded for an image, if any."""
@@ -176,9 +186,12 @@ class StudyLedgers:
         no image received before the end of that quiet time still unread (`oldest_unread`: when
         the oldest image on the spool arrived, None when none is). Oldest first."""
         found: list[tuple[float, str]] = []
-        for path in self.root.glob(f"*{_SUFFIX}"):
-            ledger = self.get(path.name.removesuffix(_SUFFIX))
+        for path in self.waiting.iterdir():
+            if not _UID.match(path.name):  # a temporary file
+                continue
+            ledger = self.get(path.name)
             if ledger is None or ledger.rendered == ledger.images_digest:
+                path.unlink(missing_ok=True)  # made, or pruned, since it was marked
                 continue
             quiet_from = ledger.last_arrival + stable_s
             if now >= quiet_from and (oldest_unread is None or oldest_unread >= quiet_from):

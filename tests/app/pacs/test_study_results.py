@@ -393,8 +393,11 @@ def test_a_study_is_due_once_quiet_and_nothing_received_before_then_is_unread(
     assert ledgers.due(5.0, now=200.0, oldest_unread=108.0) == ["1.2.3"]
     ledger = ledgers.get("1.2.3")
     assert ledger is not None
+    waiting = tmp_path / "studies" / "waiting" / "1.2.3"
+    assert waiting.exists()
     ledgers.mark_rendered("1.2.3", ledger.images_digest)
     assert ledgers.due(5.0, now=200.0, oldest_unread=None) == []
+    assert not waiting.exists()  # what `due` reads is the studies still waiting only
     # the same image again changes nothing; other pixels under its UID change the set
     ledgers.add("1.2.3", _reading("1.2.3.2"), arrived_at=150.0)
     assert ledgers.due(5.0, now=200.0, oldest_unread=None) == []
@@ -402,6 +405,19 @@ def test_a_study_is_due_once_quiet_and_nothing_received_before_then_is_unread(
     assert ledgers.due(5.0, now=200.0, oldest_unread=None) == ["1.2.3"]
     assert ledgers.study_of("1.2.3.1") == "1.2.3"
     assert oct((tmp_path / "studies" / "1.2.3.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_study_made_and_quiet_past_the_retention_is_forgotten(tmp_path: Path) -> None:
+    ledgers = StudyLedgers(tmp_path / "studies")
+    ledgers.add("1.2.3", _reading("1.2.3.1"), arrived_at=100.0)
+    ledgers.add("1.2.4", _reading("1.2.4.1"), arrived_at=100.0)
+    made = ledgers.get("1.2.3")
+    assert made is not None
+    ledgers.mark_rendered("1.2.3", made.images_digest)
+    assert ledgers.prune(older_than=99.0) == 0  # not quiet that long
+    assert ledgers.prune(older_than=101.0) == 1  # 1.2.4 has no result yet: kept
+    assert ledgers.get("1.2.3") is None and ledgers.study_of("1.2.3.1") is None
+    assert ledgers.get("1.2.4") is not None
 
 
 def test_the_spool_says_when_its_oldest_unread_image_arrived(tmp_path: Path) -> None:
