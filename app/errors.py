@@ -116,6 +116,22 @@ class Unauthorized(ServiceError):
     code = "unauthorized"
 
 
+class Forbidden(ServiceError):
+    """The API key is valid but its roles do not cover the operation."""
+
+    status_code = HTTPStatus.FORBIDDEN
+    code = "forbidden"
+
+
+class ResultsStoreFull(ServiceError):
+    """The results store holds as many results as it may (`CXR_RESULTS_MAX_STORED`): nothing new
+    is stored until retention or an operator removes some; the caller may retry later."""
+
+    status_code = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "results_store_full"
+    retryable = True
+
+
 class ShuttingDown(ServiceError):
     """The instance is stopping and will not answer this request; another instance will."""
 

@@ -40,7 +40,7 @@ from app.model.loading import load_classifier
 from app.ops.memory import return_large_blocks_to_the_os
 from app.ops.metrics import ServiceMetrics
 from app.ops.observability import RequestContextMiddleware, configure_logging
-from app.pacs.outbox import OutboxUnavailable
+from app.pacs.outbox import OutboxUnavailable, RetentionSweeper
 from app.pacs.pipeline import ResultsPipeline
 from app.pacs.scp import ListenerRefused, listener_from_settings
 from app.serving.prediction import Prediction, PredictionStep, start_prediction
@@ -96,6 +96,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 # A C-STORE port that is taken is a fact served by readiness and `/model`, not a
                 # service that refuses every upload.
                 state.dicom_listener_down = pipeline_started.listener_down
+                # With no destination there is no delivery worker, which purges expired results
+                # as it goes: a sweeper does it instead, so that results leave on time anyway.
+                if pipeline_started.worker is None:
+                    retention_s = settings.results_retention_s
+                    app.state.retention = RetentionSweeper(
+                        pipeline_started.outbox, retention_s, every_s=min(600.0, retention_s / 10)
+                    )
+                    app.state.retention.start()
             state.serve(step)
         meta = classifier.metadata
         logger.info(
@@ -124,6 +132,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if probes is not None:
             probes.close()
         logger.info("shutting down")
+        retention: RetentionSweeper | None = app.state.retention
+        if retention is not None:
+            await anyio.to_thread.run_sync(retention.stop)
+            app.state.retention = None
         if pipeline is not None:
             await pipeline.aclose(settings.drain_seconds)
             app.state.pipeline = None
@@ -169,11 +181,15 @@ async def start_results_pipeline(
         return answer.model_dump(mode="json")
 
     pipeline = await anyio.to_thread.run_sync(ResultsPipeline, settings, step, shape_answer)
+    pipeline.outbox.max_results = settings.results_max_stored  # CXR_RESULTS_MAX_STORED
     if settings.dicom_port is not None:
         # The C-STORE listener admits the peers the site lists (`listener_from_settings`), and
         # with none listed, and no CXR_DICOM_OPEN, it does not start while the rest serves.
+        outbox = pipeline.outbox
         try:
-            pipeline.listener = listener_from_settings(settings, pipeline.spool, pipeline.gate)
+            pipeline.listener = listener_from_settings(
+                settings, pipeline.spool, pipeline.gate, room=lambda: not outbox.is_full()
+            )
         except ListenerRefused as exc:
             pipeline.listener, pipeline.listener_down = None, str(exc)
             logger.error("dicom listener not started", extra={"fields": {"reason": str(exc)}})
@@ -199,6 +215,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Present before the lifespan runs, so probes answer 503 "model is loading" rather than fail.
     app.state.service = ServiceState()
     app.state.pipeline = None
+    app.state.retention = None
     app.state.probe_answers = ProbeAnswers(settings.loop_stall_s)
     app.state.drain = Drain(settings.drain_seconds, settings.retry_after_s)
     # Read here, not in the lifespan: a key file that cannot be used stops the process at once

@@ -440,13 +440,23 @@ class Settings(BaseSettings):
         default=7 * 24 * 3600.0,
         gt=0,
         description="Age after which an undelivered result stops being retried; it is then kept "
-        "as failed (visible in `/results/...` and the metrics), never dropped.",
+        "as failed (visible in `/results/...` and the metrics) for `results_retention_s`.",
     )
     results_retention_s: float = Field(
         default=7 * 24 * 3600.0,
         gt=0,
-        description="How long delivered results stay readable at `/results/...` before they are "
-        "purged from the outbox.",
+        description="How long a result (the answer, its objects, its deliveries: patient data) is "
+        "kept once every delivery of it ended, delivered or failed, or, with no destination, "
+        "once it was stored; then it is purged (checked at least every 10 minutes), whether or "
+        "not a destination is configured. A delivery still being tried is never purged.",
+    )
+    results_max_stored: int = Field(
+        default=20_000,
+        ge=1,
+        description="Most results the store holds (an SR is about 10 KB; a heat-map SC beside it "
+        "as much as the X-ray's pixels). Past it nothing new is stored: `deliver=true` and "
+        "STOW-RS answer 503 `results_store_full` (Retry-After), C-STORE 0xA700, until retention "
+        "or an operator (`DELETE /results/...`) makes room.",
     )
     # -- results to the RIS: HL7 v2.5.1 ORU^R01 over MLLP, FHIR R4 transactions ---------------
     results_hl7: str | None = Field(

@@ -9,6 +9,14 @@ service is open; with one or more, routes that declare `dependencies=REQUIRE_API
 Every configured key is kept only as its SHA-256 digest. A presented key is hashed and compared
 with every digest using `hmac.compare_digest`, without stopping at the first match, so the time
 taken says nothing about which key, or how much of one, matched. Keys are never logged.
+
+Roles: what a key may do. `read` (stored results, `GET /results/...`), `predict` (`POST /predict`,
+`/predict/batch`), `deliver` (write into the PACS or RIS: `deliver=true`, STOW-RS), `operate`
+(`DELETE /results/...`). A key file line names them with a `roles=` field after the digest
+(`<sha256> viewer roles=read`); a line without one, and every key of `CXR_API_KEYS`, has
+`DEFAULT_ROLES`: all that keys could do before roles existed (read, predict, deliver), never
+`operate`, which only a line that names it gives. Without keys the service is open to the default
+roles, and nothing can operate. `GET /model` and `/metrics` need a key, of any role.
 """
 
 from __future__ import annotations
@@ -27,6 +35,11 @@ API_KEY_HEADER = "X-API-Key"
 MIN_KEY_LENGTH = 16
 _HEX_DIGEST = re.compile(r"^[0-9a-fA-F]{64}$")
 
+READ, PREDICT, DELIVER, OPERATE = "read", "predict", "deliver", "operate"
+ROLES = (READ, PREDICT, DELIVER, OPERATE)
+DEFAULT_ROLES = frozenset({READ, PREDICT, DELIVER})
+Roles = frozenset[str]
+
 
 class ApiKeyConfigError(ValueError):
     """The configured keys cannot be used; the service refuses to start rather than run open."""
@@ -38,29 +51,38 @@ def key_digest(key: str) -> bytes:
 
 
 class ApiKeys:
-    """The configured keys, as digests. Empty means authentication is off."""
+    """The configured keys, as digests with their roles. Empty means authentication is off."""
 
-    def __init__(self, digests: frozenset[bytes] = frozenset()) -> None:
-        self._digests = digests
+    def __init__(self, digests: dict[bytes, Roles] | None = None) -> None:
+        self._roles = dict(digests or {})
 
     @property
     def required(self) -> bool:
-        return bool(self._digests)
+        return bool(self._roles)
 
     def __len__(self) -> int:
-        return len(self._digests)
+        return len(self._roles)
+
+    def roles_of(self, presented: str) -> Roles | None:
+        """The roles of `presented` (None when it is no configured key), in time independent of
+        which key matched."""
+        candidate = key_digest(presented)
+        found: Roles | None = None
+        for digest, roles in self._roles.items():
+            if hmac.compare_digest(candidate, digest):
+                found = roles
+        return found
 
     def accepts(self, presented: str) -> bool:
         """Whether `presented` is a configured key, in time independent of which one matched."""
-        candidate = key_digest(presented)
-        found = False
-        for digest in self._digests:
-            found |= hmac.compare_digest(candidate, digest)
-        return found
+        return self.roles_of(presented) is not None
+
+    def count_with(self, role: str) -> int:
+        return sum(role in roles for roles in self._roles.values())
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiKeys:
-        digests: set[bytes] = set()
+        digests: dict[bytes, Roles] = {}
         if settings.api_keys is not None:
             for key in (k.strip() for k in settings.api_keys.get_secret_value().split(",")):
                 if not key:
@@ -71,7 +93,7 @@ class ApiKeys:
                         f"CXR_API_KEYS: every key needs at least {MIN_KEY_LENGTH} characters "
                         "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
                     )
-                digests.add(key_digest(key))
+                digests[key_digest(key)] = DEFAULT_ROLES
             if not digests:
                 # " , " is a setting that was meant to hold keys: never start open on it.
                 raise ApiKeyConfigError(
@@ -86,28 +108,41 @@ class ApiKeys:
                     f"CXR_API_KEYS_FILE {settings.api_keys_file} holds no key digest; add one "
                     'line per key with the output of: printf %s "$KEY" | sha256sum'
                 )
+            # a key in both places has the roles its file line gives
             digests |= from_file
-        return cls(frozenset(digests))
+        return cls(digests)
 
 
-def read_digest_file(path: Path) -> set[bytes]:
-    """Digests from a file: per line, a 64-hex-digit SHA-256 first, then anything (a label, or
-    the `-` that `sha256sum` prints for stdin); blank lines and `#` comments are skipped."""
+def read_digest_file(path: Path) -> dict[bytes, Roles]:
+    """Digests from a file, with their roles: per line, a 64-hex-digit SHA-256 first, then
+    anything (a label, or the `-` that `sha256sum` prints for stdin) and optionally
+    `roles=read,predict,...` (else `DEFAULT_ROLES`); blank lines and `#` comments are skipped."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ApiKeyConfigError(f"CXR_API_KEYS_FILE {path} cannot be read: {exc}") from exc
-    digests = set()
+    digests: dict[bytes, Roles] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split("#", 1)[0].split()
         if not fields:
             continue
+        where = f"CXR_API_KEYS_FILE {path}, line {number}"
         if not _HEX_DIGEST.match(fields[0]):
             raise ApiKeyConfigError(
-                f"CXR_API_KEYS_FILE {path}, line {number}: expected a SHA-256 hex digest "
-                "(64 hex digits) first; store digests of keys, never the keys"
+                f"{where}: expected a SHA-256 hex digest (64 hex digits) first; store digests "
+                "of keys, never the keys"
             )
-        digests.add(bytes.fromhex(fields[0]))
+        named = [f.removeprefix("roles=") for f in fields[1:] if f.startswith("roles=")]
+        if len(named) > 1:
+            raise ApiKeyConfigError(f"{where}: more than one roles= field")
+        roles = DEFAULT_ROLES if not named else frozenset(r for r in named[0].split(",") if r)
+        unknown = sorted(roles - set(ROLES))
+        if unknown or not roles:
+            raise ApiKeyConfigError(
+                f"{where}: roles= takes one or more of {', '.join(ROLES)} "
+                f"(found {', '.join(unknown) or 'none'})"
+            )
+        digests[bytes.fromhex(fields[0])] = roles
     return digests
 
 

@@ -6,13 +6,19 @@ otherwise send each of them to the thread pool.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from app.errors import DeliveryNotConfigured, InvalidRequest, ModelNotReady, Unauthorized
-from app.http.auth import API_KEY_HEADER, ApiKeys
+from app.errors import (
+    DeliveryNotConfigured,
+    Forbidden,
+    InvalidRequest,
+    ModelNotReady,
+    Unauthorized,
+)
+from app.http.auth import API_KEY_HEADER, DEFAULT_ROLES, OPERATE, ApiKeys, Roles
 from app.http.uploads import Framing
 from app.model.classifier import Classifier
 from app.ops.metrics import ServiceMetrics
@@ -115,22 +121,50 @@ async def require_api_key(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     header_key: Annotated[str | None, Depends(_header)],
-) -> None:
-    """401 unless API keys are off or the request carries a configured one (either header)."""
+) -> Roles:
+    """401 unless API keys are off or the request carries a configured one (either header); the
+    roles of the key (`DEFAULT_ROLES` when keys are off), also kept on `request.state`."""
     keys: ApiKeys = request.app.state.api_keys
     if not keys.required:
-        return
+        request.state.key_roles = DEFAULT_ROLES
+        return DEFAULT_ROLES
     presented = [key for key in (bearer and bearer.credentials, header_key) if key]
     if not presented:
         raise Unauthorized(
             f"an API key is required: send `Authorization: Bearer <key>` or `{API_KEY_HEADER}`",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    if not any([keys.accepts(key) for key in presented]):  # every key compared, no short cut
+    found = [keys.roles_of(key) for key in presented]  # every key compared, no short cut
+    accepted = [roles for roles in found if roles is not None]
+    if not accepted:
         raise Unauthorized("the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+    roles = frozenset().union(*accepted)
+    request.state.key_roles = roles
+    return roles
 
 
-# For route decorators: `@router.get(..., dependencies=REQUIRE_API_KEY)`.
+def demand_role(request: Request, role: str) -> None:
+    """403 unless the request's key (read by `require_api_key`) has `role`."""
+    roles: Roles = getattr(request.state, "key_roles", frozenset())
+    if role not in roles:
+        if role == OPERATE and not request.app.state.api_keys.required:
+            raise Forbidden(
+                "this needs an API key with the operate role, and the service has no keys: "
+                "configure CXR_API_KEYS_FILE with a line ending roles=operate"
+            )
+        raise Forbidden(f"this API key lacks the `{role}` role this needs")
+
+
+def require_role(role: str) -> list[Any]:
+    """For route decorators: a configured key (401 otherwise) that has `role` (403 otherwise)."""
+
+    async def check(request: Request, _: Annotated[Roles, Depends(require_api_key)]) -> None:
+        demand_role(request, role)
+
+    return [Depends(check)]
+
+
+# For route decorators: `@router.get(..., dependencies=REQUIRE_API_KEY)`, any role.
 REQUIRE_API_KEY = [Depends(require_api_key)]
 
 

@@ -21,7 +21,8 @@ from app.errors import (
     UnsupportedMediaType,
 )
 from app.http import schemas
-from app.http.deps import REQUIRE_API_KEY, FramingDep, PipelineDep, SettingsDep, StepDep
+from app.http.auth import DELIVER, OPERATE, READ
+from app.http.deps import FramingDep, PipelineDep, SettingsDep, StepDep, require_role
 from app.http.errors import error_responses
 from app.http.slow_bodies import upload_ticket
 from app.http.uploads import declared_upload_bytes, read_body
@@ -61,11 +62,14 @@ _STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: _STORE_RESPONSE,
     202: _STORE_RESPONSE,
     409: _STORE_RESPONSE,
-    **error_responses(400, 413, 415, 501, 503),
+    **error_responses(400, 403, 413, 415, 501, 503),
 }
+# One UID names at most a few results (one per image content read under it); the bound keeps a
+# DELETE from looping should a look-up keep finding one.
+_MOST_RESULTS_PER_UID = 100
 _SR_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/dicom": {}}, "description": "The SR (PS3.10)"},
-    **error_responses(404, 501, 503),
+    **error_responses(403, 404, 501, 503),
 }
 
 
@@ -117,7 +121,7 @@ async def record_result(
     openapi_extra=_STOW_BODY,
     summary="Store instances (DICOMweb STOW-RS)",
     tags=["dicom"],
-    dependencies=REQUIRE_API_KEY,
+    dependencies=require_role(DELIVER),
 )
 async def store_instances(
     request: Request,
@@ -131,8 +135,9 @@ async def store_instances(
     workers; its result objects go to the configured destinations and are readable at
     `/results/{SOPInstanceUID}`. 200: all stored; 202: some failed; 409: none stored; 400:
     broken multipart framing; 413: over `CXR_MAX_UPLOAD_BYTES`, or more than
-    `CXR_STOW_MAX_PARTS` parts (`too_many_parts`, refused whole); 415: not
-    `multipart/related; type="application/dicom"`; 503 with Retry-After: the intake is full."""
+    `CXR_STOW_MAX_PARTS` parts (`too_many_parts`, refused whole); 403: the key lacks the `deliver`
+    role; 415: not `multipart/related; type="application/dicom"`; 503 with Retry-After: the
+    intake is full, or the results store (`results_store_full`)."""
     return await _store(request, step, pipeline, settings, framing, None)
 
 
@@ -143,7 +148,7 @@ async def store_instances(
     openapi_extra=_STOW_BODY,
     summary="Store instances of one study (DICOMweb STOW-RS)",
     tags=["dicom"],
-    dependencies=REQUIRE_API_KEY,
+    dependencies=require_role(DELIVER),
 )
 async def store_study_instances(
     request: Request,
@@ -171,6 +176,9 @@ async def _store(
     except stow.StowError as exc:
         raise _as_service_error(exc) from exc
     declared = declared_upload_bytes(framing, settings.max_upload_bytes)
+    # A full results store refuses before the body is read: an image taken now would be read
+    # later into nowhere.
+    await asyncio.to_thread(pipeline.outbox.require_room)
     # Through the admission gate the body's bytes are charged as they arrive, not declared.
     with step.admit(1, 0 if upload_ticket(request) is not None else declared):
         body = await read_body(request, framing, settings.max_upload_bytes)
@@ -220,10 +228,10 @@ def _as_service_error(exc: stow.StowError) -> Exception:
 @router.get(
     "/results/{sop_instance_uid}",
     response_model=schemas.StoredResultResponse,
-    responses=error_responses(404, 501, 503),
+    responses=error_responses(403, 404, 501, 503),
     summary="A stored result and its delivery state",
     tags=["dicom"],
-    dependencies=REQUIRE_API_KEY,
+    dependencies=require_role(READ),
 )
 async def stored_result(
     pipeline: PipelineDep, sop_instance_uid: UidPath
@@ -248,7 +256,7 @@ async def stored_result(
     responses=_SR_RESPONSES,
     summary="The DICOM SR of a result",
     tags=["dicom"],
-    dependencies=REQUIRE_API_KEY,
+    dependencies=require_role(READ),
 )
 async def stored_sr(pipeline: PipelineDep, sop_instance_uid: UidPath) -> Response:
     """The TID 1500 Structured Report made for a source image, as a PS3.10 file."""
@@ -256,3 +264,34 @@ async def stored_sr(pipeline: PipelineDep, sop_instance_uid: UidPath) -> Respons
     if payload is None:
         raise ResultNotFound("no result is stored for that SOP Instance UID")
     return Response(payload, media_type="application/dicom")
+
+
+@router.delete(
+    "/results/{sop_instance_uid}",
+    response_model=schemas.DeletedResultResponse,
+    responses=error_responses(403, 404, 501, 503),
+    summary="Remove the stored results of an image now",
+    tags=["dicom"],
+    dependencies=require_role(OPERATE),
+)
+async def delete_result(
+    pipeline: PipelineDep, sop_instance_uid: UidPath
+) -> schemas.DeletedResultResponse:
+    """Remove from the results store every result `GET /results/{SOPInstanceUID}` would give for
+    this UID (a source image's, each image content read under it, or a result object's): the
+    stored answer, its objects, and their deliveries, a pending one included (it is not sent).
+    Needs an API key with the `operate` role (403 otherwise, and always when the service has no
+    keys). What a PACS already received stays there. 404 when nothing is stored."""
+    removed: list[str] = []
+    results = 0
+    while results < _MOST_RESULTS_PER_UID:
+        stored = await asyncio.to_thread(pipeline.result, sop_instance_uid)
+        if stored is None:
+            break
+        removed += await asyncio.to_thread(pipeline.outbox.delete_result, stored.result_key)
+        results += 1
+    if not results:
+        raise ResultNotFound("no result is stored for that SOP Instance UID")
+    return schemas.DeletedResultResponse(
+        sop_instance_uid=sop_instance_uid, results_removed=results, objects_removed=removed
+    )

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from app.errors import ModelNotReady, ServiceError
 from app.http import schemas
+from app.http.auth import DELIVER, PREDICT
 from app.http.deps import (
     REQUIRE_API_KEY,
     ClassifierDep,
@@ -26,7 +27,9 @@ from app.http.deps import (
     ServiceStateDep,
     SettingsDep,
     StepDep,
+    demand_role,
     get_pipeline,
+    require_role,
 )
 from app.http.errors import error_responses
 from app.http.pacs import record_result, require_dicom_upload
@@ -80,7 +83,7 @@ _PREDICT_BODY = {
 }
 
 
-_PREDICT_ERRORS = error_responses(408, 413, 415, 422, 429, 501, 503)
+_PREDICT_ERRORS = error_responses(403, 408, 413, 415, 422, 429, 501, 503)
 
 
 @router.post(
@@ -90,7 +93,7 @@ _PREDICT_ERRORS = error_responses(408, 413, 415, 422, 429, 501, 503)
     openapi_extra=_PREDICT_BODY,
     summary="Screen one chest X-ray for pneumonia",
     tags=["inference"],
-    dependencies=REQUIRE_API_KEY,
+    dependencies=require_role(PREDICT),
 )
 async def predict(
     request: Request,
@@ -119,7 +122,8 @@ async def predict(
             description="DICOM uploads only: also make the result objects (a TID 1500 SR in the "
             "image's study, and the heat-map SC where configured), store them durably before "
             "answering, and deliver them to the configured PACS; the answer carries `result`. "
-            "A JPEG/PNG gets 422; an instance without CXR_STATE_DIR 501."
+            "A JPEG/PNG gets 422; an instance without CXR_STATE_DIR 501; a key without the "
+            "`deliver` role 403."
         ),
     ] = False,
 ) -> PredictionResponse:
@@ -156,6 +160,8 @@ async def predict(
     the coloured map, and the two overlaid). Default answers do not compute it.
     """
     step.check_explanation_request(explain, explain_class)  # before the body is read
+    if deliver:
+        demand_role(request, DELIVER)  # writing into the PACS is a right of its own
     results = await get_pipeline(request, step) if deliver else None
     explain = explain or (results is not None and results.explains)
     if results is not None and explain_class is None:
@@ -207,7 +213,7 @@ _BATCH_BODY = {
     openapi_extra=_BATCH_BODY,
     summary="Screen several chest X-rays in one request",
     tags=["inference"],
-    dependencies=REQUIRE_API_KEY,
+    dependencies=require_role(PREDICT),
 )
 async def predict_batch(
     request: Request,

@@ -259,6 +259,16 @@ class ReadyResponse(BaseModel):
     )
 
 
+class DeletedResultResponse(BaseModel):
+    """What `DELETE /results/{SOPInstanceUID}` removed from the results store."""
+
+    sop_instance_uid: str
+    results_removed: int = Field(description="Results removed (one per image content read).")
+    objects_removed: list[str] = Field(
+        description="SOP Instance UIDs of the result objects removed (SR, SC, RIS messages)."
+    )
+
+
 class DicomListenerInfo(BaseModel):
     """The running C-STORE listener and whom it admits."""
 

@@ -466,7 +466,8 @@ class DeliveryWorker:
     Backoff after the n-th failed attempt: `base_backoff_s * 2**(n-1)`, jittered by up to a tenth,
     capped at `max_backoff_s`; a Retry-After from the peer takes precedence when longer (bounded
     by an hour). Deliveries for a destination this worker does not know are left to others.
-    Delivered rows are purged once `retention_s` has passed, checked every `purge_every_s`.
+    Results past their retention (`Outbox.purge_expired`: delivered or failed for `retention_s`,
+    or stored that long with no delivery) are purged, checked every `purge_every_s`.
     """
 
     def __init__(
@@ -531,7 +532,7 @@ class DeliveryWorker:
                 self._settle(name, delivery, outcome)
         if now - self._last_purge >= self.purge_every_s:
             self._last_purge = now
-            self.outbox.purge_delivered(self.retention_s, now=now)
+            self.outbox.purge_expired(self.retention_s, now=now)
         return len(mine)
 
     def _settle(self, name: str, delivery: Delivery, outcome: Outcome) -> None:

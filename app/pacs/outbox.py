@@ -1,10 +1,16 @@
 """A durable outbox of result objects waiting to reach their PACS destinations.
 
-A row is committed before the answer is considered delivered anywhere, and leaves only when it has
-been delivered and its retention has passed. Two backends with the same schema and semantics:
+A row is committed before the answer is considered delivered anywhere. A result leaves when its
+retention has passed (`purge_expired`): counted from when it was stored, and from when its last
+delivery ended (delivered, or failed for good), never while one is still being tried; with no
+destination at all, from when it was stored. An operator may remove one earlier (`delete_result`).
+The store holds at most `max_results` results (`ResultsStoreFull` past it). Two backends with the
+same schema and semantics:
 
 - SQLite (the default, embedded): one file under the state directory, created with mode 0600, in
-  WAL mode with `synchronous=FULL`, so that a committed row survives the process being killed.
+  WAL mode with `synchronous=FULL`, so that a committed row survives the process being killed,
+  and with `secure_delete=ON`, so that a purged or deleted result's bytes are overwritten with
+  zeros rather than left in free pages of the file.
   Several processes on one host may share it; writes are serialised by SQLite's lock.
 - PostgreSQL (`postgresql://...`): for replicas sharing one queue. Claims use
   `SELECT ... FOR UPDATE SKIP LOCKED`, so two workers never claim the same delivery.
@@ -22,6 +28,7 @@ server's echoed body can never end up stored here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -32,6 +39,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from app.errors import ResultsStoreFull
+
+logger = logging.getLogger(__name__)
 
 State = Literal["pending", "delivered", "failed"]
 STATES: tuple[State, ...] = ("pending", "delivered", "failed")
@@ -159,6 +170,9 @@ class _Sqlite:
             self._connection.execute("PRAGMA journal_mode=WAL")
             self._connection.execute("PRAGMA synchronous=FULL")
             self._connection.execute("PRAGMA foreign_keys=ON")
+            # patient data must not outlive its deletion in free pages (SQLite's default is a
+            # compile-time option: set it, whatever this build's is)
+            self._connection.execute("PRAGMA secure_delete=ON")
         for side_file in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
             if side_file.exists():
                 os.chmod(side_file, 0o600)
@@ -250,10 +264,14 @@ class Outbox:
         *,
         lease_s: float = DEFAULT_LEASE_S,
         give_up_after_s: float = DEFAULT_GIVE_UP_AFTER_S,
+        max_results: int | None = None,
     ) -> None:
         self._db = database
         self.lease_s = lease_s
         self.give_up_after_s = give_up_after_s
+        # Most results the store holds; None: no bound. A result already stored may always be
+        # stored again (`enqueue` is idempotent), even when the store is full.
+        self.max_results = max_results
         blob, serial = (
             ("BLOB", "INTEGER PRIMARY KEY AUTOINCREMENT")
             if database.dialect == "sqlite"
@@ -274,6 +292,7 @@ class Outbox:
         *,
         lease_s: float = DEFAULT_LEASE_S,
         give_up_after_s: float = DEFAULT_GIVE_UP_AFTER_S,
+        max_results: int | None = None,
     ) -> Outbox:
         """PostgreSQL when `url` is given, otherwise SQLite in `state_dir`."""
         database: _Database
@@ -285,7 +304,9 @@ class Outbox:
             database = _Sqlite(Path(state_dir) / SQLITE_FILE)
         else:
             raise ValueError("the outbox needs a state directory or a PostgreSQL URL")
-        return cls(database, lease_s=lease_s, give_up_after_s=give_up_after_s)
+        return cls(
+            database, lease_s=lease_s, give_up_after_s=give_up_after_s, max_results=max_results
+        )
 
     def close(self) -> None:
         self._db.close()
@@ -313,6 +334,8 @@ class Outbox:
         added = 0
         document = json.dumps(result_json, separators=(",", ":"), sort_keys=True)
         with self._db.transaction() as cursor:
+            if self.max_results is not None:
+                self._check_room(cursor, result_key)
             cursor.execute(
                 "INSERT INTO pacs_results (result_key, result_json, created_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (result_key) DO NOTHING",
@@ -336,6 +359,38 @@ class Outbox:
                     )
                     added += cursor.rowcount
         return added
+
+    def _check_room(self, cursor: _QmarkCursor, result_key: str) -> None:
+        """ResultsStoreFull when `max_results` are stored and `result_key` is not one of them."""
+        row = cursor.execute("SELECT COUNT(*) FROM pacs_results").fetchone()
+        stored = int(row[0]) if row else 0
+        if self.max_results is None or stored < self.max_results:
+            return
+        known = cursor.execute(
+            "SELECT 1 FROM pacs_results WHERE result_key = ?", (result_key,)
+        ).fetchone()
+        if known is None:
+            raise ResultsStoreFull(
+                f"the results store holds its limit of {self.max_results} results "
+                "(CXR_RESULTS_MAX_STORED); results leave after CXR_RESULTS_RETENTION_S, or an "
+                "operator removes them (DELETE /results/...)"
+            )
+
+    def count_results(self) -> int:
+        with self._db.transaction() as cursor:
+            row = cursor.execute("SELECT COUNT(*) FROM pacs_results").fetchone()
+        return int(row[0]) if row else 0
+
+    def is_full(self) -> bool:
+        """Whether a new result would be refused now (`max_results` reached)."""
+        return self.max_results is not None and self.count_results() >= self.max_results
+
+    def require_room(self) -> None:
+        """ResultsStoreFull when a new result would be refused: for intakes that take an image
+        now and store its result later (STOW-RS), so that they refuse it while they still can."""
+        if self.is_full():
+            with self._db.transaction() as cursor:
+                self._check_room(cursor, "")
 
     def claim(self, worker_id: str, now: float | None = None, limit: int = 16) -> list[Delivery]:
         """Lease up to `limit` due deliveries (oldest first) to `worker_id` for `lease_s`."""
@@ -396,7 +451,8 @@ class Outbox:
         )
 
     def mark_failed(self, delivery: Delivery, reason: str, now: float | None = None) -> bool:
-        """Permanent failure: kept, visible in `result` and `stats`, never retried or purged."""
+        """Permanent failure: never retried; kept, visible in `result` and `stats`, until the
+        retention has passed from now (`purge_expired`)."""
         at = time.time() if now is None else now
         return self._finish(
             delivery,
@@ -419,26 +475,50 @@ class Outbox:
         )
         return "pending"
 
-    def purge_delivered(self, older_than_s: float, now: float | None = None) -> int:
-        """Drop deliveries delivered more than `older_than_s` ago, then objects and results
-        nothing refers to any more. Failed and pending rows are never purged."""
-        at = time.time() if now is None else now
+    def purge_expired(self, retention_s: float, now: float | None = None) -> int:
+        """Remove every result stored more than `retention_s` ago whose deliveries all ended
+        (delivered or failed) more than `retention_s` ago, or that has none (no destination):
+        the result, its objects and their deliveries. A result with a delivery still pending
+        stays (it becomes failed after the give-up age, and is purged a retention later).
+        Returns how many results were removed."""
+        cutoff = (time.time() if now is None else now) - retention_s
         with self._db.transaction() as cursor:
-            cursor.execute(
-                "DELETE FROM pacs_deliveries WHERE state = 'delivered' AND finished_at <= ?",
-                (at - older_than_s,),
-            )
-            removed = cursor.rowcount
-            if removed:
-                cursor.execute(
-                    "DELETE FROM pacs_objects WHERE NOT EXISTS (SELECT 1 FROM pacs_deliveries d "
-                    "WHERE d.sop_instance_uid = pacs_objects.sop_instance_uid)"
-                )
-                cursor.execute(
-                    "DELETE FROM pacs_results WHERE NOT EXISTS (SELECT 1 FROM pacs_objects o "
-                    "WHERE o.result_key = pacs_results.result_key)"
-                )
-        return removed
+            rows = cursor.execute(
+                "SELECT r.result_key FROM pacs_results r WHERE r.created_at <= ? AND NOT EXISTS ("
+                "SELECT 1 FROM pacs_objects o JOIN pacs_deliveries d "
+                "ON d.sop_instance_uid = o.sop_instance_uid WHERE o.result_key = r.result_key "
+                "AND (d.state = 'pending' OR d.finished_at IS NULL OR d.finished_at > ?))",
+                (cutoff, cutoff),
+            ).fetchall()
+            for (key,) in rows:
+                self._remove(cursor, str(key))
+        return len(rows)
+
+    def delete_result(self, result_key: str) -> list[str]:
+        """Remove one result now, whatever its deliveries' state (a pending one is cancelled:
+        a worker holding it finds it gone when it settles); returns the SOP Instance UIDs of the
+        objects removed (empty when there was no such result)."""
+        with self._db.transaction() as cursor:
+            return self._remove(cursor, result_key)
+
+    @staticmethod
+    def _remove(cursor: _QmarkCursor, result_key: str) -> list[str]:
+        uids = [
+            str(row[0])
+            for row in cursor.execute(
+                "SELECT sop_instance_uid FROM pacs_objects WHERE result_key = ? "
+                "ORDER BY sop_instance_uid",
+                (result_key,),
+            ).fetchall()
+        ]
+        cursor.execute(
+            "DELETE FROM pacs_deliveries WHERE sop_instance_uid IN (SELECT sop_instance_uid "
+            "FROM pacs_objects WHERE result_key = ?)",
+            (result_key,),
+        )
+        cursor.execute("DELETE FROM pacs_objects WHERE result_key = ?", (result_key,))
+        cursor.execute("DELETE FROM pacs_results WHERE result_key = ?", (result_key,))
+        return uids
 
     def result(self, uid: str) -> StoredResult | None:
         """The stored answer and its delivery states, by result key or by the SOP Instance UID
@@ -512,3 +592,46 @@ class Outbox:
             counts={(str(s), str(d)): int(n) for s, d, n in counts},
             oldest_pending_age_s=None if first is None else max(0.0, at - first),
         )
+
+
+class RetentionSweeper:
+    """A thread that purges expired results (`Outbox.purge_expired`) at start and every
+    `every_s`, for a process whose results have no delivery worker to do it (no destination
+    configured): results with patient data are not kept past their retention either way."""
+
+    def __init__(self, outbox: Outbox, retention_s: float, every_s: float = 600.0) -> None:
+        self.outbox = outbox
+        self.retention_s = retention_s
+        self.every_s = every_s
+        self.purged = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sweep(self) -> int:
+        removed = self.outbox.purge_expired(self.retention_s)
+        self.purged += removed
+        if removed:
+            logger.info("expired results purged", extra={"fields": {"results": removed}})
+        return removed
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.sweep()
+            except Exception as error:  # the database briefly unreachable: next round
+                logger.warning(
+                    "retention sweep failed", extra={"fields": {"error": type(error).__name__}}
+                )
+            if self._stop.wait(self.every_s):
+                return
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the sweeper is already started")
+        self._thread = threading.Thread(target=self._loop, name="results-retention", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)

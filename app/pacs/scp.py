@@ -27,7 +27,8 @@ it. The same holds for a CR/DX image the gate refuses (a lateral, a non-chest): 
 spooled, counted as `ignored_not_intended_use`.
 
 Statuses that ask the sender to act:
-- 0xA700 (out of resources) when the spool is full or cannot be written: retry later.
+- 0xA700 (out of resources) when the spool is full or cannot be written, or the results store
+  holds its limit (`room`): retry later.
 - 0xC000 (cannot understand) when the header cannot be read, has no SOP Instance UID, or the
   gate raises on it: a retry would not help, and the sender should know.
 
@@ -92,7 +93,9 @@ class ListenerRefused(Exception):
     it is not started (the rest of the service serves), and the message says what to set."""
 
 
-def listener_from_settings(settings: Settings, spool: Spool, gate: Gate) -> StorageListener:
+def listener_from_settings(
+    settings: Settings, spool: Spool, gate: Gate, room: Callable[[], bool] | None = None
+) -> StorageListener:
     """The service's C-STORE listener (`CXR_DICOM_PORT`), admitting the peers the site lists
     (`CXR_DICOM_PEERS`, or the deprecated `CXR_DICOM_ALLOWED_AETS`), or anyone when
     `CXR_DICOM_OPEN` says so (a WARNING). ListenerRefused when neither is set."""
@@ -136,6 +139,7 @@ def listener_from_settings(settings: Settings, spool: Spool, gate: Gate) -> Stor
         host=settings.dicom_host,
         peers=peers,
         max_associations=settings.dicom_max_associations,
+        room=room,
     )
 
 
@@ -153,6 +157,7 @@ class IntakeStats:
     ignored_sop_class: int = 0
     ignored_not_intended_use: int = 0
     refused_spool_full: int = 0
+    refused_results_full: int = 0
     failed_storage: int = 0
     failed_unreadable: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -179,6 +184,7 @@ class StorageListener:
         host: str = "0.0.0.0",
         peers: Sequence[DicomPeer] | None = None,
         allowed_calling_aets: set[str] | None = None,
+        room: Callable[[], bool] | None = None,
         max_associations: int = 10,
         max_pdu: int = 65536,
         acse_timeout: float = 30.0,
@@ -197,6 +203,9 @@ class StorageListener:
             peers = [*(peers or ()), *listed]
         self.peers: tuple[DicomPeer, ...] | None = None if peers is None else tuple(peers)
         self.ae_title = ae_title
+        # Whether the results store can take another result (`Outbox.is_full`); without room an
+        # image is refused as the full spool refuses it, rather than read into nowhere.
+        self.room = room
         self.spool = spool
         self.gate = gate
         self.host = host
@@ -353,6 +362,9 @@ class StorageListener:
         if refusal is not None:
             self.stats.add("ignored_not_intended_use")
             return SUCCESS
+        if self.room is not None and not self.room():
+            self.stats.add("refused_results_full")
+            return OUT_OF_RESOURCES
         meta: dict[str, Any] = {
             "source": "dimse",
             "calling_ae": str(event.assoc.requestor.ae_title),

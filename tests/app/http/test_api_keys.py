@@ -135,7 +135,7 @@ def test_openapi_declares_both_schemes_on_the_protected_operations_only(keyed_cl
 
 def test_every_configured_digest_is_compared_even_after_a_match(monkeypatch):
     configured = [KEY_A, KEY_B, "c" * 20, "d" * 20]
-    keys = ApiKeys(frozenset(auth.key_digest(k) for k in configured))
+    keys = ApiKeys({auth.key_digest(k): auth.DEFAULT_ROLES for k in configured})
     calls: list[tuple[bytes, bytes]] = []
     compare = hmac.compare_digest
 

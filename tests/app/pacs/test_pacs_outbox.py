@@ -72,10 +72,12 @@ def test_retry_waits_then_gives_up_and_keeps_the_failure(outbox_factory: OutboxF
         ("failed", "gave up: ConnectError"),
         ("failed", "http 409 failure reason 0x0110"),
     }
-    # failed rows are never claimed, never purged, and stay visible
+    # failed rows are never claimed, and stay visible for the retention after they failed
     assert box.claim("w1", now=T0 + 10_000, limit=10) == []
-    assert box.purge_delivered(0.0, now=T0 + 10_000) == 0
+    assert box.purge_expired(1000.0, now=T0 + 1000) == 0
     assert box.stats(now=T0 + 200).counts == {("failed", DEST): 2}
+    assert box.purge_expired(1000.0, now=T0 + 1102) == 1
+    assert box.result(objects[0].sop_instance_uid) is None and box.stats().counts == {}
 
 
 def test_error_summaries_cannot_carry_arbitrary_text(outbox_factory: OutboxFactory) -> None:
@@ -96,7 +98,7 @@ def test_purge_drops_only_old_delivered_rows(outbox_factory: OutboxFactory) -> N
     for delivery in box.claim("w1", now=T0, limit=10):
         when = T0 if delivery.sop_instance_uid in {o.sop_instance_uid for o in old} else T0 + 500
         box.mark_delivered(delivery, now=when)
-    assert box.purge_delivered(older_than_s=1000.0, now=T0 + 1200) == 2
+    assert box.purge_expired(1000.0, now=T0 + 1200) == 1
     assert box.result(old[0].sop_instance_uid) is None
     kept = box.result(new[0].sop_instance_uid)
     assert kept is not None and {d.state for d in kept.deliveries} == {"delivered"}
