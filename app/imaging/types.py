@@ -4,13 +4,39 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
 from app.errors import ImageTooManyPixels, ImageTooSmall
-from app.imaging.dicom import DicomFindings
 from app.imaging.preprocessing import WaveletApproximation
+
+
+@dataclass(frozen=True)
+class AppliedWindow:
+    """The VOI step as applied, in modality units (after Rescale Slope/Intercept)."""
+
+    source: str  # "window" | "voi_lut_sequence" | "full_range"
+    center: float | None = None
+    width: float | None = None
+    function: str | None = None
+
+
+@dataclass(frozen=True)
+class DicomFindings:
+    """What the service may say back about a DICOM upload: identifiers and what it did."""
+
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    sop_instance_uid: str | None
+    modality: str
+    view_position: str | None
+    transfer_syntax: str
+    window: AppliedWindow
+    warnings: list[str] = field(default_factory=list)
+    # The equipment's Manufacturer as recorded (not a patient value); only the metrics read it,
+    # and they count it under a fixed list of names (`app.ops.drift`), never as sent.
+    manufacturer: str | None = None
 
 
 @dataclass(frozen=True)

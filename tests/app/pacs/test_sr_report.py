@@ -18,7 +18,7 @@ from app.pacs.objects import REGION_MEANING, ResultFacts, build_sr, encode, summ
 from tests.app.pacs.pacs_results import DISCLAIMER, factory_source, load_source, make_facts
 from tests.app.pacs.pacs_servers import require_tool
 
-# What the service says for the real adult Philips CR (app.imaging.dicom._population_warning).
+# What the service says for the real adult Philips CR (app.imaging.dicom.gate.age_warning).
 AGE_WARNING = (
     "the patient's age is outside the training population (paediatric patients aged 1 to 5 "
     "years); the model's accuracy for this patient is unknown"
