@@ -1,6 +1,6 @@
 """The service's packages are layered by pipeline stage, and imports run one way only:
 
-    base (settings, contract, errors, evaluation) <- imaging <- model <- serving <- pacs <- ops <- http <- main
+    base (settings, contract, errors, evaluation, audit) <- imaging <- model <- serving <- pacs <- ops <- http <- main
 
 A module may import its own package and the layers below it, never one above; and no two modules
 import each other, directly or round a longer circle. Read from the source with `ast`, so a lazy
@@ -20,7 +20,7 @@ APP = Path(__file__).resolve().parents[2] / "app"
 # service, and `app.testing` (what tests and tools share to start it) only ever starts it, so they
 # sit on top.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("app.settings", "app.contract", "app.errors", "app.evaluation"),
+    ("app.settings", "app.contract", "app.errors", "app.evaluation", "app.audit"),
     ("app.imaging",),
     ("app.model",),
     ("app.serving",),
