@@ -27,7 +27,7 @@ from app.pacs.objects import SetAsideImage, StudyImage, build_study_sr, encode
 from app.pacs.outbox import Outbox
 from app.pacs.spool import Spool
 from app.pacs.study import ImageReading, StudyLedgers
-from app.pacs.uids import image_set_digest
+from app.pacs.uids import image_set_digest, pixel_data_digest, result_instance_uid
 from app.testing import dicom_files as factory
 from tests.app.pacs.intake_tools import instance, run_tool
 from tests.app.pacs.pacs_results import make_facts
@@ -469,3 +469,28 @@ def test_a_study_result_the_outbox_could_not_store_is_stored_on_a_later_try(
         answer = client.get(f"/results/{uid}").json()["answer"]
         assert [i["sop_instance_uid"] for i in answer["study"]["images_read"]] == [uid]
         assert pipeline.stats["study:recorded"] == 1
+
+
+def test_deliver_true_keeps_its_own_result_per_image_when_the_intake_reads_studies(
+    model_path: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(model_path, state_dir=tmp_path / "state", study_stable_seconds=0.2)
+    image = study_images(unique())["frontal"]
+    uid = sop_uid(image)
+    source = pydicom.dcmread(io.BytesIO(image))
+    digest = pixel_data_digest(bytes(source.PixelData))
+    with TestClient(create_app(settings)) as client:
+        answer = client.post(
+            "/predict",
+            params={"deliver": "true"},
+            content=image,
+            headers={"content-type": "application/dicom"},
+        )
+        assert answer.status_code == 200, answer.text
+        (sr,) = answer.json()["result"]["objects"]
+        sha = answer.json()["model"]["sha256"]
+        # the per-image SR, under the image's own UIDs, not a study's
+        assert sr["sop_instance_uid"] == result_instance_uid(uid, sha, "sr", None, digest)
+        stored = client.get(f"/results/{uid}").json()
+        assert "study" not in stored["answer"]
+        assert stored["result"]["objects"] == [sr]
