@@ -585,6 +585,21 @@ class Settings(BaseSettings):
     dicom_max_associations: int = Field(
         default=10, ge=1, le=256, description="Concurrent associations the listener accepts."
     )
+    dicom_tls_cert: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) of the C-STORE listener: with it (and "
+        "`dicom_tls_key`) the listener speaks DICOM TLS only (TLS 1.2 or later; PS3.15 B.1), "
+        "and a caller without TLS cannot associate.",
+    )
+    dicom_tls_key: Path | None = Field(
+        default=None, description="PEM private key of `dicom_tls_cert` (unencrypted)."
+    )
+    dicom_tls_client_ca: Path | None = Field(
+        default=None,
+        description="PEM bundle of the CAs whose client certificates the TLS listener accepts: "
+        "with it a caller must present one (and still be in `dicom_peers`); without, any "
+        "caller may connect over TLS without a certificate.",
+    )
     stow_max_parts: int = Field(
         default=1000,
         ge=1,
@@ -639,6 +654,17 @@ class Settings(BaseSettings):
         if value is not None:
             parse_dicom_peers(value)
         return value
+
+    @model_validator(mode="after")
+    def _dicom_tls_pairs(self) -> Settings:
+        if (self.dicom_tls_cert is None) != (self.dicom_tls_key is None):
+            raise ValueError("CXR_DICOM_TLS_CERT and CXR_DICOM_TLS_KEY go together: set both")
+        if self.dicom_tls_client_ca is not None and self.dicom_tls_cert is None:
+            raise ValueError(
+                "CXR_DICOM_TLS_CLIENT_CA verifies callers of a TLS listener: set "
+                "CXR_DICOM_TLS_CERT and CXR_DICOM_TLS_KEY too"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_peer_list(self) -> Settings:
@@ -745,6 +771,9 @@ class Settings(BaseSettings):
         "dicom_port",
         "dicom_peers",
         "dicom_allowed_aets",
+        "dicom_tls_cert",
+        "dicom_tls_key",
+        "dicom_tls_client_ca",
         "probe_port",
         "study_stable_seconds",
         "trusted_hosts",

@@ -348,6 +348,7 @@ async def model_info(
             admits="anyone" if peers is None else "listed_peers",
             peers=[str(peer) for peer in peers or ()],
             warning=schemas.OPEN_LISTENER_WARNING if peers is None else None,
+            tls=listener.tls_mode,
         )
         info = info.model_copy(update={"dicom_listener": described})
     return info

@@ -279,6 +279,11 @@ class DicomListenerInfo(BaseModel):
         "any caller from anywhere (`CXR_DICOM_OPEN=true`)."
     )
     peers: list[str] = Field(description="`AE@address` or `AE@network/prefix`; `*`: any title.")
+    tls: Literal["none", "server", "mutual"] = Field(
+        default="none",
+        description="`none`: plain TCP; `server`: DICOM TLS; `mutual`: DICOM TLS, and a caller "
+        "must present a certificate of `CXR_DICOM_TLS_CLIENT_CA`.",
+    )
     warning: str | None = Field(default=None, exclude_if=_absent_when_none)
 
 

@@ -53,12 +53,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import pynetdicom
 import pynetdicom._config
@@ -109,6 +111,18 @@ def listener_from_settings(
             "or CXR_DICOM_OPEN=true to admit any caller, or leave CXR_DICOM_PORT empty for no "
             "listener"
         )
+    tls = None
+    if settings.dicom_tls_cert is not None and settings.dicom_tls_key is not None:
+        try:
+            tls = server_tls_context(
+                settings.dicom_tls_cert, settings.dicom_tls_key, settings.dicom_tls_client_ca
+            )
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise ListenerRefused(
+                "the DICOM TLS certificate, key or client CA cannot be used (CXR_DICOM_TLS_CERT, "
+                f"CXR_DICOM_TLS_KEY, CXR_DICOM_TLS_CLIENT_CA): {type(exc).__name__}: {reason}"[:300]
+            ) from None
     if settings.dicom_allowed_aets is not None:
         logger.warning(
             "CXR_DICOM_ALLOWED_AETS is deprecated",
@@ -140,7 +154,30 @@ def listener_from_settings(
         peers=peers,
         max_associations=settings.dicom_max_associations,
         room=room,
+        tls=tls,
     )
+
+
+class _HandshakeOnFirstRead(ssl.SSLContext):
+    """pynetdicom wraps each accepted socket in its accept loop; with the handshake done there, one
+    caller that never finishes its handshake would hold up every other. This context leaves the
+    handshake to the association's own thread, where OpenSSL makes it on the first read."""
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+def server_tls_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
+    """The listener's TLS: TLS 1.2 or later with the certificate chain and key; with `client_ca`,
+    a caller must present a certificate that CA signed (the handshake fails otherwise)."""
+    context = _HandshakeOnFirstRead(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(client_ca)
+    return context
 
 
 @dataclass
@@ -185,6 +222,7 @@ class StorageListener:
         peers: Sequence[DicomPeer] | None = None,
         allowed_calling_aets: set[str] | None = None,
         room: Callable[[], bool] | None = None,
+        tls: ssl.SSLContext | None = None,
         max_associations: int = 10,
         max_pdu: int = 65536,
         acse_timeout: float = 30.0,
@@ -206,6 +244,8 @@ class StorageListener:
         # Whether the results store can take another result (`Outbox.is_full`); without room an
         # image is refused as the full spool refuses it, rather than read into nowhere.
         self.room = room
+        # DICOM TLS (`server_tls_context`); None: plain TCP.
+        self.tls = tls
         self.spool = spool
         self.gate = gate
         self.host = host
@@ -227,6 +267,12 @@ class StorageListener:
             if other not in INTAKE_SOP_CLASSES:
                 ae.add_supported_context(other, ALL_TRANSFER_SYNTAXES)
         self.ae = ae
+
+    @property
+    def tls_mode(self) -> Literal["none", "server", "mutual"]:
+        if self.tls is None:
+            return "none"
+        return "mutual" if self.tls.verify_mode == ssl.CERT_REQUIRED else "server"
 
     @property
     def running(self) -> bool:
@@ -263,7 +309,10 @@ class StorageListener:
             (evt.EVT_ABORTED, self._count("associations_aborted")),
         ]
         self._server = self.ae.start_server(
-            (self.host, self.requested_port), block=False, evt_handlers=handlers
+            (self.host, self.requested_port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self.tls,
         )
 
     def stop(self, drain_seconds: float = 10.0) -> bool:

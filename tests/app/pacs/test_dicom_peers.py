@@ -250,6 +250,7 @@ def test_the_service_admits_its_peers_lists_them_and_counts_the_others(
             "port": settings.dicom_port,
             "admits": "listed_peers",
             "peers": ["MODALITY1@127.0.0.1"],
+            "tls": "none",
         }
         assert echo_from(described["port"], "MODALITY1") == (True, ())
         assert echo_from(described["port"], "ANYONE_AT_ALL") == (False, (1, 1, 3))
