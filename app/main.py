@@ -40,6 +40,7 @@ from app.model.loading import load_classifier
 from app.ops.memory import return_large_blocks_to_the_os
 from app.ops.metrics import ServiceMetrics
 from app.ops.observability import RequestContextMiddleware, configure_logging
+from app.pacs.delivery import DimseDestination, client_tls_context
 from app.pacs.outbox import OutboxUnavailable, RetentionSweeper
 from app.pacs.pipeline import ResultsPipeline
 from app.pacs.scp import ListenerRefused, listener_from_settings
@@ -180,8 +181,23 @@ async def start_results_pipeline(
         answer = schemas.prediction_response(prediction, classifier, request_id, total_ms)
         return answer.model_dump(mode="json")
 
+    # C-STORE results over DICOM TLS; a CA, certificate or key that cannot be read fails the
+    # start of DICOM networking (not ready, with the reason), before anything is opened.
+    dimse_tls = (
+        client_tls_context(
+            settings.results_dimse_tls_ca,
+            settings.results_dimse_tls_cert,
+            settings.results_dimse_tls_key,
+        )
+        if settings.results_dimse_tls_ca is not None
+        else None
+    )
     pipeline = await anyio.to_thread.run_sync(ResultsPipeline, settings, step, shape_answer)
     pipeline.outbox.max_results = settings.results_max_stored  # CXR_RESULTS_MAX_STORED
+    if dimse_tls is not None:
+        for destination in pipeline.destinations:
+            if isinstance(destination, DimseDestination):
+                destination.tls = dimse_tls
     if settings.dicom_port is not None:
         # The C-STORE listener admits the peers the site lists (`listener_from_settings`), and
         # with none listed, and no CXR_DICOM_OPEN, it does not start while the rest serves.

@@ -415,6 +415,20 @@ class Settings(BaseSettings):
         default=None,
         description="`AET@host:port` of a DICOM node that receives the result objects by C-STORE.",
     )
+    results_dimse_tls_ca: Path | None = Field(
+        default=None,
+        description="PEM bundle of the CAs that sign the `results_dimse` node's certificate: with "
+        "it, C-STORE deliveries go over DICOM TLS (TLS 1.2 or later), the peer's certificate "
+        "verified against it and against the host name or IP address of `results_dimse`.",
+    )
+    results_dimse_tls_cert: Path | None = Field(
+        default=None,
+        description="PEM client certificate for mutual TLS to the `results_dimse` node (with "
+        "`results_dimse_tls_key`).",
+    )
+    results_dimse_tls_key: Path | None = Field(
+        default=None, description="PEM private key of `results_dimse_tls_cert` (unencrypted)."
+    )
     results_heatmap: bool = Field(
         default=False,
         description="Also send a Secondary Capture beside each SR: the source X-ray at its own "
@@ -659,6 +673,15 @@ class Settings(BaseSettings):
     def _dicom_tls_pairs(self) -> Settings:
         if (self.dicom_tls_cert is None) != (self.dicom_tls_key is None):
             raise ValueError("CXR_DICOM_TLS_CERT and CXR_DICOM_TLS_KEY go together: set both")
+        if (self.results_dimse_tls_cert is None) != (self.results_dimse_tls_key is None):
+            raise ValueError(
+                "CXR_RESULTS_DIMSE_TLS_CERT and CXR_RESULTS_DIMSE_TLS_KEY go together: set both"
+            )
+        if self.results_dimse_tls_cert is not None and self.results_dimse_tls_ca is None:
+            raise ValueError(
+                "a client certificate for C-STORE results needs CXR_RESULTS_DIMSE_TLS_CA, the CA "
+                "that signs the peer's certificate"
+            )
         if self.dicom_tls_client_ca is not None and self.dicom_tls_cert is None:
             raise ValueError(
                 "CXR_DICOM_TLS_CLIENT_CA verifies callers of a TLS listener: set "
@@ -774,6 +797,9 @@ class Settings(BaseSettings):
         "dicom_tls_cert",
         "dicom_tls_key",
         "dicom_tls_client_ca",
+        "results_dimse_tls_ca",
+        "results_dimse_tls_cert",
+        "results_dimse_tls_key",
         "probe_port",
         "study_stable_seconds",
         "trusted_hosts",

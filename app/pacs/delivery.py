@@ -20,12 +20,14 @@ import json
 import logging
 import random
 import re
+import ssl
 import threading
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
 from xml.etree import ElementTree
 
@@ -342,6 +344,18 @@ class StowRsDestination:
 _AE_TITLE = re.compile(r"^[ -~]{1,16}$")
 
 
+def client_tls_context(
+    ca_file: Path, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
+    """DICOM TLS to a C-STORE peer: TLS 1.2 or later, the peer's certificate verified against
+    `ca_file` and its host name (or IP address) checked; `cert`/`key` for mutual TLS."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    return context
+
+
 class DimseDestination:
     """DIMSE C-STORE to `AET@host:port`: one fresh association per batch, opened and released by
     the calling thread (pynetdicom associations are not shared across threads).
@@ -370,6 +384,7 @@ class DimseDestination:
         dimse_timeout_s: float = 30.0,
         network_timeout_s: float = 30.0,
         connection_timeout_s: float = 5.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         for title in (called_ae_title, calling_ae_title):
             if not _AE_TITLE.match(title) or "\\" in title or not title.strip():
@@ -380,6 +395,9 @@ class DimseDestination:
         self.calling_ae_title = calling_ae_title
         self.name = name or f"dimse:{called_ae_title}@{host}:{port}"
         self._timeouts = (acse_timeout_s, dimse_timeout_s, network_timeout_s, connection_timeout_s)
+        # DICOM TLS to the peer (`client_tls_context`): its certificate checked against the CA
+        # and `host`; None: plain TCP.
+        self.tls = tls
 
     @classmethod
     def parse(cls, spec: str, **options: Any) -> DimseDestination:
@@ -404,8 +422,11 @@ class DimseDestination:
         )
         for sop_class in dict.fromkeys(d.sop_class_uid for d in deliveries):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        tls_args = None if self.tls is None else (self.tls, self.host)
         try:
-            assoc = ae.associate(self.host, self.port, ae_title=self.called_ae_title)
+            assoc = ae.associate(
+                self.host, self.port, ae_title=self.called_ae_title, tls_args=tls_args
+            )
         except (OSError, RuntimeError, ValueError) as error:
             return [Outcome("retry", type(error).__name__)] * len(deliveries)
         if not assoc.is_established:

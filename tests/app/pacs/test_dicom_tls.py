@@ -1,11 +1,15 @@
-"""DICOM TLS on the C-STORE listener (issue 26, item 1): DCMTK's storescu `+tls` with a client
+"""DICOM TLS (issue 26, item 1). On the C-STORE listener: DCMTK's storescu `+tls` with a client
 certificate of a test CA (made here by openssl) stores through it; without a certificate, with
-one of another CA, or without TLS at all, it does not get in. The peer list still applies."""
+one of another CA, or without TLS at all, it does not get in, and the peer list still applies.
+On the C-STORE results: delivered to DCMTK's storescp `+tls` with the client certificate, and
+not without it, nor to a peer whose certificate another CA signed, nor over plain TCP."""
 
 from __future__ import annotations
 
 import socket
+import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +19,8 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from app.main import create_app
+from app.pacs.delivery import DimseDestination, client_tls_context
+from app.pacs.outbox import Outbox
 from app.pacs.scp import StorageListener, server_tls_context
 from app.pacs.spool import Spool
 from app.settings import parse_dicom_peers
@@ -27,6 +33,7 @@ from tests.app.pacs.intake_tools import (
     unique_uid,
     write,
 )
+from tests.app.pacs.pacs_results import enqueue_answer, factory_source, make_facts
 from tests.app.pacs.test_dicom_peers import free_port
 from tests.support.testkit import make_settings
 
@@ -40,6 +47,7 @@ class Pki:
     client_key: Path
     stranger_cert: Path  # signed by a CA the listener does not trust
     stranger_key: Path
+    other_ca: Path
 
 
 def _openssl(*args: str) -> None:
@@ -81,6 +89,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         client_key=directory / "client.key",
         stranger_cert=directory / "stranger.crt",
         stranger_key=directory / "stranger.key",
+        other_ca=other[0],
     )
 
 
@@ -183,3 +192,97 @@ def test_tls_settings_go_together() -> None:
         make_settings(Path("m.json"), dicom_tls_cert=Path("server.crt"))
     with pytest.raises(ValidationError, match="set CXR_DICOM_TLS_CERT"):
         make_settings(Path("m.json"), dicom_tls_client_ca=Path("ca.crt"))
+
+
+@pytest.fixture
+def tls_archive(tmp_path: Path, pki: Pki) -> Iterator[tuple[int, Path]]:
+    """DCMTK's storescp as a TLS archive (AE ARCHIVE): the site CA's server certificate, and a
+    client certificate of the site CA required (its default)."""
+    require_tool("storescp")
+    port, received = free_port(), tmp_path / "received"
+    received.mkdir()
+    command = ["storescp", "+tls", str(pki.server_key), str(pki.server_cert), "+cf", str(pki.ca)]
+    command += ["-aet", "ARCHIVE", "-od", str(received), str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection((LOOPBACK, port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, "no storescp"
+                time.sleep(0.05)
+        yield port, received
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_results_are_delivered_over_tls_with_the_client_certificate_only(
+    tls_archive: tuple[int, Path], pki: Pki, tmp_path: Path
+) -> None:
+    port, received = tls_archive
+    box = Outbox.open(tmp_path / "state")
+    objects = enqueue_answer(box, factory_source(index=41), make_facts(), ["dimse"])
+    deliveries = box.claim("w1", limit=10)
+    assert len(deliveries) == len(objects)
+
+    def send(tls: ssl.SSLContext | None) -> set[str]:
+        destination = DimseDestination(
+            "ARCHIVE", LOOPBACK, port, calling_ae_title="CXR_AI", tls=tls
+        )
+        return {outcome.verdict for outcome in destination.send(deliveries)}
+
+    assert send(client_tls_context(pki.ca)) == {"retry"}  # no client certificate
+    assert send(client_tls_context(pki.other_ca, pki.client_cert, pki.client_key)) == {"retry"}
+    assert send(None) == {"retry"}  # plain TCP to a TLS port
+    assert list(received.iterdir()) == []
+    assert send(client_tls_context(pki.ca, pki.client_cert, pki.client_key)) == {"stored"}
+    assert len(list(received.iterdir())) == len(objects)
+    box.close()
+
+
+def test_results_tls_settings_go_together() -> None:
+    with pytest.raises(ValidationError, match="go together"):
+        make_settings(Path("m.json"), results_dimse_tls_cert=Path("client.crt"))
+    with pytest.raises(ValidationError, match="needs CXR_RESULTS_DIMSE_TLS_CA"):
+        make_settings(
+            Path("m.json"),
+            results_dimse_tls_cert=Path("client.crt"),
+            results_dimse_tls_key=Path("client.key"),
+        )
+
+
+def test_the_service_delivers_its_results_over_tls(
+    tls_archive: tuple[int, Path], pki: Pki, model_path: Path, tmp_path: Path
+) -> None:
+    port, received = tls_archive
+    settings = make_settings(
+        model_path,
+        state_dir=tmp_path / "state",
+        results_dimse=f"ARCHIVE@{LOOPBACK}:{port}",
+        results_dimse_tls_ca=pki.ca,
+        results_dimse_tls_cert=pki.client_cert,
+        results_dimse_tls_key=pki.client_key,
+    )
+    with TestClient(create_app(settings)) as client:
+        answer = client.post(
+            "/predict",
+            params={"deliver": "true"},
+            content=instance(sop_instance_uid=unique_uid(26, 1, 60)),
+            headers={"content-type": "application/dicom"},
+        )
+        assert answer.status_code == 200, answer.text
+        uid = unique_uid(26, 1, 60)
+        deadline = time.monotonic() + 20
+        states: set[str] = set()
+        while time.monotonic() < deadline:
+            states = {
+                d["state"] for d in client.get(f"/results/{uid}").json()["result"]["deliveries"]
+            }
+            if states == {"delivered"}:
+                break
+            time.sleep(0.2)
+    assert states == {"delivered"}
+    assert len(list(received.iterdir())) == len(answer.json()["result"]["objects"])
