@@ -1,6 +1,7 @@
 """The service's packages are layered by pipeline stage, and imports run one way only:
 
-    base (settings, contract, errors, evaluation, audit) <- imaging <- model <- serving <- pacs <- ops <- http <- main
+    base (settings, contract, errors, evaluation, audit)
+        <- imaging <- model <- serving <- pacs <- ops <- http <- main
 
 A module may import its own package and the layers below it, never one above; and no two modules
 import each other, directly or round a longer circle. Read from the source with `ast`, so a lazy
