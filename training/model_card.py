@@ -24,7 +24,7 @@ _NAMES = {
 def _equalization_note(p: Preprocessing) -> str:
     if p.equalization == "none":
         return ""
-    return (
+    return "\n" + (
         "Before the scaling, the 224x224 8-bit image is equalised by its own cumulative histogram "
         "(contract step 5, `equalization: histogram`): a strictly increasing tone curve on the "
         "upload (gamma, a window, a VOI LUT without clipping) leaves the model's input unchanged "
@@ -397,8 +397,7 @@ not for adults without local validation, not for lateral views, CT, or other bod
 ## Preprocessing contract
 Decode, apply EXIF orientation, convert to 8-bit grey ({p.color_mode}; >8-bit images stretched
 min-max), resize to {p.width}x{p.height} with the `{p.resize_filter}` filter ignoring aspect ratio,
-value * {p.scale:.8f} + {p.offset}. Per-image standardisation happens inside the graph.
-{_equalization_note(p)}
+value * {p.scale:.8f} + {p.offset}. Per-image standardisation happens inside the graph.{_equalization_note(p)}
 {_dct_scaling_note(p)}
 {_j2k_reduction_note(p)}
 DICOM images are first rendered to 8-bit grey by the display pipeline (metadata
