@@ -31,7 +31,14 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from app.pacs.objects import build_heatmap_sc, build_sr, encode
+from app.pacs.objects import (
+    SetAsideImage,
+    StudyImage,
+    build_heatmap_sc,
+    build_sr,
+    build_study_sr,
+    encode,
+)
 from tests.app.pacs.ohif_harness import installed_ohif, ohif_viewer
 from tests.app.pacs.pacs_results import factory_source, grey_u8, make_facts, rg1_path
 from tests.app.pacs.pacs_servers import Orthanc
@@ -84,6 +91,21 @@ def studies(orthanc: Orthanc) -> list[Study]:
     _store(orthanc, negative_source, build_sr(negative_source, make_facts(probability=0.2113)))
     plain_source = factory_source(index=62)
     _store(orthanc, plain_source, build_sr(plain_source, make_facts(cam_grid=None)))
+    # a study of two frontal images (the second the more positive) and a lateral set aside
+    first, second = factory_source(index=63), factory_source(index=64)
+    second.StudyInstanceUID, second.SeriesInstanceUID = (
+        first.StudyInstanceUID,
+        first.SeriesInstanceUID,
+    )
+    study_sr = build_study_sr(
+        [
+            StudyImage(first, make_facts(probability=0.2113, cam_grid=None)),
+            StudyImage(second, make_facts()),
+        ],
+        [SetAsideImage("1.2.826.0.1.3680043.10.1001.3.65", "View Position LL is a lateral view")],
+        "0" * 64,
+    )
+    _store(orthanc, first, second, study_sr)
     source_series = Series("source", "", ())
     return [
         Study(
@@ -106,6 +128,17 @@ def studies(orthanc: Orthanc) -> list[Study]:
         Study(
             str(plain_source.StudyInstanceUID),
             (source_series, _sr_series("sr-positive", "Pneumonia likely", "Probability: 0.87")),
+        ),
+        Study(
+            str(first.StudyInstanceUID),
+            (
+                source_series,
+                Series(
+                    "sr-study",
+                    "AI STUDY RESULT - RESEARCH USE ONLY",
+                    ("Image 2: pneumonia likely", "Probability: 0.87"),
+                ),
+            ),
         ),
     ]
 
@@ -179,4 +212,5 @@ def test_every_result_object_opens_in_ohif(browser: Any, viewer: str, studies: l
         "sr-negative",
         "sr-positive",
         "sr-positive-region",
+        "sr-study",
     ]
