@@ -481,6 +481,39 @@ def shipped_figures(
     return dict(lines[-1]["figures"])
 
 
+def site_arm_figures(
+    answers_csv: Path, profile_path: Path, positive: str = "PNEUMONIA"
+) -> dict[str, Any]:
+    """Amendment 2: half B's figures under a site profile, from the rows `pneumonia-predict` wrote
+    for half B's images with the profile loaded (the service's own recalibration and threshold:
+    p_<positive> is the site's probability, the threshold the profile's)."""
+    halves = checked_halves()
+    with (REPO_ROOT / HALVES_FILE).open() as f:
+        rows = {f"{r['label']}/{r['filename']}": r for r in csv.DictReader(f) if r["half"] == "B"}
+    with answers_csv.open() as f:
+        answers = list(csv.DictReader(f))
+    by_key = {"/".join(Path(a["path"]).parts[-2:]): a for a in answers}
+    if set(by_key) != set(rows) or len(answers) != len(rows):
+        raise ProtocolError("the answers are not exactly half B's images, each once")
+    if any(a["error_code"] for a in answers):
+        raise ProtocolError("some of half B's images were refused")
+    assert all(halves[k] == "B" for k in rows)
+    keys = sorted(rows)
+    profile = json.loads(profile_path.read_text())
+    threshold = float(profile["operating"]["threshold"])
+    if any(float(by_key[k]["threshold"]) != threshold for k in keys):
+        raise ProtocolError("the answers were not made with this site profile loaded")
+    labels = np.array([CLASSES.index(rows[k]["label"]) for k in keys])
+    p = np.array([float(by_key[k][f"p_{positive}"]) for k in keys])
+    called = np.array([by_key[k]["label"] == positive for k in keys])
+    figures = evaluate_scores(labels, p, threshold, [rows[k]["group"] for k in keys], BOOTSTRAP)
+    if not np.array_equal(called, p >= threshold):
+        raise ProtocolError("the service's labels disagree with its probabilities and threshold")
+    figures["profile_sha256"] = hashlib.sha256(profile_path.read_bytes()).hexdigest()
+    figures["recalibration"] = profile["recalibration"]
+    return figures
+
+
 def score_half(
     meta_path: Path, data_dir: Path, half: str, plots_dir: Path | None = None
 ) -> dict[str, Any]:
@@ -624,6 +657,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--data-dir", type=Path, required=True)
     b.add_argument("--incumbent", type=Path, default=INCUMBENT)
     b.add_argument("--shipped", type=Path, default=SHIPPED)
+    sa = sub.add_parser("site-arm", help="amendment 2: half B under a site profile fitted on A")
+    sa.add_argument("--model", type=Path, default=SHIPPED)
+    sa.add_argument("--profile", type=Path, required=True, help="site_profile.json (from A)")
+    sa.add_argument("--answers", type=Path, required=True, help="pneumonia-predict CSV of B")
     st = sub.add_parser("stability", help="answers under tone curves of the uploads (no labels)")
     st.add_argument("--model", type=Path, nargs="+", required=True)
     st.add_argument("--data-dir", type=Path, required=True)
@@ -790,6 +827,19 @@ def _run(args: argparse.Namespace) -> int:
                 f"[score-b] veto conditions {vetoes}: "
                 + ("VETOED" if any(vetoes.values()) else "no veto")
             )
+    elif args.command == "site-arm":
+        ledger = read_ledger()
+        identity = model_identity(args.model)
+        if any(e["event"] == "site_arm" and e["model_sha256"] == identity["model_sha256"]
+               for e in ledger):  # fmt: skip
+            raise ProtocolError("this model already has its site-arm reading of B")
+        profile = json.loads(args.profile.read_text())
+        if profile["model"]["sha256"] != identity["model_sha256"]:
+            raise ProtocolError("the site profile was fitted for another model")
+        figures = site_arm_figures(args.answers, args.profile)
+        append({"event": "site_arm", **identity, "figures": figures})
+        print(f"[site-arm] {identity['name']} on B, site profile:\n{format_summary(figures)}")
+        print(f"  ece          {figures['ece']:.4f}")
     elif args.command == "stability":
         result = stability(args.model, args.data_dir)
         args.out.parent.mkdir(parents=True, exist_ok=True)

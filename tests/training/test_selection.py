@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -273,3 +274,35 @@ def test_the_committed_ledger_keeps_the_protocol() -> None:
             baseline = line["model_sha256"] if line["role"] == "incumbent" else ""
             selection.check_scorable_on_b(seen, line["model_sha256"], baseline)
         seen.append(line)
+
+
+def _site_answers(tmp_path: Path, threshold: float, drop: int = 0) -> Path:
+    """pneumonia-predict rows for half B's images (p rising with the label, the site's call)."""
+    import csv
+
+    with (REPO_ROOT / selection.HALVES_FILE).open() as f:
+        rows = [r for r in csv.DictReader(f) if r["half"] == "B"][drop:]
+    path = tmp_path / "b.csv"
+    with path.open("w", newline="") as f:
+        fields = ["path", "label", "p_NORMAL", "p_PNEUMONIA", "threshold", "warnings"]
+        w = csv.DictWriter(f, fieldnames=[*fields, "error_code", "error"])
+        w.writeheader()
+        for i, r in enumerate(rows):
+            p = (0.6 if r["label"] == "PNEUMONIA" else 0.2) + (i % 7) / 100
+            w.writerow({"path": f"/data/test/{r['label']}/{r['filename']}",
+                        "label": "PNEUMONIA" if p >= threshold else "NORMAL",
+                        "p_NORMAL": 1 - p, "p_PNEUMONIA": p, "threshold": threshold,
+                        "warnings": "", "error_code": "", "error": ""})  # fmt: skip
+    return path
+
+
+def test_the_site_arm_reads_exactly_half_b_under_the_profiles_threshold(tmp_path: Path) -> None:
+    profile = tmp_path / "site_profile.json"
+    profile.write_text(json.dumps({"operating": {"threshold": 0.4}, "recalibration": {}}))
+    figures = selection.site_arm_figures(_site_answers(tmp_path, 0.4), profile)
+    assert figures["n"] == 315 and figures["recall"]["value"] == 1.0
+    assert figures["specificity"]["value"] == 1.0
+    with pytest.raises(selection.ProtocolError, match="exactly half B"):
+        selection.site_arm_figures(_site_answers(tmp_path, 0.4, drop=1), profile)
+    with pytest.raises(selection.ProtocolError, match="not made with this site profile"):
+        selection.site_arm_figures(_site_answers(tmp_path, 0.5), profile)
