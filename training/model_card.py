@@ -224,6 +224,25 @@ def _selection_section(meta_path: Path, meta: ModelMetadata) -> str:
             + "\n".join(b_rows)
             + f"\n\n{veto_line}\n"
         )
+    arms = [e for e in ledger if e["event"] == "site_arm" and e["model_sha256"] == meta.sha256]
+    if arms:
+        f = arms[-1]["figures"]
+        recal = f["recalibration"]
+        b_table += (
+            "\n### Site arm (amendment 2): a site profile fitted on half A, applied to half B\n"
+            "What a hospital gets after `pneumonia-validate-site` on its own labelled cases, when "
+            "its shift is the test split's: the profile fitted once on half A "
+            f"(Platt slope {recal['slope']:.3f}, intercept {recal['intercept']:.3f}, fitted on "
+            f"{recal['fitted_on_images']} images; threshold {f['threshold']:.4f}) and applied once "
+            "to half B through the service. These are not the model's own figures (those are the "
+            "table above, at the model's own threshold); they choose nothing.\n\n"
+            "| sensitivity | specificity | ROC AUC | ECE (15 bins) | confusion matrix |\n"
+            "|---|---|---|---|---|\n"
+            f"| {_pct(f, 'recall')} | {_pct(f, 'specificity')} | {_pct(f, 'roc_auc')} | "
+            f"{f['ece']:.3f} | "
+            + "TN {tn}, FP {fp}, FN {fn}, TP {tp}".format(**f["confusion_matrix"])
+            + " |\n"
+        )
     return f"""
 ## Selection under docs/SELECTION_PROTOCOL.md (commit {", ".join(protocols)})
 The official test split is divided by patient into half A (choosing, at most 3 candidates a round)

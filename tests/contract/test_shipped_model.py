@@ -8,6 +8,7 @@ rounding; 1e-4 on each metric leaves room only for that.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -281,3 +282,60 @@ def test_explanations_have_at_least_7x7_cells_drawn_at_their_receptive_fields() 
     grid = np.asarray(explanation["grid"])
     assert grid.shape[0] >= 7 and grid.shape[1] >= 7
     assert cell_stride(grid.shape[0], meta.preprocessing.height) <= 32
+
+
+@requires_data
+def test_the_site_arm_in_the_ledger_comes_back(tmp_path: Path) -> None:
+    """Amendment 2's site arm, run again: `pneumonia-validate-site` on half A's images and labels,
+    its profile loaded into the service for half B (`pneumonia-predict`), gives the figures the
+    ledger holds for the shipped model."""
+    import csv
+    import json
+    import os
+
+    from app.cli import predict
+    from app.site import validate
+    from tests.support.testkit import make_settings
+    from training.selection import LEDGER_FILE, site_arm_figures
+
+    meta = load_metadata(SHIPPED_METADATA)
+    arms = [
+        e
+        for e in map(json.loads, (REPO_ROOT / LEDGER_FILE).read_text().splitlines())
+        if e["event"] == "site_arm" and e["model_sha256"] == meta.sha256
+    ]
+    if not arms:
+        pytest.skip("no site-arm reading recorded for the shipped model")
+    with (REPO_ROOT / HALVES_FILE).open() as f:
+        rows = list(csv.DictReader(f))
+    for half in ("A", "B"):
+        for label in CLASSES:
+            (tmp_path / half / label).mkdir(parents=True)
+        with (tmp_path / half / "manifest.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["filename", "label", "patient_id"])
+            writer.writeheader()
+            for r in rows:
+                if r["half"] == half:
+                    source = DATA_DIR / "test" / r["label"] / r["filename"]
+                    os.symlink(source, tmp_path / half / r["label"] / r["filename"])
+                    writer.writerow(
+                        {"filename": r["filename"], "label": r["label"], "patient_id": r["group"]}
+                    )
+    out = tmp_path / "A-out"
+    code = validate.main(
+        [str(tmp_path / "A"), "--out", str(out), "--model", str(SHIPPED_METADATA), "--name", "A"]
+    )
+    assert code == 0
+    profile = out / "site_profile.json"
+    settings = make_settings(SHIPPED_METADATA, site_profile=profile)
+    files = sorted((tmp_path / "B").glob("*/*.jpeg"))
+    answers, classes = asyncio.run(predict.predict_files(files, settings))
+    answers_csv = tmp_path / "b.csv"
+    with answers_csv.open("w", newline="") as f:
+        predict.write_rows(answers, classes, "csv", f)
+    figures = site_arm_figures(answers_csv, profile)
+    recorded = arms[-1]["figures"]
+    for key in POINT_METRICS:
+        assert figures[key]["value"] == pytest.approx(recorded[key]["value"], abs=TOLERANCE), key
+    assert figures["confusion_matrix"] == recorded["confusion_matrix"]
+    assert figures["ece"] == pytest.approx(recorded["ece"], abs=TOLERANCE)
