@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI
 
+from app.audit import AuditEvent, AuditTrail, Participant
 from app.contract import DISCLAIMER
 from app.errors import ModelLoadError
 from app.http import schemas
@@ -73,6 +75,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         probes.start()
     keys: ApiKeys = app.state.api_keys
     logger.info("api keys", extra={"fields": {"required": keys.required, "configured": len(keys)}})
+    audit = app.state.audit = audit_trail_from(settings)
     started = time.perf_counter()
     try:
         # Off the event loop: hashing and session creation take a while for a real model. The CUDA
@@ -93,6 +96,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await step.aclose()
         else:
             pipeline_started = app.state.pipeline
+            if pipeline_started is not None and audit is not None:
+                audit_pipeline(pipeline_started, audit)
             if pipeline_started is not None:
                 # A C-STORE port that is taken is a fact served by readiness and `/model`, not a
                 # service that refuses every upload.
@@ -142,6 +147,47 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             app.state.pipeline = None
         if state.step is not None:
             await state.step.aclose()  # images already queued still get their answers
+        if audit is not None:
+            await anyio.to_thread.run_sync(audit.close)
+            app.state.audit = None
+
+
+def audit_trail_from(settings: Settings) -> AuditTrail | None:
+    """The audit trail to the site's collector (`CXR_AUDIT_SYSLOG`), TLS when a CA is given."""
+    address = settings.audit_address
+    if address is None:
+        return None
+    tls = None
+    if settings.audit_tls_ca_file is not None:
+        tls = ssl.create_default_context(cafile=str(settings.audit_tls_ca_file))
+        if settings.audit_tls_cert_file is not None and settings.audit_tls_key_file is not None:
+            tls.load_cert_chain(settings.audit_tls_cert_file, settings.audit_tls_key_file)
+    logger.info(
+        "audit trail",
+        extra={"fields": {"collector": f"{address[0]}:{address[1]}", "tls": tls is not None}},
+    )
+    return AuditTrail(*address, source_id=settings.audit_source_id, tls=tls)
+
+
+def audit_pipeline(pipeline: ResultsPipeline, audit: AuditTrail) -> None:
+    """Instances the intakes put on the spool, and results the delivery worker hands over."""
+
+    def received(sop_instance_uid: str, meta: dict[str, Any]) -> None:
+        requestor = str(meta.get("calling_ae") or meta.get("source") or "unknown")
+        audit.record(
+            AuditEvent(
+                "instances_received",
+                participants=(
+                    Participant(requestor, True, role=("110153", "Source Role ID")),
+                    Participant(audit.source_id, False, role=("110152", "Destination Role ID")),
+                ),
+                sop_instance_uids=(sop_instance_uid,),
+            )
+        )
+
+    pipeline.spool.on_stored = received
+    if pipeline.worker is not None:
+        pipeline.worker.audit = audit
 
 
 def networking_failure_reason(exc: Exception, settings: Settings) -> str:
@@ -232,6 +278,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = ServiceState()
     app.state.pipeline = None
     app.state.retention = None
+    app.state.audit = None
     app.state.probe_answers = ProbeAnswers(settings.loop_stall_s)
     app.state.drain = Drain(settings.drain_seconds, settings.retry_after_s)
     # Read here, not in the lifespan: a key file that cannot be used stops the process at once
@@ -242,6 +289,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = app.state.metrics = ServiceMetrics()
     metrics.watch_service(lambda: app.state.service)
     metrics.watch_pacs(lambda: app.state.pipeline)
+    metrics.watch_audit(lambda: app.state.audit)
     install_error_handlers(app)
     # The last added is the outermost: request ids, the access log and the request metrics wrap
     # the drain's 503s and the admission gate's 429s and probe answers.

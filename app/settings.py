@@ -328,6 +328,32 @@ class Settings(BaseSettings):
         description="DEBUG | INFO | WARNING | ERROR. Logs are JSON lines on stderr and never "
         "carry patient data, image content, file names or API keys.",
     )
+    audit_syslog: str | None = Field(
+        default=None,
+        description="host:port of the site's audit record repository: DICOM audit messages "
+        "(PS3.15 A.5, the IHE ATNA schema: images received, results exported and read, refused "
+        "keys and peers) as RFC 5424 syslog over TCP, or TLS with `audit_tls_ca_file`. Unset: no "
+        "audit messages. A collector that is down costs nothing but the dropped messages "
+        "(counted in `cxr_audit_messages_total`).",
+    )
+    audit_tls_ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle that signs the audit collector's certificate: audit messages then "
+        "go over TLS (RFC 5425), the collector's name checked against `audit_syslog`'s host.",
+    )
+    audit_tls_cert_file: Path | None = Field(
+        default=None,
+        description="Client certificate (PEM, with `audit_tls_key_file`) for a collector that "
+        "asks for one.",
+    )
+    audit_tls_key_file: Path | None = Field(
+        default=None, description="Private key of `audit_tls_cert_file` (PEM)."
+    )
+    audit_source_id: str = Field(
+        default="CXR_AI",
+        max_length=64,
+        description="AuditSourceID of the audit messages: how the repository names this service.",
+    )
     drain_seconds: float = Field(
         default=5.0,
         ge=0,
@@ -777,6 +803,33 @@ class Settings(BaseSettings):
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("audit_syslog")
+    @classmethod
+    def _audit_address(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        host, _, port = value.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("give the audit collector as host:port, e.g. audit.example.org:6514")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _audit_tls_pairs(self) -> Settings:
+        if (self.audit_tls_cert_file is None) != (self.audit_tls_key_file is None):
+            raise ValueError("CXR_AUDIT_TLS_CERT_FILE and CXR_AUDIT_TLS_KEY_FILE go together")
+        if self.audit_tls_cert_file is not None and self.audit_tls_ca_file is None:
+            raise ValueError("a client certificate for the audit collector needs TLS: set "
+                             "CXR_AUDIT_TLS_CA_FILE")  # fmt: skip
+        return self
+
+    @property
+    def audit_address(self) -> tuple[str, int] | None:
+        """(host, port) of the audit collector, or None."""
+        if self.audit_syslog is None:
+            return None
+        host, _, port = self.audit_syslog.rpartition(":")
+        return host.strip("[]"), int(port)
+
     @field_validator(
         "api_keys",
         "api_keys_file",
@@ -801,6 +854,10 @@ class Settings(BaseSettings):
         "results_dimse_tls_cert",
         "results_dimse_tls_key",
         "probe_port",
+        "audit_syslog",
+        "audit_tls_ca_file",
+        "audit_tls_cert_file",
+        "audit_tls_key_file",
         "study_stable_seconds",
         "trusted_hosts",
         "allowed_origins",

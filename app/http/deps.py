@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from app.audit import AuditEvent, AuditTrail, Participant
 from app.errors import (
     DeliveryNotConfigured,
     Forbidden,
@@ -18,7 +19,7 @@ from app.errors import (
     ModelNotReady,
     Unauthorized,
 )
-from app.http.auth import API_KEY_HEADER, DEFAULT_ROLES, OPERATE, ApiKeys, Roles
+from app.http.auth import API_KEY_HEADER, DEFAULT_ROLES, OPERATE, ApiKeys, Roles, key_digest
 from app.http.uploads import Framing
 from app.model.classifier import Classifier
 from app.ops.metrics import ServiceMetrics
@@ -130,6 +131,7 @@ async def require_api_key(
         return DEFAULT_ROLES
     presented = [key for key in (bearer and bearer.credentials, header_key) if key]
     if not presented:
+        audit_refused_key(request, "no key")
         raise Unauthorized(
             f"an API key is required: send `Authorization: Bearer <key>` or `{API_KEY_HEADER}`",
             headers={"WWW-Authenticate": "Bearer"},
@@ -137,10 +139,47 @@ async def require_api_key(
     found = [keys.roles_of(key) for key in presented]  # every key compared, no short cut
     accepted = [roles for roles in found if roles is not None]
     if not accepted:
+        audit_refused_key(request, "unknown key")
         raise Unauthorized("the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
     roles = frozenset().union(*accepted)
     request.state.key_roles = roles
+    # Who asked, for the access log and the audit trail: the key by an id, never the key.
+    key_id = request.state.key_id = "key-" + key_digest(presented[0]).hex()[:8]
+    request_context(request).fields["key_id"] = key_id
     return roles
+
+
+def client_address(request: Request) -> str | None:
+    return request.client.host if request.client is not None else None
+
+
+def audit_refused_key(request: Request, user: str) -> None:
+    """The audit trail's "authentication failed" (a minor failure), when the service keeps one."""
+    audit: AuditTrail | None = getattr(request.app.state, "audit", None)
+    if audit is not None:
+        audit.record(
+            AuditEvent(
+                "authentication_failed",
+                outcome="minor_failure",
+                participants=(Participant(user, True, client_address(request)),),
+            )
+        )
+
+
+def audit_read(request: Request, sop_instance_uid: str) -> None:
+    """The audit trail's "DICOM instances accessed" for a stored result read; the access log
+    names the UID read too."""
+    request_context(request).fields["uid"] = sop_instance_uid
+    audit: AuditTrail | None = getattr(request.app.state, "audit", None)
+    if audit is not None:
+        user = getattr(request.state, "key_id", None) or "anonymous"
+        audit.record(
+            AuditEvent(
+                "results_read",
+                participants=(Participant(user, True, client_address(request)),),
+                sop_instance_uids=(sop_instance_uid,),
+            )
+        )
 
 
 def demand_role(request: Request, role: str) -> None:

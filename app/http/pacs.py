@@ -22,7 +22,7 @@ from app.errors import (
 )
 from app.http import schemas
 from app.http.auth import DELIVER, OPERATE, READ
-from app.http.deps import FramingDep, PipelineDep, SettingsDep, StepDep, require_role
+from app.http.deps import FramingDep, PipelineDep, SettingsDep, StepDep, audit_read, require_role
 from app.http.errors import error_responses
 from app.http.slow_bodies import upload_ticket
 from app.http.uploads import declared_upload_bytes, read_body
@@ -234,7 +234,7 @@ def _as_service_error(exc: stow.StowError) -> Exception:
     dependencies=require_role(READ),
 )
 async def stored_result(
-    pipeline: PipelineDep, sop_instance_uid: UidPath
+    request: Request, pipeline: PipelineDep, sop_instance_uid: UidPath
 ) -> schemas.StoredResultResponse:
     """The answer stored for a source image (by its SOP Instance UID, or by a result object's),
     with the result objects and their delivery state per destination. 404 when none is stored
@@ -242,6 +242,7 @@ async def stored_result(
     stored = await asyncio.to_thread(pipeline.result, sop_instance_uid)
     if stored is None:
         raise ResultNotFound("no result is stored for that SOP Instance UID")
+    audit_read(request, sop_instance_uid)
     objects = await asyncio.to_thread(pipeline.outbox.objects, stored.result_key)
     source = str((stored.result_json.get("dicom") or {}).get("sop_instance_uid") or "")
     return schemas.StoredResultResponse(
@@ -258,11 +259,12 @@ async def stored_result(
     tags=["dicom"],
     dependencies=require_role(READ),
 )
-async def stored_sr(pipeline: PipelineDep, sop_instance_uid: UidPath) -> Response:
+async def stored_sr(request: Request, pipeline: PipelineDep, sop_instance_uid: UidPath) -> Response:
     """The TID 1500 Structured Report made for a source image, as a PS3.10 file."""
     payload = await asyncio.to_thread(pipeline.payload, sop_instance_uid, "sr")
     if payload is None:
         raise ResultNotFound("no result is stored for that SOP Instance UID")
+    audit_read(request, sop_instance_uid)
     return Response(payload, media_type="application/dicom")
 
 

@@ -24,6 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.audit import AuditTrail
 from app.contract import ProbabilityReference
 from app.ops.drift import DriftMetrics
 from app.pacs.pipeline import ResultsPipeline
@@ -141,6 +142,10 @@ class ServiceMetrics:
         """Results and intake metrics, read from the current pipeline at scrape time."""
         self.registry.register(_PacsCollector(pipeline))
 
+    def watch_audit(self, audit: Callable[[], AuditTrail | None]) -> None:
+        """Audit messages sent to the collector and dropped, read at scrape time."""
+        self.registry.register(_AuditCollector(audit))
+
     def model_loaded(self, name: str, version: str, sha256: str, provider: str) -> None:
         self.model.info(
             {"name": name, "version": version, "sha256": sha256, "execution_provider": provider}
@@ -157,6 +162,25 @@ class ServiceMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _AuditCollector(Collector):
+    def __init__(self, audit: Callable[[], AuditTrail | None]) -> None:
+        self._audit = audit
+
+    def collect(self) -> Iterator[Metric]:
+        audit = self._audit()
+        if audit is None:
+            return
+        messages = CounterMetricFamily(
+            "cxr_audit_messages",
+            "Audit messages by outcome: sent to the collector, or dropped (the collector "
+            "unreachable, or the queue to it full).",
+            labels=["outcome"],
+        )
+        messages.add_metric(["sent"], audit.sent)
+        messages.add_metric(["dropped"], audit.dropped)
+        yield messages
 
 
 class _PacsCollector(Collector):

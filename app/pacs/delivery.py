@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 import pydicom
 
+from app.audit import AuditEvent, AuditTrail, Participant
 from app.pacs.outbox import Delivery, Outbox
 from app.pacs.stow import DICOM_MEDIA_TYPE, StowError, iter_parts, parse_content_type
 
@@ -519,6 +520,8 @@ class DeliveryWorker:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_purge = 0.0
+        # The audit trail's "results exported" (app.audit), when the service keeps one.
+        self.audit: AuditTrail | None = None
         self.counts: dict[str, int] = defaultdict(int)
         # (destination, outcome) -> attempts: delivered, retry, failed
         self.counts_by_destination: dict[tuple[str, str], int] = defaultdict(int)
@@ -563,6 +566,17 @@ class DeliveryWorker:
         if outcome.verdict == "stored":
             self.outbox.mark_delivered(delivery, now=now)
             state = "delivered"
+            if self.audit is not None:
+                self.audit.record(
+                    AuditEvent(
+                        "results_exported",
+                        participants=(
+                            Participant(self.audit.source_id, True),
+                            Participant(name, False),
+                        ),
+                        sop_instance_uids=(delivery.sop_instance_uid,),
+                    )
+                )
         elif outcome.verdict == "failed":
             self.outbox.mark_failed(delivery, kept, now=now)
             state = "failed"

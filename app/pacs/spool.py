@@ -42,6 +42,7 @@ import re
 import struct
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,9 @@ class Spool:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._count, self._bytes = self._scan_totals()
+        # Told of every instance once it is on disk (the audit trail's "instances received"): the
+        # SOP Instance UID and the entry's coded metadata (source, calling AE title).
+        self.on_stored: Callable[[str, dict[str, Any]], None] | None = None
 
     # -- totals ------------------------------------------------------------------------------
 
@@ -226,6 +230,8 @@ class Spool:
                     self._count -= 1
                     self._bytes -= size
             raise
+        if self.on_stored is not None:
+            self.on_stored(sop_instance_uid, dict(meta))
         return SpoolEntry(sop_instance_uid, final, size, dict(meta))
 
     # -- claim / done ------------------------------------------------------------------------

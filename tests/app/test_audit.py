@@ -3,11 +3,6 @@ each message a DICOM audit message (PS3.15 A.5) that parses and names the event.
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import socket
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -16,64 +11,13 @@ from pathlib import Path
 import pytest
 
 from app.audit import AuditEvent, AuditTrail, Participant, audit_xml, syslog_frame
-
-RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
-# RFC 5424: <PRI>VERSION TIMESTAMP HOSTNAME APP-NAME PROCID MSGID STRUCTURED-DATA MSG
-_HEADER = re.compile(r"^<(\d+)>1 (\S+) (\S+) (\S+) (\S+) (\S+) (-|\[.*?\]) (.*)$")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.syslog_peer import HEADER, free_port, received, rsyslog_collector
 
 
 @pytest.fixture
 def rsyslog(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    if not Path(RSYSLOGD).exists():
-        if os.environ.get("CXR_REQUIRE_RSYSLOG") == "1":
-            pytest.fail("rsyslogd is required here (CXR_REQUIRE_RSYSLOG=1) but not installed")
-        pytest.skip("rsyslogd is not installed (Debian package rsyslog; .ci/run installs it)")
-    port, out = _free_port(), tmp_path / "audit.log"
-    (tmp_path / "work").mkdir()
-    conf = tmp_path / "rsyslog.conf"
-    conf.write_text(
-        f'global(workDirectory="{tmp_path / "work"}" maxMessageSize="64k")\n'
-        'module(load="imtcp")\n'
-        f'input(type="imtcp" address="127.0.0.1" port="{port}")\n'
-        f'*.* action(type="omfile" file="{out}" template="RSYSLOG_SyslogProtocol23Format")\n'
-    )
-    process = subprocess.Popen(
-        [RSYSLOGD, "-n", "-f", str(conf), "-i", str(tmp_path / "rsyslogd.pid")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError as exc:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                errors = process.stderr.read() if process.stderr else b""
-                raise AssertionError(f"rsyslogd did not start: {errors!r}") from exc
-            time.sleep(0.1)
-    try:
-        yield port, out
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def _received(out: Path, count: int, timeout_s: float = 20.0) -> list[str]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        lines = out.read_text(encoding="utf-8").splitlines() if out.exists() else []
-        if len(lines) >= count:
-            return lines
-        time.sleep(0.1)
-    raise AssertionError(f"rsyslog wrote {len(lines)} of {count} messages")
+    with rsyslog_collector(tmp_path) as peer:
+        yield peer
 
 
 EVENTS = [
@@ -109,11 +53,11 @@ def test_rsyslog_receives_parseable_rfc5424_dicom_audit_messages(
     trail = AuditTrail("127.0.0.1", port, source_id="CXR_AI@test")
     trail.record_all(EVENTS)
     trail.close()
-    lines = _received(out, len(EVENTS))
+    lines = received(out, len(EVENTS))
     assert trail.sent == len(EVENTS) and trail.dropped == 0
     seen = []
     for line in lines:
-        match = _HEADER.match(line)
+        match = HEADER.match(line)
         assert match, line
         pri, _, _, app, _, msgid, _, message = match.groups()
         assert (app, msgid) == ("cxr-ai", "IHE+DICOM")
@@ -123,15 +67,15 @@ def test_rsyslog_receives_parseable_rfc5424_dicom_audit_messages(
         seen.append((event_id.get("csd-code"), int(pri) % 8, root))
     assert [code for code, _, _ in seen] == ["110104", "110106", "110103", "110114"]
     assert [severity for _, severity, _ in seen] == [5, 5, 5, 4]
-    received = seen[0][2]
-    objects = received.findall("ParticipantObjectIdentification")
+    first = seen[0][2]
+    objects = first.findall("ParticipantObjectIdentification")
     assert [o.get("ParticipantObjectID") for o in objects] == ["1.2.3.4", "1.2.3.4.5"]
     failure = seen[3][2].find("EventIdentification")
     assert failure is not None and failure.get("EventOutcomeIndicator") == "4"
 
 
 def test_a_missing_collector_drops_and_counts_and_never_blocks() -> None:
-    port = _free_port()  # nothing listens
+    port = free_port()  # nothing listens
     trail = AuditTrail("127.0.0.1", port, source_id="x", queue_size=2, reconnect_s=0.05)
     started = time.monotonic()
     for _ in range(50):
