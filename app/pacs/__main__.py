@@ -1,8 +1,8 @@
 """Run a delivery worker over an outbox until SIGTERM or SIGINT.
 
-    python -m app.pacs --state-dir /var/lib/cxr --stow http://pacs/dicom-web
-    python -m app.pacs --outbox-url postgresql://... --dimse ORTHANC@pacs:4242
-    python -m app.pacs --state-dir /var/lib/cxr --hl7 mllp://ris:2575 --fhir https://fhir/r4
+    pneumonia-deliver --state-dir /var/lib/cxr --stow http://pacs/dicom-web
+    pneumonia-deliver --outbox-url postgresql://... --dimse ORTHANC@pacs:4242
+    pneumonia-deliver --state-dir /var/lib/cxr --hl7 mllp://ris:2575 --fhir https://fhir/r4
 
 The worker may run inside the service or, as here, as a process of its own beside it: the outbox is
 the only thing they share.
@@ -26,7 +26,7 @@ from app.pacs.pipeline import FHIR, HL7
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.pacs", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pneumonia-deliver", description=__doc__)
     parser.add_argument("--state-dir", type=Path, help="directory of the SQLite outbox")
     parser.add_argument("--outbox-url", help="postgresql:// URL of a shared outbox")
     parser.add_argument("--stow", action="append", default=[], help="DICOMweb base URL")
