@@ -1,12 +1,11 @@
 """The evaluation arithmetic that training and the site tool share, written once.
 
-The model card's figures (training) and a site's report (`app.site`) are compared with each other:
-a site reads its ECE beside the card's. Both therefore take the confusion counts, the ROC curve and
-its area, the calibration error and the patient ids of Kermany file names from here. It is
-arithmetic on labels and scores, never on pixels, so sharing it cannot hide a preprocessing bug on
-both sides of the train/serve parity test (`tests/training/test_boundaries.py` allows training this
-module and the contract only).
-"""
+The model card's figures (training) and a site's report (`app.site_validation`) are compared with
+each other: a site reads its ECE beside the card's. Both therefore take the confusion counts, the
+ROC curve and its area, the calibration error and the patient ids of Kermany file names from here.
+It is arithmetic on labels and scores, never on pixels, so sharing it cannot hide a preprocessing
+bug on both sides of the train/serve parity test (`tests/training/test_boundaries.py` allows
+training this module and the contract only)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """The site profile: a per-hospital recalibration and operating threshold for one exact model.
 
-`pneumonia-validate-site` (`app.site`) writes it (`site_profile.json`) from a site's own labelled
-cases. The service loads it at start-up when `CXR_SITE_PROFILE` names one (`app.model.loading`
-refuses to become ready unless `check_model(sha256)` passes for the ONNX file it serves) and passes
-every answer's calibrated probabilities through `site_probabilities`, after the model's own
-calibration: the label then comes from `operating.threshold` on the recalibrated probability.
+`pneumonia-validate-site` (`app.site_validation`) writes it (`site_profile.json`) from a site's own
+labelled cases. The service loads it at start-up when `CXR_SITE_PROFILE` names one
+(`app.model.loading` refuses to become ready unless `check_model(sha256)` passes for the ONNX file
+it serves) and passes every answer's calibrated probabilities through `site_probabilities`, after
+the model's own calibration: the label then comes from `operating.threshold` on the recalibrated
+probability.
 
 Recalibration is logistic on the logit: p' = sigmoid(slope * logit(p) + intercept) (Platt
 scaling), or with `intercept` fixed at 0 (temperature scaling, slope = 1/T). The format is strict:

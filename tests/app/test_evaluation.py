@@ -58,7 +58,7 @@ def test_kermany_names_give_their_patient(name: str, patient: str | None) -> Non
 
 
 def test_the_site_report_and_training_take_their_figures_from_here() -> None:
-    from app.site import metrics as site
+    from app.site_validation import metrics as site
 
     assert site.expected_calibration_error is ev.expected_calibration_error
     assert site.roc_auc is ev.roc_auc

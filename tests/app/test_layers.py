@@ -17,9 +17,9 @@ import pytest
 
 APP = Path(__file__).resolve().parents[2] / "app"
 
-# Lowest first. `app.site` (the site-validation tool) and `app.cli` (offline tools) drive the whole
-# service, and `app.testing` (what tests and tools share to start it) only ever starts it, so they
-# sit on top.
+# Lowest first. `app.site_validation` (the site-validation tool) and `app.cli` (offline tools)
+# drive the whole service, and `app.testing` (what tests and tools share to start it) only ever
+# starts it, so they sit on top.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("app.settings", "app.contract", "app.errors", "app.evaluation", "app.audit"),
     ("app.imaging",),
@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("app.ops",),
     ("app.http",),
     ("app.main", "app.__main__"),
-    ("app.site", "app.testing", "app.cli"),
+    ("app.site_validation", "app.testing", "app.cli"),
 )
 
 

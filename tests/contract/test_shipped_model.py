@@ -294,7 +294,7 @@ def test_the_site_arm_in_the_ledger_comes_back(tmp_path: Path) -> None:
     import os
 
     from app.cli import predict
-    from app.site import validate
+    from app.site_validation import validate
     from tests.support.testkit import make_settings
     from training.selection import LEDGER_FILE, site_arm_figures
 

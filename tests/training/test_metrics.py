@@ -101,7 +101,7 @@ def test_the_model_cards_figures_are_the_site_reports_sums() -> None:
     """Training and the site tool share one implementation (`app.evaluation`): a site's ECE is
     comparable with the model card's because it is the same function."""
     from app import evaluation
-    from app.site import metrics as site
+    from app.site_validation import metrics as site
     from training import metrics
 
     for name in ("roc_auc", "roc_curve", "confusion", "expected_calibration_error"):

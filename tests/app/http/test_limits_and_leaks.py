@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from app.http.auth import ApiKeyConfigError
 from app.main import create_app
-from app.site.validate import write_private
+from app.site_validation.validate import write_private
 from app.testing.dicom_files import make_dicom, ramp
 from tests.app.pacs.pacs_servers import free_port
 from tests.support.testkit import make_settings

@@ -21,7 +21,7 @@ from PIL import Image
 from app.contract import load_metadata
 from app.main import create_app
 from app.model import site_profile
-from app.site.validate import main
+from app.site_validation.validate import main
 from app.testing.dicom_files import CT_STORAGE, make_dicom
 from tests.support.realdata import DATA_DIR, SHIPPED_METADATA, requires_data, requires_shipped_model
 from tests.support.testkit import UvicornProcess, make_settings

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from app.model import site_profile
-from app.site.metrics import expected_calibration_error
-from app.site.validate import main
+from app.site_validation.metrics import expected_calibration_error
+from app.site_validation.validate import main
 from tests.support.realdata import DATA_DIR, SHIPPED_METADATA, requires_data, requires_shipped_model
 from tests.support.testkit import UvicornProcess
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from app.model.site_profile import logit, sigmoid
-from app.site.fitting import (
+from app.site_validation.fitting import (
     MIN_PER_CLASS_FOR_PLATT,
     FitError,
     fit_platt,

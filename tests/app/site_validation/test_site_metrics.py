@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.site import metrics as m
+from app.site_validation import metrics as m
 
 
 def test_clopper_pearson_lower_bound_known_values() -> None:

@@ -5,8 +5,8 @@ site's recalibration and threshold, and write a report, a profile and every figu
                             [--model models/pneumonia_cxr.onnx] [--evaluate-split]
 
 DATA is a Kaggle-style folder (NORMAL/, PNEUMONIA/, nested sub-folders become subgroups) or a
-folder of DICOM files with labels.csv (see `app.site.cases`). Every image goes through the
-service's HTTP contract exactly as a client sends it: to the real app built in this process from
+folder of DICOM files with labels.csv (see `app.site_validation.cases`). Every image goes through
+the service's HTTP contract exactly as a client sends it: to the real app built in this process from
 `--model`, or to a running service at `--service`. Writes OUT/report.html (one self-contained
 page), OUT/site_profile.json (see `app.model.site_profile`) and OUT/results.json (every figure
 and each image's answer; patient keys are salted hashes, no header value is written).
@@ -34,11 +34,11 @@ import numpy as np
 
 from app.evaluation import linked_groups
 from app.model import site_profile
-from app.site import analysis, metrics
-from app.site.cases import Case, Cases, CasesError, find_cases
-from app.site.fitting import FitError
-from app.site.report import render
-from app.site.scoring import ServedModel, ServiceUnavailable, open_service, score_all
+from app.site_validation import analysis, metrics
+from app.site_validation.cases import Case, Cases, CasesError, find_cases
+from app.site_validation.fitting import FitError
+from app.site_validation.report import render
+from app.site_validation.scoring import ServedModel, ServiceUnavailable, open_service, score_all
 
 DISCLAIMER = (
     "Research use only. This report measures a research model on this site's labelled images; it "
@@ -521,7 +521,7 @@ def write_private(path: Path, text: str) -> None:
 
 
 def _served_model(client: Any) -> ServedModel:
-    from app.site.scoring import served_model
+    from app.site_validation.scoring import served_model
 
     return served_model(client)
 

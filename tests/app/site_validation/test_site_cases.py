@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.site.cases import CasesError, find_cases
-from app.site.validate import _union_patients
+from app.site_validation.cases import CasesError, find_cases
+from app.site_validation.validate import _union_patients
 from app.testing.dicom_files import make_dicom, ramp
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from app.model.site_profile import FloatArray, logit, sigmoid
-from app.site import metrics as m
-from app.site.fitting import Fit, FitError, fit_recalibration
+from app.site_validation import metrics as m
+from app.site_validation.fitting import Fit, FitError, fit_recalibration
 
 DEFAULT_FOLDS = 5
 DEFAULT_RESAMPLES = 1000
