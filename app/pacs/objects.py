@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
-from app.model.explain import upsample
+from app.model.explain import colour, upsample
 from app.pacs.outbox import ResultObject
 from app.pacs.uids import (
     ObjectKind,
@@ -867,16 +867,10 @@ def _explicit_le(ds: Dataset) -> Dataset:
     return ds
 
 
-# The colour ramp of the heat map and its legend: dark blue (no evidence) to red (most evidence),
-# through cyan and yellow; anchors at 0, 1/3, 2/3 and 1.
-_RAMP = np.array([[0, 0, 160], [0, 200, 255], [255, 230, 0], [220, 0, 0]], dtype=np.float64)
-
-
 def _colour(values: np.ndarray) -> np.ndarray:
-    scaled = np.clip(values, 0.0, 1.0) * (len(_RAMP) - 1)
-    low = np.minimum(np.floor(scaled).astype(int), len(_RAMP) - 2)
-    frac = (scaled - low)[..., None]
-    return np.asarray(_RAMP[low] * (1.0 - frac) + _RAMP[low + 1] * frac, dtype=np.float64)
+    """The heat map's colours (and its legend's), the viewer's own scale (`app.model.explain`), so
+    that one map looks the same in the browser and in the PACS."""
+    return np.asarray(colour(np.clip(values, 0.0, 1.0)), dtype=np.float64)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
