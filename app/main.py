@@ -76,6 +76,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     keys: ApiKeys = app.state.api_keys
     logger.info("api keys", extra={"fields": {"required": keys.required, "configured": len(keys)}})
     audit = app.state.audit = audit_trail_from(settings)
+    for name in settings.clear_credentials:
+        logger.warning(
+            "credentials in clear",
+            extra={"fields": {"setting": name, "reason": "its destination URL is http://"}},
+        )
     started = time.perf_counter()
     try:
         # Off the event loop: hashing and session creation take a while for a real model. The CUDA
@@ -324,6 +329,9 @@ def run() -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        # HTTPS on the service's own port when a certificate is configured (CXR_TLS_CERT_FILE)
+        ssl_certfile=settings.tls_cert_file,
+        ssl_keyfile=settings.tls_key_file,
         # Our middleware writes the access log (structured, with request IDs); uvicorn's would
         # duplicate every line.
         access_log=False,

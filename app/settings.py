@@ -328,6 +328,15 @@ class Settings(BaseSettings):
         description="DEBUG | INFO | WARNING | ERROR. Logs are JSON lines on stderr and never "
         "carry patient data, image content, file names or API keys.",
     )
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) for HTTPS on `port` (`pneumonia-serve`, with "
+        "`tls_key_file`); unset: plain HTTP, for a TLS-terminating proxy or ingress in front. "
+        "The probe port stays plain HTTP on its own socket.",
+    )
+    tls_key_file: Path | None = Field(
+        default=None, description="PEM private key of `tls_cert_file`."
+    )
     audit_syslog: str | None = Field(
         default=None,
         description="host:port of the site's audit record repository: DICOM audit messages "
@@ -435,6 +444,25 @@ class Settings(BaseSettings):
         default=None,
         description="The `Authorization` header value for the STOW-RS destination, e.g. "
         "`Bearer <token>` or `Basic <base64>`. Never logged.",
+    )
+    results_dicomweb_ca_file: Path | None = Field(
+        default=None,
+        description="PEM bundle of the CAs trusted for the STOW-RS destination (a site CA), "
+        "instead of the system's; its name or address is checked against the certificate.",
+    )
+    results_dicomweb_client_cert: Path | None = Field(
+        default=None,
+        description="PEM client certificate for mutual TLS to the STOW-RS destination (with "
+        "`results_dicomweb_client_key`).",
+    )
+    results_dicomweb_client_key: Path | None = Field(
+        default=None, description="PEM private key of `results_dicomweb_client_cert`."
+    )
+    refuse_clear_credentials: bool = Field(
+        default=False,
+        description="Refuse to start when a destination's credentials (`results_dicomweb_auth`, "
+        "`results_fhir_auth`) would go to an `http://` URL, in clear; false: start, with a "
+        "WARNING in the log for each.",
     )
     results_dimse: str | None = Field(
         json_schema_extra=README,
@@ -814,6 +842,39 @@ class Settings(BaseSettings):
         return value.strip()
 
     @model_validator(mode="after")
+    def _transport_pairs(self) -> Settings:
+        for cert, key, names in (
+            (self.tls_cert_file, self.tls_key_file, "CXR_TLS_CERT_FILE and CXR_TLS_KEY_FILE"),
+            (
+                self.results_dicomweb_client_cert,
+                self.results_dicomweb_client_key,
+                "CXR_RESULTS_DICOMWEB_CLIENT_CERT and CXR_RESULTS_DICOMWEB_CLIENT_KEY",
+            ),
+        ):
+            if (cert is None) != (key is None):
+                raise ValueError(f"{names} go together")
+        clear = self.clear_credentials
+        if clear and self.refuse_clear_credentials:
+            raise ValueError(
+                f"{', '.join(clear)}: credentials would go over http:// in clear "
+                "(CXR_REFUSE_CLEAR_CREDENTIALS=true); use an https:// URL"
+            )
+        return self
+
+    @property
+    def clear_credentials(self) -> list[str]:
+        """The credential settings whose destination URL is plain `http://`."""
+        pairs = (
+            ("CXR_RESULTS_DICOMWEB_AUTH", self.results_dicomweb_auth, self.results_dicomweb_url),
+            ("CXR_RESULTS_FHIR_AUTH", self.results_fhir_auth, self.results_fhir_url),
+        )
+        return [
+            name
+            for name, auth, url in pairs
+            if auth is not None and url is not None and url.lower().startswith("http://")
+        ]
+
+    @model_validator(mode="after")
     def _audit_tls_pairs(self) -> Settings:
         if (self.audit_tls_cert_file is None) != (self.audit_tls_key_file is None):
             raise ValueError("CXR_AUDIT_TLS_CERT_FILE and CXR_AUDIT_TLS_KEY_FILE go together")
@@ -855,6 +916,11 @@ class Settings(BaseSettings):
         "results_dimse_tls_key",
         "probe_port",
         "audit_syslog",
+        "tls_cert_file",
+        "tls_key_file",
+        "results_dicomweb_ca_file",
+        "results_dicomweb_client_cert",
+        "results_dicomweb_client_key",
         "audit_tls_ca_file",
         "audit_tls_cert_file",
         "audit_tls_key_file",

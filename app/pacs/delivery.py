@@ -247,8 +247,11 @@ class StowRsDestination:
         connect_timeout_s: float = 5.0,
         accept: str = "application/dicom+json, application/dicom+xml;q=0.9",
         transport: httpx.BaseTransport | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # A site CA (and a client certificate) for HTTPS; None: the system's CAs
+        self._verify: ssl.SSLContext | bool = tls if tls is not None else True
         # JSON preferred; some archives (dcm4chee) answer only in XML
         self.accept = accept
         self.name = name or f"stow:{self.base_url}"
@@ -278,7 +281,9 @@ class StowRsDestination:
         }
         if self._auth_header:
             headers["Authorization"] = self._auth_header
-        with httpx.Client(timeout=self._timeout, transport=self._transport) as client:
+        with httpx.Client(
+            timeout=self._timeout, transport=self._transport, verify=self._verify
+        ) as client:
             try:
                 response = client.post(f"{self.base_url}/studies", content=body, headers=headers)
             except httpx.HTTPError as error:

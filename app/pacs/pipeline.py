@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -115,11 +116,20 @@ def destinations_from(settings: Settings) -> list[Destination]:
     found: list[Destination] = []
     if settings.results_dicomweb_url:
         auth = settings.results_dicomweb_auth
+        ca = settings.results_dicomweb_ca_file
+        tls = None
+        if ca is not None or settings.results_dicomweb_client_cert is not None:
+            tls = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+            if settings.results_dicomweb_client_cert is not None:
+                tls.load_cert_chain(
+                    settings.results_dicomweb_client_cert, settings.results_dicomweb_client_key
+                )
         found.append(
             StowRsDestination(
                 settings.results_dicomweb_url,
                 name=DICOMWEB,
                 auth_header=auth.get_secret_value() if auth else None,
+                tls=tls,
             )
         )
     if settings.results_dimse:
