@@ -653,6 +653,36 @@ class Settings(BaseSettings):
     dicom_max_associations: int = Field(
         default=10, ge=1, le=256, description="Concurrent associations the listener accepts."
     )
+    dicom_max_pending_connections: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description="Connections the listener keeps open beyond `dicom_max_associations`, "
+        "waiting for their A-ASSOCIATE-RQ (a connection takes an association slot only once its "
+        "request is read); the next connection is closed at once, logged and counted.",
+    )
+    dicom_read_deadline_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="Seconds a PDU on the DICOM port may take from its first byte to its last "
+        "(one deadline per PDU, however the bytes trickle in); past it the association is "
+        "aborted, logged and counted.",
+    )
+    dicom_max_instance_bytes: int = Field(
+        default=128 * MiB,
+        gt=0,
+        description="Largest data set of a CR/DX the listener takes (held in memory while it "
+        "arrives); a larger one aborts its association, logged and counted. Instances of other "
+        "SOP classes are read and dropped as they arrive, whatever their size.",
+    )
+    dicom_max_buffered_bytes: int = Field(
+        default=256 * MiB,
+        gt=0,
+        description="Bytes of CR/DX data sets the listener holds in memory while they arrive, "
+        "all associations together; a fragment that does not fit aborts its association "
+        "(logged and counted), so concurrent senders cannot add up past it.",
+    )
     dicom_tls_cert: Path | None = Field(
         default=None,
         description="PEM certificate (chain) of the C-STORE listener: with it (and "

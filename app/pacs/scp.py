@@ -44,6 +44,19 @@ only when the site says so (`CXR_DICOM_OPEN`). `max_associations` bounds concurr
 rejects the next one as transient, "local limit exceeded"); `max_pdu`, and the ACSE, DIMSE and
 network timeouts are pynetdicom's settings of the same names.
 
+Bounded before trust (`app.pacs.transport`): a connection takes an association slot only once its
+A-ASSOCIATE-RQ is read; at most `max_associations + max_pending` connections are open (the next is
+closed at once, without a thread); a PDU declaring more than the listener's maximum PDU (or, before
+negotiation, a sane bound) aborts the association before its body is read; every PDU must arrive
+within `read_deadline` seconds of its first byte; the data set of an ignored SOP class is read and
+dropped as it arrives, and a kept one past `max_instance_bytes` aborts the association, as does one
+that would take what the data sets being received hold in memory, all associations together, past
+`max_buffered_bytes`. Reading the
+header of a deflated instance inflates at most `HEADER_INFLATE_BYTES`, and at most
+`DEFLATED_HEADER_READS` such reads run at once in the whole process. Each abort and refusal is
+logged (reason, address, calling AE title, declared length; nothing of a data set) and counted
+(`aborted_*`, `refused_too_many_connections`, `rejected_by_negotiation`).
+
 Patient data: nothing from a data set is logged; `start` turns pynetdicom's standard log
 handlers off (they print DIMSE message contents at debug level), for every AE the process creates
 afterwards, which is what the result-sending side wants too.
@@ -56,21 +69,32 @@ import logging
 import ssl
 import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pynetdicom
 import pynetdicom._config
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from app.imaging.dicom import DECODABLE_TRANSFER_SYNTAXES
 from app.pacs.spool import Spool, SpoolFull
 from app.pacs.stow import UnreadableInstance, read_instance_header
+from app.pacs.transport import (
+    BoundedAE,
+    BoundedAssociationServer,
+    BoundedDUL,
+    BoundedRequestHandler,
+    BufferBudget,
+)
 from app.settings import DicomPeer, Settings
 
 logger = logging.getLogger(__name__)
@@ -88,6 +112,15 @@ CANNOT_UNDERSTAND = 0xC000
 REJECT_UNLISTED = (0x01, 0x01, 0x03)
 
 Gate = Callable[[Dataset], "str | None"]
+
+# Reading a deflated instance's header inflates at most this much of its data set (a header is
+# kilobytes; the pixel data after it is inflated later, by the decoder under the decode budget):
+# a 200 kB deflate bomb no longer costs hundreds of MiB to have its header read.
+HEADER_INFLATE_BYTES = 4 * 1024 * 1024
+# Header reads of deflated instances at once, in the whole process (every listener together);
+# the next waits up to its association's read deadline, then gets 0xA700.
+DEFLATED_HEADER_READS = 2
+_deflated_header_reads = threading.BoundedSemaphore(DEFLATED_HEADER_READS)
 
 
 class ListenerRefused(Exception):
@@ -153,6 +186,12 @@ def listener_from_settings(
         host=settings.dicom_host,
         peers=peers,
         max_associations=settings.dicom_max_associations,
+        max_pending=settings.dicom_max_pending_connections,
+        read_deadline=settings.dicom_read_deadline_s,
+        # A connection's A-ASSOCIATE-RQ must be in within the read deadline too.
+        acse_timeout=settings.dicom_read_deadline_s,
+        max_instance_bytes=settings.dicom_max_instance_bytes,
+        max_buffered_bytes=settings.dicom_max_buffered_bytes,
         room=room,
         tls=tls,
     )
@@ -187,6 +226,13 @@ class IntakeStats:
     associations_accepted: int = 0
     associations_rejected: int = 0
     associations_aborted: int = 0
+    aborted_pdu_too_long: int = 0
+    aborted_read_deadline: int = 0
+    aborted_instance_too_large: int = 0
+    aborted_buffers_full: int = 0
+    aborted_malformed_pdu: int = 0
+    refused_too_many_connections: int = 0
+    rejected_by_negotiation: int = 0
     rejected_calling_ae: int = 0
     rejected_source_address: int = 0
     echoes: int = 0
@@ -195,6 +241,7 @@ class IntakeStats:
     ignored_not_intended_use: int = 0
     refused_spool_full: int = 0
     refused_results_full: int = 0
+    refused_header_reads_busy: int = 0
     failed_storage: int = 0
     failed_unreadable: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -224,6 +271,10 @@ class StorageListener:
         room: Callable[[], bool] | None = None,
         tls: ssl.SSLContext | None = None,
         max_associations: int = 10,
+        max_pending: int = 32,
+        read_deadline: float = 30.0,
+        max_instance_bytes: int = 128 * 1024 * 1024,
+        max_buffered_bytes: int = 256 * 1024 * 1024,
         max_pdu: int = 65536,
         acse_timeout: float = 30.0,
         dimse_timeout: float = 60.0,
@@ -251,9 +302,13 @@ class StorageListener:
         self.host = host
         self.requested_port = port
         self.stats = IntakeStats()
-        self._server: ThreadedAssociationServer | None = None
+        self._server: BoundedAssociationServer | None = None
+        self.max_connections = max_associations + max_pending
+        self.read_deadline = read_deadline
+        self.max_instance_bytes = max_instance_bytes
+        self.buffer_budget = BufferBudget(max_buffered_bytes)
 
-        ae = AE(ae_title=ae_title)
+        ae = BoundedAE(ae_title=ae_title)
         ae.maximum_associations = max_associations
         ae.maximum_pdu_size = max_pdu
         ae.acse_timeout = acse_timeout
@@ -305,15 +360,33 @@ class StorageListener:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._count("associations_accepted")),
-            (evt.EVT_REJECTED, self._count("associations_rejected")),
+            (evt.EVT_REJECTED, self._on_negotiation_reject),
             (evt.EVT_ABORTED, self._count("associations_aborted")),
+            (evt.EVT_CONN_CLOSE, self._release_buffer),
         ]
-        self._server = self.ae.start_server(
-            (self.host, self.requested_port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=self.tls,
+        # ae.start_server, with the bounded server and request handler (app.pacs.transport)
+        server = cast(
+            BoundedAssociationServer,
+            self.ae.make_server(
+                (self.host, self.requested_port),
+                evt_handlers=handlers,
+                ssl_context=self.tls,
+                server_class=BoundedAssociationServer,
+                request_handler=BoundedRequestHandler,
+            ),
         )
+        server.max_connections = self.max_connections
+        server.read_deadline = self.read_deadline
+        server.max_instance_bytes = self.max_instance_bytes
+        server.kept_sop_classes = frozenset(INTAKE_SOP_CLASSES)
+        server.buffer_budget = self.buffer_budget
+        server.report = self._on_bounded  # type: ignore[method-assign]
+        thread = threading.Thread(
+            target=server.serve_forever, name="AcceptorServer@cxr", daemon=True
+        )
+        thread.start()
+        self.ae._servers.append(server)
+        self._server = server
 
     def stop(self, drain_seconds: float = 10.0) -> bool:
         """Stop taking associations, give running ones `drain_seconds` to finish, then abort
@@ -339,6 +412,41 @@ class StorageListener:
 
         return handler
 
+    def _on_bounded(self, reason: str, fields: dict[str, Any]) -> None:
+        """An association aborted or a connection refused by a bound (app.pacs.transport)."""
+        counter = {
+            "pdu_too_long": "aborted_pdu_too_long",
+            "read_deadline": "aborted_read_deadline",
+            "instance_too_large": "aborted_instance_too_large",
+            "buffers_full": "aborted_buffers_full",
+            "too_many_connections": "refused_too_many_connections",
+        }.get(reason, "aborted_malformed_pdu")
+        self.stats.add(counter)
+        if counter.startswith("aborted_"):
+            self.stats.add("associations_aborted")
+            message = "dicom association aborted"
+        else:
+            message = "dicom connection refused"
+        logger.warning(message, extra={"fields": {"reason": reason, **fields}})
+
+    def _on_negotiation_reject(self, event: evt.Event) -> None:
+        """EVT_REJECTED: pynetdicom's own rejection (no association slot free, a called AE title
+        that is not ours); the peer list's rejections are logged by `_admit`."""
+        self.stats.add("associations_rejected")
+        self.stats.add("rejected_by_negotiation")
+        request = event.assoc.requestor.primitive
+        logger.warning(
+            "dicom association rejected",
+            extra={
+                "fields": {
+                    "reason": "negotiation",
+                    "detail": "association limit reached or called AE title not ours",
+                    "calling_ae": str(request.calling_ae_title).strip()[:16] if request else "",
+                    "address": str(event.assoc.requestor.address),
+                }
+            },
+        )
+
     def refusal(self, ae_title: str, address: str) -> str | None:
         """None when the peer list admits `ae_title` calling from `address`; otherwise the
         counter that names why not (`rejected_calling_ae`, `rejected_source_address`)."""
@@ -361,6 +469,11 @@ class StorageListener:
         negotiation and closes the connection)."""
         requestor = event.assoc.requestor
         request = requestor.primitive  # set by pynetdicom before EVT_REQUESTED
+        if not isinstance(request, A_ASSOCIATE):
+            # A bound aborted the connection before its request was read (app.pacs.transport
+            # woke the association with an A-P-ABORT, already logged and counted): end it here.
+            event.assoc.kill()
+            return
         # The request's own titles: pynetdicom copies them to `requestor.ae_title` only later.
         ae_title = str(request.calling_ae_title).strip() if request else ""
         called = str(request.called_ae_title).strip() if request else ""
@@ -388,14 +501,34 @@ class StorageListener:
         self.stats.add("echoes")
         return SUCCESS
 
+    def _release_buffer(self, event: evt.Event) -> None:
+        if isinstance(event.assoc.dul, BoundedDUL):
+            event.assoc.dul.release_buffer()
+
     def _on_store(self, event: evt.Event) -> int:
+        try:
+            return self._store(event)
+        finally:
+            # the data set's bytes are the spool's (or nobody's) now
+            self._release_buffer(event)
+
+    def _store(self, event: evt.Event) -> int:
         sop_class = str(event.context.abstract_syntax)
         if sop_class not in INTAKE_SOP_CLASSES:
             self.stats.add("ignored_sop_class")
             return SUCCESS
         data = event.encoded_dataset()
         try:
-            header = read_instance_header(data)
+            if str(event.context.transfer_syntax) == DeflatedExplicitVRLittleEndian:
+                if not _deflated_header_reads.acquire(timeout=self.read_deadline):
+                    self.stats.add("refused_header_reads_busy")
+                    return OUT_OF_RESOURCES
+                try:
+                    header = read_instance_header(_inflated_header_view(event))
+                finally:
+                    _deflated_header_reads.release()
+            else:
+                header = read_instance_header(data)
         except UnreadableInstance:
             self.stats.add("failed_unreadable")
             return CANNOT_UNDERSTAND
@@ -435,3 +568,23 @@ class StorageListener:
             return OUT_OF_RESOURCES
         self.stats.add("spooled")
         return SUCCESS
+
+
+def _inflated_header_view(event: evt.Event) -> bytes:
+    """A deflated C-STORE instance as an Explicit VR Little Endian PS3.10 file holding the first
+    `HEADER_INFLATE_BYTES` of its inflated data set: enough to read its header, never the whole
+    of a deflate bomb. A header that does not end within them is unreadable."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(
+            event.encoded_dataset(include_meta=False), HEADER_INFLATE_BYTES
+        )
+    except zlib.error:
+        raise UnreadableInstance("the deflated data set does not inflate") from None
+    meta = event.file_meta
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    view = DicomBytesIO()
+    view.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(view, meta, enforce_standard=False)
+    view.write(inflated)
+    return view.getvalue()
