@@ -510,6 +510,15 @@ class Settings(BaseSettings):
         description="Age after which an undelivered result stops being retried; it is then kept "
         "as failed (visible in `/results/...` and the metrics) for `results_retention_s`.",
     )
+    results_lease_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=3600,
+        description="Seconds a delivery worker holds the deliveries it claimed from the outbox; "
+        "a replica that dies holding some leaves them to another after this long. Keep it well "
+        "above the slowest delivery batch (a STOW-RS request may take up to 30 s), or a slow "
+        "send is claimed and sent again by another replica.",
+    )
     results_retention_s: float = Field(
         default=7 * 24 * 3600.0,
         gt=0,

@@ -221,7 +221,12 @@ class ResultsPipeline:
         state_dir = Path(settings.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         url = settings.state_url.get_secret_value() if settings.state_url else None
-        self.outbox = Outbox.open(state_dir, url, give_up_after_s=settings.results_give_up_after_s)
+        self.outbox = Outbox.open(
+            state_dir,
+            url,
+            lease_s=settings.results_lease_s,
+            give_up_after_s=settings.results_give_up_after_s,
+        )
         self.destinations = (
             destinations if destinations is not None else destinations_from(settings)
         )
