@@ -190,7 +190,19 @@ def audit_pipeline(pipeline: ResultsPipeline, audit: AuditTrail) -> None:
             )
         )
 
+    def alert(reason: str, calling_ae: str | None, address: str | None) -> None:
+        audit.record(
+            AuditEvent(
+                "security_alert",
+                outcome="minor_failure",
+                participants=(Participant(calling_ae or "unknown", True, address),),
+                detail=reason,
+            )
+        )
+
     pipeline.spool.on_stored = received
+    if pipeline.listener is not None:
+        pipeline.listener.on_security_alert = alert
     if pipeline.worker is not None:
         pipeline.worker.audit = audit
 

@@ -302,6 +302,9 @@ class StorageListener:
         self.host = host
         self.requested_port = port
         self.stats = IntakeStats()
+        # Told of every refused or aborted association (the audit trail's security alerts):
+        # the reason (a counter's name), the calling AE title and the address, when known.
+        self.on_security_alert: Callable[[str, str | None, str | None], None] | None = None
         self._server: BoundedAssociationServer | None = None
         self.max_connections = max_associations + max_pending
         self.read_deadline = read_deadline
@@ -428,6 +431,15 @@ class StorageListener:
         else:
             message = "dicom connection refused"
         logger.warning(message, extra={"fields": {"reason": reason, **fields}})
+        self._alert(counter, fields.get("calling_ae"), fields.get("address"))
+
+    def _alert(self, reason: str, calling_ae: object, address: object) -> None:
+        if self.on_security_alert is not None:
+            self.on_security_alert(
+                reason,
+                str(calling_ae)[:16] if calling_ae else None,
+                str(address) if address else None,
+            )
 
     def _on_negotiation_reject(self, event: evt.Event) -> None:
         """EVT_REJECTED: pynetdicom's own rejection (no association slot free, a called AE title
@@ -494,6 +506,7 @@ class StorageListener:
                 }
             },
         )
+        self._alert(reason, ae_title, address)
         event.assoc.acse.send_reject(*REJECT_UNLISTED)
         event.assoc.kill()
 

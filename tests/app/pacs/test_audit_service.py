@@ -1,6 +1,7 @@
 """The service's audit trail end to end (issue 26, item 7): with CXR_AUDIT_SYSLOG set, Debian's
-rsyslog on loopback receives parseable RFC 5424 DICOM audit messages for a refused API key, an
-instance received over STOW-RS, its result exported to an archive and the result read; the access
+rsyslog on loopback receives parseable RFC 5424 DICOM audit messages for a refused API key, a
+refused DICOM peer, an instance received over STOW-RS, its result exported to an archive and the
+result read; the access
 log names the key by its id (never the key) and the UID read."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from app.main import create_app
 from tests.app.pacs import test_pacs_duplicates
 from tests.app.pacs.intake_tools import unique_uid, wait_until
 from tests.app.pacs.test_content_keys import _image, _stow
+from tests.app.pacs.test_dicom_peers import echo_from, free_port
 from tests.app.pacs.test_pacs_duplicates import ArchiveServer
 from tests.support.syslog_peer import audit_messages, rsyslog_collector
 from tests.support.testkit import make_settings
@@ -37,11 +39,17 @@ def test_refused_keys_received_images_exported_and_read_results_reach_the_collec
             log_level="INFO",
             results_dicomweb_url=archive.dicomweb,
             results_max_backoff_s=1,
+            dicom_port=free_port(),
+            dicom_peers="MODALITY1@127.0.0.2",
         )
         auth = {"authorization": f"Bearer {KEY}"}
         with TestClient(create_app(settings)) as client:
             refused = client.get(f"/results/{UID}", headers={"authorization": "Bearer nope"})
             assert refused.status_code == 401
+            # a caller the peer list does not name, on the DICOM port
+            assert settings.dicom_port is not None
+            accepted, _ = echo_from(settings.dicom_port, "ROGUE", "127.0.0.1")
+            assert not accepted
             client.headers.update(auth)
             assert _stow(client, _image(0.5, UID)).status_code == 200
             assert wait_until(lambda: client.get(f"/results/{UID}").status_code == 200, 20)
@@ -56,7 +64,7 @@ def test_refused_keys_received_images_exported_and_read_results_reach_the_collec
             finally:
                 logging.getLogger("app.access").removeHandler(access)
         # the client's exit closed the trail: everything queued was sent
-        messages = audit_messages(out, 5)
+        messages = audit_messages(out, 6)
     by_code: dict[str, list[tuple[int, ET.Element]]] = {}
     for pri, msgid, root in messages:
         assert msgid == "IHE+DICOM"
@@ -66,7 +74,12 @@ def test_refused_keys_received_images_exported_and_read_results_reach_the_collec
         source = root.find("AuditSourceIdentification")
         assert source is not None and source.get("AuditSourceID") == "CXR_AI@test"
         assert KEY not in ET.tostring(root, encoding="unicode")  # a key id, never the key
-    assert {"110114", "110104", "110106", "110103"} <= set(by_code)
+    assert {"110114", "110104", "110106", "110103", "110113"} <= set(by_code)
+    _, alert = by_code["110113"][0]
+    description = alert.find("EventIdentification/EventOutcomeDescription")
+    assert description is not None and description.text == "rejected_calling_ae"
+    (caller,) = alert.iter("ActiveParticipant")
+    assert caller.get("UserID") == "ROGUE" and caller.get("NetworkAccessPointID") == "127.0.0.1"
     severity, refusal = by_code["110114"][0]
     outcome = refusal.find("EventIdentification")
     assert severity == 4 and outcome is not None and outcome.get("EventOutcomeIndicator") == "4"
