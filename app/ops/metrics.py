@@ -232,8 +232,9 @@ class _PacsCollector(Collector):
             "recorded (result objects made), refused:<code>, ignored_* (C-STORE answered success "
             "without a result: another SOP class, or not a frontal chest X-ray); for dimse also "
             "associations_*, rejected_calling_ae / rejected_source_address (callers "
-            "CXR_DICOM_PEERS does not list, or lists for another address), rejected_by_negotiation, "
-            "the bounds' aborted_pdu_too_long / aborted_read_deadline / aborted_instance_too_large "
+            "CXR_DICOM_PEERS does not list, or lists for another address), "
+            "rejected_by_negotiation, the bounds' aborted_pdu_too_long / aborted_read_deadline / "
+            "aborted_instance_too_large "
             "/ aborted_buffers_full / aborted_malformed_pdu, refused_too_many_connections and "
             "refused_header_reads_busy.",
             labels=["intake", "outcome"],
