@@ -16,7 +16,8 @@ import numpy.typing as npt
 # The figures the model card shares are written once, in app.evaluation; re-exported here so that
 # the report's code reads every figure from one module.
 from app.evaluation import ECE_BINS as ECE_BINS
-from app.evaluation import BoolArray, weighted_auc
+from app.evaluation import BoolArray as BoolArray
+from app.evaluation import weighted_auc
 from app.evaluation import confusion as confusion
 from app.evaluation import expected_calibration_error as expected_calibration_error
 from app.evaluation import roc_auc as roc_auc
