@@ -17,11 +17,11 @@ import numpy.typing as npt
 # the report's code reads every figure from one module.
 from app.evaluation import ECE_BINS as ECE_BINS
 from app.evaluation import BoolArray as BoolArray
-from app.evaluation import weighted_auc
 from app.evaluation import confusion as confusion
 from app.evaluation import expected_calibration_error as expected_calibration_error
 from app.evaluation import roc_auc as roc_auc
 from app.evaluation import roc_curve as roc_curve
+from app.evaluation import weighted_auc
 from app.model.site_profile import FloatArray
 
 IntArray = npt.NDArray[np.int64]
