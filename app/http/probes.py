@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
@@ -111,6 +112,14 @@ class _ProbeHTTPServer(ThreadingHTTPServer):
         super().__init__(address, _ProbeHandler)
         self.state = state
         self.answers = answers
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A checker that resets its connection (HAProxy's, a kubelet's on timeout) is routine:
+        no traceback on stderr for it; anything else is one WARNING line with its type."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | TimeoutError):
+            return
+        logger.warning("probe request failed", extra={"fields": {"error": type(error).__name__}})
 
 
 class ProbeServer:
