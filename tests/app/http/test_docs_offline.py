@@ -48,7 +48,8 @@ def test_swagger_ui_renders_every_operation_offline(browser, service):
         "/model",
         "/predict",
         "/predict/batch",
-        "/results/{sop_instance_uid}",
+        "/results/{sop_instance_uid}",  # GET
+        "/results/{sop_instance_uid}",  # DELETE (an operate key)
         "/results/{sop_instance_uid}/sr",
     ]
     title = page.locator(".info .title").inner_text()
