@@ -1,6 +1,7 @@
-# Shared by scripts/run.sh and scripts/docker-smoke.sh (sourced, not run): what building the image
-# needs from the machine, with messages that name the fix. Talks to the engine in $DOCKER_HOST (or
-# the default socket). Callers define `say` (progress) and `die` (fatal error).
+# Shared by scripts/run.sh, scripts/docker-smoke.sh and scripts/docker-replicas.sh (sourced, not
+# run): what building the image needs from the machine, with messages that name the fix, and the
+# CI stages' own engine. Talks to the engine in $DOCKER_HOST (or the default socket). Callers
+# define `say` (progress), `info` and `die` (fatal error).
 
 BASE_IMAGE="${BASE_IMAGE_TAG:-python:3.11-slim}"
 SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -55,4 +56,45 @@ export_build_index_url() {
         export CXR_BUILD_PIP_INDEX_URL="$index_url"
         say "pip index for the build: $index_url"
     fi
+}
+
+# The CI stages' own engine on $WORK/docker.sock (data root $WORK/data): sets DOCKER_HOST, and
+# DOCKERD_PID when it starts one (an engine already answering there, left over from an interrupted
+# run, is used but not ours to stop). $1: the engine's log file.
+start_ci_engine() {
+    local log=$1
+    SOCK="$WORK/docker.sock"
+    export DOCKER_HOST="unix://$SOCK"
+    # containerd's socket lives under the exec root and a unix socket path may hold 107 bytes.
+    EXEC_ROOT="$WORK/exec"
+    if [[ ${#EXEC_ROOT} -gt 60 ]]; then
+        EXEC_ROOT="/run/cxr-docker-$(printf '%s' "$WORK" | sha256sum | cut -c1-12)"
+    fi
+    DOCKERD_PID=""
+    if docker info >/dev/null 2>&1; then
+        info "an engine already answers on $SOCK; using it (it will be left running)"
+        return 0
+    fi
+    rm -f "$SOCK"
+    mkdir -p "$WORK/data" "$EXEC_ROOT"
+    dockerd --data-root "$WORK/data" --exec-root "$EXEC_ROOT" --pidfile "$WORK/dockerd.pid" \
+        -H "unix://$SOCK" >"$log" 2>&1 &
+    DOCKERD_PID=$!
+    for _ in $(seq 1 60); do
+        docker info >/dev/null 2>&1 && break
+        kill -0 "$DOCKERD_PID" 2>/dev/null || { tail -n 20 "$log" >&2; DOCKERD_PID=""; die "dockerd exited"; }
+        sleep 0.5
+    done
+    docker info >/dev/null 2>&1 || { tail -n 20 "$log" >&2; die "dockerd did not answer in 30 s"; }
+    info "dockerd $(docker version -f '{{.Server.Version}}') up, pid $DOCKERD_PID"
+}
+
+# Stop the engine start_ci_engine started (SIGTERM, then SIGKILL after 20 s), if it did.
+stop_ci_engine() {
+    [[ -n ${DOCKERD_PID:-} ]] || return 0
+    say "stopping the dockerd this script started (pid $DOCKERD_PID)"
+    kill -TERM "$DOCKERD_PID" 2>/dev/null
+    for _ in $(seq 1 40); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
+    kill -0 "$DOCKERD_PID" 2>/dev/null && kill -KILL "$DOCKERD_PID" 2>/dev/null
+    DOCKERD_PID=""
 }

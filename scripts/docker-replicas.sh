@@ -86,12 +86,6 @@ compose config --format json >"$WORK/replicas/compose.json" || die "docker compo
 
 # ---------------------------------------------------------------------------------------------
 step "docker engine (data root $WORK/data)"
-SOCK="$WORK/docker.sock"
-export DOCKER_HOST="unix://$SOCK"
-EXEC_ROOT="$WORK/exec"
-if [[ ${#EXEC_ROOT} -gt 60 ]]; then
-    EXEC_ROOT="/run/cxr-docker-$(printf '%s' "$WORK" | sha256sum | cut -c1-12)"
-fi
 DOCKERD_PID=""
 UP=0
 cleanup() {
@@ -110,12 +104,7 @@ cleanup() {
         compose down -v --remove-orphans --timeout 30 >"$WORK/replicas/down.log" 2>&1
         info "down in $((SECONDS - t)) s"
     fi
-    if [[ -n $DOCKERD_PID ]]; then
-        step "stopping the dockerd this script started (pid $DOCKERD_PID)"
-        kill -TERM "$DOCKERD_PID" 2>/dev/null
-        for _ in $(seq 1 40); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
-        kill -0 "$DOCKERD_PID" 2>/dev/null && kill -KILL "$DOCKERD_PID" 2>/dev/null
-    fi
+    stop_ci_engine
     if [[ $rc -eq 0 ]]; then step "PASSED in $((SECONDS - T0)) s"; else
         printf '\n[replicas %3ds] FAILED (exit %d); engine log: %s\n' "$((SECONDS - T0))" "$rc" "$WORK/dockerd-replicas.log" >&2
     fi
@@ -124,22 +113,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if docker info >/dev/null 2>&1; then
-    info "an engine already answers on $SOCK; using it (it will be left running)"
-else
-    rm -f "$SOCK"
-    mkdir -p "$WORK/data" "$EXEC_ROOT"
-    dockerd --data-root "$WORK/data" --exec-root "$EXEC_ROOT" --pidfile "$WORK/dockerd.pid" \
-        -H "unix://$SOCK" >"$WORK/dockerd-replicas.log" 2>&1 &
-    DOCKERD_PID=$!
-    for _ in $(seq 1 60); do
-        docker info >/dev/null 2>&1 && break
-        kill -0 "$DOCKERD_PID" 2>/dev/null || { tail -n 20 "$WORK/dockerd-replicas.log" >&2; DOCKERD_PID=""; die "dockerd exited"; }
-        sleep 0.5
-    done
-    docker info >/dev/null 2>&1 || die "dockerd did not answer in 30 s"
-    info "dockerd $(docker version -f '{{.Server.Version}}') up, pid $DOCKERD_PID"
-fi
+start_ci_engine "$WORK/dockerd-replicas.log"
 ensure_base_image "$WORK/base-image"
 
 step "docker compose build (the service image is the smoke test's; PostgreSQL and HAProxy from Debian)"

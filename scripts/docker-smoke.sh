@@ -214,13 +214,6 @@ XRAY="$(find "$DATA_DIR/test/PNEUMONIA" -maxdepth 1 -type f \( -iname '*.jpeg' -
 
 # ---------------------------------------------------------------------------------------------
 step "docker engine (data root $WORK/data)"
-SOCK="$WORK/docker.sock"
-export DOCKER_HOST="unix://$SOCK"
-# containerd's socket lives under the exec root and a unix socket path may hold 107 bytes.
-EXEC_ROOT="$WORK/exec"
-if [[ ${#EXEC_ROOT} -gt 60 ]]; then
-    EXEC_ROOT="/run/cxr-docker-$(printf '%s' "$WORK" | sha256sum | cut -c1-12)"
-fi
 DOCKERD_PID=""
 COMPOSE_STARTED=0
 GPU_CID=""
@@ -250,12 +243,7 @@ for e in h["Log"][-3:]:
         compose down -v --remove-orphans --timeout 30 >/dev/null 2>&1
         info "down in $((SECONDS - t)) s"
     fi
-    if [[ -n $DOCKERD_PID ]]; then
-        step "stopping the dockerd this script started (pid $DOCKERD_PID)"
-        kill -TERM "$DOCKERD_PID" 2>/dev/null
-        for _ in $(seq 1 40); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
-        kill -0 "$DOCKERD_PID" 2>/dev/null && kill -KILL "$DOCKERD_PID" 2>/dev/null
-    fi
+    stop_ci_engine
     if [[ $rc -eq 0 ]]; then step "PASSED in $((SECONDS - T0)) s"; else
         printf '\n[smoke %3ds] FAILED (exit %d); engine log: %s\n' "$((SECONDS - T0))" "$rc" "$WORK/dockerd.log" >&2
     fi
@@ -264,23 +252,7 @@ for e in h["Log"][-3:]:
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if docker info >/dev/null 2>&1; then
-    # Left over from an interrupted run: use it, but it is not ours to stop.
-    info "an engine already answers on $SOCK; using it (it will be left running)"
-else
-    rm -f "$SOCK"
-    mkdir -p "$WORK/data" "$EXEC_ROOT"
-    dockerd --data-root "$WORK/data" --exec-root "$EXEC_ROOT" --pidfile "$WORK/dockerd.pid" \
-        -H "unix://$SOCK" >"$WORK/dockerd.log" 2>&1 &
-    DOCKERD_PID=$!
-    for _ in $(seq 1 60); do
-        docker info >/dev/null 2>&1 && break
-        kill -0 "$DOCKERD_PID" 2>/dev/null || { tail -n 20 "$WORK/dockerd.log" >&2; DOCKERD_PID=""; die "dockerd exited"; }
-        sleep 0.5
-    done
-    docker info >/dev/null 2>&1 || { tail -n 20 "$WORK/dockerd.log" >&2; die "dockerd did not answer in 30 s"; }
-    info "dockerd $(docker version -f '{{.Server.Version}}') up, pid $DOCKERD_PID"
-fi
+start_ci_engine "$WORK/dockerd.log"
 
 step "base image $BASE_IMAGE"
 if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
