@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
-from app.model.explain import colour, upsample
+from app.model.explain import blend, colour, upsample
 from app.pacs.outbox import ResultObject
 from app.pacs.uids import (
     ObjectKind,
@@ -946,9 +946,8 @@ def heatmap_overlay(
     lo, hi = float(grid.min()), float(grid.max())
     grid = (grid - lo) / (hi - lo) if hi > lo else np.zeros_like(grid)
     cam = upsample(grid, columns, rows, input_size)
-    grey = np.repeat(image_u8[..., None].astype(np.float64), 3, axis=2)
-    blended = grey * (1.0 - opacity) + _colour(cam) * opacity
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    # the viewer's own colour scale and blend (app.model.explain): one map, one look
+    return blend(image_u8, colour(np.clip(cam, 0.0, 1.0)), opacity)
 
 
 def heatmap_headline(facts: ResultFacts) -> str:
