@@ -68,8 +68,13 @@ def combined_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     first = summaries[0]
     if any(s["preprocessing"] != first["preprocessing"] for s in summaries):
         raise ValueError("the members were trained under different preprocessing contracts")
+    counts: dict[str, int] = {}
+    for s in summaries:
+        counts[s["architecture"]] = counts.get(s["architecture"], 0) + 1
+    members = " + ".join(f"{n} x {arch}" for arch, n in counts.items())
     return {
-        "architecture": f"ensemble of {len(summaries)} x {first['architecture']}",
+        # "ensemble of 2 x cxr_net_7", "ensemble of 2 x cxr_net_7 + 1 x resnet_small"
+        "architecture": f"ensemble of {members}",
         "preprocessing": first["preprocessing"],
         "augmentation": [s["augmentation"] for s in summaries],
         "class_weights": first["class_weights"],

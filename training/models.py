@@ -95,6 +95,44 @@ def cxr_net_7(
     return cxr_net(input_shape, num_classes, width, dropout, pool_last=False, name="cxr_net_7")
 
 
+def _basic_block(x, filters: int, strides: int, name: str):
+    """Two plain 3x3 convolutions with an identity (or 1x1 projected) shortcut."""
+    shortcut = x
+    if strides != 1 or x.shape[-1] != filters:
+        shortcut = layers.Conv2D(filters, 1, strides=strides, use_bias=False, name=f"{name}_proj")(
+            x
+        )
+        shortcut = _batch_norm(name=f"{name}_proj_bn")(shortcut)
+    y = _conv_bn(x, filters, 3, strides=strides, name=f"{name}_a")
+    y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_b_conv")(y)
+    y = _batch_norm(name=f"{name}_b_bn")(y)
+    y = layers.Add(name=f"{name}_add")([y, shortcut])
+    return layers.ReLU(name=f"{name}_relu")(y)
+
+
+def resnet_small(
+    input_shape=(224, 224, 1), num_classes: int = 2, width: int = 32, dropout: float = 0.3
+) -> keras.Model:
+    """A small plain-convolution ResNet with a 7x7 last map, for diversity beside `cxr_net_7`.
+
+    Per-image standardisation, a strided 3x3 stem and max pooling (224 -> 56 px), one basic block
+    per stage at widths 1, 2, 4, 8 x `width` and strides 1, 2, 2, 2 (56, 28, 14, 7 px), then
+    global average pooling straight into the classifier: CAM-exact, cells centred at 16 + 32 k px
+    like `cxr_net_7`'s, so the two can share one ensemble head. Dense 3x3 convolutions where
+    `cxr_net` has separable ones: a different inductive bias at about the same step cost here.
+    """
+    inputs = keras.Input(input_shape, name="image")
+    x = PerImageStandardization(name="standardize")(inputs)
+    x = _conv_bn(x, width, 3, strides=2, name="stem")  # 112
+    x = layers.MaxPooling2D(2, name="stem_pool")(x)  # 56
+    for i, (mult, strides) in enumerate(((1, 1), (2, 2), (4, 2), (8, 2))):
+        x = _basic_block(x, width * mult, strides, name=f"stage{i + 1}")  # 56, 28, 14, 7
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name="resnet_small")
+
+
 def seed_cnn(input_shape=(224, 224, 1), num_classes: int = 2) -> keras.Model:
     """The first seed: Conv32-Pool-Conv64-Pool-Flatten-Dense128-Dropout0.5-Dense2."""
     return keras.Sequential(
@@ -173,11 +211,14 @@ def unfreeze_top(model: keras.Model, trainable_from: int = 100) -> None:
 ARCHITECTURES: dict[str, Callable[..., keras.Model]] = {
     "cxr_net": cxr_net,
     "cxr_net_7": cxr_net_7,
+    "resnet_small": resnet_small,
     "seed_cnn": seed_cnn,
     "deep_cnn": deep_cnn,
     "mobilenet_v2": mobilenet_v2,
 }
 DEFAULT_ARCHITECTURE = "cxr_net"
+# Builders that take a `width` (filters of the first stage).
+WIDTH_ARCHITECTURES = ("cxr_net", "cxr_net_7", "resnet_small")
 
 
 def build_model(

@@ -48,7 +48,7 @@ from training.metrics import (
     select_threshold,
     softmax,
 )
-from training.models import ARCHITECTURES, DEFAULT_ARCHITECTURE
+from training.models import ARCHITECTURES, DEFAULT_ARCHITECTURE, WIDTH_ARCHITECTURES
 from training.preprocessing import DEFAULT_PREPROCESSING, scale
 
 DEFAULT_TARGET_SENSITIVITY = 0.95
@@ -85,7 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing"
     )
-    p.add_argument("--width", type=int, default=32, help="cxr_net: filters of the first stage")
+    p.add_argument(
+        "--width",
+        type=int,
+        default=32,
+        help="cxr_net, cxr_net_7, resnet_small: filters of the first stage",
+    )
     p.add_argument(
         "--max-minutes",
         type=float,
@@ -360,7 +365,7 @@ def build_and_fit(
         seed=init_seed(args),
         sample_weights=weights[data.train.labels].astype(np.float32),
     )
-    options = {"width": args.width} if args.arch in ("cxr_net", "cxr_net_7") else {}
+    options = {"width": args.width} if args.arch in WIDTH_ARCHITECTURES else {}
     model = build_model(
         args.arch, (spec.height, spec.width, spec.channels), weights=args.weights, **options
     )
@@ -536,7 +541,7 @@ def write_summary(
     for key, value, default in (
         ("schedule", args.schedule, "plateau"),
         ("label_smoothing", args.label_smoothing, 0.0),
-        ("width", args.width if args.arch in ("cxr_net", "cxr_net_7") else 32, 32),
+        ("width", args.width if args.arch in WIDTH_ARCHITECTURES else 32, 32),
         ("holdout_fraction", args.holdout_fraction, 0.0),
         ("max_minutes", args.max_minutes, 0.0),
         ("ema_momentum", args.ema, 0.0),

@@ -17,13 +17,13 @@ from training import cam, export
 pytestmark = pytest.mark.slow
 
 
-GRID = {"cxr_net": (3, 3), "cxr_net_7": (7, 7)}
+GRID = {"cxr_net": (3, 3), "cxr_net_7": (7, 7), "resnet_small": (7, 7)}
 
 
 @pytest.fixture(scope="module", params=sorted(GRID))
 def keras_and_served(request, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """A seeded network (1.0's `cxr_net`, 3x3 map; `cxr_net_7`, 7x7) with a non-zero dense bias,
-    exported by the release path, and served."""
+    """A seeded network (1.0's `cxr_net`, 3x3 map; `cxr_net_7` and `resnet_small`, 7x7) with a
+    non-zero dense bias, exported by the release path, and served."""
     import keras
 
     from app.model.loading import load_classifier

@@ -42,6 +42,21 @@ def test_cxr_net_7_is_cxr_net_without_its_last_pooling() -> None:
     assert "stage4_pool" not in {layer.name for layer in seven.layers}
 
 
+def test_resnet_small_ends_on_the_same_7x7_grid_as_cxr_net_7() -> None:
+    """Plain 3x3 convolutions (no separable ones), the same 7x7 last map and GAP -> Dense head, so
+    it can join `cxr_net_7` members in one CAM-exact ensemble."""
+    model = build_model("resnet_small")
+    assert tuple(model.get_layer("gap").input.shape[1:]) == (7, 7, 256)
+    kinds = {type(layer).__name__ for layer in model.layers}
+    assert "Conv2D" in kinds and "SeparableConv2D" not in kinds
+    assert [type(layer).__name__ for layer in model.layers[-3:]] == [
+        "GlobalAveragePooling2D",
+        "Dropout",
+        "Dense",
+    ]
+    assert build_model("resnet_small", width=16).count_params() < model.count_params()
+
+
 def test_mobilenet_loads_a_local_weights_file(tmp_path: Path) -> None:
     donor = keras.applications.MobileNetV2(
         input_shape=(224, 224, 3), include_top=False, weights=None

@@ -221,6 +221,45 @@ def test_an_ensemble_averages_its_members_logits_through_one_exact_cam_head() ->
     ]
 
 
+def test_an_ensemble_of_different_architectures_on_one_grid_stays_an_average() -> None:
+    """Members of different widths (a `cxr_net_7` and a `resnet_small` end in 384 and 256
+    channels) still give the mean of their logits through one concatenated head."""
+    import keras
+
+    from training.ensemble import average_logits, combined_summary
+
+    def member(seed: int, channels: int) -> keras.Model:
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((8, 8, 1))
+        x = keras.layers.Conv2D(channels, 3, padding="same", activation="relu")(inputs)
+        x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+        out = keras.layers.Dense(2, name="logits", bias_initializer="random_normal")(x)
+        return keras.Model(inputs, out)
+
+    members = [member(1, 3), member(2, 3), member(3, 5)]
+    x = np.random.default_rng(1).random((4, 8, 8, 1), dtype=np.float32)
+    expected = np.mean([np.asarray(m(x, training=False)) for m in members], axis=0)
+    model = average_logits(members)
+    np.testing.assert_allclose(np.asarray(model(x, training=False)), expected, atol=1e-5)
+    assert model.get_layer("logits").get_weights()[0].shape == (3 + 3 + 5, 2)
+
+    record = {
+        "preprocessing": {},
+        "augmentation": {},
+        "class_weights": {},
+        "epochs_run": 1,
+        "best_epoch": 1,
+        "training_seconds": 1.0,
+        "hardware": "",
+        "seed": 1,
+        "hyperparameters": {},
+        "data": {},
+    }
+    names = ["cxr_net_7", "cxr_net_7", "resnet_small"]
+    summary = combined_summary([{**record, "architecture": name} for name in names])
+    assert summary["architecture"] == "ensemble of 2 x cxr_net_7 + 1 x resnet_small"
+
+
 def test_an_ensemble_run_exports_through_the_parity_gate(
     tiny_run: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
