@@ -31,9 +31,98 @@ MiB = 1024 * 1024
 # are process-global and not thread-safe) while decodes run concurrently.
 _PILLOW_PIXEL_CEILING = Image.MAX_IMAGE_PIXELS or 89_478_485
 
-# Settings a first reader needs, shown in the README's table (every setting is in
-# docs/DEPLOYMENT.md and .env.example).
-README: JsonDict = {"readme": True}
+
+@dataclass(frozen=True)
+class SettingGroup:
+    """A heading of the configuration reference: the settings of one concern, read together."""
+
+    key: str
+    title: str
+    purpose: str
+
+
+# The groups in the order the reference lists them. Every setting names its group in its
+# `json_schema_extra` (through `in_group`); the environment variable stays CXR_<FIELD NAME>.
+MODEL = SettingGroup(
+    "model", "Model", "Which model answers, on which device, and how its runs are batched."
+)
+THREADS = SettingGroup(
+    "threads",
+    "CPUs and threads",
+    "One CPU figure, from which the model's and the decoders' thread counts follow.",
+)
+HTTP = SettingGroup(
+    "http",
+    "HTTP server",
+    "Where `pneumonia-serve` listens, over what, and what one request may carry.",
+)
+HEALTH = SettingGroup(
+    "health",
+    "Health probes and shutdown",
+    "When the probes answer 503, where they are answered, and how a stopping replica drains.",
+)
+IMAGES = SettingGroup(
+    "images",
+    "Images",
+    "Which uploads are decoded at all, and how much memory decoding may take.",
+)
+ADMISSION = SettingGroup(
+    "admission",
+    "Admission and overload",
+    "How much work is taken at once, and how the service refuses the rest (429, 408, 503).",
+)
+SECURITY = SettingGroup(
+    "security",
+    "Access control",
+    "Who may call the API, from which pages and under which host names.",
+)
+OBSERVABILITY = SettingGroup(
+    "observability",
+    "Logs, audit and drift",
+    "What the service logs, where its DICOM audit messages go, and how /metrics watches drift.",
+)
+STATE = SettingGroup(
+    "state",
+    "Durable state and the results store",
+    "Where results and received images are kept, for how long, and how many.",
+)
+PACS = SettingGroup(
+    "pacs",
+    "Results to PACS",
+    "The DICOM destinations of the result objects (STOW-RS, C-STORE) and how they are retried.",
+)
+RIS = SettingGroup(
+    "ris",
+    "Results to the RIS",
+    "HL7 v2.5.1 ORU^R01 over MLLP and FHIR R4 transactions for the reporting systems.",
+)
+DICOM = SettingGroup(
+    "dicom",
+    "DICOM intake",
+    "The C-STORE listener, the STOW-RS endpoint and the spool between them and the model.",
+)
+SETTING_GROUPS = (
+    MODEL, THREADS, HTTP, HEALTH, IMAGES, ADMISSION, SECURITY, OBSERVABILITY, STATE, PACS, RIS,
+    DICOM,
+)  # fmt: skip
+
+
+def in_group(group: SettingGroup, *, readme: bool = False) -> JsonDict:
+    """A field's `json_schema_extra`: its group and, with `readme`, a place in the README's table
+    of the settings a first reader needs (every setting is in docs/DEPLOYMENT.md and
+    .env.example)."""
+    return {"group": group.key, "readme": True} if readme else {"group": group.key}
+
+
+def group_of(name: str) -> SettingGroup:
+    """The group of the `Settings` field `name` (KeyError: it has none)."""
+    extra = Settings.model_fields[name].json_schema_extra
+    key = extra.get("group") if isinstance(extra, dict) else None
+    for group in SETTING_GROUPS:
+        if group.key == key:
+            return group
+    raise KeyError(f"Settings.{name} names no group of SETTING_GROUPS")
+
 
 # The HL7 results' choices (the renderer in app.pacs.hl7 reads the same names)
 _MLLP = re.compile(r"(?:mllp://)?([^:/@\s\[\]]+|\[[0-9a-fA-F:]+\]):([0-9]{1,5})/?")
@@ -134,26 +223,26 @@ class Settings(BaseSettings):
     )
 
     model_metadata: Path = Field(
-        json_schema_extra=README,
+        json_schema_extra=in_group(MODEL, readme=True),
         default=Path("models/pneumonia_cxr.json"),
         description="Metadata JSON of the model to serve; its `onnx_file` is resolved next to it "
         "and its sha256 must match. A relative path is looked up in the working directory, then "
         "under the project root. Missing or invalid: live but not ready (503 with the reason).",
     )
     provider: Provider = Field(
-        json_schema_extra=README,
+        json_schema_extra=in_group(MODEL, readme=True),
         default="auto",
         description="ONNX Runtime provider: `auto` (CUDA when the installed onnxruntime offers "
         "it, else CPU) | `cpu` | `cuda` (CUDA or not ready: never a silent fall back to CPU).",
     )
     max_upload_bytes: int = Field(
-        json_schema_extra=README,
+        json_schema_extra=in_group(IMAGES, readme=True),
         default=32 * MiB,
         gt=0,
         description="Largest accepted upload (413 above it), enforced while the body streams in.",
     )
     max_image_pixels: int = Field(
-        json_schema_extra=README,
+        json_schema_extra=in_group(IMAGES, readme=True),
         default=50_000_000,
         gt=0,
         le=_PILLOW_PIXEL_CEILING,
@@ -161,28 +250,34 @@ class Settings(BaseSettings):
         "header, before any pixel is decoded. At most Pillow's own limit (89478485).",
     )
     min_image_side: int = Field(
-        default=64, ge=1, description="Smallest accepted width or height in pixels (422 below it)."
+        json_schema_extra=in_group(IMAGES),
+        default=64,
+        ge=1,
+        description="Smallest accepted width or height in pixels (422 below it).",
     )
     outside_population: Literal["warn", "refuse"] = Field(
-        json_schema_extra=README,
+        json_schema_extra=in_group(MODEL, readme=True),
         default="warn",
         description="A DICOM patient whose age is outside the model's training population: "
         "`warn` classifies it with a `warnings` entry, `refuse` answers 422 "
         "`outside_training_population`.",
     )
     ort_intra_op_threads: int = Field(
+        json_schema_extra=in_group(THREADS),
         default=0,
         ge=0,
         description="ONNX Runtime intra-op threads; 0: one per usable core (on 2 cores, 2 "
         "beside 3 decoders answered 1-6% more uploads than 1 beside 2).",
     )
     max_batch_size: int = Field(
+        json_schema_extra=in_group(MODEL),
         default=16,
         ge=1,
         description="Most images in one model run. Requests that arrive while the model is busy "
         "are run together, up to this many.",
     )
     max_batch_wait_ms: float = Field(
+        json_schema_extra=in_group(MODEL),
         default=0.0,
         ge=0.0,
         le=1000.0,
@@ -190,6 +285,7 @@ class Settings(BaseSettings):
         "queued as soon as the model is free (an idle service never delays a lone request).",
     )
     max_in_flight_images: int = Field(
+        json_schema_extra=in_group(ADMISSION),
         default=48,
         ge=1,
         description="Admission limit: images being received, decoded, queued or run at once. "
@@ -198,12 +294,14 @@ class Settings(BaseSettings):
         "has the measurements behind the default, on 2 CPU cores).",
     )
     max_in_flight_upload_bytes: int = Field(
+        json_schema_extra=in_group(ADMISSION),
         default=96 * MiB,
         gt=0,
         description="Admission limit on upload bytes held at once: HTTP uploads are charged for "
         "the bytes that have arrived, other intakes for what they hold; past it, 429.",
     )
     adaptive_limit_target_ms: float = Field(
+        json_schema_extra=in_group(ADMISSION),
         default=0.0,
         ge=0.0,
         description="Adaptive admission (CoDel-like): when the shortest time an image held its "
@@ -212,6 +310,7 @@ class Settings(BaseSettings):
         "CXR_MAX_IN_FLIGHT_IMAGES. 0: the fixed limit only.",
     )
     ready_stall_s: float = Field(
+        json_schema_extra=in_group(HEALTH),
         default=10.0,
         ge=0.0,
         description="Readiness turns 503 (`stalled`) while images are in flight and none has "
@@ -219,6 +318,7 @@ class Settings(BaseSettings):
         "balancers should send it elsewhere. Being full is not unready. 0: never.",
     )
     upload_min_bytes_per_s: int = Field(
+        json_schema_extra=in_group(ADMISSION),
         default=16 * 1024,
         ge=0,
         description="Minimum transfer rate of an upload body, in bytes/s, after "
@@ -226,6 +326,7 @@ class Settings(BaseSettings):
         "the connection closed, so that slow senders cannot hold the service. 0: no minimum.",
     )
     upload_grace_s: float = Field(
+        json_schema_extra=in_group(ADMISSION),
         default=2.0,
         gt=0.0,
         description="Seconds an upload body may take before CXR_UPLOAD_MIN_BYTES_PER_S applies "
@@ -234,6 +335,7 @@ class Settings(BaseSettings):
         "together are not all cut off at once.",
     )
     max_client_share: float = Field(
+        json_schema_extra=in_group(ADMISSION),
         default=1.0,
         gt=0.0,
         le=1.0,
@@ -242,12 +344,14 @@ class Settings(BaseSettings):
         "balancer every client has its address: keep 1 there.",
     )
     decode_memory_budget_bytes: int = Field(
+        json_schema_extra=in_group(IMAGES),
         default=512 * MiB,
         ge=16 * MiB,
         description="Memory that decodes in progress may hold together, estimated from each "
         "image's header before decoding; a large image waits for room.",
     )
     request_timeout_ms: int = Field(
+        json_schema_extra=in_group(ADMISSION),
         default=0,
         ge=0,
         description="Default deadline from a request's arrival to its model run, in ms; past it "
@@ -255,9 +359,13 @@ class Settings(BaseSettings):
         "one in `X-Request-Timeout-Ms`.",
     )
     retry_after_s: int = Field(
-        default=1, ge=1, description="`Retry-After` seconds sent with 429 and 503 refusals."
+        json_schema_extra=in_group(ADMISSION),
+        default=1,
+        ge=1,
+        description="`Retry-After` seconds sent with 429 and 503 refusals.",
     )
     refusals_per_s: float = Field(
+        json_schema_extra=in_group(ADMISSION),
         default=50.0,
         ge=0.0,
         description="Refusals (429 from the admission gate) answered at once per second, on "
@@ -266,6 +374,7 @@ class Settings(BaseSettings):
         "at once cannot spend the cores on refusals. 0: never held.",
     )
     refusal_max_hold_s: float = Field(
+        json_schema_extra=in_group(ADMISSION),
         default=2.0,
         ge=0.0,
         le=30.0,
@@ -273,6 +382,7 @@ class Settings(BaseSettings):
         "that retry as soon as they are refused, refusals come at most N / this per second.",
     )
     header_timeout_s: float = Field(
+        json_schema_extra=in_group(HTTP),
         default=5.0,
         gt=0.0,
         description="Seconds a connection may take to send a request's headers, from its first "
@@ -281,9 +391,14 @@ class Settings(BaseSettings):
         "`pneumonia-serve` (the container's command).",
     )
     max_images_per_request: int = Field(
-        default=16, ge=1, le=256, description="Most `file` parts in one POST /predict/batch."
+        json_schema_extra=in_group(HTTP),
+        default=16,
+        ge=1,
+        le=256,
+        description="Most `file` parts in one POST /predict/batch.",
     )
     decode_concurrency: int = Field(
+        json_schema_extra=in_group(THREADS),
         default=0,
         ge=0,
         description="Uploads decoded at once; 0 means one more than the usable cores (at most 4 of "
@@ -291,6 +406,7 @@ class Settings(BaseSettings):
         "pod's CPU limit plus one.",
     )
     codec_threads: int = Field(
+        json_schema_extra=in_group(THREADS),
         default=0,
         ge=0,
         le=64,
@@ -299,9 +415,20 @@ class Settings(BaseSettings):
         "cores, nothing else running). The core count ignores a container's CPU limit: under "
         "Kubernetes set this to the pod's CPU limit.",
     )
-    host: str = Field(default="127.0.0.1", description="Bind address for `pneumonia-serve`.")
-    port: int = Field(default=8000, ge=1, le=65535, description="Port for `pneumonia-serve`.")
+    host: str = Field(
+        json_schema_extra=in_group(HTTP),
+        default="127.0.0.1",
+        description="Bind address for `pneumonia-serve`.",
+    )
+    port: int = Field(
+        json_schema_extra=in_group(HTTP),
+        default=8000,
+        ge=1,
+        le=65535,
+        description="Port for `pneumonia-serve`.",
+    )
     probe_port: int | None = Field(
+        json_schema_extra=in_group(HEALTH),
         default=None,
         ge=0,
         le=65535,
@@ -312,6 +439,7 @@ class Settings(BaseSettings):
         "upload work, but in turn with everything else).",
     )
     loop_stall_s: float = Field(
+        json_schema_extra=in_group(HEALTH),
         default=10.0,
         gt=0.0,
         description="Seconds without a heartbeat from the event loop after which both probes "
@@ -319,25 +447,30 @@ class Settings(BaseSettings):
         "still fails when the loop that serves the API is stuck).",
     )
     probe_host: str = Field(
+        json_schema_extra=in_group(HEALTH),
         default="127.0.0.1",
         description="Bind address of CXR_PROBE_PORT (0.0.0.0 in a container, for the kubelet).",
     )
     log_level: LogLevel = Field(
-        json_schema_extra=README,
+        json_schema_extra=in_group(OBSERVABILITY, readme=True),
         default="INFO",
         description="DEBUG | INFO | WARNING | ERROR. Logs are JSON lines on stderr and never "
         "carry patient data, image content, file names or API keys.",
     )
     tls_cert_file: Path | None = Field(
+        json_schema_extra=in_group(HTTP),
         default=None,
         description="PEM certificate (chain) for HTTPS on `port` (`pneumonia-serve`, with "
         "`tls_key_file`); unset: plain HTTP, for a TLS-terminating proxy or ingress in front. "
         "The probe port stays plain HTTP on its own socket.",
     )
     tls_key_file: Path | None = Field(
-        default=None, description="PEM private key of `tls_cert_file`."
+        json_schema_extra=in_group(HTTP),
+        default=None,
+        description="PEM private key of `tls_cert_file`.",
     )
     audit_syslog: str | None = Field(
+        json_schema_extra=in_group(OBSERVABILITY),
         default=None,
         description="host:port of the site's audit record repository: DICOM audit messages "
         "(PS3.15 A.5, the IHE ATNA schema: images received, results exported and read, refused "
@@ -346,24 +479,30 @@ class Settings(BaseSettings):
         "(counted in `cxr_audit_messages_total`).",
     )
     audit_tls_ca_file: Path | None = Field(
+        json_schema_extra=in_group(OBSERVABILITY),
         default=None,
         description="CA bundle that signs the audit collector's certificate: audit messages then "
         "go over TLS (RFC 5425), the collector's name checked against `audit_syslog`'s host.",
     )
     audit_tls_cert_file: Path | None = Field(
+        json_schema_extra=in_group(OBSERVABILITY),
         default=None,
         description="Client certificate (PEM, with `audit_tls_key_file`) for a collector that "
         "asks for one.",
     )
     audit_tls_key_file: Path | None = Field(
-        default=None, description="Private key of `audit_tls_cert_file` (PEM)."
+        json_schema_extra=in_group(OBSERVABILITY),
+        default=None,
+        description="Private key of `audit_tls_cert_file` (PEM).",
     )
     audit_source_id: str = Field(
+        json_schema_extra=in_group(OBSERVABILITY),
         default="CXR_AI",
         max_length=64,
         description="AuditSourceID of the audit messages: how the repository names this service.",
     )
     drain_seconds: float = Field(
+        json_schema_extra=in_group(HEALTH),
         default=5.0,
         ge=0,
         le=600,
@@ -371,25 +510,27 @@ class Settings(BaseSettings):
         "stays open and requests are still served; what is unanswered at the end gets a 503.",
     )
     api_keys: SecretStr | None = Field(
-        json_schema_extra=README,
+        json_schema_extra=in_group(SECURITY, readme=True),
         default=None,
         description="Comma-separated API keys. When this or `api_keys_file` names at least one "
         "key, /predict and /model (and /metrics) need `Authorization: Bearer <key>` or "
         "`X-API-Key: <key>`; health probes and the docs stay open.",
     )
     api_keys_file: Path | None = Field(
-        json_schema_extra=README,
+        json_schema_extra=in_group(SECURITY, readme=True),
         default=None,
         description="File of SHA-256 hex digests of API keys, one per line (the first field; "
         "`sha256sum` output works); `#` starts a comment. Read once at start-up.",
     )
     trusted_hosts: str | None = Field(
+        json_schema_extra=in_group(SECURITY),
         default=None,
         description="Comma-separated host names the service answers to (the `Host` header; "
         "`*.example.org` matches subdomains); any other gets 400 `invalid_host`, against DNS "
         "rebinding. The health probes are exempt. Unset: any host.",
     )
     allowed_origins: str | None = Field(
+        json_schema_extra=in_group(SECURITY),
         default=None,
         description="Comma-separated origins (`https://viewer.example.org`) besides the service's "
         "own whose browser pages may POST to it. A POST (or PUT, PATCH, DELETE) whose `Origin` is "
@@ -398,6 +539,7 @@ class Settings(BaseSettings):
         "PACS router) is not affected.",
     )
     site_profile: Path | None = Field(
+        json_schema_extra=in_group(MODEL),
         default=None,
         description="A site profile (`site_profile.json` from `pneumonia-validate-site`): its "
         "recalibration is applied after the model's own calibration and its threshold gives the "
@@ -406,6 +548,7 @@ class Settings(BaseSettings):
         "model's own calibration and threshold.",
     )
     drift_window: int = Field(
+        json_schema_extra=in_group(OBSERVABILITY),
         default=500,
         ge=10,
         le=100_000,
@@ -422,68 +565,79 @@ class Settings(BaseSettings):
 
     # -- DICOM networking: result objects for PACS, their delivery, and DICOM intake ----------
     state_dir: Path | None = Field(
-        json_schema_extra=README,
+        json_schema_extra=in_group(STATE, readme=True),
         default=None,
         description="Directory for the durable state of DICOM networking: the results outbox "
         "(SQLite, unless `state_url` is set) and the intake spool. Needed by `POST "
         "/predict?deliver=true`, the STOW-RS endpoint and the C-STORE listener; mount a volume.",
     )
     state_url: SecretStr | None = Field(
-        json_schema_extra=README,
+        json_schema_extra=in_group(STATE, readme=True),
         default=None,
         description="`postgresql://user:password@host/db` to keep the results outbox in "
         "PostgreSQL, shared safely by several replicas (the intake spool stays in `state_dir`).",
     )
     results_dicomweb_url: str | None = Field(
-        json_schema_extra=README,
+        json_schema_extra=in_group(PACS, readme=True),
         default=None,
         description="DICOMweb base URL of the PACS that receives the result objects by STOW-RS "
         "(`{base}/studies`), e.g. `http://pacs:8042/dicom-web`.",
     )
     results_dicomweb_auth: SecretStr | None = Field(
+        json_schema_extra=in_group(PACS),
         default=None,
         description="The `Authorization` header value for the STOW-RS destination, e.g. "
         "`Bearer <token>` or `Basic <base64>`. Never logged.",
     )
     results_dicomweb_ca_file: Path | None = Field(
+        json_schema_extra=in_group(PACS),
         default=None,
         description="PEM bundle of the CAs trusted for the STOW-RS destination (a site CA), "
         "instead of the system's; its name or address is checked against the certificate.",
     )
     results_dicomweb_client_cert: Path | None = Field(
+        json_schema_extra=in_group(PACS),
         default=None,
         description="PEM client certificate for mutual TLS to the STOW-RS destination (with "
         "`results_dicomweb_client_key`).",
     )
     results_dicomweb_client_key: Path | None = Field(
-        default=None, description="PEM private key of `results_dicomweb_client_cert`."
+        json_schema_extra=in_group(PACS),
+        default=None,
+        description="PEM private key of `results_dicomweb_client_cert`.",
     )
     refuse_clear_credentials: bool = Field(
+        json_schema_extra=in_group(SECURITY),
         default=False,
         description="Refuse to start when a destination's credentials (`results_dicomweb_auth`, "
         "`results_fhir_auth`) would go to an `http://` URL, in clear; false: start, with a "
         "WARNING in the log for each.",
     )
     results_dimse: str | None = Field(
-        json_schema_extra=README,
+        json_schema_extra=in_group(PACS, readme=True),
         default=None,
         description="`AET@host:port` of a DICOM node that receives the result objects by C-STORE.",
     )
     results_dimse_tls_ca: Path | None = Field(
+        json_schema_extra=in_group(PACS),
         default=None,
         description="PEM bundle of the CAs that sign the `results_dimse` node's certificate: with "
         "it, C-STORE deliveries go over DICOM TLS (TLS 1.2 or later), the peer's certificate "
         "verified against it and against the host name or IP address of `results_dimse`.",
     )
     results_dimse_tls_cert: Path | None = Field(
+        json_schema_extra=in_group(PACS),
         default=None,
         description="PEM client certificate for mutual TLS to the `results_dimse` node (with "
         "`results_dimse_tls_key`).",
     )
     results_dimse_tls_key: Path | None = Field(
-        default=None, description="PEM private key of `results_dimse_tls_cert` (unencrypted)."
+        json_schema_extra=in_group(PACS),
+        default=None,
+        description="PEM private key of `results_dimse_tls_cert` (unencrypted).",
     )
     results_heatmap: bool = Field(
+        json_schema_extra=in_group(PACS),
         default=False,
         description="Also send a Secondary Capture beside each SR: the source X-ray at its own "
         "resolution with the positive class's activation map over it, the headline, legend and "
@@ -492,12 +646,14 @@ class Settings(BaseSettings):
         "names another, which makes no heat map).",
     )
     results_heatmap_answers: Literal["all", "positive"] = Field(
+        json_schema_extra=in_group(PACS),
         default="all",
         description="With `results_heatmap`: which answers get the heat map, `all` (each one, "
         "showing where the model saw evidence for the positive class whatever the answer) or "
         "`positive` (only answers at or above the operating threshold).",
     )
     results_max_backoff_s: float = Field(
+        json_schema_extra=in_group(PACS),
         default=30.0,
         gt=0,
         le=3600,
@@ -505,12 +661,14 @@ class Settings(BaseSettings):
         "(backoff doubles from 1 s up to this), so a PACS that comes back is served soon.",
     )
     results_give_up_after_s: float = Field(
+        json_schema_extra=in_group(PACS),
         default=7 * 24 * 3600.0,
         gt=0,
         description="Age after which an undelivered result stops being retried; it is then kept "
         "as failed (visible in `/results/...` and the metrics) for `results_retention_s`.",
     )
     results_lease_s: float = Field(
+        json_schema_extra=in_group(PACS),
         default=120.0,
         gt=0,
         le=3600,
@@ -520,6 +678,7 @@ class Settings(BaseSettings):
         "send is claimed and sent again by another replica.",
     )
     results_retention_s: float = Field(
+        json_schema_extra=in_group(STATE),
         default=7 * 24 * 3600.0,
         gt=0,
         description="How long a result (the answer, its objects, its deliveries: patient data) is "
@@ -528,6 +687,7 @@ class Settings(BaseSettings):
         "not a destination is configured. A delivery still being tried is never purged.",
     )
     results_max_stored: int = Field(
+        json_schema_extra=in_group(STATE),
         default=20_000,
         ge=1,
         description="Most results the store holds (an SR is about 10 KB; a heat-map SC beside it "
@@ -537,23 +697,30 @@ class Settings(BaseSettings):
     )
     # -- results to the RIS: HL7 v2.5.1 ORU^R01 over MLLP, FHIR R4 transactions ---------------
     results_hl7: str | None = Field(
-        json_schema_extra=README,
+        json_schema_extra=in_group(RIS, readme=True),
         default=None,
         description="`mllp://host:port` (or `host:port`) of the RIS or interface engine that "
         "takes each result as an HL7 v2.5.1 ORU^R01 over MLLP, through the same outbox as the "
         "DICOM objects (no PACS destination needed).",
     )
     results_hl7_sending_application: str = Field(
-        default="CXR_AI", description="MSH-3, the sending application of the ORU^R01."
+        json_schema_extra=in_group(RIS),
+        default="CXR_AI",
+        description="MSH-3, the sending application of the ORU^R01.",
     )
-    results_hl7_sending_facility: str = Field(default="", description="MSH-4, sending facility.")
+    results_hl7_sending_facility: str = Field(
+        json_schema_extra=in_group(RIS), default="", description="MSH-4, sending facility."
+    )
     results_hl7_receiving_application: str = Field(
-        default="", description="MSH-5, the receiving application (the RIS's name for itself)."
+        json_schema_extra=in_group(RIS),
+        default="",
+        description="MSH-5, the receiving application (the RIS's name for itself).",
     )
     results_hl7_receiving_facility: str = Field(
-        default="", description="MSH-6, receiving facility."
+        json_schema_extra=in_group(RIS), default="", description="MSH-6, receiving facility."
     )
     results_hl7_accession_in: str = Field(
+        json_schema_extra=in_group(RIS),
         default="filler,obr18",
         description="Where the image's Accession Number goes, comma-separated: `placer` "
         "(ORC-2/OBR-2), `filler` (ORC-3/OBR-3), `obr18` (OBR-18, as IHE Scheduled Workflow "
@@ -561,22 +728,26 @@ class Settings(BaseSettings):
         "Imaging Service Request) takes its own field first.",
     )
     results_hl7_priority_fields: str = Field(
+        json_schema_extra=in_group(RIS),
         default="TQ1-9",
         description="The fields that carry the worklist priority of a result, comma-separated: "
         "`TQ1-9` (v2.5 and later), `OBR-27` and/or `ORC-7` (the older quantity/timing, "
         "priority in component 6), whichever the RIS reads; empty: none.",
     )
     results_hl7_positive_priority: str = Field(
+        json_schema_extra=in_group(RIS),
         default="A",
         description="Priority (HL7 table 0485: `S` stat, `A` ASAP, `R` routine, ...) a PNEUMONIA "
         "answer sets, so that the RIS moves the study up its reading worklist.",
     )
     results_hl7_negative_priority: str = Field(
+        json_schema_extra=in_group(RIS),
         default="",
         description="Priority a NORMAL answer sets; empty (the default) leaves the order's own "
         "priority alone, so an AI negative never demotes a stat order.",
     )
     results_hl7_ack_timeout_s: float = Field(
+        json_schema_extra=in_group(RIS),
         default=30.0,
         gt=0,
         le=600,
@@ -584,52 +755,60 @@ class Settings(BaseSettings):
         "and the message retried.",
     )
     results_fhir_url: str | None = Field(
-        json_schema_extra=README,
+        json_schema_extra=in_group(RIS, readme=True),
         default=None,
         description="Base URL of a FHIR R4 server that takes each result as a transaction Bundle "
         "(DiagnosticReport, Observation, ImagingStudy, ServiceRequest, Patient, Device, each a "
         "conditional create), e.g. `https://fhir.example/r4`.",
     )
     results_fhir_auth: SecretStr | None = Field(
+        json_schema_extra=in_group(RIS),
         default=None,
         description="The `Authorization` header value for the FHIR server, e.g. "
         "`Bearer <token>`. Never logged.",
     )
     results_fhir_client_cert: Path | None = Field(
+        json_schema_extra=in_group(RIS),
         default=None,
         description="PEM client certificate (with its key, or see `results_fhir_client_key`) "
         "for mutual TLS to the FHIR server.",
     )
     results_fhir_client_key: Path | None = Field(
-        default=None, description="PEM private key of `results_fhir_client_cert`."
+        json_schema_extra=in_group(RIS),
+        default=None,
+        description="PEM private key of `results_fhir_client_cert`.",
     )
     results_fhir_ca_file: Path | None = Field(
+        json_schema_extra=in_group(RIS),
         default=None,
         description="PEM bundle of the CAs trusted for the FHIR server, instead of the system's.",
     )
     results_fhir_patient_id_system: str = Field(
+        json_schema_extra=in_group(RIS),
         default="urn:local:patient-id",
         description="Identifier system of the DICOM Patient ID in FHIR (the site's MRN system, "
         "e.g. `urn:oid:1.2.3.4`): the Patient is found, or made, by it.",
     )
     results_fhir_accession_system: str = Field(
+        json_schema_extra=in_group(RIS),
         default="urn:local:accession",
         description="Identifier system of accession numbers in FHIR: the ServiceRequest is "
         "found, or made, by it.",
     )
     dicom_port: int | None = Field(
-        json_schema_extra=README,
+        json_schema_extra=in_group(DICOM, readme=True),
         default=None,
         ge=1,
         le=65535,
         description="Port of the DICOM C-STORE listener (SCP); unset: no listener.",
     )
     dicom_host: str = Field(
+        json_schema_extra=in_group(DICOM),
         default="127.0.0.1",
         description="Bind address of the C-STORE listener (`0.0.0.0` in the container).",
     )
     dicom_ae_title: str = Field(
-        json_schema_extra=README,
+        json_schema_extra=in_group(DICOM, readme=True),
         default="CXR_AI",
         min_length=1,
         max_length=16,
@@ -637,7 +816,7 @@ class Settings(BaseSettings):
         "deliveries.",
     )
     dicom_peers: str | None = Field(
-        json_schema_extra=README,
+        json_schema_extra=in_group(DICOM, readme=True),
         default=None,
         description="Who the C-STORE listener admits: comma-separated `AE@address` pairs, the "
         "address an IP address or a network in CIDR form, e.g. "
@@ -648,21 +827,28 @@ class Settings(BaseSettings):
         "unless `dicom_open` is true.",
     )
     dicom_open: bool = Field(
+        json_schema_extra=in_group(DICOM),
         default=False,
         description="Run the C-STORE listener without `dicom_peers`, admitting any caller from "
         "anywhere: for a network where something else admits callers. Logged as a WARNING at "
         "start-up and shown in `GET /model` (`dicom_listener.admits`: `anyone`).",
     )
     dicom_allowed_aets: str | None = Field(
+        json_schema_extra=in_group(DICOM),
         default=None,
         description="Deprecated: use `dicom_peers`. Comma-separated calling AE titles, read as "
         "peers from any address (`AE@0.0.0.0/0`, `AE@::/0`) with a WARNING at start-up: a title "
         "is only what a caller says it is. Not allowed together with `dicom_peers`.",
     )
     dicom_max_associations: int = Field(
-        default=10, ge=1, le=256, description="Concurrent associations the listener accepts."
+        json_schema_extra=in_group(DICOM),
+        default=10,
+        ge=1,
+        le=256,
+        description="Concurrent associations the listener accepts.",
     )
     dicom_max_pending_connections: int = Field(
+        json_schema_extra=in_group(DICOM),
         default=32,
         ge=1,
         le=1024,
@@ -671,6 +857,7 @@ class Settings(BaseSettings):
         "request is read); the next connection is closed at once, logged and counted.",
     )
     dicom_read_deadline_s: float = Field(
+        json_schema_extra=in_group(DICOM),
         default=30.0,
         gt=0,
         le=600,
@@ -679,6 +866,7 @@ class Settings(BaseSettings):
         "aborted, logged and counted.",
     )
     dicom_max_instance_bytes: int = Field(
+        json_schema_extra=in_group(DICOM),
         default=128 * MiB,
         gt=0,
         description="Largest data set of a CR/DX the listener takes (held in memory while it "
@@ -686,6 +874,7 @@ class Settings(BaseSettings):
         "SOP classes are read and dropped as they arrive, whatever their size.",
     )
     dicom_max_buffered_bytes: int = Field(
+        json_schema_extra=in_group(DICOM),
         default=256 * MiB,
         gt=0,
         description="Bytes of CR/DX data sets the listener holds in memory while they arrive, "
@@ -693,21 +882,26 @@ class Settings(BaseSettings):
         "(logged and counted), so concurrent senders cannot add up past it.",
     )
     dicom_tls_cert: Path | None = Field(
+        json_schema_extra=in_group(DICOM),
         default=None,
         description="PEM certificate (chain) of the C-STORE listener: with it (and "
         "`dicom_tls_key`) the listener speaks DICOM TLS only (TLS 1.2 or later; PS3.15 B.1), "
         "and a caller without TLS cannot associate.",
     )
     dicom_tls_key: Path | None = Field(
-        default=None, description="PEM private key of `dicom_tls_cert` (unencrypted)."
+        json_schema_extra=in_group(DICOM),
+        default=None,
+        description="PEM private key of `dicom_tls_cert` (unencrypted).",
     )
     dicom_tls_client_ca: Path | None = Field(
+        json_schema_extra=in_group(DICOM),
         default=None,
         description="PEM bundle of the CAs whose client certificates the TLS listener accepts: "
         "with it a caller must present one (and still be in `dicom_peers`); without, any "
         "caller may connect over TLS without a certificate.",
     )
     stow_max_parts: int = Field(
+        json_schema_extra=in_group(DICOM),
         default=1000,
         ge=1,
         le=100_000,
@@ -716,17 +910,20 @@ class Settings(BaseSettings):
         "stored.",
     )
     intake_max_pending: int = Field(
+        json_schema_extra=in_group(DICOM),
         default=2000,
         ge=1,
         description="Images received by STOW-RS or C-STORE and not yet read that the spool holds; "
         "past it, STOW-RS answers 503 (Retry-After) and C-STORE 0xA700 (out of resources).",
     )
     intake_max_pending_bytes: int = Field(
+        json_schema_extra=in_group(DICOM),
         default=4096 * MiB,
         ge=MiB,
         description="Bytes of images the intake spool holds, with the same refusals past it.",
     )
     study_stable_seconds: float | None = Field(
+        json_schema_extra=in_group(DICOM),
         default=None,
         ge=0,
         le=24 * 3600,

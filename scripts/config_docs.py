@@ -3,7 +3,10 @@
 Writes `.env.example` and the settings tables in README.md (the settings marked for it) and
 docs/DEPLOYMENT.md (every setting), between
 `<!-- settings:begin -->` and `<!-- settings:end -->`, so that the documentation says what the
-code does. `--check` changes nothing and exits 1 when any of them differs (the tests run it).
+code does. The settings are listed by group (`app.settings.SETTING_GROUPS`): in the Markdown one
+table per group under a heading one level below the one that holds the block, with the group's
+purpose; in `.env.example` a comment banner per group. `--check` changes nothing and exits 1
+when any of them differs (the tests run it).
 
     python scripts/config_docs.py [--check]
 """
@@ -18,7 +21,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from app.settings import Settings  # noqa: E402
+from app.settings import SETTING_GROUPS, SettingGroup, Settings, group_of  # noqa: E402
 
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
 README = REPO_ROOT / "README.md"
@@ -60,33 +63,68 @@ def shown_default(default: Any) -> str:
 
 
 def fields(readme_only: bool = False) -> list[tuple[str, Any, str]]:
-    out = []
+    """(variable, default, description) of each setting, group by group."""
+    return [row for _, rows in grouped(readme_only) for row in rows]
+
+
+def grouped(readme_only: bool = False) -> list[tuple[SettingGroup, list[tuple[str, Any, str]]]]:
+    """The groups that hold a setting to show, in their order, each with its settings' rows in
+    the order `Settings` declares them."""
+    by_group: dict[str, list[tuple[str, Any, str]]] = {g.key: [] for g in SETTING_GROUPS}
     for name, info in Settings.model_fields.items():
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        try:
+            group = group_of(name)
+        except KeyError:
+            raise SystemExit(
+                f"Settings.{name} has no group: give it json_schema_extra=in_group(...) in "
+                "app/settings.py"
+            ) from None
         if readme_only and not extra.get("readme"):
             continue
         description = " ".join((info.description or "").split())
         if not description:
             raise SystemExit(f"Settings.{name} has no description: add one in app/settings.py")
-        out.append((variable(name), info.get_default(call_default_factory=True), description))
-    return out
+        default = info.get_default(call_default_factory=True)
+        by_group[group.key].append((variable(name), default, description))
+    return [(g, by_group[g.key]) for g in SETTING_GROUPS if by_group[g.key]]
 
 
-def markdown_table(readme_only: bool = False) -> str:
-    rows = ["| variable | default | meaning |", "|---|---|---|"]
-    for name, default, description in fields(readme_only):
-        rows.append(f"| `{name}` | {shown_default(default)} | {description.replace('|', '/')} |")
-    return "\n".join(rows)
+def markdown_table(readme_only: bool = False, level: int = 3) -> str:
+    """One table per group, each under a heading of `level` with the group's purpose."""
+    blocks = []
+    for group, rows in grouped(readme_only):
+        lines = [f"{'#' * level} {group.title}", "", group.purpose, ""]
+        lines += ["| variable | default | meaning |", "|---|---|---|"]
+        for name, default, description in rows:
+            meaning = description.replace("|", "/")
+            lines.append(f"| `{name}` | {shown_default(default)} | {meaning} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def env_example() -> str:
     blocks = [_ENV_HEADER]
-    for name, default, description in fields():
-        comment = textwrap.wrap(description, 98, break_on_hyphens=False)
-        blocks.append(
-            "\n".join(f"# {line}" for line in comment) + f"\n{name}={env_value(default)}\n"
-        )
+    for group, rows in grouped():
+        blocks.append(f"# ==== {group.title} ====\n# {group.purpose}\n")
+        for name, default, description in rows:
+            comment = textwrap.wrap(description, 98, break_on_hyphens=False)
+            blocks.append(
+                "\n".join(f"# {line}" for line in comment) + f"\n{name}={env_value(default)}\n"
+            )
     return "\n".join(blocks)
+
+
+def heading_level(text: str) -> int:
+    """One below the last Markdown heading before the settings block (2 when there is none)."""
+    level = 1
+    fenced = False
+    for line in text.split(BEGIN, 1)[0].splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+    return level + 1
 
 
 def with_table(text: str, table: str, path: Path) -> str:
@@ -100,8 +138,9 @@ def with_table(text: str, table: str, path: Path) -> str:
 def expected_files() -> dict[Path, str]:
     files = {ENV_EXAMPLE: env_example()}
     for path in TABLE_FILES:
-        table = markdown_table(readme_only=path == README)
-        files[path] = with_table(path.read_text(encoding="utf-8"), table, path)
+        text = path.read_text(encoding="utf-8")
+        table = markdown_table(readme_only=path == README, level=heading_level(text))
+        files[path] = with_table(text, table, path)
     return files
 
 
