@@ -1,6 +1,6 @@
-# Shared by scripts/run.sh, scripts/docker-smoke.sh and scripts/docker-replicas.sh (sourced, not
-# run): what building the image needs from the machine, with messages that name the fix, and the
-# CI stages' own engine. Talks to the engine in $DOCKER_HOST (or the default socket). Callers
+# Shared by scripts/run.sh, scripts/ci/docker-smoke.sh and scripts/ci/docker-replicas.sh (sourced,
+# not run): what building the image needs from the machine, with messages that name the fix, and
+# the CI stages' own engine. Talks to the engine in $DOCKER_HOST (or the default socket). Callers
 # define `say` (progress), `info` and `die` (fatal error).
 
 BASE_IMAGE="${BASE_IMAGE_TAG:-python:3.11-slim}"

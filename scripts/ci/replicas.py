@@ -1,7 +1,7 @@
 """What the service's replicas do together, checked on Docker (the CI stage after the smoke test).
 
-    python scripts/ci/replicas.py match COMPOSE_JSON [--statefulset PATH]
-    python scripts/ci/replicas.py run --compose-file F --project P --env-file E --url URL --key K
+    python -m scripts.ci.replicas match COMPOSE_JSON [--statefulset PATH]
+    python -m scripts.ci.replicas run --compose-file F --project P --env-file E --url URL --key K
 
 `match` compares the `api` service of deploy/replicas/compose.yml (as `docker compose config
 --format json` resolves it) with the pod template of deploy/kubernetes/base/statefulset.yaml: every
@@ -11,7 +11,7 @@ probe's budget as the start period, user and group, a read-only root with /tmp a
 capabilities and no privilege escalation, CPU and memory limits, and the grace period. Kubernetes
 cannot run on these machines, so this is how the stage's replicas stand in for the pods.
 
-`run` drives the replicas `scripts/docker-replicas.sh` has started behind HAProxy with a shared
+`run` drives the replicas `scripts/ci/docker-replicas.sh` has started behind HAProxy with a shared
 PostgreSQL outbox and a counting STOW-RS sink (scripts/ci/stow_sink.py), and asserts:
 
 1. requests spread over every replica;
@@ -45,9 +45,9 @@ import httpx
 import yaml
 from pydicom.uid import generate_uid
 
+from app.testing.dicom_files import encode_dataset, make_dataset, ramp
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))
-from app.testing.dicom_files import encode_dataset, make_dataset, ramp  # noqa: E402
 
 STATEFULSET = REPO_ROOT / "deploy" / "kubernetes" / "base" / "statefulset.yaml"
 SERVICE = "api"

@@ -1,27 +1,22 @@
-"""The consistency checks that scripts/kubernetes-check.sh runs on the rendered manifests: clean on
-the manifests as shipped, and each one fails when the property it guards is broken. (Rendering
-and schema validation need kustomize and kubernetes-validate; CI runs that script.)"""
+"""The consistency checks that scripts/ci/kubernetes-check.sh runs on the rendered manifests
+(`python -m scripts.ci.check_kubernetes`): clean on the manifests as shipped, and each one fails
+when the property it guards is broken. (Rendering and schema validation need kustomize and
+kubernetes-validate; CI runs that script.)"""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from scripts.ci import check_kubernetes
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BASE = REPO_ROOT / "deploy" / "kubernetes" / "base"
 GPU_PATCH = REPO_ROOT / "deploy" / "kubernetes" / "gpu" / "statefulset-gpu.yaml"
-
-_spec = importlib.util.spec_from_file_location(
-    "check_kubernetes", REPO_ROOT / "scripts" / "check_kubernetes.py"
-)
-assert _spec is not None and _spec.loader is not None
-check_kubernetes = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(check_kubernetes)
 
 GRACEFUL_S = check_kubernetes.graceful_timeout_s()
 

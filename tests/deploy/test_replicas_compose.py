@@ -4,23 +4,16 @@ says so (scripts/ci/replicas.py `match`) fails on each kind of difference."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from scripts.ci import replicas
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location(
-    "replicas_stage", REPO_ROOT / "scripts" / "ci" / "replicas.py"
-)
-assert _spec is not None and _spec.loader is not None
-replicas = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = replicas  # its dataclasses look their module up there
-_spec.loader.exec_module(replicas)
 
 _VARIABLE = re.compile(r"\$\{(\w+)(:[-?])([^}]*)\}")
 

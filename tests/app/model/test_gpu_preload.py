@@ -1,6 +1,6 @@
 """The CUDA libraries are preloaded before the first ONNX Runtime session, and only when a session
 may use CUDA. (No GPU here: onnxruntime-gpu's presence is simulated; the GPU image's real
-libraries are checked by scripts/check_gpu_image.py inside the image, in CI.)"""
+libraries are checked by scripts/ci/check_gpu_image.py inside the image, in CI.)"""
 
 from __future__ import annotations
 

@@ -7,18 +7,18 @@
 # is healthy, a graceful stop under load loses nothing and a killed replica's delivery is taken
 # over after its lease.
 #
-# Uses the engine data root of scripts/docker-smoke.sh (.docker-ci/data: the base image and the
+# Uses the engine data root of scripts/ci/docker-smoke.sh (.docker-ci/data: the base image and the
 # service image are there after the smoke test; built here if not) with an engine of its own,
 # stopped at the end. PostgreSQL and HAProxy are built from Debian packages (deploy/replicas/
 # Dockerfile); nothing is pulled from a registry. Needs root and a Debian 12 machine, like the smoke.
 #
-# Usage:  scripts/docker-replicas.sh
+# Usage:  scripts/ci/docker-replicas.sh
 # Environment:
 #   CXR_DOCKER_CI_DIR     work dir (default <repo>/.docker-ci)
 #   CXR_REPLICAS_LEASE_S  the replicas' delivery lease, CXR_RESULTS_LEASE_S (default 6)
 set -Eeuo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 WORK="${CXR_DOCKER_CI_DIR:-$REPO/.docker-ci}"
 LEASE_S="${CXR_REPLICAS_LEASE_S:-6}"
 COMPOSE_FILE="$REPO/deploy/replicas/compose.yml"
@@ -36,7 +36,7 @@ source "$REPO/scripts/docker-lib.sh"
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (it starts its own dockerd)"
 command -v dockerd >/dev/null && command -v docker >/dev/null \
-    || die "docker.io is not installed (scripts/docker-smoke.sh installs it)"
+    || die "docker.io is not installed (scripts/ci/docker-smoke.sh installs it)"
 [[ -x $PYTHON ]] || die "$PYTHON missing: run scripts/test.sh first (it makes .venv)"
 mkdir -p "$WORK/replicas"
 cd "$REPO"
@@ -82,7 +82,7 @@ compose() { docker compose -f "$COMPOSE_FILE" -p "$PROJECT" --env-file "$ENV_FIL
 
 step "compose service vs the StatefulSet's pod template (scripts/ci/replicas.py match)"
 compose config --format json >"$WORK/replicas/compose.json" || die "docker compose config"
-"$PYTHON" scripts/ci/replicas.py match "$WORK/replicas/compose.json" || die "the compose service differs from the StatefulSet"
+"$PYTHON" -m scripts.ci.replicas match "$WORK/replicas/compose.json" || die "the compose service differs from the StatefulSet"
 
 # ---------------------------------------------------------------------------------------------
 step "docker engine (data root $WORK/data)"
@@ -132,6 +132,6 @@ compose up -d --wait --quiet-pull >/dev/null 2>"$WORK/replicas/up.log" \
 info "healthy in $((SECONDS - t)) s; HAProxy on 127.0.0.1:$PORT"
 
 step "the replicas together (scripts/ci/replicas.py run)"
-"$PYTHON" scripts/ci/replicas.py run --compose-file "$COMPOSE_FILE" --project "$PROJECT" \
+"$PYTHON" -m scripts.ci.replicas run --compose-file "$COMPOSE_FILE" --project "$PROJECT" \
     --env-file "$ENV_FILE" --url "http://127.0.0.1:$PORT" --key "$KEY" --lease "$LEASE_S" \
     || die "the replica checks failed"

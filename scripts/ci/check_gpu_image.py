@@ -1,9 +1,11 @@
 """Static check of the GPU image, run inside it (no GPU needed):
 
     docker run --rm --network none --entrypoint python \
-        -v "$PWD/scripts/check_gpu_image.py:/tmp/check.py:ro" pneumonia-screening:gpu /tmp/check.py
+        -v "$PWD/scripts/ci/check_gpu_image.py:/tmp/check.py:ro" \
+        pneumonia-screening:gpu /tmp/check.py
 
-(scripts/docker-smoke.sh runs it after building the image.)
+(scripts/ci/docker-smoke.sh runs it after building the image.) The service's modules come from the
+image's own PYTHONPATH, /srv/pneumonia.
 
 1. the only ONNX Runtime installed is onnxruntime-gpu, and it offers CUDAExecutionProvider;
 2. ONNX Runtime's CUDA provider library, and every CUDA/cuDNN library in the NVIDIA wheels (cuDNN
@@ -52,7 +54,6 @@ def unresolved(library: Path, search_path: str) -> set[str]:
 
 
 def main() -> int:
-    sys.path.insert(0, "/srv/pneumonia")
     import onnxruntime as ort
 
     from app.model.gpu import preload_cuda_libraries

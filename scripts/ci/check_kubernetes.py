@@ -1,16 +1,16 @@
 """Consistency checks of the rendered Kubernetes manifests against the service and its image.
 
-    python scripts/check_kubernetes.py .k8s-ci/rendered/base.yaml .k8s-ci/rendered/gpu.yaml
+    python -m scripts.ci.check_kubernetes .k8s-ci/rendered/base.yaml .k8s-ci/rendered/gpu.yaml
 
-The JSON-schema validation (kubernetes-validate, run by scripts/kubernetes-check.sh) says that each
-object is well formed; this says that they fit together and fit the service: probes on the health
-endpoints, thread settings by the service's rule for the CPU limit, a shutdown budget that covers
-the preStop delay, the drain window and uvicorn's graceful timeout in `pneumonia-serve`, the API-key
-file where the Secret is mounted, the DICOM state directory on a claim of the pod's own (not a
-volume that dies with the pod), selectors that match the pods, a NetworkPolicy that lets the C-STORE
-port be reached only from listed sources and the probe port by the kubelet only, a non-root
-read-only container, and
-for the GPU variant a GPU, the gpu image and CXR_PROVIDER=cuda. Exit status 1 on any failure.
+The JSON-schema validation (kubernetes-validate, run by scripts/ci/kubernetes-check.sh) says that
+each object is well formed; this says that they fit together and fit the service: probes on the
+health endpoints, thread settings by the service's rule for the CPU limit, a shutdown budget that
+covers the preStop delay, the drain window and uvicorn's graceful timeout in `pneumonia-serve`, the
+API-key file where the Secret is mounted, the DICOM state directory on a claim of the pod's own (not
+a volume that dies with the pod), selectors that match the pods, a NetworkPolicy that lets the
+C-STORE port be reached only from listed sources and the probe port by the kubelet only, a non-root
+read-only container, and for the GPU variant a GPU, the gpu image and CXR_PROVIDER=cuda. Exit status
+1 on any failure.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-from app.settings import Settings  # noqa: E402
+from app.settings import Settings
 
 # Every CXR_* variable the service reads; a manifest naming another one is a typo or a leftover.
 KNOWN_SETTINGS = {f"CXR_{name.upper()}" for name in Settings.model_fields}
