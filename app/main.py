@@ -27,13 +27,14 @@ from app.http import schemas
 from app.http.admission_gate import AdmissionGate, RefusalPacer
 from app.http.auth import ApiKeys, document_api_keys
 from app.http.browser_guard import BrowserGuard
+from app.http.dicomweb import router as dicomweb_router
 from app.http.docs import install_docs
 from app.http.draining import Drain, DrainMiddleware
 from app.http.errors import install_error_handlers
 from app.http.openapi import document_limits
-from app.http.pacs import router as pacs_router
 from app.http.probes import ProbeAnswers, ProbeServer
 from app.http.protocol import with_header_timeout
+from app.http.results import router as results_router
 from app.http.routes import router
 from app.http.slow_bodies import BodyPace
 from app.http.viewer import router as viewer_router
@@ -322,7 +323,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(DrainMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(router)
-    app.include_router(pacs_router)
+    app.include_router(dicomweb_router)
+    app.include_router(results_router)
     app.include_router(viewer_router)
     return app
 

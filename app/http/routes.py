@@ -32,7 +32,7 @@ from app.http.deps import (
     require_role,
 )
 from app.http.errors import error_responses
-from app.http.pacs import record_result, require_dicom_upload
+from app.http.results import record_result, require_dicom_upload
 from app.http.schemas import (
     BatchPredictionResponse,
     LiveResponse,
