@@ -203,6 +203,33 @@ def _listed(value: str | None, *, lower: bool = False) -> tuple[str, ...]:
     return tuple(v.lower() if lower else v for v in items if v)
 
 
+# Where the CPU quota of the process's cgroup is read (a container sees its own cgroup here).
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_quota(root: Path | None = None) -> float | None:
+    """The CPUs the cgroup's CFS quota allows (quota / period), or None without a quota.
+
+    cgroup v2: `cpu.max` ("max 100000" or "200000 100000"); v1: `cpu.cfs_quota_us` (-1: none)
+    over `cpu.cfs_period_us` in the `cpu` (or `cpu,cpuacct`) controller."""
+    root = CGROUP_ROOT if root is None else root
+    try:
+        quota, _, period = (root / "cpu.max").read_text().strip().partition(" ")
+        if quota == "max":
+            return None
+        return int(quota) / int(period or "100000")
+    except (OSError, ValueError, ZeroDivisionError):
+        pass
+    for controller in ("cpu", "cpu,cpuacct"):
+        try:
+            quota_us = int((root / controller / "cpu.cfs_quota_us").read_text())
+            period_us = int((root / controller / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    return None
+
+
 Provider = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -262,12 +289,25 @@ class Settings(BaseSettings):
         "`warn` classifies it with a `warnings` entry, `refuse` answers 422 "
         "`outside_training_population`.",
     )
+    cpus: float | None = Field(
+        json_schema_extra=in_group(THREADS),
+        default=None,
+        gt=0,
+        le=1024,
+        description="CPUs the service sizes its threads by (a fraction counts as the whole CPUs "
+        "in it, at least 1). From it, unless set themselves: CXR_ORT_INTRA_OP_THREADS and "
+        "CXR_CODEC_THREADS are one per CPU, CXR_DECODE_CONCURRENCY one more than the CPUs (at "
+        "most 4 counted); on 2 CPUs that is 2, 2 and 3 (3 decoders beside 2 ONNX Runtime "
+        "threads answered 1-6% more uploads than 2 beside 1). Unset: the container's CPU limit "
+        "(the cgroup's CPU quota: `limits.cpu` under Kubernetes, `cpus` in compose) when it "
+        "has one, else the cores the process may run on. Compose and the Kubernetes manifests "
+        "set only this.",
+    )
     ort_intra_op_threads: int = Field(
         json_schema_extra=in_group(THREADS),
         default=0,
         ge=0,
-        description="ONNX Runtime intra-op threads; 0: one per usable core (on 2 cores, 2 "
-        "beside 3 decoders answered 1-6% more uploads than 1 beside 2).",
+        description="ONNX Runtime intra-op threads; 0: one per CPU of CXR_CPUS.",
     )
     max_batch_size: int = Field(
         json_schema_extra=in_group(MODEL),
@@ -401,19 +441,17 @@ class Settings(BaseSettings):
         json_schema_extra=in_group(THREADS),
         default=0,
         ge=0,
-        description="Uploads decoded at once; 0 means one more than the usable cores (at most 4 of "
-        "them). The core count ignores a container's CPU limit: under Kubernetes set this to the "
-        "pod's CPU limit plus one.",
+        description="Uploads decoded at once; 0: one more than the CPUs of CXR_CPUS (at most 4 "
+        "of them counted).",
     )
     codec_threads: int = Field(
         json_schema_extra=in_group(THREADS),
         default=0,
         ge=0,
         le=64,
-        description="Threads one JPEG 2000 DICOM decode may use (OpenJPEG); 0 means one per usable "
-        "core. A 2500x2048 lossless frame decoded in 476 ms on one thread and 277 ms on two (2 "
-        "cores, nothing else running). The core count ignores a container's CPU limit: under "
-        "Kubernetes set this to the pod's CPU limit.",
+        description="Threads one JPEG 2000 DICOM decode may use (OpenJPEG); 0: one per CPU of "
+        "CXR_CPUS. A 2500x2048 lossless frame decoded in 476 ms on one thread and 277 ms on two "
+        "(2 cores, nothing else running).",
     )
     host: str = Field(
         json_schema_extra=in_group(HTTP),
@@ -1161,6 +1199,7 @@ class Settings(BaseSettings):
         "audit_tls_cert_file",
         "audit_tls_key_file",
         "study_stable_seconds",
+        "cpus",
         "trusted_hosts",
         "allowed_origins",
         mode="before",
@@ -1176,23 +1215,33 @@ class Settings(BaseSettings):
         return value.lower() if isinstance(value, str) else value
 
     @property
+    def cpu_count(self) -> int:
+        """The whole CPUs the thread counts follow: `cpus`, or the cgroup's CPU quota (at most
+        the cores the process may run on), or those cores; at least 1."""
+        usable = len(os.sched_getaffinity(0))
+        if self.cpus is not None:
+            return max(1, int(self.cpus))
+        quota = cgroup_cpu_quota()
+        return usable if quota is None else max(1, min(int(quota), usable))
+
+    @property
     def decode_slots(self) -> int:
-        """Decodes at once: `decode_concurrency`, or one more than the usable cores (at most 4
-        counted). A decode thread spends part of each image holding or waiting for the GIL (its
-        Python steps, the event loop's turns); the extra one keeps a core decoding meanwhile."""
-        return self.decode_concurrency or min(len(os.sched_getaffinity(0)), 4) + 1
+        """Decodes at once: `decode_concurrency`, or one more than the CPUs (at most 4 counted).
+        A decode thread spends part of each image holding or waiting for the GIL (its Python
+        steps, the event loop's turns); the extra one keeps a core decoding meanwhile."""
+        return self.decode_concurrency or min(self.cpu_count, 4) + 1
 
     @property
     def ort_threads(self) -> int:
-        """ONNX Runtime intra-op threads: `ort_intra_op_threads`, or one per usable core. The pool
-        and the decoders share the cores; a batch finishes sooner when the decoders are waiting
+        """ONNX Runtime intra-op threads: `ort_intra_op_threads`, or one per CPU. The pool and
+        the decoders share the cores; a batch finishes sooner when the decoders are waiting
         (measured on 2 cores, docs/PERFORMANCE.md, "Thread split")."""
-        return self.ort_intra_op_threads or len(os.sched_getaffinity(0))
+        return self.ort_intra_op_threads or self.cpu_count
 
     @property
     def codec_thread_count(self) -> int:
-        """Threads of one JPEG 2000 decode: `codec_threads`, or one per usable core."""
-        return self.codec_threads or len(os.sched_getaffinity(0))
+        """Threads of one JPEG 2000 decode: `codec_threads`, or one per CPU."""
+        return self.codec_threads or self.cpu_count
 
     def resolved_model_metadata(self) -> Path:
         """The metadata path to load.

@@ -202,26 +202,28 @@ def check_variant(docs: list[Manifest], graceful_s: int) -> list[str]:
             f"{limits.get(name)})",
         )
     if "cpu" in limits:
-        # The service's rule (Settings.decode_slots / ort_threads / codec_thread_count) applied to
-        # the CPU limit: one decode more than the CPUs (at most 4 counted), and one ONNX Runtime
-        # and one OpenJPEG thread per CPU.
+        # The threads follow one CPU figure, CXR_CPUS (Settings.cpu_count; the rule is in its
+        # description): it must be the CPU limit, taken from limits.cpu (or the same number), and
+        # the thread settings must be left to follow it.
         cpu_limit = cores(limits["cpu"])
-        decoders, ort = env.get("CXR_DECODE_CONCURRENCY"), env.get("CXR_ORT_INTRA_OP_THREADS")
-        expected_decoders = min(cpu_limit, 4.0) + 1
-        expect(
-            decoders is not None and float(decoders) == expected_decoders,
-            f"CXR_DECODE_CONCURRENCY={decoders} but the CPU limit of {limits['cpu']} makes it "
-            f"{expected_decoders:g}",
+        cpus_entry = next((e for e in api.get("env", []) if e["name"] == "CXR_CPUS"), {})
+        ref = cpus_entry.get("valueFrom", {}).get("resourceFieldRef", {})
+        from_limit = (
+            ref.get("resource") == "limits.cpu"
+            and ref.get("containerName", "api") == "api"
+            and cores(ref.get("divisor", "1")) == 1
         )
+        cpus = env.get("CXR_CPUS")
         expect(
-            ort is not None and float(ort) == cpu_limit,
-            f"CXR_ORT_INTRA_OP_THREADS={ort} but the CPU limit is {limits['cpu']}",
+            from_limit or (cpus is not None and float(cpus) == cpu_limit),
+            f"CXR_CPUS is not the CPU limit ({limits['cpu']}): take it from limits.cpu "
+            "(resourceFieldRef)",
         )
-        codec = env.get("CXR_CODEC_THREADS")
-        expect(
-            codec is not None and float(codec) == cpu_limit,
-            f"CXR_CODEC_THREADS={codec} but the CPU limit is {limits['cpu']}",
-        )
+        for name in ("CXR_DECODE_CONCURRENCY", "CXR_ORT_INTRA_OP_THREADS", "CXR_CODEC_THREADS"):
+            expect(
+                name not in env,
+                f"{name} is set: leave it to follow CXR_CPUS (the CPU limit)",
+            )
     unknown = sorted(v for v in env if v.startswith("CXR_") and v not in KNOWN_SETTINGS)
     expect(not unknown, f"environment names settings the service does not have: {unknown}")
 

@@ -73,14 +73,16 @@ def test_an_absolute_path_is_used_as_is(tmp_path):
     assert Settings(model_metadata=target).resolved_model_metadata() == target
 
 
-def test_onnx_runtime_threads_default_to_the_usable_cores(monkeypatch):
+def test_onnx_runtime_threads_default_to_the_usable_cores(monkeypatch, tmp_path):
+    monkeypatch.setattr("app.settings.CGROUP_ROOT", tmp_path)  # no CPU quota
     monkeypatch.setenv("CXR_DECODE_CONCURRENCY", "7")
     assert Settings().ort_threads == len(os.sched_getaffinity(0))
     monkeypatch.setenv("CXR_ORT_INTRA_OP_THREADS", "3")
     assert Settings().ort_threads == 3
 
 
-def test_decode_concurrency_bounds_the_decode_slots(monkeypatch):
+def test_decode_concurrency_bounds_the_decode_slots(monkeypatch, tmp_path):
+    monkeypatch.setattr("app.settings.CGROUP_ROOT", tmp_path)  # no CPU quota
     monkeypatch.setenv("CXR_DECODE_CONCURRENCY", "3")
     assert Settings().decode_slots == 3
     monkeypatch.setenv("CXR_DECODE_CONCURRENCY", "0")

@@ -90,17 +90,28 @@ def _short_grace(docs):
     pod_spec(docs)["terminationGracePeriodSeconds"] = 10
 
 
-def _threads_above_limit(docs):
+def _threads_beside_the_cpu_figure(docs):
     set_env(docs, "CXR_ORT_INTRA_OP_THREADS", "8")
 
 
-def _codec_threads_from_the_node(docs):
-    env = api(docs)["env"]
-    env[:] = [e for e in env if e["name"] != "CXR_CODEC_THREADS"]
-
-
-def _decoders_above_limit(docs):
+def _decoders_beside_the_cpu_figure(docs):
     set_env(docs, "CXR_DECODE_CONCURRENCY", "4")
+
+
+def _cpus_from_the_request_of_memory(docs):
+    cpus = next(e for e in api(docs)["env"] if e["name"] == "CXR_CPUS")
+    cpus["valueFrom"]["resourceFieldRef"]["resource"] = "requests.memory"
+
+
+def _cpus_above_the_limit(docs):
+    env = api(docs)["env"]
+    env[:] = [e for e in env if e["name"] != "CXR_CPUS"]
+    set_env(docs, "CXR_CPUS", "4")
+
+
+def _cpus_missing(docs):
+    env = api(docs)["env"]
+    env[:] = [e for e in env if e["name"] != "CXR_CPUS"]
 
 
 def _unknown_setting(docs):
@@ -208,9 +219,11 @@ def _pdb_blocks_all(docs):
     [
         (_no_prestop, "preStop is not a sleep"),
         (_short_grace, "terminationGracePeriodSeconds 10 < preStop 5 + drain 5.0 + graceful"),
-        (_threads_above_limit, "CXR_ORT_INTRA_OP_THREADS=8 but the CPU limit is 2"),
-        (_decoders_above_limit, "CXR_DECODE_CONCURRENCY=4 but the CPU limit of 2 makes it 3"),
-        (_codec_threads_from_the_node, "CXR_CODEC_THREADS=None but the CPU limit is 2"),
+        (_threads_beside_the_cpu_figure, "CXR_ORT_INTRA_OP_THREADS is set: leave it to follow"),
+        (_decoders_beside_the_cpu_figure, "CXR_DECODE_CONCURRENCY is set: leave it to follow"),
+        (_cpus_from_the_request_of_memory, "CXR_CPUS is not the CPU limit (2)"),
+        (_cpus_above_the_limit, "CXR_CPUS is not the CPU limit (2)"),
+        (_cpus_missing, "CXR_CPUS is not the CPU limit (2)"),
         (_unknown_setting, "settings the service does not have: ['CXR_INFERENCE_CONCURRENCY']"),
         (_dicom_port_elsewhere, "CXR_DICOM_PORT=104 but container port `dicom` is 11112"),
         (_readiness_on_liveness, "readinessProbe must GET /health/ready"),
