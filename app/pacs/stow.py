@@ -42,28 +42,22 @@ bytes handed to `accept`.
 from __future__ import annotations
 
 import json
-import logging
 import re
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import pydicom
-import pydicom.config
 from pydicom.dataset import Dataset, FileDataset
 
 from app.errors import InvalidImage
 from app.imaging.boundary import PASS_THROUGH
 from app.imaging.dicom import read_part10
+from app.imaging.dicom.values import UID_PATTERN, uid
 from app.pacs.spool import Spool, SpoolFull
 
-# pydicom reports invalid values through `warnings` and its logger, quoting the value: that could
-# put a patient's name into the logs. Validation here is ours.
-pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-logging.getLogger("pydicom").propagate = False
-warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+# pydicom's warnings and log records, which quote header values, are silenced by
+# `app.imaging.dicom` (its `read` module, imported above), whose reader this module uses.
 
 DICOM_MEDIA_TYPE = "application/dicom"
 RESPONSE_MEDIA_TYPE = "application/dicom+json"
@@ -84,7 +78,6 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 Gate = Callable[[Dataset], "str | None"]
 Accept = Callable[[Dataset, bytes], None]
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # An unquoted value is read leniently (RFC 2045 forbids "/" in a token, yet clients send
 # `type=application/dicom` unquoted): anything up to the next separator.
@@ -278,11 +271,11 @@ def _convert_every_element(header: FileDataset) -> None:
 
 
 def _uid(ds: Dataset, keyword: str) -> str | None:
+    """`app.imaging.dicom.values.uid`, with a value that cannot be read counted as no UID."""
     try:
-        value = str(ds.get(keyword, "") or "").strip().rstrip("\x00")
+        return uid(ds, keyword)
     except Exception:
         return None
-    return value if len(value) <= 64 and _UID.match(value) else None
 
 
 @dataclass(frozen=True)
@@ -429,7 +422,7 @@ def store_instances(
     everything per instance is in the response.
     """
     boundary = parse_content_type(content_type)
-    if study is not None and (len(study) > 64 or not _UID.match(study)):
+    if study is not None and (len(study) > 64 or not UID_PATTERN.match(study)):
         raise MalformedRequest("the study in the path is not a DICOM UID")
     # Framing is checked whole before anything is queued, so a 400 stores nothing.
     parts = list(iter_parts(body, boundary, max_parts))
