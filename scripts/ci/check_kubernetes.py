@@ -206,7 +206,9 @@ def check_variant(docs: list[Manifest], graceful_s: int) -> list[str]:
         # description): it must be the CPU limit, taken from limits.cpu (or the same number), and
         # the thread settings must be left to follow it.
         cpu_limit = cores(limits["cpu"])
-        cpus_entry = next((e for e in api.get("env", []) if e["name"] == "CXR_CPUS"), {})
+        cpus_entry: dict[str, Any] = next(
+            (e for e in api.get("env", []) if e["name"] == "CXR_CPUS"), {}
+        )
         ref = cpus_entry.get("valueFrom", {}).get("resourceFieldRef", {})
         from_limit = (
             ref.get("resource") == "limits.cpu"
