@@ -733,9 +733,12 @@ def build_study_sr(
 ) -> Dataset:
     """One TID 1500 Measurement Report for a study: its verdict and every frontal image's own.
 
-    - Imaging Measurements: per image read, in SOP Instance UID order, the whole-image TID 1501
-      group of `build_sr` ("pneumonia classification, image N", its Comment "Image N: pneumonia
-      likely/unlikely"), and, beside a Present answer with a CAM grid, its attention-peak group.
+    - Imaging Measurements: per image read, the whole-image TID 1501 group of `build_sr`
+      ("pneumonia classification, image N", its Comment "Image N: pneumonia likely/unlikely"),
+      and, beside a Present answer with a CAM grid, its attention-peak group. The deciding
+      image's groups come first, then the others' in SOP Instance UID order (N is always the
+      image's place in that order): OHIF opens an SR at its first measurement group and shows
+      one display set per CR/DX image, so the first group is the one a reader sees.
     - Image Library and the evidence: the images read; the images set aside are named in the text
       only (they were not used).
     - Qualitative Evaluations: Pneumonia = Present/Absent for the study (`deciding_image`), then
@@ -757,7 +760,9 @@ def build_study_sr(
         hd.sr.MeasurementsAndQualitativeEvaluations
         | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
     ] = []
-    for number, image in enumerate(ordered, start=1):
+    numbered = list(enumerate(ordered, start=1))
+    numbered.sort(key=lambda item: item[1] is not decider)  # stable: the decider, then UID order
+    for number, image in numbered:
         verdict = "likely" if image.facts.positive else "unlikely"
         groups.append(
             _classification_group(

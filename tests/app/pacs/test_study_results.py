@@ -355,6 +355,31 @@ def test_the_study_sr_is_decided_by_its_most_positive_image_and_is_deterministic
     )
 
 
+def test_the_deciding_images_group_comes_first_and_keeps_its_number(tmp_path: Path) -> None:
+    """A viewer opens an SR at its first measurement group (OHIF does): the deciding image's."""
+    images, aside, digest = _study(tmp_path)
+    low, high = sorted((i.source for i in images), key=lambda source: str(source.SOPInstanceUID))
+    # the image numbered 2 (numbers follow SOP Instance UID order) decides
+    images = [StudyImage(low, images[0].facts), StudyImage(high, images[1].facts)]
+    measurements = build_study_sr(images, aside, digest).ContentSequence
+    groups = next(
+        item for item in measurements if item.ConceptNameCodeSequence[0].CodeValue == "126010"
+    ).ContentSequence
+
+    def comment(group: Any) -> str:
+        return next(
+            str(item.TextValue)
+            for item in group.ContentSequence
+            if item.ConceptNameCodeSequence[0].CodeValue == "121106"
+        )
+
+    assert [comment(group) for group in groups] == [
+        "Image 2: pneumonia likely",
+        "Attention map peak, not a detection",
+        "Image 1: pneumonia unlikely",
+    ]
+
+
 def test_dciodvfy_and_pixelmed_find_no_error_in_the_study_sr(tmp_path: Path) -> None:
     dciodvfy = require_tool("dciodvfy", "dicom3tools")
     images, aside, digest = _study(tmp_path)
