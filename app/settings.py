@@ -2,7 +2,7 @@
 
 Every knob is validated when the process starts, so a typo in a deployment fails loudly at boot
 instead of surfacing as odd behaviour under load. The field descriptions are the documentation:
-`scripts/config_docs.py` writes `.env.example` and the README/DEPLOYMENT tables from them.
+`scripts/dev/config_docs.py` writes `.env.example` and the README/DEPLOYMENT tables from them.
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ echo "[test] installing the project with the cpu, train and dev extras (first ru
 echo "[test] ruff"
 .venv/bin/ruff check app training tests scripts
 .venv/bin/ruff format --check app training tests scripts
-echo "[test] mypy --strict app scripts/ci; mypy training"
+echo "[test] mypy --strict app scripts/ci; mypy training scripts/dev"
 .venv/bin/mypy --strict app
 .venv/bin/mypy --strict scripts/ci
 .venv/bin/mypy training
+.venv/bin/mypy scripts/dev
 echo "[test] pytest"
 exec .venv/bin/python -m pytest "$@"

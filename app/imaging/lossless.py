@@ -3,8 +3,8 @@
 pydicom's plugins for JPEG Lossless (pylibjpeg-libjpeg), JPEG-LS (pyjpegls) and JPEG 2000
 (pylibjpeg-openjpeg) hold Python's interpreter lock for the whole decode. On a 2500x2048 12-bit
 frame that is about 300, 130 and 500 ms during which the event loop, and the probe port's thread,
-stand still (`scripts/decode_benchmark.py` measures it; docs/PERFORMANCE.md). imagecodecs runs the
-same kinds of decoder (libjpeg-turbo, CharLS, OpenJPEG on `threads` threads) with the lock
+stand still (`scripts/dev/decode_benchmark.py` measures it; docs/PERFORMANCE.md). imagecodecs runs
+the same kinds of decoder (libjpeg-turbo, CharLS, OpenJPEG on `threads` threads) with the lock
 released, and faster.
 
 A lossless codestream decodes to the same values in every conforming decoder, so for these

@@ -23,7 +23,7 @@ broken modality, a truncated transfer or a hostile client would:
 Mutant `index` of `seed` is made from its own random generator (`Random(f"{seed}/{index}")`), so
 any mutant can be rebuilt from its id alone, in any order: a crash found after a million mutants
 is a two-number regression. The fuzzer never needs the service: `mutant` and `mutants` return
-bytes, and the tests and `scripts/fuzz.py` decide where to send them.
+bytes, and the tests and `scripts/dev/fuzz.py` decide where to send them.
 """
 
 from __future__ import annotations

@@ -1,23 +1,27 @@
-"""The settings comparison (scripts/compare_settings.py, docs/PERFORMANCE.md "Thread split") still
-runs end to end in miniature, compares each variant with the first in the same rounds, and
-refuses what is not a service setting before starting anything."""
+"""The settings comparison (`python -m scripts.dev.compare_settings`, docs/PERFORMANCE.md "Thread
+split") still runs end to end in miniature, compares each variant with the first in the same
+rounds, and refuses what is not a service setting before starting anything."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from scripts.dev import compare_settings
 from tests.support.realdata import REPO_ROOT, requires_data
 
-SCRIPT = REPO_ROOT / "scripts" / "compare_settings.py"
-sys.path.insert(0, str(SCRIPT.parent))
-
-import compare_settings  # noqa: E402
+COMMAND = [sys.executable, "-m", "scripts.dev.compare_settings"]
+# run from another directory, with the project root on the module path
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+}
 
 
 def test_a_variant_is_a_list_of_service_settings() -> None:
@@ -32,10 +36,10 @@ def test_a_variant_is_a_list_of_service_settings() -> None:
 def test_two_variants_are_measured_in_the_same_rounds(tmp_path: Path) -> None:
     out = tmp_path / "compare.json"
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), "--concurrency", "2", "--rounds", "2", "--seconds", "0.5",
+        [*COMMAND, "--concurrency", "2", "--rounds", "2", "--seconds", "0.5",
          "--images", "2", "--variant", "", "--variant", "CXR_DECODE_CONCURRENCY=1",
          "--out", str(out)],
-        check=True, cwd=tmp_path, timeout=300, capture_output=True, text=True,
+        check=True, cwd=tmp_path, env=ENV, timeout=300, capture_output=True, text=True,
     )  # fmt: skip
     report = json.loads(out.read_text())
     assert [row["variant"] for row in report] == ["(defaults)", "CXR_DECODE_CONCURRENCY=1"]
@@ -48,7 +52,7 @@ def test_two_variants_are_measured_in_the_same_rounds(tmp_path: Path) -> None:
 
 def test_a_typo_is_refused_before_any_service_starts() -> None:
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), "--variant", "DECODE=3"],
-        capture_output=True, text=True, timeout=60,
+        [*COMMAND, "--variant", "DECODE=3"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert run.returncode != 0 and "is not CXR_NAME=VALUE" in run.stderr

@@ -3,20 +3,14 @@ settings' own descriptions, group by group, and is up to date."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from app.settings import SETTING_GROUPS, Settings, group_of
+from scripts.dev import config_docs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location(
-    "config_docs", REPO_ROOT / "scripts" / "config_docs.py"
-)
-assert _spec is not None and _spec.loader is not None
-config_docs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(config_docs)
 
 
 def test_the_generated_files_are_up_to_date() -> None:

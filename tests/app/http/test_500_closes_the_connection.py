@@ -68,8 +68,8 @@ def test_hostile_dicom_over_a_real_keep_alive_connection_is_422_and_keeps_it(
 
 
 def test_the_fuzz_script_counts_no_5xx_and_no_dropped_connection(tmp_path: Path) -> None:
-    """`scripts/fuzz.py` in miniature against a real service on the tiny model (the long run is
-    the same command with 20,000+ mutants)."""
+    """`python -m scripts.dev.fuzz` in miniature against a real service on the tiny model (the long
+    run is the same command with 20,000+ mutants)."""
     import json
     import subprocess
     import sys
@@ -78,7 +78,7 @@ def test_the_fuzz_script_counts_no_5xx_and_no_dropped_connection(tmp_path: Path)
 
     out = tmp_path / "fuzz.json"
     done = subprocess.run(
-        [sys.executable, "scripts/fuzz.py", "--mutants", "300", "--seed", "11",
+        [sys.executable, "-m", "scripts.dev.fuzz", "--mutants", "300", "--seed", "11",
          "--model", str(write_model_dir(tmp_path)), "--out", str(out)],
         cwd=Path(__file__).resolve().parents[3], capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -188,7 +188,7 @@ def _probe_once(port: int, path: str, timeout_s: float) -> tuple[float, int]:
     return (time.perf_counter() - started) * 1000.0, status
 
 
-def _poll_probes(targets, seconds: float, interval_s: float, timeout_s: float, out) -> None:  # type: ignore[no-untyped-def]
+def _poll_probes(targets, seconds: float, interval_s: float, timeout_s: float, out) -> None:
     samples: dict[str, list[tuple[float, int]]] = {label: [] for label, _, _ in targets}
     stop_at = time.perf_counter() + seconds
     while time.perf_counter() < stop_at:
@@ -324,7 +324,7 @@ async def slow_senders(
     return result
 
 
-def _slow_in_child(port: int, n: int, seconds: float, declared_length: int, out) -> None:  # type: ignore[no-untyped-def]
+def _slow_in_child(port: int, n: int, seconds: float, declared_length: int, out) -> None:
     started = time.perf_counter()
     summary = asyncio.run(slow_senders(port, n, seconds, declared_length)).summary()
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -1,7 +1,7 @@
 """Send fuzzed DICOM to the real service and count what should never happen: 5xx answers and
 dropped connections.
 
-    .venv/bin/python scripts/fuzz.py --mutants 20000            # writes runs/fuzz.json
+    .venv/bin/python -m scripts.dev.fuzz --mutants 20000    # writes runs/fuzz.json
 
 Starts `uvicorn app.main:app` on 127.0.0.1 (the shipped model by default; `--url` targets a
 service already running on the loopback instead), then sends mutants `0..N-1` of `--seed` from
@@ -24,7 +24,6 @@ import argparse
 import collections
 import http.client
 import json
-import sys
 import threading
 import time
 import urllib.parse
@@ -32,11 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from app.testing.fuzz import Mutant, mutant, seed_files
+from app.testing.server import ServiceProcess
 
-from app.testing.fuzz import Mutant, mutant, seed_files  # noqa: E402
-from app.testing.server import ServiceProcess  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 BOUNDARY = "cxr-fuzz-boundary-7f3a9c"

@@ -5,7 +5,7 @@ in turn to `/predict`, and scrapes `/metrics` every `--every` answers and at the
 the drift score (`cxr_drift_psi`), the answers by label (`cxr_answers_total`) and the mean model
 input (`cxr_input_grey_mean`). Prints one JSON document.
 
-    python scripts/drift_replay.py --set validation=models/pneumonia_cxr.split.csv:val \
+    python -m scripts.dev.drift_replay --set validation=models/pneumonia_cxr.split.csv:val \
         --set test=../shared/data/chest_xray/test [--window 500]
 
 A set is a folder (every .jpeg/.jpg/.png/.dcm under it) or `SPLIT_CSV:NAME`, the rows of a split
@@ -28,9 +28,9 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-from app.testing.server import ServiceProcess  # noqa: E402
+from app.testing.server import ServiceProcess
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
 

@@ -1,6 +1,6 @@
 """Measure the service against what this machine can do with this model, in one command:
 
-    .venv/bin/python scripts/benchmark.py            # writes runs/benchmark.json and .md
+    .venv/bin/python -m scripts.dev.benchmark    # writes runs/benchmark.json and .md
 
 1. The in-process limit: decode + preprocess + inference of full-resolution uploads with the
    service's own code and model, no HTTP: a sequential loop per batch size, and a pipeline with
@@ -13,8 +13,8 @@
 3. With --compare-ref REF, the same HTTP load against the service as it was at git REF.
 
 Uploads are real test X-rays upscaled to --size (the data set ships 224 px copies; detector images
-are 2-3k px a side), saved as JPEG quality 95. The load generator (scripts/loadgen.py) runs in this
-process on the same machine, so the service shares the CPU with it; its CPU use is reported.
+are 2-3k px a side), saved as JPEG quality 95. The load generator (scripts/dev/loadgen.py) runs in
+this process on the same machine, so the service shares the CPU with it; its CPU use is reported.
 Loopback only; every phase is bounded in time or count.
 """
 
@@ -28,7 +28,6 @@ import os
 import platform
 import resource
 import subprocess
-import sys
 import tempfile
 import time
 from collections import deque
@@ -39,14 +38,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from app.testing.server import ServiceProcess, free_port, http_status
+from scripts.dev import fuzz, loadgen
 
-import fuzz  # noqa: E402
-import loadgen  # noqa: E402
-
-from app.testing.server import ServiceProcess, free_port, http_status  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_DATA = Path(os.environ.get("CXR_DATA_DIR", REPO_ROOT.parent / "shared/data/chest_xray"))
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -207,7 +202,7 @@ def in_process_limit(metadata: Path, uploads: list[bytes], seconds: float, cores
     }
 
 
-def _pipelined(classifier, uploads: list[bytes], seconds: float, threads: int, batch: int) -> float:  # type: ignore[no-untyped-def]
+def _pipelined(classifier, uploads: list[bytes], seconds: float, threads: int, batch: int) -> float:
     """Decode threads keep a queue of prepared images full; this thread runs them in batches."""
     with ThreadPoolExecutor(threads) as pool:
         pending = deque(
@@ -227,7 +222,7 @@ def _pipelined(classifier, uploads: list[bytes], seconds: float, threads: int, b
     return done / elapsed
 
 
-def _decode_ms(classifier, uploads: list[bytes]) -> float:  # type: ignore[no-untyped-def]
+def _decode_ms(classifier, uploads: list[bytes]) -> float:
     times = []
     for data in uploads * 3:
         started = time.perf_counter()
@@ -236,7 +231,7 @@ def _decode_ms(classifier, uploads: list[bytes]) -> float:  # type: ignore[no-un
     return round(float(np.median(times)), 2)
 
 
-def _j2k_decode_ms(classifier, upload: bytes, repeats: int = 10) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def _j2k_decode_ms(classifier, upload: bytes, repeats: int = 10) -> dict[str, float]:
     """Decode + preprocess of the first upload as 12-bit JPEG 2000 DICOM, lossy and lossless, by
     the served contract (its `dicom_j2k_reduction`, if any): median of `repeats` after a warm-up."""
     from app.testing.dicom_files import make_dicom
@@ -256,7 +251,7 @@ def _j2k_decode_ms(classifier, upload: bytes, repeats: int = 10) -> dict[str, fl
     return out
 
 
-def _inference_ms(classifier, upload: bytes) -> float:  # type: ignore[no-untyped-def]
+def _inference_ms(classifier, upload: bytes) -> float:
     tensor = classifier.prepare(upload).tensor
     times = []
     for _ in range(50):
@@ -642,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wait", type=float, default=0.0, help="seconds to wait for quiet")
     p.add_argument(
         "--fuzz", type=int, default=0, metavar="N",
-        help="also send N fuzzed DICOM uploads (scripts/fuzz.py) to a fresh service",
+        help="also send N fuzzed DICOM uploads (scripts/dev/fuzz.py) to a fresh service",
     )  # fmt: skip
     p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "benchmark.json")
     args = p.parse_args(argv)
@@ -650,11 +645,11 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = wait_for_quiet(args.quiet_load, args.max_wait)
     size = tuple(args.size)
     sources = xray_sources(args.data_dir, args.images)
-    uploads = full_resolution_jpegs(sources, size)  # type: ignore[arg-type]
+    uploads = full_resolution_jpegs(sources, size)
     jpeg_requests = [loadgen.build_request("/predict", u, "image/jpeg") for u in uploads]
     dicom_requests = None
     if not args.no_dicom:
-        dicom = full_resolution_dicom(sources[0], size)  # type: ignore[arg-type]
+        dicom = full_resolution_dicom(sources[0], size)
         dicom_requests = [loadgen.build_request("/predict", dicom, "application/dicom")]
     cores = len(os.sched_getaffinity(0))
 

@@ -8,7 +8,7 @@ table per group under a heading one level below the one that holds the block, wi
 purpose; in `.env.example` a comment banner per group. `--check` changes nothing and exits 1
 when any of them differs (the tests run it).
 
-    python scripts/config_docs.py [--check]
+    python -m scripts.dev.config_docs [--check]
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-from app.settings import SETTING_GROUPS, SettingGroup, Settings, group_of  # noqa: E402
+from app.settings import SETTING_GROUPS, SettingGroup, Settings, group_of
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
 README = REPO_ROOT / "README.md"
@@ -32,7 +32,7 @@ MiB = 1024 * 1024
 
 _ENV_HEADER = """\
 # Configuration of the inference service (`app/`), generated from app/settings.py by
-# `python scripts/config_docs.py`: edit the field descriptions there, not this file.
+# `python -m scripts.dev.config_docs`: edit the field descriptions there, not this file.
 # Every variable is optional; the values below are the defaults. Copy to `.env` (read from the
 # working directory) or set them in the environment / docker-compose. Invalid values stop the
 # service at start-up with a clear error.
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(text, encoding="utf-8")
     if args.check and stale:
         names = ", ".join(str(p) for p in stale)
-        print(f"out of date with app/settings.py: {names}; run python scripts/config_docs.py")
+        print(f"out of date with app/settings.py: {names}; run python -m scripts.dev.config_docs")
         return 1
     for path in stale:
         print(f"wrote {path}")

@@ -1,7 +1,7 @@
 """Render `models/figures/cam_examples.png`: test X-rays beside the class activation maps that
 the service returns for them (`POST /predict?explain=true`), for the README and the model card.
 
-    .venv/bin/python scripts/explain_figure.py --data-dir ../shared/data/chest_xray
+    .venv/bin/python -m scripts.dev.explain_figure --data-dir ../shared/data/chest_xray
 
 It runs the real service in-process on the shipped model, one NORMAL and two PNEUMONIA images of
 the official test split (the first of each class in file order), and lays out the returned
@@ -13,18 +13,15 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import sys
 from pathlib import Path
 
+from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from app.main import create_app
+from app.settings import Settings
 
-from fastapi.testclient import TestClient  # noqa: E402
-
-from app.main import create_app  # noqa: E402
-from app.settings import Settings  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 CAPTION = 40
 

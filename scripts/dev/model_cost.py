@@ -1,6 +1,6 @@
 """What a model costs the service, beside another model, in one run on this machine:
 
-    .venv/bin/python scripts/model_cost.py --model models/pneumonia_cxr.json \\
+    .venv/bin/python -m scripts.dev.model_cost --model models/pneumonia_cxr.json \\
         --against models/1.0.0/pneumonia_cxr.json            # writes runs/model_cost.json
 
 For each model, in alternating rounds (this machine's speed drifts by 30-50% over minutes, so the
@@ -22,18 +22,14 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scripts.dev import benchmark, loadgen
 
-import benchmark  # noqa: E402
-import loadgen  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def lossless_j2k_dicoms(sources: list[Path], size: tuple[int, int]) -> list[bytes]:

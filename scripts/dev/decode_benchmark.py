@@ -1,7 +1,7 @@
 """Decode + preprocess time of one full-resolution X-ray, as JPEG and as DICOM in several transfer
 syntaxes: what the service spends before the model runs.
 
-    .venv/bin/python scripts/decode_benchmark.py --repeats 20 --out runs/decode_benchmark.json
+    .venv/bin/python -m scripts.dev.decode_benchmark --repeats 20 --out runs/decode_benchmark.json
 
 The image is a real test X-ray upscaled to 2500x2048 (a common DR detector size) when the data
 set is found beside the repository, otherwise a synthetic one (the report says which). The DICOM
@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -39,13 +38,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from app.contract import load_metadata
+from app.model.loading import load_classifier
+from app.settings import Settings
+from app.testing.dicom_files import make_dicom
 
-from app.contract import load_metadata  # noqa: E402
-from app.model.loading import load_classifier  # noqa: E402
-from app.settings import Settings  # noqa: E402
-from app.testing.dicom_files import make_dicom  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "chest_xray"
 DICOM_SYNTAXES = (

@@ -1,6 +1,6 @@
 """Compare service settings on a machine whose speed does not hold still, in one command:
 
-    .venv/bin/python scripts/compare_settings.py --concurrency 32 --rounds 8 \\
+    .venv/bin/python -m scripts.dev.compare_settings --concurrency 32 --rounds 8 \\
         --variant "" --variant "CXR_DECODE_CONCURRENCY=3 CXR_ORT_INTRA_OP_THREADS=2"
 
 One service process per variant (each a `CXR_NAME=VALUE ...` list; "" is the defaults), all
@@ -10,8 +10,9 @@ the first variant's in the same round (seconds apart), and the report gives the 
 ratios: a shared machine's speed drifts by 10-30% over minutes (docs/PERFORMANCE.md), which a
 run of one configuration after another would read as a difference between them.
 
-Uploads and the load generator are the benchmark's (scripts/benchmark.py, scripts/loadgen.py);
-the services idle while another is measured. Loopback only; bounded by rounds x seconds.
+Uploads and the load generator are the benchmark's (scripts/dev/benchmark.py,
+scripts/dev/loadgen.py); the services idle while another is measured. Loopback only; bounded by
+rounds x seconds.
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ import statistics
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scripts.dev import benchmark, loadgen
 
-import benchmark  # noqa: E402
-import loadgen  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_variant(text: str) -> dict[str, str]:
@@ -92,7 +91,7 @@ def compare(
     return report
 
 
-def _summed(counts) -> dict[str, int]:  # type: ignore[no-untyped-def]
+def _summed(counts) -> dict[str, int]:
     total: dict[str, int] = {}
     for count in counts:
         for status, n in count.items():
