@@ -20,7 +20,11 @@ import numpy as np
 from PIL import Image
 
 from app.contract import DicomRendering, Preprocessing
-from training.preprocessing import J2K_APPROXIMATION
+
+# The key of a reduced JPEG 2000 frame's level, wavelet and stored size in its image's `info`
+# (set by `read_dicom_as_image`, read by `training.preprocessing.image_to_array`, which resizes
+# the frame onto the full-size grid).
+J2K_APPROXIMATION = "cxr_j2k_approximation"
 
 _JPEG_2000_SYNTAXES = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
 

@@ -22,10 +22,7 @@ from app.contract import (
     JpegDctScaling,
     Preprocessing,
 )
-
-# The key of a reduced JPEG 2000 frame's level, wavelet and stored size in its image's `info`
-# (set by `training.dicom.read_dicom_as_image`).
-J2K_APPROXIMATION = "cxr_j2k_approximation"
+from training.dicom import J2K_APPROXIMATION, read_dicom_as_image
 
 # The contract's filter names as Pillow filters: training's own table, so that a wrong entry on
 # either side makes the train/serve parity test fail instead of being shared by both.
@@ -165,8 +162,6 @@ def load_image(path: Path, spec: Preprocessing = DEFAULT_PREPROCESSING) -> np.nd
     """Decode a JPEG/PNG file (or a DICOM file, by extension) to the contract's uint8 array."""
     path = Path(path)
     if path.suffix.lower() == ".dcm":
-        from training.dicom import read_dicom_as_image
-
         return image_to_array(read_dicom_as_image(path, spec.dicom, spec), spec)
     with Image.open(path) as image:
         decode_at_contract_scale(image, spec)
