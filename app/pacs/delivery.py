@@ -156,10 +156,17 @@ def _store_response(
     )
 
 
-# What a result object says: an SR's document title and content tree, an image's pixels. The
-# rest may differ between two copies of the same result (dates written by a renderer before they
-# came from the source, attributes an archive coerces, the file meta) and is not compared.
-_CONTENT_KEYWORDS = ("ConceptNameCodeSequence", "ContentSequence")
+# What a result object says: an SR's document title and content tree, an image's pixels, a
+# presentation state's annotations and display (VOI, polarity). The rest may differ between two
+# copies of the same result (dates written by a renderer before they came from the source,
+# attributes an archive coerces, the file meta) and is not compared.
+_CONTENT_KEYWORDS = (
+    "ConceptNameCodeSequence",
+    "ContentSequence",
+    "GraphicAnnotationSequence",
+    "SoftcopyVOILUTSequence",
+    "PresentationLUTShape",
+)
 _PIXEL_KEYWORDS = (
     "Rows",
     "Columns",
@@ -176,10 +183,11 @@ def same_result(ours: bytes, theirs: bytes) -> str | None:
     not (a fixed phrase, no header value).
 
     The same result: byte for byte the same file, or the same SOP Class and Instance UID with the
-    same content items (an SR's Concept Name and Content Sequence) and the same pixels (an image's
-    Image Pixel description and pixel values, compared decoded when the archive sent them in
-    another transfer syntax). The UIDs already fix the source image, the model and the site profile
-    (`app.pacs.uids`); the content is what a reader sees.
+    same content items (an SR's Concept Name and Content Sequence; a presentation state's Graphic
+    Annotation and Softcopy VOI LUT Sequences and Presentation LUT Shape) and the same pixels (an
+    image's Image Pixel description and pixel values, compared decoded when the archive sent them
+    in another transfer syntax). The UIDs already fix the source image, the model and the site
+    profile (`app.pacs.uids`); the content is what a reader sees.
     """
     if ours == theirs:
         return None

@@ -3,8 +3,8 @@
 Three ways in, one way out:
 
 - `POST /predict?deliver=true`: the image has just been classified; `record` renders the result
-  objects (the SR, and the heat-map SC when configured) and puts them in the outbox before the
-  request is answered.
+  objects (the SR, the heat-map SC when configured, and the attention region's GSPS beside a
+  positive SR's region) and puts them in the outbox before the request is answered.
 - STOW-RS (`POST /dicomweb/studies`) and the C-STORE listener: an accepted instance is written to
   the intake spool before its sender is told it was stored; `_read_spool` tasks then classify it
   through the same prediction step as `/predict` (its admission limit, decode threads and batching
@@ -46,6 +46,7 @@ from app.errors import Overloaded, ServiceError
 from app.imaging.dicom import DicomPolicy, intended_use_refusal, open_dicom
 from app.pacs.delivery import DeliveryWorker, Destination, DimseDestination, StowRsDestination
 from app.pacs.fhir import FhirDestination, FhirProfile, render_bundle
+from app.pacs.gsps import applied_window, render_gsps
 from app.pacs.hl7 import Hl7Profile, MllpDestination, render_oru
 from app.pacs.objects import (
     ResultFacts,
@@ -615,6 +616,8 @@ class ResultsPipeline:
         objects = render_objects(
             source, facts, image, input_size=(spec.width, spec.height), heatmap_answers=answers
         )
+        # the attention region as a presentation state over the source, beside the SR's outline
+        objects += render_gsps(source, facts, applied_window(answer))
         key = result_key(sop_uid, self.metadata.sha256, facts.site_profile_sha256, digest)
         warnings = [str(w) for w in answer.get("warnings") or []]
         messages = render_messages(
@@ -651,7 +654,7 @@ class ResultsPipeline:
         return found
 
     def payload(self, source_sop_instance_uid: str, kind: str) -> bytes | None:
-        """The encoded result object of `kind` ("sr", "sc") for a source image."""
+        """The encoded result object of `kind` ("sr", "sc", "gsps") for a source image."""
         stored = self.result(source_sop_instance_uid)
         if stored is None:
             return None

@@ -22,9 +22,10 @@ import uuid
 from typing import Literal
 
 # "sr": Comprehensive 3D SR; "sr-enhanced": the Enhanced SR fallback for peers without 88.34 (a
-# different SOP class must never reuse an instance UID); "sc": the heat-map Secondary Capture.
-ObjectKind = Literal["sr", "sr-enhanced", "sc"]
-OBJECT_KINDS: tuple[ObjectKind, ...] = ("sr", "sr-enhanced", "sc")
+# different SOP class must never reuse an instance UID); "sc": the heat-map Secondary Capture;
+# "gsps": the Grayscale Softcopy Presentation State of the attention region.
+ObjectKind = Literal["sr", "sr-enhanced", "sc", "gsps"]
+OBJECT_KINDS: tuple[ObjectKind, ...] = ("sr", "sr-enhanced", "sc", "gsps")
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -552,7 +552,8 @@ def test_time_from_c_store_push_to_sr_in_the_pacs(loop, capsys: pytest.CaptureFi
 def test_with_the_heat_map_setting_the_sc_arrives_beside_the_sr(tmp_path: Path) -> None:
     """`CXR_RESULTS_HEATMAP=true` on a model with class activation maps: the answer carries the
     positive class's explanation whatever its label, and the burned-in Secondary Capture, drawn
-    on the source at its own size with a text band below, goes to the PACS with the SR."""
+    on the source at its own size with a text band below, goes to the PACS with the SR; so does
+    the GSPS of a positive answer's attention region, displayed with the model's VOI."""
     import json
 
     from tests.support.testkit import build_cam_onnx, cam_metadata_for
@@ -578,7 +579,9 @@ def test_with_the_heat_map_setting_the_sc_arrives_beside_the_sr(tmp_path: Path) 
             body = predict(server, data).json()
             assert body["explanation"]["target_class"] == "PNEUMONIA"
             kinds = {o["kind"]: o["sop_instance_uid"] for o in body["result"]["objects"]}
-            assert set(kinds) == {"sr", "sc"}
+            # a positive answer's SR carries the attention region, and the GSPS outlines it
+            assert body["label"] == "PNEUMONIA"
+            assert set(kinds) == {"sr", "sc", "gsps"}
             (sc_id,) = wait_for(lambda: orthanc.find_instance(kinds["sc"]), 30.0)
             sc = pydicom.dcmread(io.BytesIO(orthanc.file(sc_id)))
             assert sc.BurnedInAnnotation == "YES"
@@ -586,6 +589,16 @@ def test_with_the_heat_map_setting_the_sc_arrives_beside_the_sr(tmp_path: Path) 
             source = pydicom.dcmread(io.BytesIO(data))
             assert sc.Columns == source.Columns and sc.Rows > source.Rows
             wait_for(lambda: orthanc.find_instance(kinds["sr"]), 30.0)
+            (gsps_id,) = wait_for(lambda: orthanc.find_instance(kinds["gsps"]), 30.0)
+            gsps = pydicom.dcmread(io.BytesIO(orthanc.file(gsps_id)))
+            assert gsps.StudyInstanceUID == _study_of(data)
+            referenced = gsps.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
+            assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
+            # displayed with the VOI the model input was rendered with (the answer's window)
+            window = body["dicom"]["window"]
+            (voi,) = gsps.SoftcopyVOILUTSequence
+            assert float(voi.WindowCenter) == pytest.approx(window["center"], rel=1e-9)
+            assert float(voi.WindowWidth) == pytest.approx(window["width"], rel=1e-9)
         finally:
             server.kill()
 
