@@ -247,6 +247,18 @@ _SR_STATE_JS = f"""
 """
 
 
+def wait_for_listed(page: Any, modality: str, description: str, timeout_ms: int) -> None:
+    """Until OHIF holds a display set of the series (modality, description), displayable or not."""
+    page.wait_for_function(
+        """([modality, description]) => window.services && window.services.displaySetService
+             .getActiveDisplaySets().some(displaySet => displaySet.Modality === modality
+               && (displaySet.SeriesDescription || '') === description)""",
+        arg=[modality, description],
+        polling=250,
+        timeout=timeout_ms,
+    )
+
+
 def wait_for_image(page: Any, modality: str, description: str, timeout_ms: int) -> None:
     """Until the active viewport shows a rendered image of the series (modality, description)."""
     page.wait_for_function(

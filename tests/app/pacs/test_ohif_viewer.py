@@ -3,15 +3,16 @@
 OHIF 3.13 (npm `@ohif/app`, installed by `scripts/install-ohif.sh`) against a real Orthanc's
 DICOMweb, through a same-origin proxy (`ohif_harness`), in headless Chromium (Debian's, driven by
 Playwright as in the /docs test). Four studies, each with the objects the service writes for it:
-an SR of a positive answer with the attention region and the heat-map SC, an SR of a negative
-answer, an SR of a positive answer without a class activation map, and a study of two frontal
-images with its study-level SR. Each study is opened, each series double-clicked into the
+an SR of a positive answer with the attention region, the heat-map SC and the GSPS, an SR of a
+negative answer, an SR of a positive answer without a class activation map, and a study of two
+frontal images with its study-level SR. Each study is opened, each series double-clicked into the
 viewport; the test fails on any page error or OHIF error boundary ("Something went wrong", as
 every SR caused before OHIF/Viewers#3390 was worked around). An image must be rendered in the
 viewport; an SR must be loaded by OHIF with every measurement group placed on its image, and its
 verdict and probability drawn there (`ohif_harness.wait_for_sr_labels`, which also says why it
 may have to ask for one render). The heat map's verdict is burned into its pixels (tested in
-`test_pacs_objects`); here it must open and render.
+`test_pacs_objects`); here it must open and render. OHIF 3.13.2 does not display presentation
+states: the GSPS must be listed, and opening it must leave the image shown, with no error.
 
 Skips without OHIF or Chromium, saying which; `.ci/run` installs both and sets
 CXR_REQUIRE_OHIF=1 and CXR_REQUIRE_BROWSER=1, which make that a failure. One Orthanc, one
@@ -34,6 +35,7 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
 
+from app.pacs.gsps import GSPS_SERIES_DESCRIPTION, build_gsps
 from app.pacs.objects import (
     SetAsideImage,
     StudyImage,
@@ -46,6 +48,7 @@ from tests.app.pacs.ohif_harness import (
     installed_ohif,
     ohif_viewer,
     wait_for_image,
+    wait_for_listed,
     wait_for_sr_labels,
 )
 from tests.app.pacs.pacs_results import factory_source, grey_u8, make_facts, rg1_path
@@ -95,7 +98,13 @@ def studies(orthanc: Orthanc) -> list[Study]:
     """The three studies in Orthanc: source image and result objects of each."""
     rg1 = _chest_source()
     positive = make_facts()
-    _store(orthanc, rg1, build_sr(rg1, positive), build_heatmap_sc(rg1, positive, grey_u8()))
+    _store(
+        orthanc,
+        rg1,
+        build_sr(rg1, positive),
+        build_heatmap_sc(rg1, positive, grey_u8()),
+        build_gsps(rg1, positive, None),
+    )
     negative_source = factory_source(index=61)
     _store(orthanc, negative_source, build_sr(negative_source, make_facts(probability=0.2113)))
     plain_source = factory_source(index=62)
@@ -128,6 +137,9 @@ def studies(orthanc: Orthanc) -> list[Study]:
                     "Attention map peak, not a detection",
                 ),
                 Series("heatmap-sc", "OT", "AI HEAT MAP - RESEARCH USE ONLY", ()),
+                # OHIF 3.13.2 lists a presentation state as a series it cannot display (its
+                # thumbnail has a warning sign) and leaves the viewport as it was when it is opened
+                Series("gsps", "PR", GSPS_SERIES_DESCRIPTION, ()),
             ),
         ),
         Study(
@@ -190,28 +202,35 @@ def test_every_result_object_opens_in_ohif(browser: Any, viewer: str, studies: l
     for study in studies:
         page.goto(f"{viewer}/viewer?StudyInstanceUIDs={study.uid}", wait_until="load")
         thumbnails = page.locator("[data-cy='study-browser-thumbnail']")
-        srs = page.locator("[data-cy='study-browser-thumbnail-no-image']")
+        listed = page.locator("[data-cy='study-browser-thumbnail-no-image']")  # SR, PR
         page.locator("[data-cy^='study-browser-thumbnail']").nth(len(study.series) - 1).wait_for(
             timeout=RENDER_TIMEOUT_MS
         )
         _dismiss_tour(page)
         images = iter(range(thumbnails.count()))
-        reports = iter(range(srs.count()))
+        others = iter(range(listed.count()))
+        shown: Series | None = None  # the image series in the viewport
         for series in study.series:
-            is_sr = series.modality == "SR"
-            target = srs.nth(next(reports)) if is_sr else thumbnails.nth(next(images))
+            no_image = series.modality in ("SR", "PR")
+            target = listed.nth(next(others)) if no_image else thumbnails.nth(next(images))
             if series.description:
                 assert series.description in target.inner_text()
             target.dblclick()
-            if is_sr:
+            if series.modality == "SR":
                 asked = wait_for_sr_labels(page, series.expected_text, RENDER_TIMEOUT_MS)
                 renders_asked[series.name] = asked
+            elif series.modality == "PR":
+                wait_for_listed(page, series.modality, series.description, RENDER_TIMEOUT_MS)
+                page.wait_for_timeout(2_000)  # nothing to wait for: OHIF does not display it
+                assert shown is not None
+                wait_for_image(page, shown.modality, shown.description, RENDER_TIMEOUT_MS)
             else:
                 wait_for_image(page, series.modality, series.description, RENDER_TIMEOUT_MS)
+                shown = series
             body = page.inner_text("body")
             assert ERROR_BOUNDARY not in body, (series.name, offline.page_errors, console_errors)
             assert offline.page_errors == [], (series.name, console_errors)
-            if series.name != "source":
+            if series.name not in ("source", "gsps"):  # the result objects OHIF displays
                 page.wait_for_timeout(500)  # the canvas composited, for the screenshot only
                 _screenshot(page, series.name)
             seen.append(series.name)
@@ -219,6 +238,7 @@ def test_every_result_object_opens_in_ohif(browser: Any, viewer: str, studies: l
     print("renders asked for per SR:", renders_asked)
     assert offline.blocked == []
     assert sorted(set(seen)) == [
+        "gsps",
         "heatmap-sc",
         "source",
         "sr-negative",
