@@ -2,10 +2,15 @@
 
 OHIF 3.13 (npm `@ohif/app`, installed by `scripts/install-ohif.sh`) against a real Orthanc's
 DICOMweb, through a same-origin proxy (`ohif_harness`), in headless Chromium (Debian's, driven by
-Playwright as in the /docs test). Four studies, each with the objects the service writes for it:
-an SR of a positive answer with the attention region, the heat-map SC and the GSPS, an SR of a
-negative answer, an SR of a positive answer without a class activation map, and a study of two
-frontal images with its study-level SR. Each study is opened, each series double-clicked into the
+Playwright as in the /docs test). Four studies, each with the objects the service writes for it,
+built here (`app.pacs.objects`, `app.pacs.gsps`) and stored into Orthanc: an SR of a positive
+answer with the attention region, the heat-map SC and the GSPS, an SR of a negative answer, an SR
+of a positive answer without a class activation map, and a study of two frontal images with its
+study-level SR. Then two studies whose results the running service itself made and delivered
+(`service_studies`: a uvicorn process on the tiny model with class activation maps and the
+heat-map setting, which reads RG1 as positive): one pushed to its DICOM listener by Orthanc's
+C-STORE, one sent with `POST /predict?deliver=true`, each opened once its SR, heat map and GSPS
+are in Orthanc. Each study is opened, each series double-clicked into the
 viewport; the test fails on any page error or OHIF error boundary ("Something went wrong", as
 every SR caused before OHIF/Viewers#3390 was worked around). An image must be rendered in the
 viewport; an SR must be loaded by OHIF with every measurement group placed on its image, and its
@@ -15,9 +20,10 @@ may have to ask for one render). The heat map's verdict is burned into its pixel
 states: the GSPS must be listed, and opening it must leave the image shown, with no error.
 
 Skips without OHIF or Chromium, saying which; `.ci/run` installs both and sets
-CXR_REQUIRE_OHIF=1 and CXR_REQUIRE_BROWSER=1, which make that a failure. One Orthanc, one
-browser, four studies: about a minute. With CXR_OHIF_SCREENSHOTS=<dir> it saves a screenshot of
-each result object there (docs/figures/ holds them).
+CXR_REQUIRE_OHIF=1 and CXR_REQUIRE_BROWSER=1, which make that a failure; without pydicom-data
+(RG1) it skips, saying so. One Orthanc, one browser, six studies: a minute or two. With
+CXR_OHIF_SCREENSHOTS=<dir> it saves a screenshot of each result object of the first four studies
+there (docs/figures/ holds them).
 """
 
 from __future__ import annotations
@@ -52,11 +58,21 @@ from tests.app.pacs.ohif_harness import (
     wait_for_sr_labels,
 )
 from tests.app.pacs.pacs_results import factory_source, grey_u8, make_facts, rg1_path
-from tests.app.pacs.pacs_servers import Orthanc
+from tests.app.pacs.pacs_servers import Orthanc, orthanc_server
+from tests.app.pacs.service_studies import (
+    ServiceResult,
+    push_by_c_store,
+    send_with_deliver,
+    start_heatmap_service,
+    wait_for_delivered,
+)
+from tests.app.pacs.test_pacs_service import Loop
 from tests.support.offline_browser import open_offline
 
 ERROR_BOUNDARY = "Something went wrong"
 RENDER_TIMEOUT_MS = 60_000  # OHIF starts slowly on a loaded 2-core machine (30 s ran out once)
+UID_ROOT = "1.2.826.0.1.3680043.10.1001."  # as the test factory's sources (pacs_results)
+ROUTES = ("c-store", "deliver")  # how the service got the image of each of its studies
 
 
 @dataclass(frozen=True)
@@ -73,14 +89,21 @@ class Series:
 class Study:
     uid: str
     series: tuple[Series, ...]
+    screenshots: bool = True  # with CXR_OHIF_SCREENSHOTS, of its SRs and heat map
 
 
-def _chest_source() -> Dataset:
+def _chest_source(index: int | None = None) -> Dataset:
     """RG1, the real CR chest PA of pydicom-data, with its Pixel Spacing of 0\\0 removed (OHIF
-    draws a CR with that test-data defect black)."""
+    draws a CR with that test-data defect black); with `index`, in a study of its own (its own
+    study, series and SOP Instance UIDs)."""
     ds = pydicom.dcmread(rg1_path())
     if "PixelSpacing" in ds:
         del ds.PixelSpacing
+    if index is not None:
+        ds.StudyInstanceUID = f"{UID_ROOT}1.{index}"
+        ds.SeriesInstanceUID = f"{UID_ROOT}2.{index}"
+        ds.SOPInstanceUID = f"{UID_ROOT}3.{index}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     return ds
 
 
@@ -166,6 +189,67 @@ def studies(orthanc: Orthanc) -> list[Study]:
 
 
 @pytest.fixture(scope="module")
+def wiring(tmp_path_factory: pytest.TempPathFactory) -> Loop:
+    """The service's ports and settings, which Orthanc needs to know before it starts."""
+    return Loop(tmp_path_factory.mktemp("service"))
+
+
+@pytest.fixture(scope="module")
+def orthanc(wiring: Loop) -> Iterator[Orthanc]:
+    """One Orthanc for the module, knowing the service as its DICOM modality `cxr`."""
+    with orthanc_server(wiring.workdir / "orthanc", extra=wiring.orthanc_extra) as server:
+        yield server
+
+
+def _service_study(route: str, source: Dataset, result: ServiceResult) -> Study:
+    """The series of a study the service read, as OHIF lists them (as in `studies`)."""
+    assert set(result.objects) == {"sr", "sc", "gsps"}, (
+        f"{route}: the CAM model reads RG1 as positive, which gets an SR, a heat map and a GSPS",
+        result,
+    )
+    probability = float(result.answer["probabilities"]["PNEUMONIA"])
+    verdict = "likely" if result.answer["label"] == "PNEUMONIA" else "unlikely"
+    return Study(
+        str(source.StudyInstanceUID),
+        (
+            Series(f"{route}-source", "CR", "", ()),
+            _sr_series(
+                f"{route}-sr",
+                f"Pneumonia {verdict}",
+                f"Probability: {probability:.2f}",
+                "Attention map peak, not a detection",
+            ),
+            Series(f"{route}-heatmap-sc", "OT", "AI HEAT MAP - RESEARCH USE ONLY", ()),
+            Series(f"{route}-gsps", "PR", GSPS_SERIES_DESCRIPTION, ()),
+        ),
+        screenshots=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def service_studies(wiring: Loop, orthanc: Orthanc) -> list[Study]:
+    """Two studies of RG1 whose results the running service made and delivered to Orthanc: one
+    pushed to its DICOM listener by Orthanc's C-STORE, one sent with `POST /predict?deliver=true`
+    (its image stored in Orthanc as the modality's would be)."""
+    pushed, sent = _chest_source(index=71), _chest_source(index=72)
+    server = start_heatmap_service(wiring, orthanc)
+    try:
+        push_by_c_store(orthanc, encode(pushed))
+        _store(orthanc, sent)
+        send_with_deliver(server, encode(sent))
+        results = [
+            wait_for_delivered(orthanc, server, str(source.SOPInstanceUID))
+            for source in (pushed, sent)
+        ]
+    finally:
+        server.kill()  # OHIF reads Orthanc only
+    return [
+        _service_study(route, source, result)
+        for route, source, result in zip(ROUTES, (pushed, sent), results, strict=True)
+    ]
+
+
+@pytest.fixture(scope="module")
 def viewer(orthanc: Orthanc) -> Iterator[str]:
     dist = installed_ohif()
     with ohif_viewer(dist, orthanc.http_port) as origin:
@@ -191,7 +275,21 @@ def _dismiss_tour(page: Any) -> None:
     skip.first.click()
 
 
-def test_every_result_object_opens_in_ohif(browser: Any, viewer: str, studies: list[Study]) -> None:
+def _thumbnail(thumbnails: Any, series: Series) -> Any:
+    """The series' thumbnail in the study browser, found by what it reads: the modality, the
+    Series Description (none for the source), "S:" and the series number, the instance count.
+    OHIF does not always list a study's series in the same order (a PR was seen before its SR)."""
+    texts = [thumbnails.nth(i).inner_text().splitlines() for i in range(thumbnails.count())]
+    described = [series.description] if series.description else []
+    for index, lines in enumerate(texts):
+        if lines[:1] == [series.modality] and lines[1:-2] == described:
+            return thumbnails.nth(index)
+    raise AssertionError(f"{series} not listed in the study browser: {texts}")
+
+
+def _open_in_ohif(browser: Any, viewer: str, studies: list[Study]) -> list[str]:
+    """Open each study and double-click each of its series into the viewport, checking each as
+    the module docstring says; the names of the series seen."""
     offline = open_offline(browser, viewer)
     page = offline.page
     page.set_viewport_size({"width": 1440, "height": 720})
@@ -201,21 +299,13 @@ def test_every_result_object_opens_in_ohif(browser: Any, viewer: str, studies: l
     renders_asked: dict[str, int] = {}
     for study in studies:
         page.goto(f"{viewer}/viewer?StudyInstanceUIDs={study.uid}", wait_until="load")
-        thumbnails = page.locator("[data-cy='study-browser-thumbnail']")
-        listed = page.locator("[data-cy='study-browser-thumbnail-no-image']")  # SR, PR
-        page.locator("[data-cy^='study-browser-thumbnail']").nth(len(study.series) - 1).wait_for(
-            timeout=RENDER_TIMEOUT_MS
-        )
+        # an image's thumbnail, or an SR's or PR's without one
+        thumbnails = page.locator("[data-cy^='study-browser-thumbnail']")
+        thumbnails.nth(len(study.series) - 1).wait_for(timeout=RENDER_TIMEOUT_MS)
         _dismiss_tour(page)
-        images = iter(range(thumbnails.count()))
-        others = iter(range(listed.count()))
         shown: Series | None = None  # the image series in the viewport
         for series in study.series:
-            no_image = series.modality in ("SR", "PR")
-            target = listed.nth(next(others)) if no_image else thumbnails.nth(next(images))
-            if series.description:
-                assert series.description in target.inner_text()
-            target.dblclick()
+            _thumbnail(thumbnails, series).dblclick()
             if series.modality == "SR":
                 asked = wait_for_sr_labels(page, series.expected_text, RENDER_TIMEOUT_MS)
                 renders_asked[series.name] = asked
@@ -230,13 +320,18 @@ def test_every_result_object_opens_in_ohif(browser: Any, viewer: str, studies: l
             body = page.inner_text("body")
             assert ERROR_BOUNDARY not in body, (series.name, offline.page_errors, console_errors)
             assert offline.page_errors == [], (series.name, console_errors)
-            if series.name not in ("source", "gsps"):  # the result objects OHIF displays
+            if study.screenshots and series.modality in ("SR", "OT"):  # those OHIF displays
                 page.wait_for_timeout(500)  # the canvas composited, for the screenshot only
                 _screenshot(page, series.name)
             seen.append(series.name)
     # how often OHIF left the labels undrawn until a render was asked for (ohif_harness.py)
     print("renders asked for per SR:", renders_asked)
     assert offline.blocked == []
+    return seen
+
+
+def test_every_result_object_opens_in_ohif(browser: Any, viewer: str, studies: list[Study]) -> None:
+    seen = _open_in_ohif(browser, viewer, studies)
     assert sorted(set(seen)) == [
         "gsps",
         "heatmap-sc",
@@ -246,3 +341,11 @@ def test_every_result_object_opens_in_ohif(browser: Any, viewer: str, studies: l
         "sr-positive-region",
         "sr-study",
     ]
+
+
+def test_the_results_the_service_delivered_open_in_ohif(
+    browser: Any, viewer: str, service_studies: list[Study]
+) -> None:
+    seen = _open_in_ohif(browser, viewer, service_studies)
+    for route in ROUTES:
+        assert {f"{route}-{kind}" for kind in ("source", "sr", "heatmap-sc", "gsps")} <= set(seen)
