@@ -18,14 +18,15 @@ it is, the answer (verdict, probability and threshold), the model and the resear
 disclaimer.
 
 Made only where the SR carries a region (`wants_gsps`: a positive answer with the positive class's
-map). Like the other objects, it is a function of the source and the reading, never of the clock:
-every date and time is the source's (`ObjectTime`), and its UIDs come from `app.pacs.uids` (kind
+map); for a study's result, one per image whose region the study SR carries (`build_study_gsps`).
+Like the other objects, it is a function of the source and the reading, never of the clock: every
+date and time is the source's (`ObjectTime`), and its UIDs come from `app.pacs.uids` (kind
 "gsps"), so the same reading renders the same bytes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import highdicom as hd
@@ -41,6 +42,7 @@ from app.pacs.objects import (
     REGION_MEANING,
     ObjectTime,
     ResultFacts,
+    StudyImage,
     _builder_view,
     _contributing_equipment,
     _evidence_view,
@@ -53,7 +55,12 @@ from app.pacs.objects import (
     summary_text,
 )
 from app.pacs.outbox import ResultObject
-from app.pacs.uids import result_instance_uid, result_series_uid
+from app.pacs.uids import (
+    result_instance_uid,
+    result_series_uid,
+    study_image_result_instance_uid,
+    study_result_series_uid,
+)
 
 GRAYSCALE_SOFTCOPY_PRESENTATION_STATE = "1.2.840.10008.5.1.4.1.1.11.1"
 GSPS_SERIES_NUMBER = 903
@@ -269,12 +276,34 @@ def build_gsps(
     """The GSPS of a positive answer's attention region over `source` (module docstring).
 
     `window` is the VOI the model input was rendered with (`applied_window` of the answer)."""
+    source_uid = str(source.SOPInstanceUID)
+    model, profile, pixels = facts.model_sha256, facts.site_profile_sha256, facts.pixel_digest
+    return _build(
+        source,
+        facts,
+        window,
+        series_uid=result_series_uid(source_uid, model, "gsps", profile, pixels),
+        instance_uid=result_instance_uid(source_uid, model, "gsps", profile, pixels),
+        series_number=series_number,
+        instance_number=1,
+    )
+
+
+def _build(
+    source: Dataset,
+    facts: ResultFacts,
+    window: AppliedWindow | None,
+    *,
+    series_uid: str,
+    instance_uid: str,
+    series_number: int,
+    instance_number: int,
+) -> Dataset:
     if not wants_gsps(facts):
         raise ValueError("a GSPS is made only for a positive answer with an attention region")
     # the intakes read single-frame images only: the annotation is on the image's one frame
     if int(source.get("NumberOfFrames", 1) or 1) != 1:
         raise ValueError("a GSPS is made for a single-frame source only")
-    source_uid = str(source.SOPInstanceUID)
     rows, columns = int(source.Rows), int(source.Columns)
     outline = region_outline(source, facts)
     evidence = _evidence_view(source)
@@ -311,14 +340,10 @@ def build_gsps(
     voi = _voi(source, window)
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[view],
-        series_instance_uid=result_series_uid(
-            source_uid, facts.model_sha256, "gsps", facts.site_profile_sha256, facts.pixel_digest
-        ),
+        series_instance_uid=series_uid,
         series_number=series_number,
-        sop_instance_uid=result_instance_uid(
-            source_uid, facts.model_sha256, "gsps", facts.site_profile_sha256, facts.pixel_digest
-        ),
-        instance_number=1,
+        sop_instance_uid=instance_uid,
+        instance_number=instance_number,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=facts.model_name[:64],
         software_versions=facts.model_version[:64],
@@ -357,14 +382,41 @@ def build_gsps(
     return _explicit_le(gsps)
 
 
-def render_gsps(
-    source: Dataset, facts: ResultFacts, window: AppliedWindow | None
-) -> list[ResultObject]:
-    """The encoded GSPS of an answer, ready for `Outbox.enqueue`, or none when the answer has no
-    attention region (`wants_gsps`)."""
-    if not wants_gsps(facts):
-        return []
-    ds = build_gsps(source, facts, window)
+def build_study_gsps(
+    images: Sequence[StudyImage],
+    windows: Mapping[str, AppliedWindow | None],
+    images_digest: str,
+) -> list[Dataset]:
+    """The GSPS of each image whose attention region the study SR carries (`build_study_sr`), in
+    one series per study and reading. Image N (in SOP Instance UID order, the study SR's "image
+    N") gets instance number N, and UIDs from the study, the reading, the image set and the image
+    (`app.pacs.uids.study_image_result_instance_uid`): another image set, another instance, as
+    for the study SR. `windows` maps an image's SOP Instance UID to its model input's VOI."""
+    ordered = sorted(images, key=lambda i: i.sop_instance_uid)
+    made: list[Dataset] = []
+    for number, image in enumerate(ordered, start=1):
+        facts = image.facts
+        if not wants_gsps(facts):
+            continue
+        study_uid = str(image.source.StudyInstanceUID)
+        model, profile = facts.model_sha256, facts.site_profile_sha256
+        made.append(
+            _build(
+                image.source,
+                facts,
+                windows.get(image.sop_instance_uid),
+                series_uid=study_result_series_uid(study_uid, model, "gsps", profile),
+                instance_uid=study_image_result_instance_uid(
+                    study_uid, model, "gsps", profile, images_digest, image.sop_instance_uid
+                ),
+                series_number=GSPS_SERIES_NUMBER,
+                instance_number=number,
+            )
+        )
+    return made
+
+
+def _encoded(datasets: Sequence[Dataset]) -> list[ResultObject]:
     return [
         ResultObject(
             kind="gsps",
@@ -372,4 +424,24 @@ def render_gsps(
             sop_instance_uid=str(ds.SOPInstanceUID),
             payload=encode(ds),
         )
+        for ds in datasets
     ]
+
+
+def render_gsps(
+    source: Dataset, facts: ResultFacts, window: AppliedWindow | None
+) -> list[ResultObject]:
+    """The encoded GSPS of an answer, ready for `Outbox.enqueue`, or none when the answer has no
+    attention region (`wants_gsps`)."""
+    return _encoded([build_gsps(source, facts, window)] if wants_gsps(facts) else [])
+
+
+def render_study_gsps(
+    images: Sequence[StudyImage],
+    answers: Mapping[str, Mapping[str, Any]],
+    images_digest: str,
+) -> list[ResultObject]:
+    """The encoded GSPS of a study's result (`build_study_gsps`); `answers` maps an image's SOP
+    Instance UID to its JSON answer (whose `dicom.window` is its model input's VOI)."""
+    windows = {uid: applied_window(answer) for uid, answer in answers.items()}
+    return _encoded(build_study_gsps(images, windows, images_digest))

@@ -46,7 +46,7 @@ from app.errors import Overloaded, ServiceError
 from app.imaging.dicom import DicomPolicy, intended_use_refusal, open_dicom
 from app.pacs.delivery import DeliveryWorker, Destination, DimseDestination, StowRsDestination
 from app.pacs.fhir import FhirDestination, FhirProfile, render_bundle
-from app.pacs.gsps import applied_window, render_gsps
+from app.pacs.gsps import applied_window, render_gsps, render_study_gsps
 from app.pacs.hl7 import Hl7Profile, MllpDestination, render_oru
 from app.pacs.objects import (
     ResultFacts,
@@ -550,6 +550,11 @@ class ResultsPipeline:
         reading_sha = (self.metadata.sha256, decider.facts.site_profile_sha256)
         key = study_result_key(study_uid, *reading_sha, digest)
         objects = render_study_objects(images, set_aside, digest)
+        answers = {
+            image.sop_instance_uid: ledger.images[image.sop_instance_uid].answer or {}
+            for image in images
+        }
+        objects += _presentation_states(lambda: render_study_gsps(images, answers, digest))
         decider_answer = ledger.images[decider.sop_instance_uid].answer or {}
         result_json = study_answer(study_uid, images, set_aside, decider_answer)
         warnings = [str(w) for w in result_json["warnings"]]
@@ -617,7 +622,7 @@ class ResultsPipeline:
             source, facts, image, input_size=(spec.width, spec.height), heatmap_answers=answers
         )
         # the attention region as a presentation state over the source, beside the SR's outline
-        objects += render_gsps(source, facts, applied_window(answer))
+        objects += _presentation_states(lambda: render_gsps(source, facts, applied_window(answer)))
         key = result_key(sop_uid, self.metadata.sha256, facts.site_profile_sha256, digest)
         warnings = [str(w) for w in answer.get("warnings") or []]
         messages = render_messages(
@@ -678,6 +683,20 @@ def heatmap_picture(
     with opened.render(policy).image as rendered:
         grey = np.asarray(rendered.convert("L"))
     return heatmap_base(grey)
+
+
+def _presentation_states(render: Callable[[], list[ResultObject]]) -> list[ResultObject]:
+    """The GSPS objects of a result, or none when they cannot be built (a header they cannot
+    describe): the SR, and the SC, are recorded and delivered all the same. Logged with the
+    error's type only."""
+    try:
+        return render()
+    except Exception as exc:
+        logger.warning(
+            "presentation state could not be built; the result goes without it",
+            extra={"fields": {"error": type(exc).__name__}},
+        )
+        return []
 
 
 def _header_and_digest(data: bytes) -> tuple[Dataset, str]:

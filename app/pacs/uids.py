@@ -155,6 +155,31 @@ def study_result_instance_uid(
     return _uid_from("study-instance", study_instance_uid, *reading, "images", images_digest, kind)
 
 
+def study_image_result_instance_uid(
+    study_instance_uid: str,
+    model_sha256: str,
+    kind: ObjectKind,
+    site_profile_sha256: str | None,
+    images_digest: str,
+    image_sop_instance_uid: str,
+) -> str:
+    """SOP Instance UID of a study's `kind` result about one of its images (the GSPS of an
+    image's attention region), made from one image set."""
+    _check(study_instance_uid, model_sha256, site_profile_sha256, images_digest)
+    _check(image_sop_instance_uid, model_sha256)
+    reading = _reading(model_sha256, site_profile_sha256)
+    return _uid_from(
+        "study-instance",
+        study_instance_uid,
+        *reading,
+        "images",
+        images_digest,
+        "image",
+        image_sop_instance_uid,
+        kind,
+    )
+
+
 def study_result_series_uid(
     study_instance_uid: str, model_sha256: str, kind: ObjectKind, site_profile_sha256: str | None
 ) -> str:

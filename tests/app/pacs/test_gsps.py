@@ -31,12 +31,22 @@ from app.pacs.gsps import (
     REGION_LABEL,
     applied_window,
     build_gsps,
+    region_outline,
     render_gsps,
+    render_study_gsps,
     wants_gsps,
 )
-from app.pacs.objects import ObjectTime, build_sr, encode, render_objects
+from app.pacs.objects import (
+    ObjectTime,
+    StudyImage,
+    build_sr,
+    build_study_sr,
+    encode,
+    render_objects,
+)
 from app.pacs.outbox import ResultObject
-from app.pacs.uids import result_instance_uid, result_series_uid
+from app.pacs.pipeline import _presentation_states
+from app.pacs.uids import result_instance_uid, result_series_uid, study_result_series_uid
 from app.testing.dicom_files import CR_STORAGE, make_dataset, ramp
 from tests.app.pacs.pacs_results import (
     DISCLAIMER,
@@ -492,3 +502,142 @@ def test_c_store_stores_the_gsps_beside_the_sr_and_sc(
     outcomes = destination.send(as_deliveries(objects, destination.name))
     assert [(o.verdict, o.summary) for o in outcomes] == [("stored", "dimse status 0x0000")] * 3
     _check_gsps_in_orthanc(orthanc, source, objects[2])
+
+
+STUDY_WINDOW = {"dicom": {"window": {"source": "full_range", "center": 2047.5, "width": 4095.0}}}
+
+
+def _study(study_uid: str) -> list[StudyImage]:
+    """Three frontal images of one study: positive with the map's peak at row 1, column 2;
+    negative; positive with its peak at row 0, column 0."""
+    facts = (make_facts(), make_facts(probability=0.2), make_facts(cam_grid=_hot_cell(0, 0, 4)))
+    images = []
+    for index, image_facts in zip((81, 82, 83), facts, strict=True):
+        source = factory_source(index=index)
+        source.StudyInstanceUID = study_uid
+        images.append(StudyImage(source, image_facts))
+    return images
+
+
+def test_a_study_result_gets_a_gsps_for_each_region_its_sr_carries(tmp_path: Path) -> None:
+    study_uid = "1.2.826.0.1.3680043.10.1001.1.80"
+    images = _study(study_uid)
+    answers = {image.sop_instance_uid: STUDY_WINDOW for image in images}
+    digest = "a" * 64
+    made = render_study_gsps(list(reversed(images)), answers, digest)
+    assert [o.kind for o in made] == ["gsps", "gsps"]
+    read = [pydicom.dcmread(io.BytesIO(o.payload)) for o in made]
+    # image N of the study SR (SOP Instance UID order) is instance N; the negative one has none
+    assert [int(ds.InstanceNumber) for ds in read] == [1, 3]
+    referenced = [
+        ds.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID
+        for ds in read
+    ]
+    assert referenced == [images[0].sop_instance_uid, images[2].sop_instance_uid]
+    # one series per study and reading, in the study
+    series = study_result_series_uid(study_uid, MODEL_SHA256, "gsps", None)
+    assert {ds.SeriesInstanceUID for ds in read} == {series}
+    assert {ds.StudyInstanceUID for ds in read} == {study_uid}
+    # each outline at its own image's peak, as in the study SR
+    for ds, image in zip(read, (images[0], images[2]), strict=True):
+        assert np.allclose(_outline(ds), region_outline(image.source, image.facts))
+    study_sr = build_study_sr(images, [], digest)
+    groups = hd.sr.Comprehensive3DSR.from_dataset(study_sr).content
+    assert len(groups.get_image_measurement_groups()) == 3 + len(made)
+    # the same set renders the same bytes; another set other instances in the same series
+    assert [o.payload for o in render_study_gsps(images, answers, digest)] == [
+        o.payload for o in made
+    ]
+    again = [
+        pydicom.dcmread(io.BytesIO(o.payload)) for o in render_study_gsps(images, answers, "b" * 64)
+    ]
+    assert {ds.SeriesInstanceUID for ds in again} == {series}
+    assert not {ds.SOPInstanceUID for ds in again} & {ds.SOPInstanceUID for ds in read}
+    path = tmp_path / "study-gsps.dcm"
+    path.write_bytes(made[1].payload)
+    _assert_valid(path)
+
+
+def test_a_gsps_that_cannot_be_built_leaves_the_result_without_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The SR and SC are recorded all the same; the log names the error's type, no value."""
+
+    def fails() -> list[ResultObject]:
+        raise ValueError("1.2.826.0.1.3680043.10.1001.3.99 header value")
+
+    caplog.set_level("WARNING")
+    assert _presentation_states(fails) == []
+    (record,) = [r for r in caplog.records if "presentation state" in r.getMessage()]
+    assert record.fields == {"error": "ValueError"}  # type: ignore[attr-defined]
+    assert "1.2.826" not in record.getMessage()
+    (made,) = _presentation_states(
+        lambda: render_gsps(factory_source(index=84), make_facts(), None)
+    )
+    assert made.kind == "gsps"
+
+
+def test_the_intake_reading_studies_records_the_gsps_with_the_study_sr(tmp_path: Path) -> None:
+    """Through the service: the CAM model with the heat-map setting, one verdict per study, two
+    frontal images pushed over STOW-RS; the study's result holds one GSPS per positive image
+    (whose region the study SR carries), on that image, with its model input's VOI."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.testing import dicom_files as factory
+    from tests.app.pacs.intake_tools import instance
+    from tests.support.testkit import build_cam_onnx, cam_metadata_for, make_settings
+
+    onnx_bytes, dense, bias = build_cam_onnx()
+    meta = cam_metadata_for(onnx_bytes, dense, bias)
+    (tmp_path / meta["onnx_file"]).write_bytes(onnx_bytes)
+    (tmp_path / "cam.json").write_text(json.dumps(meta))
+    settings = make_settings(
+        tmp_path / "cam.json",
+        state_dir=tmp_path / "state",
+        study_stable_seconds=0.2,
+        results_heatmap=True,
+    )
+    study_uid = "1.2.826.0.1.3680043.10.1001.1.90"
+    images = {
+        f"1.2.826.0.1.3680043.10.1001.3.9{seed}": instance(
+            sop_instance_uid=f"1.2.826.0.1.3680043.10.1001.3.9{seed}",
+            study_uid=study_uid,
+            stored=np.roll(factory.ramp(256, 256), 40 * seed, axis=1),
+        )
+        for seed in (1, 2)
+    }
+    parts = b"".join(
+        b"--b\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n"
+        for data in images.values()
+    )
+    headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'}
+    with TestClient(create_app(settings)) as client:
+        stowed = client.post("/dicomweb/studies", content=parts + b"--b--\r\n", headers=headers)
+        assert stowed.status_code == 200, stowed.text
+        deadline = time.monotonic() + 60.0
+        first = next(iter(images))
+        while client.get(f"/results/{first}").status_code != 200:
+            assert time.monotonic() < deadline, "the study's result was not recorded"
+            time.sleep(0.2)
+        body = client.get(f"/results/{first}").json()
+        read = body["answer"]["study"]["images_read"]
+        assert sorted(i["sop_instance_uid"] for i in read) == sorted(images)
+        positive = sorted(i["sop_instance_uid"] for i in read if i["label"] == "PNEUMONIA")
+        assert positive, "the CAM model read no image as positive: nothing to outline"
+        kinds = [o["kind"] for o in body["result"]["objects"]]
+        assert sorted(kinds) == sorted(["sr"] + ["gsps"] * len(positive))
+        pipeline = client.app.state.pipeline  # type: ignore[attr-defined]
+        objects = pipeline.outbox.objects(pipeline.result(first).result_key)
+        states = [pydicom.dcmread(io.BytesIO(o.payload)) for o in objects if o.kind == "gsps"]
+    references = sorted(
+        str(ds.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID)
+        for ds in states
+    )
+    assert references == positive
+    for ds in states:
+        (voi,) = ds.SoftcopyVOILUTSequence
+        assert voi.VOILUTFunction == "LINEAR_EXACT"  # the full range of the factory's values
+        assert ds.StudyInstanceUID == study_uid
