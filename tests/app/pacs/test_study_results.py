@@ -493,6 +493,8 @@ def test_a_study_result_the_outbox_could_not_store_is_stored_on_a_later_try(
         assert stored
         answer = client.get(f"/results/{uid}").json()["answer"]
         assert [i["sop_instance_uid"] for i in answer["study"]["images_read"]] == [uid]
+        # counted just after the result is stored (and so visible): waited for, not raced
+        wait_for(lambda: pipeline.stats["study:recorded"] == 1, 20.0, "the study counted")
         assert pipeline.stats["study:recorded"] == 1
 
 
