@@ -46,9 +46,9 @@ from training.metrics import (
     fit_temperature,
     format_summary,
     negative_log_likelihood,
+    positive_probabilities,
     roc_auc,
     select_threshold,
-    softmax,
 )
 from training.models import ARCHITECTURES, DEFAULT_ARCHITECTURE, WIDTH_ARCHITECTURES
 from training.preprocessing import DEFAULT_PREPROCESSING, scale
@@ -406,7 +406,7 @@ def validation_callback(val: Slice, batch_size: int) -> Any:
     class ValidationMetrics(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             logits = val.logits(self.model, batch_size * 2)
-            probs = softmax(logits)[:, 1]
+            probs = positive_probabilities(logits)
             logs = logs if logs is not None else {}
             logs["val_loss"] = negative_log_likelihood(logits, val.labels, 1.0)
             logs["val_auc"] = roc_auc(val.labels, probs)
@@ -590,15 +590,15 @@ class OperatingPoint:
     val_calibrated: np.ndarray
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        return softmax(logits, self.temperature)[:, 1]
+        return positive_probabilities(logits, self.temperature)
 
 
 def choose_operating_point(model: Any, val: Slice, target_sensitivity: float) -> OperatingPoint:
     """Calibration and operating point: validation only."""
     logits = val.logits(model)
     temperature = fit_temperature(logits, val.labels)
-    raw = softmax(logits)[:, 1]
-    calibrated = softmax(logits, temperature)[:, 1]
+    raw = positive_probabilities(logits)
+    calibrated = positive_probabilities(logits, temperature)
     threshold = select_threshold(val.labels, calibrated, target_sensitivity)
     calibration = {
         "method": "temperature",
