@@ -19,6 +19,10 @@ import numpy as np
 from app.evaluation import kermany_patient, linked_groups
 
 CLASSES = ("NORMAL", "PNEUMONIA")
+# The class a screening answer is positive for (the metadata's decision.positive_class), and its
+# column in labels, logits and probabilities.
+POSITIVE_CLASS = "PNEUMONIA"
+POSITIVE = CLASSES.index(POSITIVE_CLASS)
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
 
 

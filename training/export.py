@@ -23,7 +23,7 @@ import numpy as np
 
 from app.contract import SCHEMA_VERSION, ModelMetadata, Preprocessing, dump_metadata
 from training.cam import attach_cam_output
-from training.data import CLASSES, file_sha256, read_split
+from training.data import CLASSES, POSITIVE_CLASS, file_sha256, read_split
 from training.dataset import load_images
 from training.intended_use import PAEDIATRIC_CHEST_XRAY
 from training.monitoring import reference_block
@@ -154,7 +154,7 @@ def build_metadata(
             *([cam[0]] if cam else []),
         ],
         "preprocessing": spec.model_dump(),
-        "decision": {**summary["decision"], "positive_class": "PNEUMONIA"},
+        "decision": {**summary["decision"], "positive_class": POSITIVE_CLASS},
         "calibration": summary["calibration"],
         "intended_use": PAEDIATRIC_CHEST_XRAY.model_dump(),
         **({"cam": cam[1]} if cam else {}),

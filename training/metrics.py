@@ -15,6 +15,7 @@ from app.evaluation import confusion as confusion
 from app.evaluation import expected_calibration_error as expected_calibration_error
 from app.evaluation import roc_auc as roc_auc
 from app.evaluation import roc_curve as roc_curve
+from training.data import POSITIVE
 
 POINT_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
@@ -24,6 +25,17 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def positive_probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """The positive class's probability per row of two-class logits, at `temperature`."""
+    return softmax(logits, temperature)[:, POSITIVE]
+
+
+def positive_log_odds(logits: np.ndarray) -> np.ndarray:
+    """The positive class's logit minus the other's, per row: the log-odds of the positive class
+    under the two-class softmax."""
+    return logits[:, POSITIVE] - logits[:, 1 - POSITIVE]
 
 
 def _ratio(a: float, b: float) -> float:

@@ -39,6 +39,7 @@ from training.metrics import (
     fit_logistic,
     format_summary,
     point_metrics,
+    positive_log_odds,
     select_threshold,
 )
 
@@ -166,14 +167,14 @@ def fit_operating_point(
     """The protocol's recipe: temperature and positive-class bias by maximum likelihood on clean
     T0 and every T1 rendering pooled; then the highest threshold with sensitivity >= 0.95 on
     clean T0."""
-    z_clean = clean_logits[:, 1] - clean_logits[:, 0]
-    z_all = np.concatenate([z_clean, *[v[:, 1] - v[:, 0] for v in shifted_logits.values()]])
+    z_clean = positive_log_odds(clean_logits)
+    z_all = np.concatenate([z_clean, *[positive_log_odds(v) for v in shifted_logits.values()]])
     y_all = np.tile(labels, 1 + len(shifted_logits)).astype(np.float64)
     slope, bias = fit_logistic(z_all, y_all)
     temperature = 1.0 / slope
 
     def calibrated(logits: np.ndarray) -> np.ndarray:
-        z = (logits[:, 1] - logits[:, 0]) / temperature + bias
+        z = positive_log_odds(logits) / temperature + bias
         return 1.0 / (1.0 + np.exp(-z))
 
     clean = calibrated(clean_logits)
@@ -249,7 +250,7 @@ def validation_plots(run: Path) -> None:
     saved = np.load(run / "shift_logits.npz")
     labels, logits = saved["labels"], saved["clean"]
     cal = summary["calibration"]
-    z = logits[:, 1] - logits[:, 0]
+    z = positive_log_odds(logits)
     raw = 1.0 / (1.0 + np.exp(-z))
     clean = 1.0 / (1.0 + np.exp(-(z / cal["temperature"] + cal["logit_bias"][1])))
     threshold = summary["decision"]["threshold"]

@@ -8,8 +8,10 @@ threshold, and plots. With `--holdout-fraction`, a second slice of train is held
 scored with the validation-fitted temperature and threshold: an out-of-sample check of both. The
 test split is never read here.
 
-`main` runs the steps in order: `prepare_data`, `build_and_fit`, `choose_operating_point`,
-`score_holdout`, `write_summary`, `write_plots`.
+`main` builds the run's options once from the command line (`options_from_args`: `DataOptions`,
+`FitOptions`, the `Augmentation`), then runs the steps in order, each given only the options it
+reads: `prepare_data`, `build_and_fit`, `choose_operating_point`, `score_holdout`,
+`write_summary`, `write_plots`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -44,9 +46,9 @@ from training.metrics import (
     fit_temperature,
     format_summary,
     negative_log_likelihood,
+    positive_probabilities,
     roc_auc,
     select_threshold,
-    softmax,
 )
 from training.models import ARCHITECTURES, DEFAULT_ARCHITECTURE, WIDTH_ARCHITECTURES
 from training.preprocessing import DEFAULT_PREPROCESSING, scale
@@ -176,20 +178,142 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def init_seed(args: argparse.Namespace) -> int:
-    return int(args.seed if args.init_seed is None else args.init_seed)
+@dataclass(frozen=True)
+class DataOptions:
+    """Where the training images come from, how they are split and how they are prepared."""
+
+    data_dir: Path | None  # a Kaggle-style directory, or
+    rsna_labels: Path | None  # RSNA labels CSV
+    rsna_images: Path | None  # and its DICOM directory
+    val_fraction: float
+    holdout_fraction: float  # 0: no hold-out slice
+    split_seed: int  # also the bootstrap intervals' and the sample grid's seed
+    limit: int  # 0: every training record
+    cache_dir: Path | None
+    equalization: Literal["none", "histogram"]
+
+    @property
+    def source(self) -> str:
+        return str(self.data_dir or self.rsna_labels)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return DEFAULT_PREPROCESSING.model_copy(update={"equalization": self.equalization})
 
 
-def load_training_records(args: argparse.Namespace) -> list[Record]:
-    if args.data_dir:
-        records = load_kaggle_directory(args.data_dir, "train")
+@dataclass(frozen=True)
+class FitOptions:
+    """The network and how it is trained."""
+
+    arch: str
+    weights_file: Path | None  # local ImageNet weights (mobilenet_v2)
+    width: int  # filters of the first stage, for WIDTH_ARCHITECTURES
+    epochs: int
+    fine_tune_epochs: int  # mobilenet_v2: epochs with the top of the base unfrozen
+    batch_size: int
+    lr: float
+    schedule: Literal["plateau", "cosine"]
+    label_smoothing: float
+    max_minutes: float  # 0: no wall-clock budget
+    patience: int
+    ema: float  # momentum of the weight average; 0: off
+    monitor: Literal["auc", "loss"]
+    init_seed: int  # initialisation, shuffling and augmentation
+
+    @property
+    def monitored(self) -> tuple[str, str]:
+        """The epoch-log key the callbacks watch, and whether higher or lower is better."""
+        return ("val_auc", "max") if self.monitor == "auc" else ("val_loss", "min")
+
+    @property
+    def uses_width(self) -> bool:
+        return self.arch in WIDTH_ARCHITECTURES
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """One run's options, built once from the command line by `options_from_args`."""
+
+    out: Path  # the run directory
+    data: DataOptions
+    fit: FitOptions
+    augmentation: Augmentation | None  # None: --no-augment
+    balance_classes: bool
+    target_sensitivity: float
+    init_seed_given: bool  # --init-seed was given: the summary records it
+
+
+def options_from_args(args: argparse.Namespace) -> TrainingOptions:
+    """The parsed command line as the options each step takes; the only reader of `args`."""
+    data = DataOptions(
+        data_dir=args.data_dir,
+        rsna_labels=args.rsna_labels,
+        rsna_images=args.rsna_images,
+        val_fraction=args.val_fraction,
+        holdout_fraction=args.holdout_fraction,
+        split_seed=args.seed,
+        limit=args.limit,
+        cache_dir=args.cache_dir,
+        equalization=args.equalize,
+    )
+    fit = FitOptions(
+        arch=args.arch,
+        weights_file=args.weights,
+        width=args.width,
+        epochs=args.epochs,
+        fine_tune_epochs=args.fine_tune_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        schedule=args.schedule,
+        label_smoothing=args.label_smoothing,
+        max_minutes=args.max_minutes,
+        patience=args.patience,
+        ema=args.ema,
+        monitor=args.monitor,
+        init_seed=int(args.seed if args.init_seed is None else args.init_seed),
+    )
+    augmentation = None
+    if not args.no_augment:
+        augmentation = Augmentation(
+            rotation_deg=args.rotation,
+            shear=args.shear,
+            shift=args.shift,
+            zoom=args.zoom,
+            horizontal_flip=args.horizontal_flip,
+            brightness=args.brightness,
+            contrast=args.contrast,
+            gamma=args.gamma,
+            blur_sigma=args.blur_sigma,
+            noise=args.noise,
+            crop=args.crop,
+            resize_min=args.resize_min,
+            jpeg_quality=args.jpeg_quality,
+        )
+    return TrainingOptions(
+        out=args.out,
+        data=data,
+        fit=fit,
+        augmentation=augmentation,
+        balance_classes=not args.no_class_weights,
+        target_sensitivity=args.target_sensitivity,
+        init_seed_given=args.init_seed is not None,
+    )
+
+
+def load_training_records(options: DataOptions) -> list[Record]:
+    if options.data_dir:
+        records = load_kaggle_directory(options.data_dir, "train")
     else:
-        records = load_rsna(args.rsna_labels, args.rsna_images)
-    if args.limit:
-        rng = np.random.default_rng(args.seed)
+        if options.rsna_labels is None or options.rsna_images is None:
+            raise ValueError("training data needs a data directory or RSNA labels and images")
+        records = load_rsna(options.rsna_labels, options.rsna_images)
+    if options.limit:
+        rng = np.random.default_rng(options.split_seed)
         records = [
             records[i]
-            for i in sorted(rng.choice(len(records), min(args.limit, len(records)), replace=False))
+            for i in sorted(
+                rng.choice(len(records), min(options.limit, len(records)), replace=False)
+            )
         ]
     return records
 
@@ -228,35 +352,35 @@ class PreparedData:
     split_sha256: str
 
 
-def prepare_data(args: argparse.Namespace, out: Path) -> PreparedData:
+def prepare_data(options: DataOptions, out: Path) -> PreparedData:
     """Records -> patient-level split (written to `out/split.csv`) -> decoded images.
 
-    The validation split depends only on the records, `--val-fraction` and `--seed`, so adding a
-    hold-out slice leaves validation exactly as it was; the hold-out slice is carved from what
-    remains, with its own seed.
+    The validation split depends only on the records, the validation fraction and the split seed,
+    so adding a hold-out slice leaves validation exactly as it was; the hold-out slice is carved
+    from what remains, with its own seed.
     """
-    records = load_training_records(args)
-    train_recs, val_recs = split_by_patient(records, args.val_fraction, args.seed)
+    records = load_training_records(options)
+    seed = options.split_seed
+    train_recs, val_recs = split_by_patient(records, options.val_fraction, seed)
     splits = {"train": train_recs, "val": val_recs}
-    if args.holdout_fraction:
-        train_recs, holdout_recs = split_by_patient(
-            train_recs, args.holdout_fraction, args.seed + 1
-        )
+    if options.holdout_fraction:
+        train_recs, holdout_recs = split_by_patient(train_recs, options.holdout_fraction, seed + 1)
         splits = {"train": train_recs, "val": val_recs, "holdout": holdout_recs}
     split_sha = write_split(out / "split.csv", splits)
     print(
         f"[data] {len(records)} images -> "
         + ", ".join(f"{name} {len(rs)} {class_counts(rs)}" for name, rs in splits.items())
-        + f" (by patient, seed {args.seed})",
+        + f" (by patient, seed {seed})",
         flush=True,
     )
     holdout = splits.get("holdout")
-    spec = DEFAULT_PREPROCESSING.model_copy(update={"equalization": args.equalize})
+    spec = options.preprocessing
+    cache_dir = options.cache_dir
     return PreparedData(
         all_records=records,
-        train=Slice.load(train_recs, args.cache_dir, spec),
-        val=Slice.load(val_recs, args.cache_dir, spec),
-        holdout=Slice.load(holdout, args.cache_dir, spec) if holdout else None,
+        train=Slice.load(train_recs, cache_dir, spec),
+        val=Slice.load(val_recs, cache_dir, spec),
+        holdout=Slice.load(holdout, cache_dir, spec) if holdout else None,
         split_sha256=split_sha,
     )
 
@@ -265,26 +389,6 @@ def class_weights(labels: np.ndarray, balanced: bool) -> np.ndarray:
     """Inverse-frequency weights (mean 1 over the training images), or all ones."""
     counts = np.bincount(labels, minlength=len(CLASSES))
     return len(labels) / (len(CLASSES) * counts) if balanced else np.ones(len(CLASSES))
-
-
-def augmentation_from_args(args: argparse.Namespace) -> Augmentation | None:
-    if args.no_augment:
-        return None
-    return Augmentation(
-        rotation_deg=args.rotation,
-        shear=args.shear,
-        shift=args.shift,
-        zoom=args.zoom,
-        horizontal_flip=args.horizontal_flip,
-        brightness=args.brightness,
-        contrast=args.contrast,
-        gamma=args.gamma,
-        blur_sigma=args.blur_sigma,
-        noise=args.noise,
-        crop=args.crop,
-        resize_min=args.resize_min,
-        jpeg_quality=args.jpeg_quality,
-    )
 
 
 def keras_logits(
@@ -302,7 +406,7 @@ def validation_callback(val: Slice, batch_size: int) -> Any:
     class ValidationMetrics(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             logits = val.logits(self.model, batch_size * 2)
-            probs = softmax(logits)[:, 1]
+            probs = positive_probabilities(logits)
             logs = logs if logs is not None else {}
             logs["val_loss"] = negative_log_likelihood(logits, val.labels, 1.0)
             logs["val_auc"] = roc_auc(val.labels, probs)
@@ -343,13 +447,14 @@ class FitResult:
 
 
 def build_and_fit(
-    args: argparse.Namespace,
+    options: FitOptions,
     data: PreparedData,
     weights: np.ndarray,
     augmentation: Augmentation | None,
     out: Path,
 ) -> FitResult:
-    """Build `--arch`, train it with validation-driven callbacks, return the best epoch's model."""
+    """Build `options.arch`, train it with validation-driven callbacks, return the best epoch's
+    model."""
     import keras
 
     from training.models import build_model, unfreeze_top
@@ -359,48 +464,51 @@ def build_and_fit(
         data.train.images,
         data.train.labels,
         spec,
-        args.batch_size,
+        options.batch_size,
         augmentation=augmentation,
         shuffle=True,
-        seed=init_seed(args),
+        seed=options.init_seed,
         sample_weights=weights[data.train.labels].astype(np.float32),
     )
-    options = {"width": args.width} if args.arch in WIDTH_ARCHITECTURES else {}
+    model_options = {"width": options.width} if options.uses_width else {}
     model = build_model(
-        args.arch, (spec.height, spec.width, spec.channels), weights=args.weights, **options
+        options.arch,
+        (spec.height, spec.width, spec.channels),
+        weights=options.weights_file,
+        **model_options,
     )
-    print(f"[train] {args.arch}: {model.count_params():,} parameters", flush=True)
+    print(f"[train] {options.arch}: {model.count_params():,} parameters", flush=True)
     checkpoint = out / "best.keras"
-    monitor, mode = ("val_auc", "max") if args.monitor == "auc" else ("val_loss", "min")
-    steps_per_epoch = int(np.ceil(len(data.train.labels) / args.batch_size))
+    monitor, mode = options.monitored
+    steps_per_epoch = int(np.ceil(len(data.train.labels) / options.batch_size))
 
     def callbacks() -> list[Any]:
-        # With --ema the averaged weights are swapped in at each epoch's end, before validation,
+        # With an EMA the averaged weights are swapped in at each epoch's end, before validation,
         # early stopping and the checkpoint see the model, and swapped out again for training.
-        chosen = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if args.ema else []
+        chosen = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if options.ema else []
         chosen += [
-            validation_callback(data.val, args.batch_size),
+            validation_callback(data.val, options.batch_size),
             keras.callbacks.EarlyStopping(
-                monitor=monitor, mode=mode, patience=args.patience, restore_best_weights=True
+                monitor=monitor, mode=mode, patience=options.patience, restore_best_weights=True
             ),
             keras.callbacks.ModelCheckpoint(
                 str(checkpoint), monitor=monitor, mode=mode, save_best_only=True
             ),
             keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
         ]
-        if args.schedule == "plateau":
+        if options.schedule == "plateau":
             chosen.append(
                 keras.callbacks.ReduceLROnPlateau(
                     monitor=monitor, mode=mode, factor=0.3, patience=2, min_lr=1e-5
                 )
             )
-        if args.max_minutes:
-            chosen.append(time_limit_callback(args.max_minutes))
+        if options.max_minutes:
+            chosen.append(time_limit_callback(options.max_minutes))
         return chosen
 
     def compile_and_fit(lr: float, epochs: int, initial_epoch: int = 0) -> Any:
         rate: Any = lr
-        if args.schedule == "cosine":
+        if options.schedule == "cosine":
             rate = keras.optimizers.schedules.CosineDecay(
                 lr, decay_steps=steps_per_epoch * (epochs - initial_epoch), alpha=0.01
             )
@@ -408,11 +516,11 @@ def build_and_fit(
             optimizer=keras.optimizers.AdamW(
                 learning_rate=rate,
                 weight_decay=1e-4,
-                use_ema=bool(args.ema),
-                ema_momentum=args.ema or 0.99,
+                use_ema=bool(options.ema),
+                ema_momentum=options.ema or 0.99,
             ),
             loss=keras.losses.CategoricalCrossentropy(
-                from_logits=True, label_smoothing=args.label_smoothing
+                from_logits=True, label_smoothing=options.label_smoothing
             ),
             weighted_metrics=["accuracy"],
         )
@@ -427,20 +535,20 @@ def build_and_fit(
 
     (out / "history.csv").unlink(missing_ok=True)
     start = time.monotonic()
-    history = compile_and_fit(args.lr, args.epochs)
+    history = compile_and_fit(options.lr, options.epochs)
     epochs_run = len(history.history["loss"])
-    if args.arch == "mobilenet_v2" and args.fine_tune_epochs > 0:
+    if options.arch == "mobilenet_v2" and options.fine_tune_epochs > 0:
         print("[train] fine-tuning the top of the MobileNetV2 base at lr/10", flush=True)
         unfreeze_top(model)
         history = compile_and_fit(
-            args.lr / 10, epochs_run + args.fine_tune_epochs, initial_epoch=epochs_run
+            options.lr / 10, epochs_run + options.fine_tune_epochs, initial_epoch=epochs_run
         )
         epochs_run += len(history.history["loss"])
-    if args.ema:
+    if options.ema:
         # fit() ends by writing the last epoch's averages into the model, over what early stopping
         # restored: the best epoch's averaged weights are the checkpoint's
         model.load_weights(str(checkpoint))
-        recompute_batch_norm(model, data.train, args.batch_size)
+        recompute_batch_norm(model, data.train, options.batch_size)
     seconds = time.monotonic() - start
     model.save(checkpoint)  # restore_best_weights: the in-memory model is the best one
 
@@ -482,15 +590,15 @@ class OperatingPoint:
     val_calibrated: np.ndarray
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        return softmax(logits, self.temperature)[:, 1]
+        return positive_probabilities(logits, self.temperature)
 
 
 def choose_operating_point(model: Any, val: Slice, target_sensitivity: float) -> OperatingPoint:
     """Calibration and operating point: validation only."""
     logits = val.logits(model)
     temperature = fit_temperature(logits, val.labels)
-    raw = softmax(logits)[:, 1]
-    calibrated = softmax(logits, temperature)[:, 1]
+    raw = positive_probabilities(logits)
+    calibrated = positive_probabilities(logits, temperature)
     threshold = select_threshold(val.labels, calibrated, target_sensitivity)
     calibration = {
         "method": "temperature",
@@ -513,16 +621,18 @@ def score_holdout(
 
 
 def write_summary(
-    args: argparse.Namespace,
-    out: Path,
+    options: TrainingOptions,
     data: PreparedData,
     fit: FitResult,
     weights: np.ndarray,
-    augmentation: Augmentation | None,
     point: OperatingPoint,
     val_metrics: dict[str, object],
     holdout_metrics: dict[str, object] | None,
 ) -> dict[str, object]:
+    """`summary.json` (the run's record: its options, data, training and operating point) and the
+    validation logits, in the run directory."""
+    out = options.out
+    data_options, fit_options = options.data, options.fit
     np.savez(
         out / "val_predictions.npz",
         logits=point.val_logits,
@@ -530,21 +640,21 @@ def write_summary(
         groups=np.array(data.val.groups),
     )
     hyperparameters: dict[str, object] = {
-        "batch_size": args.batch_size,
-        "lr": args.lr,
+        "batch_size": fit_options.batch_size,
+        "lr": fit_options.lr,
         "optimizer": "AdamW(weight_decay=1e-4)",
-        "patience": args.patience,
-        "val_fraction": args.val_fraction,
-        "max_epochs": args.epochs,
+        "patience": fit_options.patience,
+        "val_fraction": data_options.val_fraction,
+        "max_epochs": fit_options.epochs,
     }
     # recorded only when they differ from the 1.0 recipe, so its record reads as it always did
     for key, value, default in (
-        ("schedule", args.schedule, "plateau"),
-        ("label_smoothing", args.label_smoothing, 0.0),
-        ("width", args.width if args.arch in WIDTH_ARCHITECTURES else 32, 32),
-        ("holdout_fraction", args.holdout_fraction, 0.0),
-        ("max_minutes", args.max_minutes, 0.0),
-        ("ema_momentum", args.ema, 0.0),
+        ("schedule", fit_options.schedule, "plateau"),
+        ("label_smoothing", fit_options.label_smoothing, 0.0),
+        ("width", fit_options.width if fit_options.uses_width else 32, 32),
+        ("holdout_fraction", data_options.holdout_fraction, 0.0),
+        ("max_minutes", fit_options.max_minutes, 0.0),
+        ("ema_momentum", fit_options.ema, 0.0),
     ):
         if value != default:
             hyperparameters[key] = value
@@ -552,21 +662,21 @@ def write_summary(
     if data.holdout is not None:
         splits["holdout"] = data.holdout
     summary: dict[str, object] = {
-        "architecture": args.arch,
+        "architecture": fit_options.arch,
         "parameters": int(fit.model.count_params()),
         "preprocessing": data.train.spec.model_dump(),
-        "augmentation": augmentation.as_dict() if augmentation else None,
+        "augmentation": options.augmentation.as_dict() if options.augmentation else None,
         "class_weights": dict(zip(CLASSES, weights.round(4).tolist(), strict=True)),
         "epochs_run": fit.epochs_run,
         "best_epoch": fit.best_epoch,
-        "monitor": "val_auc" if args.monitor == "auc" else "val_loss",
+        "monitor": fit_options.monitored[0],
         "training_seconds": round(fit.seconds, 1),
         "hardware": f"{platform.machine()} {os.cpu_count()} CPU cores, {platform.system()}",
-        "seed": args.seed,
-        **({"init_seed": args.init_seed} if args.init_seed is not None else {}),
+        "seed": data_options.split_seed,
+        **({"init_seed": fit_options.init_seed} if options.init_seed_given else {}),
         "hyperparameters": hyperparameters,
         "data": {
-            "source": str(args.data_dir or args.rsna_labels),
+            "source": data_options.source,
             "train_fingerprint": records_fingerprint(data.all_records),
             "split_sha256": data.split_sha256,
             **{name: class_counts(s.records) for name, s in splits.items()},
@@ -579,7 +689,7 @@ def write_summary(
         },
         "decision": {
             "threshold": round(point.threshold, 6),
-            "target_sensitivity": args.target_sensitivity,
+            "target_sensitivity": options.target_sensitivity,
             "chosen_on": "validation",
         },
         "calibration": point.calibration,
@@ -615,37 +725,35 @@ def write_plots(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    options = options_from_args(parse_args(argv))
     import keras
 
-    out: Path = args.out
+    out = options.out
     out.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(init_seed(args))
+    keras.utils.set_random_seed(options.fit.init_seed)
 
-    data = prepare_data(args, out)
-    weights = class_weights(data.train.labels, balanced=not args.no_class_weights)
+    data = prepare_data(options.data, out)
+    weights = class_weights(data.train.labels, balanced=options.balance_classes)
     print(
         f"[train] class weights {dict(zip(CLASSES, np.round(weights, 3).tolist(), strict=True))}",
         flush=True,
     )
-    augmentation = augmentation_from_args(args)
-    fit = build_and_fit(args, data, weights, augmentation, out)
+    fit = build_and_fit(options.fit, data, weights, options.augmentation, out)
 
-    point = choose_operating_point(fit.model, data.val, args.target_sensitivity)
+    point = choose_operating_point(fit.model, data.val, options.target_sensitivity)
+    seed = options.data.split_seed  # the bootstrap intervals' and the sample grid's
     val_metrics = evaluate_scores(
-        data.val.labels, point.val_calibrated, point.threshold, data.val.groups, seed=args.seed
+        data.val.labels, point.val_calibrated, point.threshold, data.val.groups, seed=seed
     )
     holdout_metrics = (
-        score_holdout(fit.model, data.holdout, point, args.seed)
-        if data.holdout is not None
-        else None
+        score_holdout(fit.model, data.holdout, point, seed) if data.holdout is not None else None
     )
-    write_summary(args, out, data, fit, weights, augmentation, point, val_metrics, holdout_metrics)
-    write_plots(out, data, fit, point, args.seed)
+    write_summary(options, data, fit, weights, point, val_metrics, holdout_metrics)
+    write_plots(out, data, fit, point, seed)
     print(
         f"[done] {fit.epochs_run} epochs in {fit.seconds / 60:.1f} min; temperature "
         f"{point.temperature:.3f}, threshold {point.threshold:.4f} for sensitivity >= "
-        f"{args.target_sensitivity} on validation\n"
+        f"{options.target_sensitivity} on validation\n"
         f"[val] ECE {point.calibration['val_ece_before']:.4f} -> "
         f"{point.calibration['val_ece_after']:.4f}\n" + format_summary(val_metrics),
         flush=True,

@@ -12,6 +12,8 @@ from training.metrics import (
     expected_calibration_error,
     fit_temperature,
     point_metrics,
+    positive_log_odds,
+    positive_probabilities,
     roc_auc,
     select_threshold,
     softmax,
@@ -86,8 +88,8 @@ def test_temperature_recovers_an_overconfident_model() -> None:
     logits = np.stack([np.zeros(4000), 3.0 * true_logit], axis=1)  # 3x overconfident
     t = fit_temperature(logits, y)
     assert t == pytest.approx(3.0, rel=0.1)
-    before = expected_calibration_error(y, softmax(logits)[:, 1])
-    after = expected_calibration_error(y, softmax(logits, t)[:, 1])
+    before = expected_calibration_error(y, positive_probabilities(logits))
+    after = expected_calibration_error(y, positive_probabilities(logits, t))
     assert after < before / 2
 
 
@@ -95,6 +97,22 @@ def test_softmax_rows_sum_to_one_for_extreme_logits() -> None:
     p = softmax(np.array([[1000.0, -1000.0], [0.0, 0.0]]))
     assert np.allclose(p.sum(axis=1), 1.0)
     assert p[1, 0] == pytest.approx(0.5)
+
+
+def test_the_positive_class_is_pneumonia_in_probabilities_and_log_odds() -> None:
+    from training.data import CLASSES, POSITIVE, POSITIVE_CLASS
+
+    assert CLASSES[POSITIVE] == POSITIVE_CLASS == "PNEUMONIA"
+    logits = np.array([[0.0, 2.0], [1.5, -0.5], [3.0, 3.0]])
+    np.testing.assert_array_equal(positive_log_odds(logits), [2.0, -2.0, 0.0])
+    for temperature in (1.0, 2.5):
+        np.testing.assert_allclose(
+            positive_probabilities(logits, temperature),
+            1.0 / (1.0 + np.exp(-positive_log_odds(logits) / temperature)),
+        )
+        np.testing.assert_array_equal(
+            positive_probabilities(logits, temperature), softmax(logits, temperature)[:, 1]
+        )
 
 
 def test_the_model_cards_figures_are_the_site_reports_sums() -> None:

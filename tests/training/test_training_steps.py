@@ -1,8 +1,9 @@
-"""The training steps that need no trained model: the split with its hold-out slice, class weights,
-and the tf.data pipeline's scaling and augmentation."""
+"""The training steps that need no trained model: the options built from the command line, the split
+with its hold-out slice, class weights, and the tf.data pipeline's scaling and augmentation."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,75 @@ from training.dataset import Augmentation
 from training.preprocessing import DEFAULT_PREPROCESSING, PIXEL_MAX, scale
 
 
+def _options(*argv: str) -> train.TrainingOptions:
+    return train.options_from_args(train.parse_args(list(argv)))
+
+
 def _prepare(data_dir: Path, out: Path, *extra: str) -> train.PreparedData:
-    args = train.parse_args(
-        ["--data-dir", str(data_dir), "--out", str(out), "--val-fraction", "0.25", *extra]
+    options = _options(
+        "--data-dir", str(data_dir), "--out", str(out), "--val-fraction", "0.25", *extra
     )
     out.mkdir(parents=True, exist_ok=True)
-    return train.prepare_data(args, out)
+    return train.prepare_data(options.data, out)
+
+
+def test_the_options_carry_the_command_lines_defaults() -> None:
+    options = _options("--data-dir", "data", "--out", "run")
+    assert options.out == Path("run")
+    assert options.data == train.DataOptions(
+        data_dir=Path("data"),
+        rsna_labels=None,
+        rsna_images=None,
+        val_fraction=0.15,
+        holdout_fraction=0.0,
+        split_seed=1337,
+        limit=0,
+        cache_dir=Path("runs/.cache"),
+        equalization="none",
+    )
+    assert options.data.source == "data"
+    assert options.data.preprocessing == DEFAULT_PREPROCESSING
+    fit = options.fit
+    assert (fit.arch, fit.width, fit.epochs, fit.batch_size, fit.lr) == (
+        "cxr_net",
+        32,
+        30,
+        32,
+        1e-3,
+    )
+    assert (fit.schedule, fit.monitor, fit.monitored) == ("plateau", "auc", ("val_auc", "max"))
+    assert (fit.ema, fit.max_minutes, fit.patience, fit.label_smoothing) == (0.0, 0.0, 6, 0.0)
+    assert fit.init_seed == 1337 and not options.init_seed_given
+    assert options.augmentation == Augmentation()
+    assert options.balance_classes
+    assert options.target_sensitivity == train.DEFAULT_TARGET_SENSITIVITY
+
+
+def test_the_initialisation_seed_follows_the_split_unless_given() -> None:
+    base = ("--data-dir", "data", "--out", "run", "--seed", "7")
+    assert _options(*base).fit.init_seed == 7
+    given = _options(*base, "--init-seed", "7")
+    assert given.fit.init_seed == 7 and given.init_seed_given  # recorded even when equal
+    assert given.data.split_seed == 7
+    other = _options(*base, "--init-seed", "11")
+    assert (other.data.split_seed, other.fit.init_seed) == (7, 11)
+
+
+def test_the_options_take_every_option_they_are_given() -> None:
+    options = _options(
+        "--rsna-labels", "labels.csv", "--rsna-images", "dicom", "--out", "run",
+        "--equalize", "histogram", "--monitor", "loss", "--no-class-weights", "--no-augment",
+        "--arch", "mobilenet_v2", "--width", "16", "--limit", "64",
+    )  # fmt: skip
+    assert options.data.source == "labels.csv"
+    assert options.data.preprocessing.equalization == "histogram"
+    assert options.data.limit == 64
+    assert options.fit.monitored == ("val_loss", "min")
+    assert not options.fit.uses_width  # the width applies to the small networks only
+    assert options.augmentation is None
+    assert not options.balance_classes
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.fit.lr = 0.1  # type: ignore[misc]
 
 
 def test_the_hold_out_slice_leaves_validation_unchanged(
