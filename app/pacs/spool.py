@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 import threading
 import uuid
@@ -47,13 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.imaging.dicom.values import is_uid
+
 MAGIC = b"CXRSPL01"
 _HEADER = struct.Struct(">8sI")  # magic, length of the JSON metadata block
 _SUFFIX = ".entry"
 _TEMP_PREFIX = ".tmp-"
-# A DICOM UID: digits and dots, at most 64 characters. It is also the file name, so nothing
-# else may pass (no path separators, no "..").
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class SpoolFull(Exception):
@@ -182,7 +180,8 @@ class Spool:
         Raises `SpoolFull` when the entry would pass the count or byte bound, `ValueError` for a
         string that is not a DICOM UID. Returns once the entry is on disk (fsynced).
         """
-        if len(sop_instance_uid) > 64 or not _UID.match(sop_instance_uid):
+        # the UID is also the file name: digits and dots only (no path separator, no "..")
+        if not is_uid(sop_instance_uid):
             raise ValueError("not a DICOM UID")
         meta_block = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
         size = _HEADER.size + len(meta_block) + len(data)

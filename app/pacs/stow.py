@@ -53,7 +53,7 @@ from pydicom.dataset import Dataset, FileDataset
 from app.errors import InvalidImage
 from app.imaging.boundary import PASS_THROUGH
 from app.imaging.dicom import read_part10
-from app.imaging.dicom.values import UID_PATTERN, uid
+from app.imaging.dicom.values import is_uid, uid
 from app.pacs.spool import Spool, SpoolFull
 
 # pydicom's warnings and log records, which quote header values, are silenced by
@@ -422,7 +422,7 @@ def store_instances(
     everything per instance is in the response.
     """
     boundary = parse_content_type(content_type)
-    if study is not None and (len(study) > 64 or not UID_PATTERN.match(study)):
+    if study is not None and not is_uid(study):
         raise MalformedRequest("the study in the path is not a DICOM UID")
     # Framing is checked whole before anything is queued, so a 400 stores nothing.
     parts = list(iter_parts(body, boundary, max_parts))

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
@@ -40,16 +39,16 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from app.imaging.dicom.values import is_uid
 from app.pacs.objects import STUDY_RULE, SetAsideImage, StudyImage, deciding_image
 from app.pacs.uids import image_set_digest
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _SUFFIX = ".json"
 
 
 def _checked_uid(uid: str) -> str:
     # it names a file: digits and dots only
-    if len(uid) > 64 or not _UID.match(uid):
+    if not is_uid(uid):
         raise ValueError("not a DICOM UID")
     return uid
 
@@ -174,7 +173,7 @@ class StudyLedgers:
 
     def study_of(self, sop_instance_uid: str) -> str | None:
         """The Study Instance UID recorded for an image, if any."""
-        if len(sop_instance_uid) > 64 or not _UID.match(sop_instance_uid):
+        if not is_uid(sop_instance_uid):
             return None
         try:
             return (self.by_image / sop_instance_uid).read_text("ascii")
@@ -187,7 +186,7 @@ class StudyLedgers:
         the oldest image on the spool arrived, None when none is). Oldest first."""
         found: list[tuple[float, str]] = []
         for path in self.waiting.iterdir():
-            if not _UID.match(path.name):  # a temporary file
+            if not is_uid(path.name):  # a temporary file
                 continue
             ledger = self.get(path.name)
             if ledger is None or ledger.rendered == ledger.images_digest:

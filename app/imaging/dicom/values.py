@@ -21,9 +21,15 @@ def code(value: object) -> str:
     return text.upper() if SAFE_CODE.match(text) else "an unrecognised value"
 
 
+def is_uid(text: str) -> bool:
+    """A well-formed UID: dot-separated digits, at most 64 characters (safe to log and to name a
+    file after)."""
+    return len(text) <= 64 and UID_PATTERN.match(text) is not None
+
+
 def uid(dataset: Dataset, keyword: str) -> str | None:
     value = str(dataset.get(keyword, "") or "").strip().rstrip("\x00")
-    return value if len(value) <= 64 and UID_PATTERN.match(value) else None
+    return value if is_uid(value) else None
 
 
 def parse_da(value: object) -> date | None:
