@@ -177,3 +177,17 @@ def as_deliveries(objects: list[ResultObject], destination: str) -> list[Deliver
         )
         for i, o in enumerate(objects)
     ]
+
+
+def assert_no_header_value_logged(
+    source: Dataset, caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    """No log record at INFO or above and no warning names the patient, the referring physician
+    (RG1's "ward") or the source's UIDs."""
+    header_values = [str(source.PatientName), str(source.PatientID), "ward"]
+    header_values += [str(source.SOPInstanceUID), str(source.StudyInstanceUID)]
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= 20] + [
+        str(w.message) for w in recwarn
+    ]
+    for value in header_values:
+        assert not any(value in line for line in logged), value

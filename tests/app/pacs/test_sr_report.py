@@ -137,7 +137,8 @@ def test_an_accession_number_alone_makes_a_request_and_nothing_makes_none() -> N
     assert "ReferencedRequestSequence" not in build_sr(source, make_facts())
 
 
-def _pixelmed(path: Path) -> list[str]:
+def pixelmed_output(path: Path, validator: str = "DicomSRValidator") -> str:
+    """What PixelMed's `validator` (com.pixelmed.validate.<validator>) prints for `path`."""
     java = require_tool("java", "default-jre-headless")
     require_tool(PIXELMED_JAR, "pixelmed-apps")
     run = subprocess.run(
@@ -149,14 +150,18 @@ def _pixelmed(path: Path) -> list[str]:
             "-Djdk.xml.xpathTotalOpLimit=0",
             "-cp",
             str(PIXELMED_JAR),
-            "com.pixelmed.validate.DicomSRValidator",
+            f"com.pixelmed.validate.{validator}",
             str(path),
         ],
         capture_output=True,
         text=True,
         timeout=180,
     )
-    output = run.stdout + run.stderr
+    return run.stdout + run.stderr
+
+
+def _pixelmed(path: Path) -> list[str]:
+    output = pixelmed_output(path)
     assert "IOD validation complete" in output, output[-2000:]
     return [line for line in output.splitlines() if line.startswith(("Error", "Warning"))]
 
